@@ -1,0 +1,193 @@
+"""``aisd-ray``: one command per stage, plus ``demo`` (all of them on synthetic data)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from aisd_ray import storage  # noqa: E402
+from aisd_ray.config import ConfigError, builtin_config, load_config  # noqa: E402
+from aisd_ray.data.layout import DataError  # noqa: E402
+
+log = logging.getLogger("aisd_ray")
+
+
+def _config(args) -> "Config":  # noqa: F821
+    path = args.config or (builtin_config(args.default_config) if args.default_config else None)
+    return load_config(path, args.set or ())
+
+
+def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", help="TOML file or the seed's train_eval_infer.config (INI)"
+                   + (f"; default: built-in '{default}'" if default else ""))
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train.epochs=3")
+    p.set_defaults(default_config=default)
+
+
+def cmd_inspect(args) -> None:
+    from aisd_ray.model import build_flexunet
+
+    model = build_flexunet(_config(args).model)
+    model.summary(line_length=110)
+    print(f"Total parameters: {model.count_params():,}")
+
+
+def cmd_synthesize(args) -> None:
+    from aisd_ray.data.synthetic import write_synthetic_aisd
+
+    root = write_synthetic_aisd(args.output, _config(args).synthetic)
+    print(f"synthetic AISD-like tree written to {root}")
+
+
+def cmd_prepare(args) -> None:
+    from aisd_ray.data.prepare import prepare
+
+    cfg = _config(args)
+    if args.source:
+        cfg.data.source_dir, cfg.data.split_dirs = args.source, {}
+    out = args.output or cfg.data.shards_dir
+    if not out:
+        raise ConfigError("give --output or data.shards_dir")
+    manifest = prepare(cfg, out)
+    for split, entry in manifest["splits"].items():
+        print(f"{split:<6} {entry['records']:>6} slices  {len(entry['shards']):>3} shards  "
+              f"lesion fraction {entry['lesion_fraction']:.4f}")
+    print(f"manifest: {storage.join(out, 'manifest.json')}")
+
+
+def cmd_train(args) -> None:
+    from aisd_ray import stages
+
+    cfg = _config(args)
+    if args.backend:
+        cfg.train.backend = args.backend
+    data = args.data or cfg.data.shards_dir
+    if not data:
+        raise ConfigError("give --data (a shards folder with manifest.json) or data.shards_dir")
+    output = args.output or cfg.run.output_dir
+    last = stages.train(cfg, data, output)
+    print(f"run folder: {stages.run_uri(cfg, output)}")
+    print(", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+
+
+def cmd_export(args) -> None:
+    from aisd_ray import stages
+
+    out, metrics = stages.export(args.run, args.output)
+    print(f"export: {out} (best epoch {metrics.get('epoch')}, "
+          f"val_lesion_dice {metrics.get('val_lesion_dice', float('nan')):.4f})")
+
+
+def cmd_evaluate(args) -> None:
+    from aisd_ray import evaluate
+
+    if args.predictions:
+        if not args.masks:
+            raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
+        cfg = _config(args)
+        report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data.rgb_map, args.output)
+    else:
+        if not (args.model and args.data):
+            raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
+        report = evaluate.evaluate_export(args.model, args.data, args.output, args.split, args.batch_size)
+    print(f"lesion Dice {report['lesion_dice']:.4f} (pooled), "
+          f"{report['lesion_dice_per_image']:.4f} (per image) over {report['images']} images")
+    print(f"metrics: {storage.join(args.output, 'metrics.json')}")
+
+
+def cmd_infer(args) -> None:
+    from aisd_ray.infer import infer_folder
+
+    written = infer_folder(args.model, args.images, args.output, args.batch_size, overlays=not args.no_overlays)
+    print(f"{len(written)} masks written to {args.output}")
+
+
+def cmd_demo(args) -> None:
+    from aisd_ray import stages
+
+    cfg = _config(args)
+    if args.backend:
+        cfg.train.backend = args.backend
+    result = stages.demo(cfg, args.output)
+    print()
+    print(result.table())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aisd-ray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print the model summary and its parameter count")
+    _add_config(p, "demo")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("synthesize", help="write a synthetic AISD-like {train,valid,test} PNG tree")
+    _add_config(p, "demo")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("prepare", help="shard an AISD PNG tree into TFRecord/Parquet + manifest.json")
+    _add_config(p)
+    p.add_argument("--source", help="folder with {train,valid,test}/{images,masks} (else data.source_dir)")
+    p.add_argument("--output", help="shard store (else data.shards_dir)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a FlexUNet (Ray Train, or --backend local)")
+    _add_config(p)
+    p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
+    p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name")
+    p.add_argument("--backend", choices=("ray", "local"))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a run's best checkpoint as a SavedModel")
+    p.add_argument("--run", required=True, help="run folder (holds config.toml and checkpoints)")
+    p.add_argument("--output", help="export folder (default: RUN/export)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="score an export on a split, or mask PNGs against ground truth")
+    _add_config(p)
+    p.add_argument("--model", help="export folder")
+    p.add_argument("--data", help="shard store")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--predictions", help="folder of predicted mask PNGs (no model needed)")
+    p.add_argument("--masks", help="folder of ground-truth mask PNGs")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("infer", help="segment a folder of images with an export")
+    p.add_argument("--model", required=True, help="export folder")
+    p.add_argument("--images", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-overlays", action="store_true")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data, end to end")
+    _add_config(p, "demo")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--backend", choices=("ray", "local"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"aisd-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

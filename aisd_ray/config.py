@@ -1,0 +1,422 @@
+"""One typed config tree, loaded from TOML or from the seed's INI file, never executed.
+
+The seed parsed every INI value with ``eval()``; here values are read with
+``ast.literal_eval`` only, and every key is checked against the tree so that a typo is
+an error naming the file, section and key rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A config file, section, key or value that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    """FlexUNet hyper-parameters (names follow the seed's ``[model]`` section)."""
+
+    image_width: int = 128
+    image_height: int = 128
+    image_channels: int = 3
+    num_classes: int = 2
+    base_filters: int = 16
+    base_kernels: tuple[int, int] = (5, 5)
+    num_layers: int = 4
+    dropout_rate: float = 0.05
+    dilation: tuple[int, int] = (1, 1)
+    activation: str = "relu"
+    final_activation: str = "sigmoid"
+    input_normalize: bool = True
+    normalization: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where slices come from, how they are categorised and how they are sharded."""
+
+    # AISD-like tree with {train,valid,test}/{images,masks}; empty means "use split_dirs".
+    source_dir: str = ""
+    # Per-split (images_dir, masks_dir), as the seed's [train]/[valid]/[test] sections give them.
+    split_dirs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Where shards and manifest.json live (local folder or object-store URI).
+    shards_dir: str = ""
+    shard_format: str = "parquet"
+    # tf.data guidance: shards of 100 MB+ (FACTS section 6); capped so every worker gets one.
+    shard_target_mb: float = 128.0
+    min_shards: int = 2
+    # Colour of each class in mask PNGs, index = class id (seed: rgb_map).
+    rgb_map: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (255, 255, 255))
+    class_names: tuple[str, ...] = ("background", "lesion")
+
+
+@dataclass
+class SyntheticConfig:
+    """The AISD-like generator used by the demo and the tests."""
+
+    num_train: int = 240
+    num_valid: int = 48
+    num_test: int = 48
+    size: int = 512
+    lesion_free_fraction: float = 0.2
+    seed: int = 2024
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: optimiser, schedule, stopping, workers."""
+
+    epochs: int = 10
+    batch_size: int = 8  # per worker
+    learning_rate: float = 1e-3
+    clipvalue: float = 0.5
+    loss: str = "ce_dice"
+    patience: int = 10
+    learning_rate_reducer: bool = True
+    reducer_factor: float = 0.5
+    reducer_patience: int = 4
+    min_learning_rate: float = 1e-7
+    steps_per_epoch: int = 0  # 0: one pass over the worker's share
+    validation_steps: int = 0  # 0: the whole validation split
+    epoch_change_infer: bool = True
+    num_infer_images: int = 6
+    seed: int = 137
+    backend: str = "ray"
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_failures: int = 0  # Ray FailureConfig: restarts from the latest checkpoint on worker loss
+    shuffle_buffer: int = 64
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 4
+
+
+@dataclass
+class InferConfig:
+    images_dir: str = ""
+    output_dir: str = ""
+    overlays: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Names the run so that re-running it resumes from its latest checkpoint."""
+
+    name: str = "flexunet"
+    output_dir: str = "runs/flexunet"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_tomlable(self.to_dict()))
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+LOSSES = ("ce", "dice", "ce_dice")
+SHARD_FORMATS = ("parquet", "tfrecord")
+BACKENDS = ("ray", "local")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML or seed-INI file (or the defaults), apply ``section.key=value`` overrides, validate."""
+    cfg = Config()
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        if path.suffix == ".toml":
+            _apply_toml(cfg, text, source)
+        else:
+            _apply_ini(cfg, text, source, base_dir=path.parent)
+    for item in overrides:
+        _apply_override(cfg, item)
+    validate(cfg, source)
+    return cfg
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a shipped config (``demo``, ``aisd512``, ``tiny``)."""
+    path = CONFIG_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise ConfigError(f"no built-in config {name!r} (known: {known})")
+    return path
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            _set(cfg, section, key, value, source)
+    validate(cfg, source)
+    return cfg
+
+
+def _apply_toml(cfg: Config, text: str, source: str) -> None:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: top-level key {section!r} must be a [section]")
+        for key, value in values.items():
+            _set(cfg, section, key, value, source)
+
+
+def _apply_override(cfg: Config, item: str) -> None:
+    dotted, sep, raw = item.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not sep or not dot:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as local or parquet
+    _set(cfg, section, key, value, f"--set {item}")
+
+
+# The seed's INI keys and where they land in our tree. Keys mapped to None are accepted for
+# compatibility but have no effect: our run folder decides where outputs go.
+_INI_KEYS: dict[tuple[str, str], str | None] = {
+    **{("model", k): f"model.{k}" for k in (
+        "image_width", "image_height", "image_channels", "input_normalize", "normalization",
+        "num_classes", "base_filters", "base_kernels", "num_layers", "dropout_rate", "dilation",
+        "activation", "final_activation")},
+    ("model", "learning_rate"): "train.learning_rate",
+    ("model", "clipvalue"): "train.clipvalue",
+    ("model", "loss"): "train.loss",
+    **{("train", k): f"train.{k}" for k in (
+        "epochs", "batch_size", "patience", "learning_rate_reducer", "reducer_factor",
+        "reducer_patience", "epoch_change_infer", "num_infer_images", "steps_per_epoch",
+        "validation_steps")},
+    ("eval", "batch_size"): "eval.batch_size",
+    ("infer", "images_dir"): "infer.images_dir",
+    ("infer", "output_dir"): "infer.output_dir",
+    ("mask", "rgb_map"): "data.rgb_map",
+    **{k: None for k in (
+        ("model", "metrics"), ("model", "show_summary"), ("train", "metrics"),
+        ("train", "model_dir"), ("train", "eval_dir"), ("train", "create_backup"),
+        ("train", "epoch_change_infer_dir"), ("train", "save_weights_only"))},
+}
+# Keys whose only meaningful value is the one we implement.
+_INI_FIXED: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("model", "model"): ("TensorFlowFlexUNet",),
+    ("model", "generator"): (False,),
+    ("model", "optimizer"): ("Adam",),
+    ("dataset", "class_name"): ("ImageCategorizedMaskDataset",),
+    ("image", "color_order"): ("RGB",),
+    ("mask", "mask_datatype"): ("categorized",),
+    ("mask", "mask_file_format"): (".png",),
+}
+_INI_LOSSES = {"categorical_crossentropy": "ce", "dice_loss": "dice", "bce_dice_loss": "ce_dice"}
+
+
+def _apply_ini(cfg: Config, text: str, source: str, base_dir: Path) -> None:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
+    parser.optionxform = str  # keep key case
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as exc:
+        raise ConfigError(f"{source}: not a valid INI file: {exc}") from exc
+    for raw_section in parser.sections():
+        section = raw_section.strip()  # the seed writes "[test] " with a trailing space
+        for key, raw in parser.items(raw_section):
+            where = f"{source}: [{section}] {key}"
+            try:
+                value = ast.literal_eval(raw.strip())
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"{where}: value {raw.strip()!r} is not a Python literal "
+                                  "(config values are read, never executed)") from None
+            if section in ("train", "valid", "test") and key in ("images_dir", "masks_dir"):
+                split = {"train": "train", "valid": "valid", "test": "test"}[section]
+                pair = list(cfg.data.split_dirs.get(split, ("", "")))
+                pair[0 if key == "images_dir" else 1] = str((base_dir / value) if value else "")
+                cfg.data.split_dirs[split] = (pair[0], pair[1])
+                continue
+            if (section, key) in _INI_FIXED:
+                if value not in _INI_FIXED[(section, key)]:
+                    raise ConfigError(f"{where}: only {_INI_FIXED[(section, key)]!r} is supported, "
+                                      f"got {value!r}")
+                continue
+            if (section, key) not in _INI_KEYS:
+                raise ConfigError(f"{where}: unknown key")
+            target = _INI_KEYS[(section, key)]
+            if target is None:
+                continue
+            if target == "train.loss":
+                if value not in _INI_LOSSES:
+                    raise ConfigError(f"{where}: unknown loss {value!r} (known: {sorted(_INI_LOSSES)})")
+                value = _INI_LOSSES[value]
+            if target == "data.rgb_map":
+                value = _rgb_map_from_dict(value, where)
+            tsection, tkey = target.split(".")
+            _set(cfg, tsection, tkey, value, source, shown=f"[{section}] {key}")
+
+
+def _rgb_map_from_dict(value: Any, where: str) -> list[list[int]]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where}: expected a dict {{(r,g,b): class_id, ...}}")
+    by_class = {cls: colour for colour, cls in value.items()}
+    if sorted(by_class) != list(range(len(by_class))):
+        raise ConfigError(f"{where}: class ids must be 0..{len(by_class) - 1}, got {sorted(by_class)}")
+    return [list(by_class[c]) for c in range(len(by_class))]
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _set(cfg: Config, section: str, key: str, value: Any, source: str, shown: str | None = None) -> None:
+    shown = shown or f"[{section}] {key}"
+    sub = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(Config)} else None
+    if sub is None:
+        raise ConfigError(f"{source}: unknown section [{section}]")
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise ConfigError(f"{source}: {shown}: unknown key")
+    try:
+        setattr(sub, key, _coerce(value, hints[key]))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {shown}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise TypeError(f"expected {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a table, got {value!r}")
+        return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
+    raise TypeError(f"unsupported type {hint}")  # pragma: no cover - the tree uses the types above
+
+
+def _tomlable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tomlable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tomlable(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Reject values the model or pipeline cannot use, naming the key."""
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: [{key.split('.')[0]}] {key.split('.')[1]}: {why}")
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    for key in ("image_width", "image_height", "image_channels", "base_filters", "num_layers"):
+        if getattr(m, key) < 1:
+            raise bad(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    if m.num_classes < 2:
+        raise bad("model.num_classes", f"must be >= 2 (background is a class), got {m.num_classes}")
+    if min(m.base_kernels) < 1:
+        raise bad("model.base_kernels", f"kernel sizes must be >= 1, got {m.base_kernels}")
+    if min(m.dilation) < 1:
+        raise bad("model.dilation", f"dilation must be >= 1, got {m.dilation}")
+    if not 0.0 <= m.dropout_rate * max(m.num_layers - 1, 1) < 1.0:
+        raise bad("model.dropout_rate", f"dropout_rate * (num_layers-1) must lie in [0, 1), "
+                                        f"got {m.dropout_rate} with {m.num_layers} layers")
+    step = 2 ** (m.num_layers - 1)
+    for key in ("image_width", "image_height"):
+        if getattr(m, key) % step:
+            raise bad(f"model.{key}", f"{getattr(m, key)} is not divisible by 2**(num_layers-1) = {step}")
+    if m.image_channels not in (1, 3):
+        raise bad("model.image_channels", f"must be 1 or 3, got {m.image_channels}")
+    if len(d.rgb_map) != m.num_classes:
+        raise bad("data.rgb_map", f"has {len(d.rgb_map)} colours but model.num_classes is {m.num_classes}")
+    if len(d.class_names) != m.num_classes:
+        if d.class_names == DataConfig().class_names:
+            d.class_names = ("background",) + tuple(f"class_{i}" for i in range(1, m.num_classes))
+        else:
+            raise bad("data.class_names", f"has {len(d.class_names)} names for {m.num_classes} classes")
+    for colour in d.rgb_map:
+        if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+            raise bad("data.rgb_map", f"colour {colour} is not an (r, g, b) triple in 0..255")
+    if d.shard_format not in SHARD_FORMATS:
+        raise bad("data.shard_format", f"must be one of {SHARD_FORMATS}, got {d.shard_format!r}")
+    if d.shard_target_mb <= 0 or d.min_shards < 1:
+        raise bad("data.shard_target_mb", "shard size must be > 0 and min_shards >= 1")
+    for split in d.split_dirs:
+        if split not in ("train", "valid", "test"):
+            raise bad("data.split_dirs", f"unknown split {split!r}")
+    s = cfg.synthetic
+    for key in ("num_train", "num_valid", "num_test", "size"):
+        if getattr(s, key) < 1:
+            raise bad(f"synthetic.{key}", f"must be >= 1, got {getattr(s, key)}")
+    for key in ("epochs", "batch_size", "num_workers"):
+        if getattr(t, key) < 1:
+            raise bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("patience", "reducer_patience", "steps_per_epoch", "validation_steps",
+                "num_infer_images", "shuffle_buffer", "max_failures"):
+        if getattr(t, key) < 0:
+            raise bad(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.learning_rate <= 0:
+        raise bad("train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    if not 0 < t.reducer_factor < 1:
+        raise bad("train.reducer_factor", f"must lie in (0, 1), got {t.reducer_factor}")
+    if t.loss not in LOSSES:
+        raise bad("train.loss", f"must be one of {LOSSES}, got {t.loss!r}")
+    if t.backend not in BACKENDS:
+        raise bad("train.backend", f"must be one of {BACKENDS}, got {t.backend!r}")
+    if cfg.eval.batch_size < 1:
+        raise bad("eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")

@@ -1,0 +1,109 @@
+"""Reading the seed's ``{split}/{images,masks}`` PNG tree into model-sized samples.
+
+Images and masks are paired by file stem (the seed paired two unsorted listings, which
+worked by luck); a file without a partner, or one that cannot be decoded, is an error
+that names it. Mask colours become class ids by nearest ``rgb_map`` colour, as the seed's
+"categorized" masks did, so near-white lesion pixels (252..255) map to the lesion class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    image: np.ndarray  # (H, W, C) uint8, model size
+    labels: np.ndarray  # (H, W) uint8 class ids, model size
+    case_id: str = ""
+    slice_index: int = -1
+
+
+def list_images(folder: str | Path) -> dict[str, Path]:
+    """Image files of a folder keyed by stem; two files with one stem are an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in found:
+                raise DataError(f"{path}: two images share the name {path.stem!r} ({found[path.stem].name})")
+            found[path.stem] = path
+    return found
+
+
+def pair_by_name(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[str, Path, Path]]:
+    """(name, image, mask) triples sorted by name; any unpaired file is an error naming it."""
+    images, masks = list_images(images_dir), list_images(masks_dir)
+    lonely = [str(images[k]) for k in sorted(images.keys() - masks.keys())]
+    lonely += [str(masks[k]) for k in sorted(masks.keys() - images.keys())]
+    if lonely:
+        shown = ", ".join(lonely[:5]) + (f" and {len(lonely) - 5} more" if len(lonely) > 5 else "")
+        raise DataError(f"{len(lonely)} file(s) without a partner of the same name: {shown}")
+    if not images:
+        raise DataError(f"{images_dir}: no images found")
+    return [(k, images[k], masks[k]) for k in sorted(images)]
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """An image file as (H, W, channels) uint8; grey is replicated to 3 channels if asked."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            array = np.asarray(im)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot read image: {exc}") from None
+    return array if array.ndim == 3 else array[..., None]
+
+
+def categorize(rgb: np.ndarray, rgb_map: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    """Class id of the nearest ``rgb_map`` colour (squared distance) for each pixel."""
+    colours = np.asarray(rgb_map, np.int32)
+    pixels = rgb.reshape(-1, 1, 3).astype(np.int32)
+    dist = np.sum((pixels - colours[None]) ** 2, axis=-1)
+    return np.argmin(dist, axis=1).astype(np.uint8).reshape(rgb.shape[:2])
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    mode = "RGB" if image.shape[-1] == 3 else "L"
+    out = np.asarray(Image.fromarray(image.squeeze(-1) if mode == "L" else image, mode)
+                     .resize((width, height), Image.BILINEAR))
+    return out if out.ndim == 3 else out[..., None]
+
+
+def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    if labels.shape == (height, width):
+        return labels
+    return np.asarray(Image.fromarray(labels).resize((width, height), Image.NEAREST))
+
+
+def load_pair(name: str, image_path: Path, mask_path: Path, height: int, width: int, channels: int,
+              rgb_map: tuple[tuple[int, int, int], ...]) -> Sample:
+    image = read_image(image_path, channels)
+    labels = categorize(read_image(mask_path, 3), rgb_map)
+    if image.shape[:2] != labels.shape:
+        raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
+                        f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+    return Sample(name, resize_image(image, height, width), resize_labels(labels, height, width))
+
+
+def iter_split(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
+               rgb_map: tuple[tuple[int, int, int], ...]) -> tuple[int, Iterator[Sample]]:
+    """The number of pairs of a split and a lazy iterator over them (one pair in memory at once)."""
+    pairs = pair_by_name(images_dir, masks_dir)
+    return len(pairs), (load_pair(n, i, m, height, width, channels, rgb_map) for n, i, m in pairs)

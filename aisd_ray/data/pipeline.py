@@ -1,0 +1,80 @@
+"""From streamed shard rows to batched TF tensors, the same for Ray workers and local runs.
+
+Rows arrive as (image PNG, mask PNG) byte pairs from any iterator (a Ray Data shard or the
+direct shard reader); decoding runs in parallel inside tf.data, so only a shuffle buffer
+and a few batches are ever in memory, however large the split.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from typing import Callable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from aisd_ray.data import shards
+
+Rows = Iterator[tuple[bytes, bytes]]
+
+
+def decode_fn(channels: int, num_classes: int):
+    def decode(image_png: tf.Tensor, mask_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image = tf.cast(tf.io.decode_png(image_png, channels=channels), tf.float32)
+        labels = tf.io.decode_png(mask_png, channels=1)[..., 0]
+        return image, tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
+
+    return decode
+
+
+def batches(rows: Callable[[], Rows], channels: int, num_classes: int, batch_size: int,
+            shuffle_buffer: int = 0, seed: int | None = None, drop_remainder: bool = False
+            ) -> tf.data.Dataset:
+    """A dataset of (image float32 0..255, one-hot float32) batches. Training drops a partial
+    last batch so that every worker runs the same number of synchronised steps."""
+    spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string))
+    ds = tf.data.Dataset.from_generator(rows, output_signature=spec)
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.map(decode_fn(channels, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
+
+
+def take_rows(rows: Rows, limit: int) -> Rows:
+    """The first ``limit`` rows, then drain the rest unread so a streaming split stays in step."""
+    for i, row in enumerate(rows):
+        if i < limit:
+            yield row
+
+
+def mine(name: str, rank: int, world: int) -> bool:
+    """Deterministic share of an unsplit dataset: a row belongs to one worker by its name."""
+    return zlib.crc32(name.encode()) % world == rank
+
+
+class ShardRows:
+    """Rows read straight from the shards, for the local backend (no Ray)."""
+
+    def __init__(self, shards_uri: str, manifest: dict, split: str):
+        self.uris = shards.shard_uris(shards_uri, manifest, split)
+        self.fmt = manifest["shard_format"]
+        self.count = manifest["splits"][split]["records"]
+
+    def __call__(self, epoch: int = 0, seed: int | None = None) -> Iterator[dict]:
+        uris = list(self.uris)
+        if seed is not None:  # a different, reproducible shard order each epoch
+            random.Random(seed * 1_000_003 + epoch).shuffle(uris)
+        for uri in uris:
+            yield from shards.iter_shard(uri, self.fmt)
+
+
+def first_records(records: Iterator[dict], n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, image, labels) of the first ``n`` records by name order of the stream."""
+    out = []
+    for record in records:
+        if len(out) == n:
+            break
+        image, labels = shards.record_to_arrays(record)
+        out.append((record["name"], image, labels))
+    return out

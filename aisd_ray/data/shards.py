@@ -1,0 +1,241 @@
+"""The shard format: TFRecord or Parquet files of PNG-encoded samples, and ``manifest.json``.
+
+Each record holds the image and its class-id mask as PNG bytes at model size, plus the
+metadata a later stage needs (source name, case id, slice index, shape, lesion pixels).
+Shards are written first and the manifest last, so a store with a manifest is complete;
+the manifest lists every shard with its record count, byte size and SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import crc32c
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from aisd_ray import storage
+from aisd_ray.data.layout import DataError, Sample
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+EXTENSIONS = {"parquet": "parquet", "tfrecord": "tfrecord"}
+SCHEMA = pa.schema([
+    ("name", pa.string()), ("case_id", pa.string()), ("slice_index", pa.int64()),
+    ("height", pa.int64()), ("width", pa.int64()), ("channels", pa.int64()),
+    ("lesion_pixels", pa.int64()), ("image_png", pa.binary()), ("mask_png", pa.binary()),
+])
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array).save(
+        buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def sample_to_record(sample: Sample) -> dict[str, Any]:
+    h, w, c = sample.image.shape
+    return {
+        "name": sample.name, "case_id": sample.case_id, "slice_index": sample.slice_index,
+        "height": h, "width": w, "channels": c, "lesion_pixels": int(np.count_nonzero(sample.labels)),
+        "image_png": encode_png(sample.image), "mask_png": encode_png(sample.labels),
+    }
+
+
+def record_to_arrays(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(image (H, W, C) uint8, labels (H, W) uint8) of a record."""
+    image = decode_png(record["image_png"])
+    return (image if image.ndim == 3 else image[..., None]), decode_png(record["mask_png"])
+
+
+# --------------------------------------------------------------------------- TFRecord framing
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _example_bytes(record: dict[str, Any]) -> bytes:
+    from tensorflow.core.example import example_pb2, feature_pb2
+
+    feature = {}
+    for key, value in record.items():
+        if isinstance(value, bytes):
+            feature[key] = feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[value]))
+        elif isinstance(value, str):
+            feature[key] = feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[value.encode()]))
+        else:
+            feature[key] = feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[int(value)]))
+    return example_pb2.Example(features=feature_pb2.Features(feature=feature)).SerializeToString()
+
+
+def _record_from_example(data: bytes) -> dict[str, Any]:
+    from tensorflow.core.example import example_pb2
+
+    example = example_pb2.Example.FromString(data)
+    out: dict[str, Any] = {}
+    for field in SCHEMA:
+        feat = example.features.feature[field.name]
+        if pa.types.is_integer(field.type):
+            out[field.name] = int(feat.int64_list.value[0])
+        else:
+            raw = feat.bytes_list.value[0]
+            out[field.name] = raw.decode() if pa.types.is_string(field.type) else raw
+    return out
+
+
+def tfrecord_bytes(records: Iterable[dict[str, Any]]) -> bytes:
+    out = io.BytesIO()
+    for record in records:
+        data = _example_bytes(record)
+        header = struct.pack("<Q", len(data))
+        out.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
+    return out.getvalue()
+
+
+def iter_tfrecord(stream, where: str) -> Iterator[dict[str, Any]]:
+    """Records of a TFRecord stream, checking both CRCs of every record."""
+    while True:
+        header = stream.read(8)
+        if not header:
+            return
+        if len(header) < 8:
+            raise DataError(f"{where}: truncated TFRecord header")
+        (length,) = struct.unpack("<Q", header)
+        (hcrc,) = struct.unpack("<I", stream.read(4))
+        data = stream.read(length)
+        (dcrc,) = struct.unpack("<I", stream.read(4) or b"\0\0\0\0")
+        if hcrc != _masked_crc(header) or len(data) != length or dcrc != _masked_crc(data):
+            raise DataError(f"{where}: corrupt TFRecord (CRC mismatch)")
+        yield _record_from_example(data)
+
+
+def parquet_bytes(records: list[dict[str, Any]]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), sink, compression="none")
+    return sink.getvalue().to_pybytes()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class ShardPlan:
+    """How many records go into each shard of a split."""
+
+    target_bytes: int
+    min_shards: int
+
+    def records_per_shard(self, total: int, bytes_per_record: float) -> int:
+        by_size = max(1, int(self.target_bytes // max(bytes_per_record, 1)))
+        by_count = max(1, math.ceil(total / self.min_shards))  # at least min_shards shards
+        return min(by_size, by_count) if total >= self.min_shards else 1
+
+
+def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str, fmt: str,
+                plan: ShardPlan, progress=None) -> dict[str, Any]:
+    """Write one split's shards under ``out_uri/split/``; return its manifest entry."""
+    ext = EXTENSIONS[fmt]
+    shards: list[dict[str, Any]] = []
+    buffer: list[dict[str, Any]] = []
+    per_shard = 0
+    lesion_pixels = pixels = 0
+
+    def flush() -> None:
+        name = f"{split}/{split}-{len(shards):05d}.{ext}"
+        data = parquet_bytes(buffer) if fmt == "parquet" else tfrecord_bytes(buffer)
+        with storage.open_output(storage.join(out_uri, name)) as f:
+            f.write(data)
+        shards.append({"name": name, "records": len(buffer), "bytes": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest()})
+        buffer.clear()
+
+    for sample in samples:
+        record = sample_to_record(sample)
+        if not per_shard:
+            size = len(record["image_png"]) + len(record["mask_png"])
+            per_shard = plan.records_per_shard(total, size)
+        buffer.append(record)
+        lesion_pixels += record["lesion_pixels"]
+        pixels += record["height"] * record["width"]
+        if len(buffer) >= per_shard:
+            flush()
+        if progress is not None:
+            progress.update()
+    if buffer:
+        flush()
+    count = sum(s["records"] for s in shards)
+    return {"records": count, "lesion_fraction": lesion_pixels / pixels if pixels else 0.0,
+            "shards": shards}
+
+
+def write_manifest(out_uri: str, splits: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **info, "splits": splits}
+    storage.write_text(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=2))
+    return manifest
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_manifest(shards_uri: str) -> dict[str, Any]:
+    uri = storage.join(shards_uri, MANIFEST)
+    if not storage.exists(uri):
+        raise DataError(f"{uri}: no manifest; run `aisd-ray prepare` first (or it did not finish)")
+    manifest = json.loads(storage.read_bytes(uri))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{uri}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    return manifest
+
+
+def shard_uris(shards_uri: str, manifest: dict[str, Any], split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise DataError(f"{storage.join(shards_uri, MANIFEST)}: no split {split!r} "
+                        f"(has {sorted(manifest['splits'])})")
+    return [storage.join(shards_uri, s["name"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify_shards(shards_uri: str, manifest: dict[str, Any], checksums: bool = False) -> None:
+    """Every shard the manifest lists exists with its size (and SHA-256 when asked)."""
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            uri = storage.join(shards_uri, shard["name"])
+            fs, path = storage.resolve(uri)
+            info = fs.get_file_info(path)
+            if info.size is None:
+                raise DataError(f"{uri}: shard listed in the manifest is missing")
+            if info.size != shard["bytes"]:
+                raise DataError(f"{uri}: shard is {info.size} bytes, manifest says {shard['bytes']}")
+            if checksums and hashlib.sha256(storage.read_bytes(uri)).hexdigest() != shard["sha256"]:
+                raise DataError(f"{uri}: shard checksum does not match the manifest")
+
+
+def iter_shard(uri: str, fmt: str) -> Iterator[dict[str, Any]]:
+    """Records of one shard, streamed (a Parquet shard one row group at a time)."""
+    with storage.open_input(uri) as f:
+        if fmt == "parquet":
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
+                yield from batch.to_pylist()
+        else:
+            yield from iter_tfrecord(f, uri)
+
+
+def iter_records(shards_uri: str, manifest: dict[str, Any], split: str) -> Iterator[dict[str, Any]]:
+    for uri in shard_uris(shards_uri, manifest, split):
+        yield from iter_shard(uri, manifest["shard_format"])

@@ -1,0 +1,127 @@
+"""Scoring: an export on a sharded split, or mask PNGs in a folder against ground truth.
+
+Both write ``metrics.json``: aggregate lesion figures at the top level (``lesion_dice`` is
+the pooled Dice of all lesion pixels of the split; ``*_per_image`` are means over images
+where the score is defined), the seed's background-inclusive ``dice_coef_multiclass``
+beside them for comparison, and a ``per_image`` list. Scoring an export also writes the
+seed's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from aisd_ray import metrics, storage
+from aisd_ray.data import layout, shards
+from aisd_ray.export import LoadedExport
+
+DEFINITIONS = {
+    "lesion": "every non-background class together; background is never scored",
+    "lesion_dice": "pooled over all pixels of the split: 2TP / (2TP + FP + FN)",
+    "lesion_*_per_image": "mean over images where the score is defined (an image with no lesion in "
+                          "truth or prediction has no Dice and is left out)",
+    "dice_coef_multiclass": "the seed's metric, background-inclusive (sums over the class axis too); "
+                            "for comparison only, not a lesion score",
+}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_report(out_uri: str, names: list[str], counts: np.ndarray, extra: dict[str, Any],
+                  per_image_extra: dict[str, list[float]]) -> dict[str, Any]:
+    summary = {**metrics.summarize(counts), **extra}
+    per_image = []
+    for i, name in enumerate(names):
+        scores = metrics.scores_from_counts(*counts[i])
+        row = {"name": name, **{f"lesion_{k}": v for k, v in scores.items()},
+               "tp": int(counts[i][0]), "fp": int(counts[i][1]), "fn": int(counts[i][2]),
+               **{k: v[i] for k, v in per_image_extra.items()}}
+        per_image.append(row)
+    report = {**summary, "definitions": DEFINITIONS, "per_image": per_image}
+    storage.write_text(storage.join(out_uri, "metrics.json"), json.dumps(_json_safe(report), indent=2))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(per_image[0]) if per_image else ["name"])
+    writer.writeheader()
+    writer.writerows(per_image)
+    storage.write_text(storage.join(out_uri, "per_image.csv"), buf.getvalue())
+    return report
+
+
+def _batched(records: Iterable[dict], size: int):
+    batch = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str = "test",
+                    batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv."""
+    model = LoadedExport(export_uri)
+    manifest = shards.read_manifest(shards_uri)
+    shards.verify_shards(shards_uri, manifest)
+    total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
+    names, counts, losses, seed_dice = [], [], [], []
+    bar = tqdm(total=total, desc=f"evaluate {split}", unit="slice", disable=not progress)
+    for batch in _batched(shards.iter_records(shards_uri, manifest, split), batch_size):
+        arrays = [shards.record_to_arrays(r) for r in batch]
+        images = np.stack([a[0] for a in arrays])
+        labels = np.stack([a[1] for a in arrays])
+        probs = model.predict(images)["probabilities"].numpy()
+        onehot = np.eye(probs.shape[-1], dtype=np.float32)[labels]
+        losses += list(-np.mean(np.sum(onehot * np.log(np.clip(probs, 1e-7, 1.0)), axis=-1), axis=(1, 2)))
+        seed_dice += [metrics.dice_coef_multiclass(onehot[i:i + 1], probs[i:i + 1]) for i in range(len(batch))]
+        counts.append(metrics.lesion_counts(labels, np.argmax(probs, axis=-1)))
+        names += [r["name"] for r in batch]
+        bar.update(len(batch))
+    bar.close()
+    counts_arr = np.concatenate(counts) if counts else np.zeros((0, 3), np.int64)
+    loss, seed = float(np.mean(losses)), float(np.mean(seed_dice))
+    report = _write_report(out_uri, names, counts_arr,
+                           {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed},
+                           {"categorical_crossentropy": [float(v) for v in losses],
+                            "dice_coef_multiclass": seed_dice})
+    storage.write_text(storage.join(out_uri, "evaluation.csv"),
+                       f"categorical_crossentropy,{loss:.4f}\ndice_coef_multiclass,{seed:.4f}\n")
+    return report
+
+
+def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rgb_map, out_uri: str,
+                     progress: bool = True) -> dict[str, Any]:
+    """Score existing mask PNGs against ground truth by file name, without a model."""
+    pairs = layout.pair_by_name(predictions_dir, masks_dir)
+    names, counts, seed_dice = [], [], []
+    num_classes = len(rgb_map)
+    for name, pred_path, mask_path in tqdm(pairs, desc="evaluate", unit="mask", disable=not progress):
+        pred = layout.categorize(layout.read_image(pred_path, 3), rgb_map)
+        truth = layout.categorize(layout.read_image(mask_path, 3), rgb_map)
+        if pred.shape != truth.shape:
+            raise layout.DataError(f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
+                                   f"ground truth {mask_path.name} is {truth.shape[1]}x{truth.shape[0]}")
+        eye = np.eye(num_classes, dtype=np.float32)
+        seed_dice.append(metrics.dice_coef_multiclass(eye[truth][None], eye[pred][None]))
+        counts.append(metrics.lesion_counts(truth[None], pred[None])[0])
+        names.append(name)
+    return _write_report(out_uri, names, np.array(counts).reshape(-1, 3),
+                         {"source": str(predictions_dir), "dice_coef_multiclass": float(np.mean(seed_dice))},
+                         {"dice_coef_multiclass": seed_dice})

@@ -1,0 +1,96 @@
+"""The best checkpoint as a TensorFlow SavedModel that needs nothing else to serve.
+
+Layout of an export folder:
+
+- ``saved_model/``: signature ``serving_default``: ``image`` uint8 (N, H, W, C) ->
+  ``probabilities`` float32 (N, H, W, num_classes) and ``labels`` uint8 (N, H, W) class ids;
+- ``model.keras``: the same network for Keras users;
+- ``export.json``: input size, channels, class names, rgb_map, the source checkpoint and its
+  validation metrics, and the full config, so ``aisd-ray infer`` needs only this folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from aisd_ray import storage
+from aisd_ray.config import Config
+from aisd_ray.model import build_flexunet
+from aisd_ray.train import checkpoint as ckpt
+
+SAVED_MODEL = "saved_model"
+KERAS_FILE = "model.keras"
+INFO = "export.json"
+SIGNATURE = "serving_default"
+
+
+def model_from_checkpoint(cfg: Config, checkpoint_uri: str) -> keras.Model:
+    model = build_flexunet(cfg.model)
+    with storage.local_copy(checkpoint_uri) as folder:
+        model.load_weights(Path(folder) / ckpt.WEIGHTS)
+    return model
+
+
+def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str, Any] | None = None) -> str:
+    """Write the export folder atomically (it appears only once complete)."""
+    m = cfg.model
+    spec = tf.TensorSpec((None, m.image_height, m.image_width, m.image_channels), tf.uint8, name="image")
+
+    def serve(image):
+        probabilities = model(tf.cast(image, tf.float32), training=False)
+        labels = tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8)
+        return {"probabilities": probabilities, "labels": labels}
+
+    with storage.staged_dir(out_uri) as folder:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(SIGNATURE, serve, input_signature=[spec])
+        archive.write_out(str(folder / SAVED_MODEL), verbose=False)
+        model.save(folder / KERAS_FILE)
+        info = {
+            "signature": {"name": SIGNATURE, "input": "image uint8 [N,H,W,C] raw pixels 0..255",
+                          "outputs": {"probabilities": "float32 [N,H,W,num_classes] softmax",
+                                      "labels": "uint8 [N,H,W] class ids"}},
+            "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
+            "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
+            "rgb_map": [list(c) for c in cfg.data.rgb_map],
+            "parameters": int(model.count_params()),
+            **(extra or {}),
+            "config": cfg.to_dict(),
+        }
+        (folder / INFO).write_text(json.dumps(info, indent=2, default=str))
+    return out_uri
+
+
+def export_best(cfg: Config, run_uri: str, out_uri: str) -> tuple[str, dict[str, Any]]:
+    """Export the run's checkpoint with the best validation lesion Dice."""
+    checkpoint_uri, metrics = ckpt.best_checkpoint(run_uri)
+    model = model_from_checkpoint(cfg, checkpoint_uri)
+    export_model(cfg, model, out_uri, {"checkpoint": checkpoint_uri, "validation": metrics})
+    return checkpoint_uri, metrics
+
+
+class LoadedExport:
+    """An export folder loaded for inference: the SavedModel signature and its metadata."""
+
+    def __init__(self, uri: str):
+        self._copy = storage.local_copy(uri)
+        folder = self._copy.__enter__()
+        info_path = folder / INFO
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{uri}: not an aisd-ray export (no {INFO})")
+        self.info = json.loads(info_path.read_text())
+        self._module = tf.saved_model.load(str(folder / SAVED_MODEL))
+        self._fn = self._module.signatures[SIGNATURE]
+        image = self.info["image"]
+        self.height, self.width, self.channels = image["height"], image["width"], image["channels"]
+        self.rgb_map = [tuple(c) for c in self.info["rgb_map"]]
+
+    def predict(self, images) -> dict[str, tf.Tensor]:
+        """Run the serving signature on a uint8 batch of model-sized images."""
+        return self._fn(image=tf.convert_to_tensor(images, tf.uint8))

@@ -1,0 +1,124 @@
+"""The pipeline's stages as plain functions: prepare -> train -> export -> evaluate -> infer.
+
+The CLI and the ``jobs/`` entry points call these; each returns where its outputs went.
+A run folder is ``<output root>/<run.name>``: checkpoints, history, plots, TensorBoard, and
+the resolved ``config.toml``; ``export/``, ``eval/`` and ``infer/`` are written beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aisd_ray import storage
+from aisd_ray.config import Config, load_config
+from aisd_ray.data.prepare import prepare
+
+log = logging.getLogger(__name__)
+
+
+def run_uri(cfg: Config, output_root: str) -> str:
+    return storage.join(output_root, cfg.run.name)
+
+
+def train(cfg: Config, shards_uri: str, output_root: str) -> dict[str, Any]:
+    """Train (or resume) the run ``output_root/run.name``; return its last reported metrics."""
+    run = run_uri(cfg, output_root)
+    storage.write_text(storage.join(run, "config.toml"), cfg.to_toml())
+    log.info("training run %s with the %s backend (%d worker%s)", run, cfg.train.backend,
+             cfg.train.num_workers if cfg.train.backend == "ray" else 1,
+             "s" if cfg.train.backend == "ray" and cfg.train.num_workers > 1 else "")
+    if cfg.train.backend == "local":
+        from aisd_ray.train.local import train_local
+
+        state = train_local(cfg, shards_uri, run)
+        return state.history[-1] if state.history else {}
+    from aisd_ray.train.ray_train import train_ray
+
+    return dict(train_ray(cfg, shards_uri, output_root).metrics or {})
+
+
+def run_config(run: str) -> Config:
+    """The resolved config a run was trained with."""
+    uri = storage.join(run, "config.toml")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: not found; is {run} a training run folder?")
+    with storage.local_copy(run) as folder:
+        return load_config(Path(folder) / "config.toml")
+
+
+def export(run: str, out_uri: str | None = None) -> tuple[str, dict[str, Any]]:
+    from aisd_ray.export import export_best
+
+    out_uri = out_uri or storage.join(run, "export")
+    checkpoint, metrics = export_best(run_config(run), run, out_uri)
+    log.info("exported %s (epoch %s, val_lesion_dice %.4f) to %s", checkpoint, metrics.get("epoch"),
+             metrics.get("val_lesion_dice", float("nan")), out_uri)
+    return out_uri, metrics
+
+
+@dataclass
+class DemoResult:
+    outputs: dict[str, str] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = list(self.outputs.items())
+        rows += [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in self.figures.items()]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def demo(cfg: Config, output: str, progress: bool = True) -> DemoResult:
+    """Synthetic AISD-like data -> shards -> training -> SavedModel -> test metrics -> masks."""
+    from aisd_ray.data.synthetic import write_synthetic_aisd
+    from aisd_ray.evaluate import evaluate_export
+    from aisd_ray.infer import infer_folder
+
+    started = time.time()
+    result = DemoResult()
+    if not storage.is_local(output):
+        raise ValueError(f"{output}: the demo writes its synthetic source images to a local folder")
+    source = Path(storage.resolve(output)[1]) / "source"
+    marker = source / "synthetic.json"
+    wanted = json.dumps(cfg.to_dict()["synthetic"], sort_keys=True)
+    if not (marker.is_file() and marker.read_text() == wanted):
+        log.info("writing synthetic AISD-like slices to %s", source)
+        write_synthetic_aisd(source, cfg.synthetic, progress=progress)
+        marker.write_text(wanted)
+    cfg.data.source_dir = str(source / "AISD")
+    shards_uri = cfg.data.shards_dir or storage.join(output, "shards")
+    prepare(cfg, shards_uri, progress=progress)
+    result.outputs["synthetic source"] = str(source / "AISD")
+    result.outputs["shards + manifest"] = shards_uri
+
+    last = train(cfg, shards_uri, output)
+    run = run_uri(cfg, output)
+    result.outputs["run (checkpoints, plots)"] = run
+    export_uri, best = export(run)
+    result.outputs["SavedModel"] = storage.join(export_uri, "saved_model")
+
+    eval_uri = storage.join(run, "eval")
+    report = evaluate_export(export_uri, shards_uri, eval_uri, "test", cfg.eval.batch_size, progress)
+    result.outputs["metrics.json"] = storage.join(eval_uri, "metrics.json")
+    infer_uri = storage.join(run, "infer")
+    infer_folder(export_uri, source / "AISD" / "test" / "images", infer_uri, cfg.eval.batch_size,
+                 progress=progress)
+    result.outputs["test masks + overlays"] = infer_uri
+
+    result.figures = {
+        "epochs run": int(last.get("epoch", 0)),
+        "best epoch": int(best.get("epoch", 0)),
+        "val lesion Dice (best)": float(best.get("val_lesion_dice", float("nan"))),
+        "test lesion Dice (pooled)": report["lesion_dice"],
+        "test lesion Dice (per image)": report["lesion_dice_per_image"],
+        "test dice_coef_multiclass (seed, bg-incl.)": report["dice_coef_multiclass"],
+        "wall time (s)": round(time.time() - started, 1),
+    }
+    storage.write_text(storage.join(output, "summary.json"),
+                       json.dumps({"outputs": result.outputs, "figures": result.figures}, indent=2))
+    return result

@@ -1,0 +1,151 @@
+"""All file I/O of run outputs and shards goes through pyarrow filesystems.
+
+Paths are plain strings (a local path or a URI) so that an object store drops in behind
+the same calls; TensorFlow's own file system layer is never used for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem object and in-filesystem path of ``uri`` (a local path or ``gs://``)."""
+    if uri.startswith("gs://"):
+        return gcs_filesystem(), uri[len("gs://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"{uri}: storage scheme {scheme}:// is not supported (use a folder or gs://)")
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
+@functools.lru_cache(maxsize=None)
+def gcs_filesystem() -> pafs.GcsFileSystem:
+    """Google Cloud Storage with application default credentials, or the emulator in
+    ``STORAGE_EMULATOR_HOST`` (the variable google-cloud-storage reads too)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host:
+        scheme, _, endpoint = host.rpartition("://")
+        return pafs.GcsFileSystem(anonymous=True, scheme=scheme or "http", endpoint_override=endpoint,
+                                  project_id=os.environ.get("GOOGLE_CLOUD_PROJECT", "aisd-ray"))
+    return pafs.GcsFileSystem()
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers never see it half-written."""
+    fs, path = resolve(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def open_output(uri: str):
+    fs, path = resolve(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    return fs.open_output_stream(path)
+
+
+def open_input(uri: str):
+    fs, path = resolve(uri)
+    return fs.open_input_file(path)
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_dir(uri: str) -> list[str]:
+    """Base names directly under ``uri`` (empty when it does not exist)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path)))
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local folder to ``uri`` (replacing files of the same name)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str | Path) -> None:
+    fs, path = resolve(uri)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local_dir), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """A local folder holding ``uri``: the folder itself when local, else a downloaded copy."""
+    if is_local(uri):
+        yield Path(resolve(uri)[1])
+        return
+    with tempfile.TemporaryDirectory(prefix="aisd-ray-") as tmp:
+        download_dir(uri, tmp)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(uri: str) -> Iterator[Path]:
+    """A fresh local folder whose contents replace ``uri`` only once the block succeeds.
+
+    Used for outputs that must never look complete when half-written (exports, reports).
+    """
+    fs, path = resolve(uri)
+    parent = os.path.dirname(path) if is_local(uri) else None
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+    try:
+        yield tmp
+        if is_local(uri):
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        else:
+            delete(uri)
+            upload_dir(tmp, uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

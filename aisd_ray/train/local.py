@@ -1,0 +1,63 @@
+"""The local fallback: the same loop in this process, no Ray (one GPU if present, else CPU)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import tensorflow as tf
+
+from aisd_ray import storage
+from aisd_ray.config import Config
+from aisd_ray.data import pipeline, shards
+from aisd_ray.train import checkpoint as ckpt
+from aisd_ray.train.loop import Feed, run_training
+
+
+class LocalReporter:
+    """Keeps checkpoints as Ray does: ``checkpoint_*`` folders, the latest and the best."""
+
+    def __init__(self, run_uri: str, keep: int = 2):
+        self.run_uri, self.keep = run_uri, keep
+        self._tmp = tempfile.TemporaryDirectory(prefix="aisd-resume-")
+
+    def latest_checkpoint(self) -> str | None:
+        found = ckpt.list_checkpoints(self.run_uri)
+        if not found:
+            return None
+        storage.download_dir(found[-1][0], self._tmp.name)
+        return self._tmp.name
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is None:
+            return
+        storage.upload_dir(checkpoint_dir, storage.join(self.run_uri, f"checkpoint_{int(metrics['epoch']):06d}"))
+        found = ckpt.list_checkpoints(self.run_uri)
+        best = ckpt.best_checkpoint(self.run_uri)[0]
+        for uri, _ in found[:-1][: max(len(found) - self.keep, 0)]:
+            if uri != best:
+                storage.delete(uri)
+
+
+def shard_feed(cfg: Config, shards_uri: str, manifest: dict) -> Feed:
+    train = pipeline.ShardRows(shards_uri, manifest, "train")
+    valid = pipeline.ShardRows(shards_uri, manifest, "valid")
+    return Feed(
+        train_rows=lambda epoch: ((r["image_png"], r["mask_png"]) for r in train(epoch, cfg.train.seed)),
+        train_count=train.count,
+        valid_rows=lambda: ((r["image_png"], r["mask_png"]) for r in valid()),
+        preview=preview(cfg, shards_uri, manifest),
+    )
+
+
+def preview(cfg: Config, shards_uri: str, manifest: dict):
+    """The seed's epoch-change images: the first N validation slices, fixed for the run."""
+    if not cfg.train.epoch_change_infer:
+        return []
+    return pipeline.first_records(shards.iter_records(shards_uri, manifest, "valid"), cfg.train.num_infer_images)
+
+
+def train_local(cfg: Config, shards_uri: str, run_uri: str) -> ckpt.LoopState:
+    manifest = shards.read_manifest(shards_uri)
+    shards.verify_shards(shards_uri, manifest)
+    return run_training(cfg, tf.distribute.get_strategy(), shard_feed(cfg, shards_uri, manifest),
+                        LocalReporter(run_uri), run_uri, rank=0, world=1)

@@ -1,0 +1,124 @@
+"""Ray Train backend: ``TensorflowTrainer`` workers running the shared loop under
+MultiWorkerMirroredStrategy, fed by Ray Data from the shards.
+
+The training split is streamed to workers in equal shares (``get_dataset_shard``); the
+validation split is read whole by each worker, which keeps the rows whose name hashes to
+its rank, so every validation slice is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import ray
+import ray.data
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.tensorflow import TensorflowTrainer
+
+from aisd_ray import storage
+from aisd_ray.config import Config, config_from_dict
+from aisd_ray.data import pipeline, shards
+from aisd_ray.train import checkpoint as ckpt
+from aisd_ray.train.local import preview
+
+log = logging.getLogger(__name__)
+COLUMNS = ["name", "image_png", "mask_png"]
+
+
+def ensure_ray(num_cpus_wanted: int) -> None:
+    """Join the cluster in RAY_ADDRESS (as ``ray job submit`` sets it) or start a local one.
+
+    A local cluster gets spare logical CPUs beyond the training workers so Ray Data's read
+    tasks can always be scheduled next to them.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(num_cpus_wanted, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=True)
+
+
+def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:
+    uris = shards.shard_uris(shards_uri, manifest, split)
+    fs, _ = storage.resolve(uris[0])
+    paths = [storage.resolve(u)[1] for u in uris]
+    if manifest["shard_format"] == "parquet":
+        return ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS)
+    return ray.data.read_tfrecords(paths, filesystem=fs).select_columns(COLUMNS)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _rows(iterator, keep=None):
+    """(image PNG, mask PNG) rows of a Ray Data iterator, optionally filtered by name."""
+    for batch in iterator.iter_batches(batch_size=32, batch_format="numpy", prefetch_batches=2):
+        for name, image, mask in zip(batch["name"], batch["image_png"], batch["mask_png"]):
+            if keep is None or keep(_text(name)):
+                yield bytes(image), bytes(mask)
+
+
+class RayReporter:
+    def latest_checkpoint(self) -> str | None:
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.to_directory(tempfile.mkdtemp(prefix="aisd-resume-")) if checkpoint else None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _worker(loop_config: dict) -> None:
+    import tensorflow as tf
+
+    from aisd_ray.train.loop import Feed, run_training
+
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.train.use_gpu:  # share the host's cores between the workers on it
+        threads = max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    manifest = shards.read_manifest(loop_config["shards"])
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_data = ray.train.get_dataset_shard("valid")
+    feed = Feed(
+        train_rows=lambda epoch: _rows(train_shard),
+        train_count=manifest["splits"]["train"]["records"] // world,
+        valid_rows=lambda: _rows(valid_data, keep=lambda name: pipeline.mine(name, rank, world)),
+        preview=preview(cfg, loop_config["shards"], manifest) if rank == 0 else [],
+    )
+    run_training(cfg, strategy, feed, RayReporter(), loop_config["run"], rank, world)
+
+
+def train_ray(cfg: Config, shards_uri: str, output_root: str) -> ray.train.Result:
+    """Run (or resume: same output root and run name) a distributed training run."""
+    manifest = shards.read_manifest(shards_uri)
+    shards.verify_shards(shards_uri, manifest)
+    ensure_ray(cfg.train.num_workers + 2)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    fs, root = storage.resolve(output_root)
+    trainer = TensorflowTrainer(
+        _worker,
+        train_loop_config={"config": cfg.to_dict(), "shards": shards_uri,
+                           "run": storage.join(output_root, cfg.run.name)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        datasets={"train": read_split(shards_uri, manifest, "train"),
+                  "valid": read_split(shards_uri, manifest, "valid")},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=root, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ckpt.SCORE,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    return trainer.fit()
