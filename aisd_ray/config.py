@@ -92,6 +92,7 @@ class TrainConfig:
     epoch_change_infer: bool = True
     num_infer_images: int = 6
     seed: int = 137
+    deterministic: bool = True  # TF op determinism: same seed, same numbers (a little slower)
     backend: str = "ray"
     num_workers: int = 2
     use_gpu: bool = False

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from tqdm import tqdm
 
+from aisd_ray.progress import progress_bar
 from aisd_ray import metrics, storage
 from aisd_ray.data import layout, shards
 from aisd_ray.export import LoadedExport
@@ -82,7 +82,7 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     shards.verify_shards(shards_uri, manifest)
     total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
     names, counts, losses, seed_dice = [], [], [], []
-    bar = tqdm(total=total, desc=f"evaluate {split}", unit="slice", disable=not progress)
+    bar = progress_bar(total=total, desc=f"evaluate {split}", unit="slice", enabled=progress)
     for batch in _batched(shards.iter_records(shards_uri, manifest, split), batch_size):
         arrays = [shards.record_to_arrays(r) for r in batch]
         images = np.stack([a[0] for a in arrays])
@@ -112,7 +112,7 @@ def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rgb_map
     pairs = layout.pair_by_name(predictions_dir, masks_dir)
     names, counts, seed_dice = [], [], []
     num_classes = len(rgb_map)
-    for name, pred_path, mask_path in tqdm(pairs, desc="evaluate", unit="mask", disable=not progress):
+    for name, pred_path, mask_path in progress_bar(pairs, desc="evaluate", unit="mask", enabled=progress):
         pred = layout.categorize(layout.read_image(pred_path, 3), rgb_map)
         truth = layout.categorize(layout.read_image(mask_path, 3), rgb_map)
         if pred.shape != truth.shape:

@@ -12,8 +12,8 @@ import io
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from aisd_ray.progress import progress_bar
 from aisd_ray import render, storage
 from aisd_ray.data import layout
 from aisd_ray.export import LoadedExport
@@ -33,7 +33,7 @@ def infer_folder(export_uri: str, images_dir: str | Path, out_uri: str, batch_si
     if not paths:
         raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...) found")
     written = []
-    bar = tqdm(total=len(paths), desc="infer", unit="image", disable=not progress)
+    bar = progress_bar(total=len(paths), desc="infer", unit="image", enabled=progress)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         originals = [layout.read_image(p, model.channels) for p in chunk]

@@ -8,7 +8,6 @@ and a few batches are ever in memory, however large the split.
 from __future__ import annotations
 
 import random
-import zlib
 from typing import Callable, Iterator
 
 import numpy as np
@@ -48,16 +47,13 @@ def take_rows(rows: Rows, limit: int) -> Rows:
             yield row
 
 
-def mine(name: str, rank: int, world: int) -> bool:
-    """Deterministic share of an unsplit dataset: a row belongs to one worker by its name."""
-    return zlib.crc32(name.encode()) % world == rank
-
-
 class ShardRows:
     """Rows read straight from the shards, for the local backend (no Ray)."""
 
-    def __init__(self, shards_uri: str, manifest: dict, split: str):
-        self.uris = shards.shard_uris(shards_uri, manifest, split)
+    def __init__(self, shards_uri: str, manifest: dict, split: str, rank: int = 0, world: int = 1):
+        """``rank``/``world`` give this worker every world-th shard: for evaluation splits,
+        where each row must be scored exactly once but shares need not be equal."""
+        self.uris = shards.shard_uris(shards_uri, manifest, split)[rank::world]
         self.fmt = manifest["shard_format"]
         self.count = manifest["splits"][split]["records"]
 

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 
+from aisd_ray.progress import progress_bar
 from aisd_ray import storage
 from aisd_ray.config import Config
 from aisd_ray.data import layout, shards
@@ -67,7 +67,7 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
     m = cfg.model
     plan = shards.ShardPlan(int(cfg.data.shard_target_mb * 2**20), cfg.data.min_shards)
     total = sum(len(p) for p in pairs.values())
-    bar = tqdm(total=total, desc="prepare", unit="slice", disable=not progress)
+    bar = progress_bar(total=total, desc="prepare", unit="slice", enabled=progress)
     entries = {}
     for split, split_pairs in pairs.items():
         storage.delete(storage.join(out_uri, split))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
-from tqdm import tqdm
 
+from aisd_ray.progress import progress_bar
 from aisd_ray.config import SyntheticConfig
 
 SPLITS = ("train", "valid", "test")
@@ -81,7 +81,7 @@ def write_synthetic_aisd(out_dir: str | Path, cfg: SyntheticConfig, progress: bo
     root = Path(out_dir) / "AISD"
     counts = {"train": cfg.num_train, "valid": cfg.num_valid, "test": cfg.num_test}
     total = sum(counts.values())
-    bar = tqdm(total=total, desc="synthesize", unit="slice", disable=not progress)
+    bar = progress_bar(total=total, desc="synthesize", unit="slice", enabled=progress)
     index = 10000
     for split_no, split in enumerate(SPLITS):
         (root / split / "images").mkdir(parents=True, exist_ok=True)

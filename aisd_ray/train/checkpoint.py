@@ -105,9 +105,10 @@ def best_checkpoint(run_uri: str) -> tuple[str, dict[str, Any]]:
     if not candidates:
         raise FileNotFoundError(f"{run_uri}: no checkpoints found; train first")
 
-    def own_score(item):
+    def rank(item):
         score = item[1].history[-1].get(SCORE, -1.0) if item[1].history else -1.0
-        return -1.0 if score != score else score  # an undefined (NaN) Dice ranks last
+        score = -1.0 if score != score else score  # an undefined (NaN) Dice ranks last
+        return score, item[1].epoch  # ties go to the later, longer-trained checkpoint
 
-    uri, state = max(candidates, key=own_score)
+    uri, state = max(candidates, key=rank)
     return uri, state.history[-1]

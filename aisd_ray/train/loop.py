@@ -20,8 +20,8 @@ from typing import Callable, Iterator, Protocol
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
+from aisd_ray.progress import progress_bar
 from aisd_ray import metrics, render
 from aisd_ray.config import Config
 from aisd_ray.data import pipeline
@@ -49,10 +49,11 @@ class Reporter(Protocol):
     def latest_checkpoint(self) -> str | None: ...
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int, deterministic: bool) -> None:
     """Really set every seed (the seed assigned ``np.random.seed = 137``, which sets nothing)."""
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 def _all_reduce_sum(strategy: tf.distribute.Strategy, values: np.ndarray) -> np.ndarray:
@@ -60,6 +61,16 @@ def _all_reduce_sum(strategy: tf.distribute.Strategy, values: np.ndarray) -> np.
     tensor = tf.constant(values, tf.float64)
     per_replica = strategy.run(lambda: tf.identity(tensor))
     return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+def _replica_spread(strategy: tf.distribute.Strategy, model: keras.Model, rank: int, world: int) -> float:
+    """Largest difference between the workers' weight checksums: 0.0 when the all-reduce kept
+    every replica identical, as synchronous data parallelism must."""
+    checksum = sum(float(np.sum(np.asarray(w, np.float64))) for w in model.get_weights())
+    slots = np.zeros(world)
+    slots[rank] = checksum
+    gathered = _all_reduce_sum(strategy, slots)
+    return float(gathered.max() - gathered.min())
 
 
 def _counts(y_true: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
@@ -76,7 +87,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     """Train until ``train.epochs`` or early stopping; return the final loop state."""
     t, m = cfg.train, cfg.model
     chief = rank == 0
-    set_seed(t.seed)
+    set_seed(t.seed, t.deterministic)
     global_batch = t.batch_size * world
     steps = feed.train_count // t.batch_size
     if t.steps_per_epoch:
@@ -133,8 +144,8 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             epoch_rows = feed.train_rows(epoch)
             limited = lambda: pipeline.take_rows(epoch_rows, steps * t.batch_size)  # noqa: E731
             loss_sum, train_counts, done = 0.0, np.zeros(3), 0
-            bar = tqdm(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", disable=not chief,
-                       leave=False)
+            bar = progress_bar(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief,
+                               leave=False)
             for x, y in batches(limited, t.batch_size, training=True):
                 loss, counts = train_step(x, y)
                 loss_sum += float(loss)
@@ -151,6 +162,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 loss, seed_dice, counts = eval_step(x, y)
                 val += np.concatenate([[loss.numpy(), seed_dice.numpy(), x.shape[0]], counts.numpy()])
             val = _all_reduce_sum(strategy, val)
+            spread = _replica_spread(strategy, model, rank, world)
             pooled = metrics.scores_from_counts(*val[3:])
             row = {"epoch": epoch, "loss": loss_sum / steps,
                    "lesion_dice": metrics.scores_from_counts(*train_counts)["dice"],
@@ -158,6 +170,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                    **{f"val_lesion_{k}": v for k, v in pooled.items()},
                    "val_dice_coef_multiclass": float(val[1] / max(val[2], 1)),
                    "learning_rate": float(optimizer.learning_rate.numpy()),
+                   "replica_weight_spread": spread,
                    "epoch_seconds": time.time() - started}
             state = _after_epoch(state, row, t, optimizer)
             if chief:
@@ -166,7 +179,8 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             with tempfile.TemporaryDirectory(prefix="aisd-ckpt-") as tmp:
                 if chief:
                     ckpt.save(tmp, model, optimizer, state)
-                reporter.report({**row, "stop_reason": state.stop_reason}, tmp if chief else None)
+                done_reason = state.stop_reason or (f"reached {t.epochs} epochs" if epoch >= t.epochs else "")
+                reporter.report({**row, "stop_reason": done_reason}, tmp if chief else None)
     finally:
         if artifacts:
             artifacts.close()
@@ -186,10 +200,8 @@ def _after_epoch(state: ckpt.LoopState, row: dict, t, optimizer) -> ckpt.LoopSta
                  t.reducer_patience, state.learning_rate, new_lr)
         state.learning_rate = new_lr
         optimizer.learning_rate.assign(new_lr)
-    if state.early_stop.update(row["val_loss"]):
+    if state.early_stop.update(row["val_loss"]):  # final: a rerun with more epochs stays stopped
         state.stop_reason = f"early stop: val_loss did not improve for {t.patience} epochs"
-    elif state.epoch >= t.epochs:
-        state.stop_reason = f"reached {t.epochs} epochs"
     return state
 
 

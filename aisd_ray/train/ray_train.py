@@ -1,9 +1,9 @@
 """Ray Train backend: ``TensorflowTrainer`` workers running the shared loop under
 MultiWorkerMirroredStrategy, fed by Ray Data from the shards.
 
-The training split is streamed to workers in equal shares (``get_dataset_shard``); the
-validation split is read whole by each worker, which keeps the rows whose name hashes to
-its rank, so every validation slice is scored exactly once.
+The training split is streamed to workers by Ray Data in equal shares
+(``get_dataset_shard``), as synchronous steps need. Validation is small and must score every
+slice exactly once, so each worker reads every world-th validation shard directly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import ray
 import ray.data
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
 from aisd_ray import storage
@@ -25,7 +25,7 @@ from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.local import preview
 
 log = logging.getLogger(__name__)
-COLUMNS = ["name", "image_png", "mask_png"]
+COLUMNS = ["image_png", "mask_png"]
 
 
 def ensure_ray(num_cpus_wanted: int) -> None:
@@ -52,16 +52,11 @@ def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:
     return ray.data.read_tfrecords(paths, filesystem=fs).select_columns(COLUMNS)
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _rows(iterator, keep=None):
-    """(image PNG, mask PNG) rows of a Ray Data iterator, optionally filtered by name."""
+def _rows(iterator):
+    """(image PNG, mask PNG) rows of a Ray Data iterator."""
     for batch in iterator.iter_batches(batch_size=32, batch_format="numpy", prefetch_batches=2):
-        for name, image, mask in zip(batch["name"], batch["image_png"], batch["mask_png"]):
-            if keep is None or keep(_text(name)):
-                yield bytes(image), bytes(mask)
+        for image, mask in zip(batch["image_png"], batch["mask_png"]):
+            yield bytes(image), bytes(mask)
 
 
 class RayReporter:
@@ -79,6 +74,8 @@ def _worker(loop_config: dict) -> None:
 
     from aisd_ray.train.loop import Feed, run_training
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -89,11 +86,11 @@ def _worker(loop_config: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     manifest = shards.read_manifest(loop_config["shards"])
     train_shard = ray.train.get_dataset_shard("train")
-    valid_data = ray.train.get_dataset_shard("valid")
+    valid = pipeline.ShardRows(loop_config["shards"], manifest, "valid", rank, world)
     feed = Feed(
         train_rows=lambda epoch: _rows(train_shard),
         train_count=manifest["splits"]["train"]["records"] // world,
-        valid_rows=lambda: _rows(valid_data, keep=lambda name: pipeline.mine(name, rank, world)),
+        valid_rows=lambda: ((r["image_png"], r["mask_png"]) for r in valid()),
         preview=preview(cfg, loop_config["shards"], manifest) if rank == 0 else [],
     )
     run_training(cfg, strategy, feed, RayReporter(), loop_config["run"], rank, world)
@@ -104,16 +101,16 @@ def train_ray(cfg: Config, shards_uri: str, output_root: str) -> ray.train.Resul
     manifest = shards.read_manifest(shards_uri)
     shards.verify_shards(shards_uri, manifest)
     ensure_ray(cfg.train.num_workers + 2)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # same rows in the same order for a seed
+    context.enable_progress_bars = False
     fs, root = storage.resolve(output_root)
     trainer = TensorflowTrainer(
         _worker,
         train_loop_config={"config": cfg.to_dict(), "shards": shards_uri,
                            "run": storage.join(output_root, cfg.run.name)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
-        datasets={"train": read_split(shards_uri, manifest, "train"),
-                  "valid": read_split(shards_uri, manifest, "valid")},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets={"train": read_split(shards_uri, manifest, "train")},
         run_config=RunConfig(
             name=cfg.run.name, storage_path=root, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ckpt.SCORE,

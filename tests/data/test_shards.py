@@ -1,0 +1,117 @@
+
+import numpy as np
+import pytest
+
+from aisd_ray import storage
+from aisd_ray.data import layout, shards
+from aisd_ray.data.layout import DataError
+from aisd_ray.data.prepare import prepare
+from tests.conftest import tiny_config
+
+
+def test_round_trip_is_bit_exact(shard_store, synthetic_root):
+    cfg, out = shard_store
+    manifest = shards.read_manifest(out)
+    m = cfg.model
+    n, samples = layout.iter_split(synthetic_root / "valid" / "images", synthetic_root / "valid" / "masks",
+                                   m.image_height, m.image_width, m.image_channels, cfg.data.rgb_map)
+    expected = {s.name: s for s in samples}
+    records = list(shards.iter_records(out, manifest, "valid"))
+    assert [r["name"] for r in records] == sorted(expected) and len(records) == n
+    for record in records:
+        image, labels = shards.record_to_arrays(record)
+        np.testing.assert_array_equal(image, expected[record["name"]].image)
+        np.testing.assert_array_equal(labels, expected[record["name"]].labels)
+        assert (record["height"], record["width"], record["channels"]) == image.shape
+        assert record["lesion_pixels"] == np.count_nonzero(labels)
+
+
+def test_manifest_lists_every_shard_with_size_and_checksum(shard_store):
+    cfg, out = shard_store
+    manifest = shards.read_manifest(out)
+    assert manifest["shard_format"] == cfg.data.shard_format
+    for split, entry in manifest["splits"].items():
+        assert len(entry["shards"]) >= cfg.data.min_shards  # every training worker gets a shard
+        assert sum(s["records"] for s in entry["shards"]) == entry["records"]
+        assert 0 < entry["lesion_fraction"] < 0.2
+    shards.verify_shards(out, manifest, checksums=True)
+
+
+def copy_store(src, dst):
+    storage.upload_dir(src, str(dst))
+    return str(dst)
+
+
+def test_missing_or_changed_shard_is_named(parquet_store, tmp_path):
+    _, src = parquet_store
+    out = copy_store(src, tmp_path / "store")
+    manifest = shards.read_manifest(out)
+    victim = manifest["splits"]["train"]["shards"][0]["name"]
+    path = tmp_path / "store" / victim
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(DataError, match=f"{victim}: shard checksum does not match"):
+        shards.verify_shards(out, manifest, checksums=True)
+    path.unlink()
+    with pytest.raises(DataError, match=f"{victim}: shard listed in the manifest is missing"):
+        shards.verify_shards(out, manifest)
+
+
+def test_prepare_is_idempotent_and_manifest_comes_last(synthetic_root, tmp_path):
+    cfg = tiny_config(f"data.source_dir='{synthetic_root}'")
+    out = str(tmp_path / "store")
+    first = prepare(cfg, out, progress=False)
+    listing = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
+    again = prepare(cfg, out, progress=False)
+    assert again == first
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*")) == listing
+    # a changed setting rewrites the store, with no stale shards left behind
+    cfg.data.min_shards = 1
+    cfg.data.shard_target_mb = 100
+    third = prepare(cfg, out, progress=False)
+    assert len(third["splits"]["train"]["shards"]) == 1
+    assert sorted(p.name for p in (tmp_path / "store" / "train").iterdir()) == ["train-00000.parquet"]
+
+
+def test_interrupted_prepare_leaves_no_manifest(synthetic_root, tmp_path, monkeypatch):
+    cfg = tiny_config(f"data.source_dir='{synthetic_root}'")
+    out = str(tmp_path / "store")
+    calls = {"n": 0}
+    real = shards.sample_to_record
+
+    def failing(sample):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError("disk full")
+        return real(sample)
+
+    monkeypatch.setattr(shards, "sample_to_record", failing)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(cfg, out, progress=False)
+    with pytest.raises(DataError, match="no manifest; run `aisd-ray prepare` first"):
+        shards.read_manifest(out)
+    monkeypatch.undo()
+    manifest = prepare(cfg, out, progress=False)  # a rerun completes the store
+    assert manifest["splits"]["train"]["records"] == 32
+
+
+def test_tfrecord_framing_is_readable_by_tensorflow(tmp_path):
+    import tensorflow as tf
+
+    record = {"name": "a", "case_id": "", "slice_index": 3, "height": 2, "width": 2, "channels": 1,
+              "lesion_pixels": 1, "image_png": b"\x89PNG", "mask_png": b"xyz"}
+    path = tmp_path / "x.tfrecord"
+    path.write_bytes(shards.tfrecord_bytes([record, record]))
+    raw = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+    assert len(raw) == 2
+    example = tf.train.Example.FromString(raw[0])
+    assert example.features.feature["slice_index"].int64_list.value[0] == 3
+    with open(path, "rb") as f:
+        assert list(shards.iter_tfrecord(f, str(path))) == [record, record]
+
+
+def test_shard_plan_respects_target_and_minimum():
+    plan = shards.ShardPlan(target_bytes=1000, min_shards=4)
+    assert plan.records_per_shard(100, 10) == 25  # 4 shards although 100 records fit one
+    assert plan.records_per_shard(100, 100) == 10  # 10 shards by size
+    assert plan.records_per_shard(2, 10) == 1  # fewer records than workers: one each

@@ -1,0 +1,59 @@
+"""The command line as users call it (a real subprocess for the console script)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aisd_ray.cli import build_parser, main
+from aisd_ray.config import builtin_config
+
+TINY = str(builtin_config("tiny"))
+COMMANDS = ["inspect", "synthesize", "prepare", "train", "export", "evaluate", "infer", "demo"]
+SEED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "seed" / "train_eval_infer.config"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: aisd-ray" in capsys.readouterr().out
+
+
+def test_inspect_console_script_prints_the_parameter_count(tmp_path):
+    config = SEED_CONFIG if SEED_CONFIG.is_file() else Path(__file__).parents[1] / "aisd_ray/configs/aisd512.toml"
+    out = subprocess.run([Path(sys.executable).parent / "aisd-ray", "inspect", "--config", str(config)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Total parameters: 124,996,866" in out
+
+
+def test_bad_config_exits_2_with_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochz = 1\n")
+    assert main(["inspect", "--config", str(bad)]) == 2
+    assert "bad.toml: [train] epochz: unknown key" in capsys.readouterr().err
+
+
+def test_cli_stages_end_to_end(trained_run, synthetic_root, tmp_path, capsys):
+    cfg, shards, run, export_uri = trained_run
+    assert main(["export", "--run", run, "--output", str(tmp_path / "export")]) == 0
+    assert main(["evaluate", "--model", str(tmp_path / "export"), "--data", shards,
+                 "--output", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    assert main(["infer", "--model", str(tmp_path / "export"), "--images",
+                 str(synthetic_root / "test" / "images"), "--output", str(tmp_path / "masks")]) == 0
+    assert main(["evaluate", "--predictions", str(tmp_path / "masks"), "--masks",
+                 str(synthetic_root / "test" / "masks"), "--output", str(tmp_path / "eval2")]) == 0
+    out = capsys.readouterr().out
+    assert "8 masks written" in out and out.count("lesion Dice") == 2
+
+
+def test_prepare_and_train_local_from_cli(synthetic_root, tmp_path, capsys):
+    assert main(["prepare", "--config", TINY, "--source", str(synthetic_root),
+                 "--output", str(tmp_path / "shards")]) == 0
+    assert "manifest:" in capsys.readouterr().out
+    assert main(["train", "--config", TINY, "--data", str(tmp_path / "shards"),
+                 "--output", str(tmp_path / "runs"), "--backend", "local", "--set", "train.epochs=1"]) == 0
+    assert (tmp_path / "runs" / "tiny" / "history.csv").is_file()

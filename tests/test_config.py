@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from aisd_ray.config import Config, ConfigError, builtin_config, load_config
+
+SEED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "seed" / "train_eval_infer.config"
+needs_seed = pytest.mark.skipif(not SEED_CONFIG.is_file(), reason=f"{SEED_CONFIG} not present (shared/ absent)")
+
+
+@needs_seed
+def test_seed_ini_loads_verbatim():
+    cfg = load_config(SEED_CONFIG)
+    m, t = cfg.model, cfg.train
+    assert (m.image_width, m.image_height, m.image_channels) == (512, 512, 3)
+    assert (m.base_filters, m.base_kernels, m.num_layers, m.dilation) == (16, (9, 9), 8, (3, 3))
+    assert m.dropout_rate == 0.05 and m.input_normalize is False and m.normalization is False
+    assert (t.learning_rate, t.clipvalue, t.loss) == (0.00005, 0.5, "ce")
+    assert (t.epochs, t.batch_size, t.patience) == (100, 2, 10)
+    assert (t.reducer_factor, t.reducer_patience, t.num_infer_images) == (0.5, 4, 6)
+    assert cfg.data.rgb_map == ((0, 0, 0), (255, 255, 255))
+    # "[test] " carries a trailing space in the seed; its directories still land in the test split
+    assert cfg.data.split_dirs["test"][0].endswith("dataset/AISD/test/images")
+    assert cfg.infer.images_dir == "./mini_test/images/"
+
+
+@needs_seed
+def test_seed_ini_and_toml_equivalent_model():
+    assert load_config(SEED_CONFIG).model == load_config(builtin_config("aisd512")).model
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_non_literal_value_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write(tmp_path, "evil.config", f"[model]\nbase_filters = __import__('os').system('touch {marker}')\n")
+    with pytest.raises(ConfigError, match=r"evil.config: \[model\] base_filters: .*not a Python literal"):
+        load_config(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[model]\nbase_filterz = 8\n", r"\[model\] base_filterz: unknown key"),
+    ("[modle]\nbase_filters = 8\n", r"\[modle\] base_filters: unknown key"),
+    ("[model]\nmodel = 'OtherNet'\n", r"\[model\] model: only \('TensorFlowFlexUNet',\) is supported"),
+    ("[model]\nbase_filters = '8'\n", r"\[model\] base_filters: expected an integer"),
+])
+def test_ini_errors_name_file_section_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, "bad.config", text))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[model]\nbase_filters = -4\n", r"bad.toml: \[model\] base_filters: must be >= 1"),
+    ("[model]\nbase_kernels = [0, 3]\n", r"\[model\] base_kernels: kernel sizes must be >= 1"),
+    ("[model]\nimage_width = 100\nnum_layers = 4\n", r"\[model\] image_width: 100 is not divisible by 2\*\*\(num_layers-1\) = 8"),
+    ("[train]\nloss = 'hinge'\n", r"\[train\] loss: must be one of"),
+    ("[train]\nepochs = 0\n", r"\[train\] epochs: must be >= 1"),
+    ("[data]\nrgb_map = [[0, 0, 0]]\n", r"\[data\] rgb_map: has 1 colours but model.num_classes is 2"),
+    ("[nope]\nx = 1\n", r"unknown section \[nope\]"),
+    ("[train]\nepochz = 3\n", r"\[train\] epochz: unknown key"),
+])
+def test_toml_errors_name_file_section_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, "bad.toml", text))
+
+
+def test_overrides_apply_and_are_typed():
+    cfg = load_config(builtin_config("tiny"), ["train.epochs=3", "train.backend=local", "model.dilation=[2, 2]"])
+    assert (cfg.train.epochs, cfg.train.backend, cfg.model.dilation) == (3, "local", (2, 2))
+    with pytest.raises(ConfigError, match=r"--set train.epochs=x: \[train\] epochs: expected an integer"):
+        load_config(None, ["train.epochs=x"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["epochs=3"])
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = load_config(builtin_config("demo"), ["data.split_dirs={train=['a','b']}"])
+    again = load_config(write(tmp_path, "again.toml", cfg.to_toml()))
+    assert again == cfg
+    assert isinstance(Config().to_toml(), str)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nothere.toml: config file not found"):
+        load_config(tmp_path / "nothere.toml")

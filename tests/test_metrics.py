@@ -1,0 +1,59 @@
+import math
+
+import numpy as np
+import pytest
+
+from aisd_ray import metrics
+
+
+def reference_dice(t, p):
+    t, p = t > 0, p > 0
+    denom = t.sum() + p.sum()
+    return math.nan if denom == 0 else 2 * (t & p).sum() / denom
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lesion_counts_and_scores_match_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    truth = (rng.random((6, 16, 16)) < rng.uniform(0, 0.3)).astype(np.uint8)
+    pred = (rng.random((6, 16, 16)) < rng.uniform(0, 0.3)).astype(np.uint8) * rng.integers(1, 3)
+    truth[0] = 0  # an empty mask
+    pred[0] = 0
+    counts = metrics.lesion_counts(truth, pred)
+    for i in range(6):
+        got = metrics.scores_from_counts(*counts[i])["dice"]
+        want = reference_dice(truth[i], pred[i])
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+    summary = metrics.summarize(counts)
+    assert summary["lesion_dice"] == pytest.approx(reference_dice(truth, pred))
+    defined = [reference_dice(truth[i], pred[i]) for i in range(6)]
+    assert summary["lesion_dice_per_image"] == pytest.approx(np.nanmean(defined))
+    t, p = truth > 0, pred > 0
+    assert summary["lesion_iou"] == pytest.approx((t & p).sum() / (t | p).sum())
+    assert summary["lesion_precision"] == pytest.approx((t & p).sum() / p.sum())
+    assert summary["lesion_recall"] == pytest.approx((t & p).sum() / t.sum())
+
+
+def test_empty_truth_and_prediction_is_undefined_not_perfect():
+    scores = metrics.scores_from_counts(0, 0, 0)
+    assert all(math.isnan(v) for v in scores.values())
+    counts = metrics.lesion_counts(np.zeros((1, 4, 4)), np.ones((1, 4, 4)))
+    assert metrics.scores_from_counts(*counts[0])["dice"] == 0.0  # false positives on an empty slice
+
+
+def test_seed_metric_is_background_dominated():
+    """A 1%-lesion slice predicted all background scores ~0.99 on the seed's metric, 0 on ours."""
+    truth = np.zeros((1, 100, 100), np.int64)
+    truth[0, :10, :10] = 1
+    onehot = np.eye(2)[truth]
+    all_background = np.eye(2)[np.zeros_like(truth)]
+    assert metrics.dice_coef_multiclass(onehot, all_background) == pytest.approx(0.99, abs=1e-3)
+    assert metrics.summarize(metrics.lesion_counts(truth, np.zeros_like(truth)))["lesion_dice"] == 0.0
+
+
+def test_seed_metric_matches_formula():
+    rng = np.random.default_rng(1)
+    y = np.eye(3)[rng.integers(0, 3, (2, 8, 8))]
+    p = rng.dirichlet(np.ones(3), (2, 8, 8))
+    want = np.mean([(2 * (y[i] * p[i]).sum() + 1) / (y[i].sum() + p[i].sum() + 1) for i in range(2)])
+    assert metrics.dice_coef_multiclass(y, p) == pytest.approx(want)

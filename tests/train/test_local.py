@@ -1,0 +1,72 @@
+"""The local backend: same loop, no Ray."""
+
+import pytest
+
+from aisd_ray import stages
+from aisd_ray.train import checkpoint as ckpt
+
+
+def run_local(cfg, shards, root, **overrides):
+    cfg.train.backend = "local"
+    for key, value in overrides.items():
+        setattr(cfg.train, key, value)
+    stages.train(cfg, shards, root)
+    return ckpt.list_checkpoints(stages.run_uri(cfg, root))
+
+
+def test_fixed_seed_gives_the_same_first_epoch_loss(parquet_store, tmp_path):
+    cfg, shards = parquet_store
+    a = run_local(cfg, shards, str(tmp_path / "a"), epochs=1)[-1][1].history[0]
+    b = run_local(cfg, shards, str(tmp_path / "b"), epochs=1)[-1][1].history[0]
+    assert a["loss"] == b["loss"] and a["val_loss"] == b["val_loss"]
+    c = run_local(cfg, shards, str(tmp_path / "c"), epochs=1, seed=999)[-1][1].history[0]
+    assert c["loss"] != a["loss"]
+
+
+def test_rerun_resumes_from_the_latest_checkpoint(parquet_store, tmp_path):
+    cfg, shards = parquet_store
+    root = str(tmp_path / "runs")
+    first = run_local(cfg, shards, root, epochs=1, seed=137)
+    assert [s.epoch for _, s in first] == [1]
+    second = run_local(cfg, shards, root, epochs=3)
+    latest = second[-1][1]
+    assert latest.epoch == 3 and [row["epoch"] for row in latest.history] == [1, 2, 3]
+    assert latest.history[0] == first[0][1].history[0]  # epoch 1 was not run again
+    assert len(second) <= 2  # latest and best kept, older ones pruned
+
+
+def test_outputs_of_a_run(trained_run):
+    _, _, run, _ = trained_run
+    from pathlib import Path
+
+    folder = Path(run)
+    for name in ("history.csv", "train_losses.png", "train_metrics.png", "config.toml"):
+        assert (folder / name).is_file(), name
+    assert list((folder / "tensorboard").iterdir())
+    panels = sorted(p.name for p in (folder / "epoch_change_infer").iterdir())
+    assert panels[0].startswith("Epoch_1_") and len(panels) == 2 * 2  # 2 epochs x 2 images
+    header = (folder / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"loss", "val_loss", "val_lesion_dice", "val_dice_coef_multiclass", "learning_rate"} <= set(header)
+
+
+def test_reduce_lr_on_plateau_really_applies():
+    from aisd_ray.config import TrainConfig
+
+    class FakeLR:
+        value = None
+
+        def assign(self, v):
+            self.value = v
+
+    class Opt:
+        learning_rate = FakeLR()
+
+    t = TrainConfig(learning_rate=0.01, reducer_patience=2, patience=4, epochs=10)
+    state = ckpt.LoopState(learning_rate=0.01, early_stop=ckpt.Plateau(4), reducer=ckpt.Plateau(2))
+    from aisd_ray.train.loop import _after_epoch
+
+    for epoch, val_loss in enumerate([1.0, 1.0, 1.0, 1.0, 1.0], start=1):
+        state = _after_epoch(state, {"epoch": epoch, "val_loss": val_loss, "val_lesion_dice": 0.1}, t, Opt)
+        if epoch == 3:
+            assert state.learning_rate == pytest.approx(0.005) and Opt.learning_rate.value == pytest.approx(0.005)
+    assert state.stop_reason.startswith("early stop") and state.epoch == 5
