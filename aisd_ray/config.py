@@ -10,13 +10,13 @@ from __future__ import annotations
 import ast
 import configparser
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,9 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 0  # Ray FailureConfig: restarts from the latest checkpoint on worker loss
     shuffle_buffer: int = 64
+    # GPU switches: "none" | "bf16" | "fp16" (fp16 with dynamic loss scaling), XLA for the step.
+    mixed_precision: str = "none"
+    jit_compile: bool = False
 
 
 @dataclass
@@ -141,6 +144,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 LOSSES = ("ce", "dice", "ce_dice")
 SHARD_FORMATS = ("parquet", "tfrecord")
 BACKENDS = ("ray", "local")
+# train.mixed_precision -> Keras dtype policy of the layers (the softmax head stays float32).
+PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -415,6 +420,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("train.reducer_factor", f"must lie in (0, 1), got {t.reducer_factor}")
     if t.loss not in LOSSES:
         raise bad("train.loss", f"must be one of {LOSSES}, got {t.loss!r}")
+    if t.mixed_precision not in PRECISIONS:
+        raise bad("train.mixed_precision", f"must be one of {tuple(PRECISIONS)}, got {t.mixed_precision!r}")
     if t.backend not in BACKENDS:
         raise bad("train.backend", f"must be one of {BACKENDS}, got {t.backend!r}")
     if cfg.eval.batch_size < 1:

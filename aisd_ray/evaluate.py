@@ -18,10 +18,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from aisd_ray.progress import progress_bar
 from aisd_ray import metrics, storage
 from aisd_ray.data import layout, shards
 from aisd_ray.export import LoadedExport
+from aisd_ray.progress import progress_bar
 
 DEFINITIONS = {
     "lesion": "every non-background class together; background is never scored",

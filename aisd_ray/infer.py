@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aisd_ray.progress import progress_bar
 from aisd_ray import render, storage
 from aisd_ray.data import layout
 from aisd_ray.export import LoadedExport
+from aisd_ray.progress import progress_bar
 
 
 def _save_png(image, uri: str) -> None:

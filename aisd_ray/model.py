@@ -23,21 +23,24 @@ def level_dilations(cfg: ModelConfig) -> list[tuple[int, int]]:
     return [tuple(max(1, d - i) for d in cfg.dilation) for i in range(cfg.num_layers)]
 
 
-def build_flexunet(cfg: ModelConfig, name: str = "flexunet") -> keras.Model:
-    """The FlexUNet as a functional Keras model taking raw pixel values (0..255)."""
+def build_flexunet(cfg: ModelConfig, name: str = "flexunet", dtype: str = "float32") -> keras.Model:
+    """The FlexUNet as a functional Keras model taking raw pixel values (0..255).
+
+    ``dtype`` is a Keras dtype policy such as ``"mixed_bfloat16"``; the head is always float32.
+    """
     kernels, dilations = level_kernels(cfg), level_dilations(cfg)
     inputs = keras.Input((cfg.image_height, cfg.image_width, cfg.image_channels), name="image")
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs) if cfg.input_normalize else inputs
+    x = layers.Rescaling(1.0 / 255.0, name="rescale", dtype=dtype)(inputs) if cfg.input_normalize else inputs
 
     def block(x, filters: int, level: int, dropout: float, prefix: str):
         for j in range(2):
             x = layers.Conv2D(filters, kernels[level], dilation_rate=dilations[level], padding="same",
                               activation=cfg.activation, kernel_initializer="he_normal",
-                              name=f"{prefix}_conv{j}")(x)
+                              name=f"{prefix}_conv{j}", dtype=dtype)(x)
             if cfg.normalization:
-                x = layers.BatchNormalization(name=f"{prefix}_bn{j}")(x)
+                x = layers.BatchNormalization(name=f"{prefix}_bn{j}", dtype=dtype)(x)
             if j == 0 and dropout > 0:
-                x = layers.Dropout(dropout, name=f"{prefix}_dropout")(x)
+                x = layers.Dropout(dropout, name=f"{prefix}_dropout", dtype=dtype)(x)
         return x
 
     skips = []
@@ -45,11 +48,11 @@ def build_flexunet(cfg: ModelConfig, name: str = "flexunet") -> keras.Model:
         x = block(x, cfg.base_filters * 2**i, i, cfg.dropout_rate * i, f"enc{i}")
         if i < cfg.num_layers - 1:
             skips.append(x)
-            x = layers.MaxPooling2D(2, name=f"enc{i}_pool")(x)
+            x = layers.MaxPooling2D(2, name=f"enc{i}_pool", dtype=dtype)(x)
     for i in reversed(range(cfg.num_layers - 1)):
         filters = cfg.base_filters * 2**i
-        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"dec{i}_up")(x)
-        x = layers.Concatenate(name=f"dec{i}_concat")([x, skips[i]])
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"dec{i}_up", dtype=dtype)(x)
+        x = layers.Concatenate(name=f"dec{i}_concat", dtype=dtype)([x, skips[i]])
         x = block(x, filters, i, cfg.dropout_rate * i, f"dec{i}")
     head_activation = "softmax" if cfg.num_classes > 1 else cfg.final_activation
     # The head stays float32 under mixed precision so probabilities are well-formed.

@@ -27,6 +27,7 @@ def run_uri(cfg: Config, output_root: str) -> str:
 
 def train(cfg: Config, shards_uri: str, output_root: str) -> dict[str, Any]:
     """Train (or resume) the run ``output_root/run.name``; return its last reported metrics."""
+    shards_uri, output_root = storage.absolute(shards_uri), storage.absolute(output_root)
     run = run_uri(cfg, output_root)
     storage.write_text(storage.join(run, "config.toml"), cfg.to_toml())
     log.info("training run %s with the %s backend (%d worker%s)", run, cfg.train.backend,

@@ -40,6 +40,11 @@ def gcs_filesystem() -> pafs.GcsFileSystem:
     return pafs.GcsFileSystem()
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers run in another directory); URIs unchanged."""
+    return os.path.abspath(uri.removeprefix("file://")) if is_local(uri) else uri
+
+
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 

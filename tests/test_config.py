@@ -57,7 +57,8 @@ def test_ini_errors_name_file_section_key(tmp_path, text, message):
 @pytest.mark.parametrize("text, message", [
     ("[model]\nbase_filters = -4\n", r"bad.toml: \[model\] base_filters: must be >= 1"),
     ("[model]\nbase_kernels = [0, 3]\n", r"\[model\] base_kernels: kernel sizes must be >= 1"),
-    ("[model]\nimage_width = 100\nnum_layers = 4\n", r"\[model\] image_width: 100 is not divisible by 2\*\*\(num_layers-1\) = 8"),
+    ("[model]\nimage_width = 100\nnum_layers = 4\n",
+     r"\[model\] image_width: 100 is not divisible by 2\*\*\(num_layers-1\) = 8"),
     ("[train]\nloss = 'hinge'\n", r"\[train\] loss: must be one of"),
     ("[train]\nepochs = 0\n", r"\[train\] epochs: must be >= 1"),
     ("[data]\nrgb_map = [[0, 0, 0]]\n", r"\[data\] rgb_map: has 1 colours but model.num_classes is 2"),

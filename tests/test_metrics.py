@@ -57,3 +57,16 @@ def test_seed_metric_matches_formula():
     p = rng.dirichlet(np.ones(3), (2, 8, 8))
     want = np.mean([(2 * (y[i] * p[i]).sum() + 1) / (y[i].sum() + p[i].sum() + 1) for i in range(2)])
     assert metrics.dice_coef_multiclass(y, p) == pytest.approx(want)
+
+
+def test_training_loop_seed_metric_matches_numpy():
+    import tensorflow as tf
+
+    from aisd_ray.train.loop import seed_dice
+
+    rng = np.random.default_rng(2)
+    y = np.eye(2, dtype=np.float32)[rng.integers(0, 2, (3, 8, 8))]
+    p = rng.dirichlet(np.ones(2), (3, 8, 8)).astype(np.float32)
+    got = seed_dice(tf.constant(y), tf.constant(p)).numpy()
+    want = [metrics.dice_coef_multiclass(y[i:i + 1], p[i:i + 1]) for i in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -13,11 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-
-from aisd_ray.progress import progress_bar
 from aisd_ray import storage
 from aisd_ray.config import Config
 from aisd_ray.data import layout, shards
+from aisd_ray.progress import progress_bar
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")

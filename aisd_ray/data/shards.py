@@ -213,7 +213,7 @@ def shard_uris(shards_uri: str, manifest: dict[str, Any], split: str) -> list[st
 
 def verify_shards(shards_uri: str, manifest: dict[str, Any], checksums: bool = False) -> None:
     """Every shard the manifest lists exists with its size (and SHA-256 when asked)."""
-    for split, entry in manifest["splits"].items():
+    for entry in manifest["splits"].values():
         for shard in entry["shards"]:
             uri = storage.join(shards_uri, shard["name"])
             fs, path = storage.resolve(uri)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from aisd_ray.progress import progress_bar
 from aisd_ray.config import SyntheticConfig
+from aisd_ray.progress import progress_bar
 
 SPLITS = ("train", "valid", "test")
 

@@ -10,6 +10,7 @@ rows and a ``Reporter`` receives metrics and checkpoints.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -21,12 +22,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from aisd_ray.progress import progress_bar
 from aisd_ray import metrics, render
-from aisd_ray.config import Config
+from aisd_ray.config import PRECISIONS, Config
 from aisd_ray.data import pipeline
 from aisd_ray.losses import get_loss
 from aisd_ray.model import build_flexunet
+from aisd_ray.progress import progress_bar
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.artifacts import Artifacts
 
@@ -73,6 +74,14 @@ def _replica_spread(strategy: tf.distribute.Strategy, model: keras.Model, rank: 
     return float(gathered.max() - gathered.min())
 
 
+def seed_dice(y_true: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
+    """Per-image ``dice_coef_multiclass`` (see ``metrics``), in TF for the eval step."""
+    axes = [1, 2, 3]
+    inter = tf.reduce_sum(y_true * probs, axes)
+    total = tf.reduce_sum(y_true, axes) + tf.reduce_sum(probs, axes)
+    return tf.cast((2 * inter + 1) / (total + 1), tf.float64)
+
+
 def _counts(y_true: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
     """tp, fp, fn lesion pixels of a batch (lesion = any non-background class)."""
     t = tf.argmax(y_true, axis=-1) > 0
@@ -98,8 +107,10 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     loss_fn = get_loss(t.loss)
 
     with strategy.scope():
-        model = build_flexunet(m)
+        model = build_flexunet(m, dtype=PRECISIONS[t.mixed_precision])
         optimizer = keras.optimizers.Adam(learning_rate=t.learning_rate, clipvalue=t.clipvalue)
+        if t.mixed_precision == "fp16":  # float16 gradients underflow without loss scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
     state = ckpt.LoopState(learning_rate=t.learning_rate, early_stop=ckpt.Plateau(t.patience),
                            reducer=ckpt.Plateau(t.reducer_patience if t.learning_rate_reducer else 0))
@@ -109,15 +120,22 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
         optimizer.learning_rate.assign(state.learning_rate)
         log.info("resumed from %s after epoch %d", resume_dir, state.epoch)
 
+    @tf.function(jit_compile=t.jit_compile)
+    def gradients(x, y):
+        """Forward and backward pass of one replica: the part XLA may compile. The gradient
+        all-reduce happens outside it, in the optimizer."""
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            loss = tf.nn.compute_average_loss(loss_fn(y, probs), global_batch_size=global_batch)
+            scaled = optimizer.scale_loss(loss)  # identity unless fp16 loss scaling is on
+        return loss, tape.gradient(scaled, model.trainable_variables), _counts(y, probs)
+
     @tf.function
     def train_step(x, y):
         def step(x, y):
-            with tf.GradientTape() as tape:
-                probs = model(x, training=True)
-                loss = tf.nn.compute_average_loss(loss_fn(y, probs), global_batch_size=global_batch)
-            grads = tape.gradient(loss, model.trainable_variables)
+            loss, grads, counts = gradients(x, y)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss, _counts(y, probs)
+            return loss, counts
 
         loss, counts = strategy.run(step, args=(x, y))
         return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
@@ -126,10 +144,8 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     @tf.function
     def eval_step(x, y):
         probs = model(x, training=False)
-        per_example = loss_fn(y, probs)
-        axes = [1, 2, 3]
-        seed_dice = (2 * tf.reduce_sum(y * probs, axes) + 1) / (tf.reduce_sum(y, axes) + tf.reduce_sum(probs, axes) + 1)
-        return tf.reduce_sum(tf.cast(per_example, tf.float64)), tf.reduce_sum(tf.cast(seed_dice, tf.float64)), _counts(y, probs)
+        loss_sum = tf.reduce_sum(tf.cast(loss_fn(y, probs), tf.float64))
+        return loss_sum, tf.reduce_sum(seed_dice(y, probs)), _counts(y, probs)
 
     def batches(rows_fn, batch_size, training):
         return pipeline.batches(rows_fn, m.image_channels, m.num_classes, batch_size,
@@ -141,8 +157,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
         while state.epoch < t.epochs and not state.stop_reason:
             epoch = state.epoch + 1
             started = time.time()
-            epoch_rows = feed.train_rows(epoch)
-            limited = lambda: pipeline.take_rows(epoch_rows, steps * t.batch_size)  # noqa: E731
+            limited = functools.partial(pipeline.take_rows, feed.train_rows(epoch), steps * t.batch_size)
             loss_sum, train_counts, done = 0.0, np.zeros(3), 0
             bar = progress_bar(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief,
                                leave=False)
@@ -151,16 +166,19 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 loss_sum += float(loss)
                 train_counts += counts.numpy()
                 done += 1
+                if done == 1:  # the first step of a process also traces and compiles
+                    first_step_done = time.time()
                 bar.update()
                 bar.set_postfix(loss=f"{loss_sum / done:.4f}")
             bar.close()
+            train_seconds = time.time() - first_step_done if done > 1 else float("nan")
             if done != steps:
                 raise RuntimeError(f"worker {rank} ran {done} of {steps} steps: its data share is short")
 
             val = np.zeros(6)  # loss sum, seed dice sum, images, tp, fp, fn
             for x, y in batches(feed.valid_rows, cfg.eval.batch_size, training=False):
-                loss, seed_dice, counts = eval_step(x, y)
-                val += np.concatenate([[loss.numpy(), seed_dice.numpy(), x.shape[0]], counts.numpy()])
+                loss, seed_sum, counts = eval_step(x, y)
+                val += np.concatenate([[loss.numpy(), seed_sum.numpy(), x.shape[0]], counts.numpy()])
             val = _all_reduce_sum(strategy, val)
             spread = _replica_spread(strategy, model, rank, world)
             pooled = metrics.scores_from_counts(*val[3:])
@@ -171,6 +189,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                    "val_dice_coef_multiclass": float(val[1] / max(val[2], 1)),
                    "learning_rate": float(optimizer.learning_rate.numpy()),
                    "replica_weight_spread": spread,
+                   "train_images_per_second": (done - 1) * global_batch / train_seconds,
                    "epoch_seconds": time.time() - started}
             state = _after_epoch(state, row, t, optimizer)
             if chief:

@@ -30,7 +30,7 @@ def test_manifest_lists_every_shard_with_size_and_checksum(shard_store):
     cfg, out = shard_store
     manifest = shards.read_manifest(out)
     assert manifest["shard_format"] == cfg.data.shard_format
-    for split, entry in manifest["splits"].items():
+    for entry in manifest["splits"].values():
         assert len(entry["shards"]) >= cfg.data.min_shards  # every training worker gets a shard
         assert sum(s["records"] for s in entry["shards"]) == entry["records"]
         assert 0 < entry["lesion_fraction"] < 0.2
