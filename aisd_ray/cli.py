@@ -118,6 +118,14 @@ def cmd_demo(args) -> None:
     print(result.table())
 
 
+def cmd_benchmark(args) -> None:
+    from aisd_ray import benchmark
+
+    report = benchmark.run(args.output, tiny=args.tiny, overrides=args.set or ())
+    print(benchmark.table(report))
+    print(f"figures: {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aisd-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -168,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-overlays", action="store_true")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")
+    p.add_argument("--output", default="benchmark.json", help="JSON file of figures")
+    p.add_argument("--tiny", action="store_true", help="seconds-scale sizes (what the tests run)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, end to end")
     _add_config(p, "demo")

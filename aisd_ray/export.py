@@ -4,6 +4,8 @@ Layout of an export folder:
 
 - ``saved_model/``: signature ``serving_default``: ``image`` uint8 (N, H, W, C) ->
   ``probabilities`` float32 (N, H, W, num_classes) and ``labels`` uint8 (N, H, W) class ids;
+  ``serving_float32`` takes the same pixels (0..255) as float32. The exported network always
+  computes in float32, whatever precision it was trained in;
 - ``model.keras``: the same network for Keras users;
 - ``export.json``: input size, channels, class names, rgb_map, the source checkpoint and its
   validation metrics, and the full config, so ``aisd-ray infer`` needs only this folder.
@@ -27,10 +29,11 @@ SAVED_MODEL = "saved_model"
 KERAS_FILE = "model.keras"
 INFO = "export.json"
 SIGNATURE = "serving_default"
+FLOAT_SIGNATURE = "serving_float32"
 
 
 def model_from_checkpoint(cfg: Config, checkpoint_uri: str) -> keras.Model:
-    model = build_flexunet(cfg.model)
+    model = build_flexunet(cfg.model)  # float32, also for a mixed-precision run's weights
     with storage.local_copy(checkpoint_uri) as folder:
         model.load_weights(Path(folder) / ckpt.WEIGHTS)
     return model
@@ -39,7 +42,7 @@ def model_from_checkpoint(cfg: Config, checkpoint_uri: str) -> keras.Model:
 def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str, Any] | None = None) -> str:
     """Write the export folder atomically (it appears only once complete)."""
     m = cfg.model
-    spec = tf.TensorSpec((None, m.image_height, m.image_width, m.image_channels), tf.uint8, name="image")
+    shape = (None, m.image_height, m.image_width, m.image_channels)
 
     def serve(image):
         probabilities = model(tf.cast(image, tf.float32), training=False)
@@ -49,11 +52,13 @@ def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str,
     with storage.staged_dir(out_uri) as folder:
         archive = keras.export.ExportArchive()
         archive.track(model)
-        archive.add_endpoint(SIGNATURE, serve, input_signature=[spec])
+        archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec(shape, tf.uint8, name="image")])
+        archive.add_endpoint(FLOAT_SIGNATURE, serve, input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
         archive.write_out(str(folder / SAVED_MODEL), verbose=False)
         model.save(folder / KERAS_FILE)
         info = {
             "signature": {"name": SIGNATURE, "input": "image uint8 [N,H,W,C] raw pixels 0..255",
+                          "float_variant": f"{FLOAT_SIGNATURE}: the same image as float32",
                           "outputs": {"probabilities": "float32 [N,H,W,num_classes] softmax",
                                       "labels": "uint8 [N,H,W] class ids"}},
             "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
@@ -87,6 +92,7 @@ class LoadedExport:
         self.info = json.loads(info_path.read_text())
         self._module = tf.saved_model.load(str(folder / SAVED_MODEL))
         self._fn = self._module.signatures[SIGNATURE]
+        self._float_fn = self._module.signatures[FLOAT_SIGNATURE]
         image = self.info["image"]
         self.height, self.width, self.channels = image["height"], image["width"], image["channels"]
         self.rgb_map = [tuple(c) for c in self.info["rgb_map"]]
@@ -94,3 +100,7 @@ class LoadedExport:
     def predict(self, images) -> dict[str, tf.Tensor]:
         """Run the serving signature on a uint8 batch of model-sized images."""
         return self._fn(image=tf.convert_to_tensor(images, tf.uint8))
+
+    def predict_float(self, images) -> dict[str, tf.Tensor]:
+        """The same through the float32-input signature."""
+        return self._float_fn(image=tf.convert_to_tensor(images, tf.float32))

@@ -55,6 +55,10 @@ def set_seed(seed: int, deterministic: bool) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+    else:  # the switch is process-wide: undo an earlier run's choice (TF has no public disable)
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
 
 
 def _all_reduce_sum(strategy: tf.distribute.Strategy, values: np.ndarray) -> np.ndarray:
@@ -96,7 +100,10 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     """Train until ``train.epochs`` or early stopping; return the final loop state."""
     t, m = cfg.train, cfg.model
     chief = rank == 0
-    set_seed(t.seed, t.deterministic)
+    if t.deterministic and t.jit_compile:
+        log.warning("train.jit_compile: XLA has no deterministic kernels for every op (MaxPool "
+                    "gradients); running without TF op determinism")
+    set_seed(t.seed, t.deterministic and not t.jit_compile)
     global_batch = t.batch_size * world
     steps = feed.train_count // t.batch_size
     if t.steps_per_epoch:
@@ -161,15 +168,19 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             loss_sum, train_counts, done = 0.0, np.zeros(3), 0
             bar = progress_bar(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief,
                                leave=False)
+            waited, fetch_started = 0.0, time.time()
             for x, y in batches(limited, t.batch_size, training=True):
+                if done:  # time this step spent waiting for its batch
+                    waited += time.time() - fetch_started
                 loss, counts = train_step(x, y)
                 loss_sum += float(loss)
                 train_counts += counts.numpy()
                 done += 1
-                if done == 1:  # the first step of a process also traces and compiles
-                    first_step_done = time.time()
                 bar.update()
                 bar.set_postfix(loss=f"{loss_sum / done:.4f}")
+                fetch_started = time.time()
+                if done == 1:  # the first step of a process also traces and compiles: not timed
+                    first_step_done = fetch_started
             bar.close()
             train_seconds = time.time() - first_step_done if done > 1 else float("nan")
             if done != steps:
@@ -190,6 +201,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                    "learning_rate": float(optimizer.learning_rate.numpy()),
                    "replica_weight_spread": spread,
                    "train_images_per_second": (done - 1) * global_batch / train_seconds,
+                   "input_wait_fraction": waited / train_seconds,
                    "epoch_seconds": time.time() - started}
             state = _after_epoch(state, row, t, optimizer)
             if chief:

@@ -74,8 +74,12 @@ def _worker(loop_config: dict) -> None:
 
     from aisd_ray.train.loop import Feed, run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    package_log = logging.getLogger("aisd_ray")  # Ray workers log at WARNING by default
+    package_log.setLevel(logging.INFO)
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        package_log.addHandler(handler)
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -105,12 +109,13 @@ def train_ray(cfg: Config, shards_uri: str, output_root: str) -> ray.train.Resul
     context.execution_options.preserve_order = True  # same rows in the same order for a seed
     context.enable_progress_bars = False
     fs, root = storage.resolve(output_root)
+    train_data = read_split(shards_uri, manifest, "train")
     trainer = TensorflowTrainer(
         _worker,
         train_loop_config={"config": cfg.to_dict(), "shards": shards_uri,
                            "run": storage.join(output_root, cfg.run.name)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
-        datasets={"train": read_split(shards_uri, manifest, "train")},
+        datasets={"train": train_data.materialize() if cfg.train.cache_train_split else train_data},
         run_config=RunConfig(
             name=cfg.run.name, storage_path=root, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ckpt.SCORE,

@@ -1,0 +1,394 @@
+"""``aisd-ray benchmark``: what a run costs on this machine, as one JSON file of figures.
+
+Every figure is measured after a warm-up, repeated, and reported as the median with its
+spread (min..max); comparisons are ratios of figures taken side by side in the same run.
+Sections: input pipeline, memory, training throughput (local / Ray 1 worker / Ray 2 workers,
+against the original FlexUNet's figure), inference (SavedModel against Keras), and on a GPU
+the seed's AISD 512 config in float32, bf16 and bf16+XLA.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from aisd_ray import storage
+from aisd_ray.config import Config, builtin_config, load_config
+
+log = logging.getLogger(__name__)
+
+# The original FlexUNet measured on this machine (FACTS section 8): Python 3.10 + TF 2.10, its own
+# code unchanged, 512x512x3, base_filters 8, num_layers 5, kernels 9, dilation 3, batch 2.
+ORIGINAL_TRAIN_IMAGES_PER_SECOND = 0.87
+ORIGINAL_CONFIG = ["model.image_width=512", "model.image_height=512", "model.base_filters=8",
+                   "model.num_layers=5", "model.base_kernels=[9, 9]", "model.dilation=[3, 3]",
+                   "model.input_normalize=false", "train.batch_size=2", "train.loss='ce'"]
+# Dense peak tensor throughput (FLOP/s) by GPU name, for the fraction-of-peak figure.
+PEAK_FLOPS = {"H100": {"float32": 67e12, "bf16": 989e12}, "H200": {"float32": 67e12, "bf16": 989e12},
+              "A100": {"float32": 19.5e12, "bf16": 312e12}, "L4": {"float32": 30e12, "bf16": 121e12},
+              "T4": {"float32": 8.1e12, "bf16": 65e12}}
+
+
+@dataclass
+class Sizes:
+    slices: int  # training slices for throughput runs
+    image: int  # input-pipeline image size
+    pipeline_slices: int
+    repeats: int
+    memory_slices: int
+
+    @classmethod
+    def for_mode(cls, tiny: bool) -> "Sizes":
+        return cls(8, 64, 16, 2, 8) if tiny else cls(24, 512, 96, 3, 48)
+
+
+def figure(name: str, unit: str, samples: list[float], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "unit": unit, "median": statistics.median(samples), "min": min(samples),
+            "max": max(samples), "samples": samples, **extra}
+
+
+def repeat(fn: Callable[[], float], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    return [fn() for _ in range(repeats)]
+
+
+def machine() -> dict[str, Any]:
+    import pyarrow
+    import ray
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = [tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in gpus]
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "gpus": names, "tensorflow": tf.__version__, "keras": __import__("keras").__version__,
+            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _dataset(cfg: Config, root: Path, slices: int, fmt: str) -> str:
+    """Synthetic slices at the model size, written and sharded once per (slices, size, format)."""
+    from aisd_ray.data.prepare import prepare
+    from aisd_ray.data.synthetic import write_synthetic_aisd
+
+    size = cfg.model.image_height
+    source = root / f"source-{slices}-{size}"
+    if not source.exists():
+        synth = copy.deepcopy(cfg.synthetic)
+        synth.num_train, synth.num_valid, synth.num_test, synth.size = slices, max(2, slices // 8), 2, size
+        write_synthetic_aisd(source, synth, progress=False)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.source_dir, cfg.data.shard_format, cfg.data.split_dirs = str(source / "AISD"), fmt, {}
+    out = str(root / f"shards-{slices}-{size}-{fmt}")
+    prepare(cfg, out, progress=False)
+    return out
+
+
+def _throughput(batches, first: list[float] | None = None) -> float:
+    """Images/s of iterating ``batches`` (a fresh iterable); optionally note time to first batch."""
+    started = time.perf_counter()
+    n = 0
+    for x, _ in batches:
+        if not n and first is not None:
+            first.append(time.perf_counter() - started)
+        n += int(x.shape[0])
+    return n / (time.perf_counter() - started)
+
+
+def _shard_rows(rows):
+    return ((r["image_png"], r["mask_png"]) for r in rows())
+
+
+def _ray_rows(dataset):
+    """Rows of a Ray Dataset as a training worker consumes its shard."""
+    for b in dataset.iter_batches(batch_size=32, batch_format="numpy", prefetch_batches=2):
+        yield from zip((bytes(v) for v in b["image_png"]), (bytes(v) for v in b["mask_png"]))
+
+
+def _naive_load(folder: Path, cfg: Config) -> int:
+    """The original's loader: every PNG pair read, nearest-colour mapped, one-hot, all in RAM."""
+    from aisd_ray.data import layout
+
+    m = cfg.model
+    images, masks = [], []
+    for _, image_path, mask_path in layout.pair_by_name(folder / "images", folder / "masks"):
+        images.append(layout.read_image(image_path, m.image_channels))
+        labels = layout.categorize(layout.read_image(mask_path, 3), cfg.data.rgb_map)
+        masks.append(np.eye(m.num_classes, dtype=np.int8)[labels])
+    np.stack(masks)
+    return len(np.stack(images))
+
+
+def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
+    """Decoded training batches per second from each shard format through the readers training
+    uses, against the original's load-everything approach."""
+    from aisd_ray.data import pipeline, shards
+    from aisd_ray.train.ray_train import ensure_ray, read_split
+
+    m, batch = cfg.model, cfg.train.batch_size
+    ensure_ray(4)
+    out = []
+    for fmt in ("tfrecord", "parquet"):
+        store = _dataset(cfg, root, sizes.pipeline_slices, fmt)
+        manifest = shards.read_manifest(store)
+        rows = pipeline.ShardRows(store, manifest, "train")
+        pairs = functools.partial(_shard_rows, rows)
+        direct = functools.partial(pipeline.batches, pairs, m.image_channels, m.num_classes, batch)
+        out.append(figure(f"input_{fmt}_direct", "images/s", repeat(lambda f=direct: _throughput(f()), sizes.repeats),
+                          reader="shard files -> tf.data decode (local backend, validation)"))
+        dataset = read_split(store, manifest, "train")
+        ray_fed = functools.partial(pipeline.batches, functools.partial(_ray_rows, dataset),
+                                    m.image_channels, m.num_classes, batch)
+        first: list[float] = []
+        samples = repeat(lambda f=ray_fed, first=first: _throughput(f(), first), sizes.repeats)
+        out.append(figure(f"input_{fmt}_ray_data", "images/s", samples,
+                          reader="Ray Data read -> worker iterator -> tf.data decode (training)"))
+        out.append(figure(f"first_batch_{fmt}_ray_data", "s", first[-sizes.repeats:]))
+    source = root / f"source-{sizes.pipeline_slices}-{m.image_height}" / "AISD" / "train"
+
+    def naive() -> float:
+        started = time.perf_counter()
+        return _naive_load(source, cfg) / (time.perf_counter() - started)
+
+    out.append(figure("input_naive_in_memory", "images/s", repeat(naive, sizes.repeats),
+                      reader="the original's loader: PIL read, nearest-colour map, one-hot, all in RAM"))
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train(cfg: Config, store: str, root: Path, backend: str, workers: int) -> dict[str, Any]:
+    """A 2-epoch run; the second epoch's steady-state figures (the first one traces)."""
+    from aisd_ray import stages
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = backend, workers, 2
+    cfg.train.epoch_change_infer = False
+    cfg.run.name = f"{backend}-{workers}-{cfg.train.mixed_precision}-{int(cfg.train.jit_compile)}"
+    out = root / "runs"
+    storage.delete(str(out / cfg.run.name))
+    return stages.train(cfg, store, str(out))
+
+
+def training(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
+    """Images/s of one config with the local backend, Ray Train with 1 and with 2 workers."""
+    store = _dataset(cfg, root, sizes.slices, "parquet")
+    out = []
+    for backend, workers in (("local", 1), ("ray", 1), ("ray", 2)):
+        samples, waits = [], []
+        for _ in range(sizes.repeats if backend == "local" else 1):
+            last = _train(cfg, store, root, backend, workers)
+            samples.append(last["train_images_per_second"])
+            waits.append(last["input_wait_fraction"])
+        out.append(figure(f"train_{backend}_{workers}w", "images/s", samples,
+                          input_wait_fraction=statistics.median(waits)))
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def memory_child(slices: int, workdir: str, tiny: bool) -> None:
+    """Run in a subprocess: a short local training run at the demo config; print its peak RSS."""
+    cfg = _config(True, []) if tiny else load_config(builtin_config("demo"))
+    store = _dataset(cfg, Path(workdir), slices, "parquet")
+    _train(cfg, store, Path(workdir) / f"mem-{slices}", "local", 1)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory(root: Path, sizes: Sizes, tiny: bool) -> list[dict[str, Any]]:
+    out = []
+    for n in (sizes.memory_slices, 4 * sizes.memory_slices):
+        samples = []
+        for _ in range(1 if tiny else 2):
+            proc = subprocess.run([sys.executable, "-m", "aisd_ray.benchmark", "memory-child", str(n), str(root),
+                                   "--tiny" if tiny else "--full"], capture_output=True, text=True, check=True)
+            samples.append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mib"])
+        out.append(figure(f"peak_rss_{n}_slices", "MiB", samples))
+    return out
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _predict_rate(fn, batch: int, calls: int = 3) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return calls * batch / (time.perf_counter() - started)
+
+
+def inference(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
+    """Images/s of the exported SavedModel against Keras ``predict`` on the same weights."""
+    from aisd_ray.export import LoadedExport, export_model
+    from aisd_ray.model import build_flexunet
+
+    m = cfg.model
+    model = build_flexunet(m)
+    export_model(cfg, model, str(root / "export"))
+    served = LoadedExport(str(root / "export"))
+    out = []
+    for batch in (1, 8):
+        images = np.random.default_rng(0).integers(0, 256, (batch, m.image_height, m.image_width, m.image_channels),
+                                                   dtype=np.uint8)
+        saved = functools.partial(served.predict, images)
+        keras_call = functools.partial(model.predict, images.astype(np.float32), verbose=0)
+        out.append(figure(f"infer_savedmodel_b{batch}", "images/s",
+                          repeat(functools.partial(_predict_rate, saved, batch), sizes.repeats)))
+        out.append(figure(f"infer_keras_predict_b{batch}", "images/s",
+                          repeat(functools.partial(_predict_rate, keras_call, batch), sizes.repeats)))
+    return out
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def flops_per_image(model) -> float:
+    """Forward FLOPs of one image: 2 * MACs of every convolution (transpose included).
+    Training costs about 3x this (forward, and backward for inputs and weights)."""
+    total = 0.0
+    for layer in model.layers:
+        if layer.__class__.__name__ in ("Conv2D", "Conv2DTranspose"):
+            kh, kw, cin, cout = layer.kernel.shape
+            if layer.__class__.__name__ == "Conv2DTranspose":
+                kh, kw, cout, cin = layer.kernel.shape
+                h, w = layer.input.shape[1:3]  # each input pixel scatters a kh x kw kernel
+            else:
+                h, w = layer.output.shape[1:3]
+            total += 2.0 * h * w * kh * kw * cin * cout
+    return total
+
+
+def gpu(root: Path, sizes: Sizes, gpus: list[str]) -> dict[str, Any]:
+    from aisd_ray.model import build_flexunet
+
+    cfg = load_config(builtin_config("aisd512"), ["train.epochs=2", "train.num_workers=1"])
+    forward = flops_per_image(build_flexunet(cfg.model))
+    result: dict[str, Any] = {"config": "aisd512", "forward_flops_per_image": forward,
+                              "train_flops_per_image": 3 * forward,
+                              "flops_method": "2*MACs of every Conv2D/Conv2DTranspose; training = 3x forward"}
+    if not gpus:
+        result["skipped"] = "no GPU visible to TensorFlow on this machine"
+        return result
+    store = _dataset(cfg, root, max(sizes.slices, 64), "parquet")
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpus[0]), None)
+    figures = []
+    for precision, jit in (("none", False), ("bf16", False), ("bf16", True)):
+        run = copy.deepcopy(cfg)
+        run.train.mixed_precision, run.train.jit_compile, run.train.use_gpu = precision, jit, True
+        run.train.deterministic = False
+        last = _train(run, store, root, "local", 1)
+        ips = last["train_images_per_second"]
+        entry = figure(f"gpu_train_{precision}{'_xla' if jit else ''}", "images/s", [ips],
+                       input_wait_fraction=last["input_wait_fraction"])
+        if peak:
+            entry["fraction_of_peak"] = ips * 3 * forward / peak["float32" if precision == "none" else "bf16"]
+        figures.append(entry)
+    result["figures"] = figures
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _config(tiny: bool, overrides: list[str]) -> Config:
+    """Training figures use the original's identical config (tiny: a 64 px, 3-level model)."""
+    base = ["model.image_width=64", "model.image_height=64", "model.num_layers=3", "model.base_filters=4",
+            "model.base_kernels=[3, 3]", "model.dilation=[1, 1]", "train.batch_size=2"] if tiny else ORIGINAL_CONFIG
+    return load_config(builtin_config("demo"), base + list(overrides))
+
+
+def _at_size(cfg: Config, size: int) -> Config:
+    cfg = copy.deepcopy(cfg)
+    cfg.model.image_width = cfg.model.image_height = size
+    return cfg
+
+
+def run(output: str, tiny: bool = False, overrides: list[str] = ()) -> dict[str, Any]:
+    """Run every section and write the JSON report to ``output``."""
+    sizes = Sizes.for_mode(tiny)
+    cfg = _config(tiny, list(overrides))
+    demo = cfg if tiny else load_config(builtin_config("demo"), list(overrides))
+    info = machine()
+    report: dict[str, Any] = {"mode": "tiny" if tiny else "full", "machine": info,
+                              "training_config": cfg.to_dict()["model"] | {"batch_size": cfg.train.batch_size}}
+    with tempfile.TemporaryDirectory(prefix="aisd-bench-") as tmp:
+        root = Path(tmp)
+        log.info("input pipeline at %d px", sizes.image)
+        report["input_pipeline"] = input_pipeline(_at_size(demo, sizes.image), root, sizes)
+        log.info("memory: peak RSS of short runs on N and 4N slices")
+        report["memory"] = memory(root, sizes, tiny)
+        log.info("training throughput")
+        report["training"] = training(cfg, root, sizes)
+        demo_store = _dataset(demo, root, sizes.slices * 2, "parquet")
+        report["demo_worker"] = figure("train_demo_local_1w", "images/s",
+                                       [_train(demo, demo_store, root, "local", 1)["train_images_per_second"]])
+        log.info("inference")
+        report["inference"] = inference(cfg, root, sizes)
+        log.info("GPU")
+        report["gpu"] = gpu(root, sizes, info["gpus"])
+    report["ratios"] = ratios(report)
+    storage.write_text(output, json.dumps(report, indent=2))
+    return report
+
+
+def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    def med(section: str, name: str) -> float:
+        return next(f["median"] for f in report[section] if f["name"] == name)
+
+    best_input = max(med("input_pipeline", f"input_{f}_ray_data") for f in ("tfrecord", "parquet"))
+    demo_consumption = report["demo_worker"]["median"]
+    n = report["memory"]
+    return {
+        "input_ray_data_best_over_naive": best_input / med("input_pipeline", "input_naive_in_memory"),
+        "input_ray_data_best_over_demo_worker_consumption": best_input / demo_consumption,
+        "parquet_over_tfrecord_ray_data": med("input_pipeline", "input_parquet_ray_data")
+        / med("input_pipeline", "input_tfrecord_ray_data"),
+        "peak_rss_4n_over_n": n[1]["median"] / n[0]["median"],
+        "ray_1_worker_over_local": med("training", "train_ray_1w") / med("training", "train_local_1w"),
+        "ray_2_workers_over_local": med("training", "train_ray_2w") / med("training", "train_local_1w"),
+        "ours_local_over_original": med("training", "train_local_1w") / ORIGINAL_TRAIN_IMAGES_PER_SECOND
+        if report["mode"] == "full" else None,
+        "original_train_images_per_second": ORIGINAL_TRAIN_IMAGES_PER_SECOND,
+        **{f"savedmodel_over_keras_b{b}": med("inference", f"infer_savedmodel_b{b}")
+           / med("inference", f"infer_keras_predict_b{b}") for b in (1, 8)},
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    """The figures as a readable table: name, median, spread, unit."""
+    lines = [f"{'figure':<34} {'median':>10} {'min..max':>21}  unit"]
+    for section in ("input_pipeline", "memory", "training", "inference"):
+        for f in report[section]:
+            lines.append(f"{f['name']:<34} {f['median']:>10.3f} {f['min']:>10.3f}..{f['max']:<10.3f} {f['unit']}")
+    f = report["demo_worker"]
+    lines.append(f"{f['name']:<34} {f['median']:>10.3f} {'':>21}  {f['unit']}")
+    for f in report["gpu"].get("figures", []):
+        lines.append(f"{f['name']:<34} {f['median']:>10.3f} {'':>21}  {f['unit']}")
+    if "skipped" in report["gpu"]:
+        lines.append(f"GPU figures skipped: {report['gpu']['skipped']}")
+    lines.append("")
+    lines += [f"{k:<48} {v:.3f}" if isinstance(v, float) else f"{k:<48} {v}" for k, v in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "memory-child":
+    memory_child(int(sys.argv[2]), sys.argv[3], sys.argv[4] == "--tiny")

@@ -1,0 +1,43 @@
+"""The benchmark in its tiny mode: every section runs and every figure is in the JSON. No test
+asserts a timing (figures on a shared 2-core machine are noise)."""
+
+import json
+
+import pytest
+
+from aisd_ray.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_benchmark_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--tiny", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    names = {f["name"] for section in ("input_pipeline", "memory", "training", "inference") for f in report[section]}
+    assert {"input_tfrecord_direct", "input_parquet_direct", "input_tfrecord_ray_data", "input_parquet_ray_data",
+            "first_batch_parquet_ray_data", "input_naive_in_memory", "train_local_1w", "train_ray_1w",
+            "train_ray_2w", "infer_savedmodel_b1", "infer_keras_predict_b8"} <= names
+    assert any(n.startswith("peak_rss_") for n in names)
+    for section in ("input_pipeline", "memory", "training", "inference"):
+        for f in report[section]:
+            assert f["unit"] and f["min"] <= f["median"] <= f["max"] and f["median"] > 0
+    assert {"cpu_count", "gpus", "tensorflow", "ray"} <= set(report["machine"])
+    assert report["gpu"]["forward_flops_per_image"] > 0 and (report["gpu"].get("figures") or report["gpu"]["skipped"])
+    for key in ("input_ray_data_best_over_naive", "peak_rss_4n_over_n", "ray_1_worker_over_local",
+                "savedmodel_over_keras_b1", "savedmodel_over_keras_b8"):
+        assert report["ratios"][key] > 0
+    assert "train_ray_2w" in capsys.readouterr().out
+
+
+def test_flops_count_matches_hand_count():
+    from aisd_ray.benchmark import flops_per_image
+    from aisd_ray.config import ModelConfig
+    from aisd_ray.model import build_flexunet
+
+    cfg = ModelConfig(image_width=8, image_height=8, image_channels=1, base_filters=2, num_layers=2,
+                      base_kernels=(3, 3), num_classes=2)
+    # enc0: 3x3 1->2, 2->2 at 8x8; enc1: 3x3 2->4, 4->4 at 4x4; up: 2x2 4->2 scattered from 4x4;
+    # dec0: 3x3 4->2, 2->2 at 8x8; head 1x1 2->2 at 8x8
+    macs = 64 * 9 * (1 * 2 + 2 * 2) + 16 * 9 * (2 * 4 + 4 * 4) + 16 * 4 * 4 * 2 + 64 * 9 * (4 * 2 + 2 * 2) + 64 * 2 * 2
+    assert flops_per_image(build_flexunet(cfg)) == 2 * macs
