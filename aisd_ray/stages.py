@@ -7,8 +7,10 @@ the resolved ``config.toml``; ``export/``, ``eval/`` and ``infer/`` are written 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +50,10 @@ def run_config(run: str) -> Config:
     uri = storage.join(run, "config.toml")
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri}: not found; is {run} a training run folder?")
-    with storage.local_copy(run) as folder:
-        return load_config(Path(folder) / "config.toml")
+    with tempfile.TemporaryDirectory(prefix="aisd-config-") as tmp:
+        local = Path(tmp) / "config.toml"
+        local.write_bytes(storage.read_bytes(uri))
+        return load_config(local)
 
 
 def export(run: str, out_uri: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -82,11 +86,13 @@ def demo(cfg: Config, output: str, progress: bool = True) -> DemoResult:
 
     started = time.time()
     result = DemoResult()
-    if not storage.is_local(output):
-        raise ValueError(f"{output}: the demo writes its synthetic source images to a local folder")
-    source = Path(storage.resolve(output)[1]) / "source"
-    marker = source / "synthetic.json"
     wanted = json.dumps(cfg.to_dict()["synthetic"], sort_keys=True)
+    if storage.is_local(output):
+        source = Path(storage.resolve(output)[1]) / "source"
+    else:  # the source PNG tree is local input; shards and the run go to the object store
+        digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
+        source = Path(tempfile.gettempdir()) / f"aisd-ray-synthetic-{digest}"
+    marker = source / "synthetic.json"
     if not (marker.is_file() and marker.read_text() == wanted):
         log.info("writing synthetic AISD-like slices to %s", source)
         write_synthetic_aisd(source, cfg.synthetic, progress=progress)

@@ -7,6 +7,7 @@ the same calls; TensorFlow's own file system layer is never used for them.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import shutil
@@ -28,16 +29,25 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
 
 
+# Transient GCS errors (429, 5xx, dropped connections) are retried by the client library itself.
+GCS_RETRY = datetime.timedelta(minutes=2)
+# Environment that decides where gs:// goes; Ray workers get it from the driver (see ray_train).
+GCS_ENV = ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")
+
+
 @functools.lru_cache(maxsize=None)
-def gcs_filesystem() -> pafs.GcsFileSystem:
-    """Google Cloud Storage with application default credentials, or the emulator in
-    ``STORAGE_EMULATOR_HOST`` (the variable google-cloud-storage reads too)."""
-    host = os.environ.get("STORAGE_EMULATOR_HOST")
-    if host:
-        scheme, _, endpoint = host.rpartition("://")
+def _gcs(emulator: str | None, project: str | None) -> pafs.GcsFileSystem:
+    if emulator:
+        scheme, _, endpoint = emulator.rpartition("://")
         return pafs.GcsFileSystem(anonymous=True, scheme=scheme or "http", endpoint_override=endpoint,
-                                  project_id=os.environ.get("GOOGLE_CLOUD_PROJECT", "aisd-ray"))
-    return pafs.GcsFileSystem()
+                                  project_id=project or "aisd-ray", retry_time_limit=GCS_RETRY)
+    return pafs.GcsFileSystem(project_id=project, retry_time_limit=GCS_RETRY)
+
+
+def gcs_filesystem() -> pafs.GcsFileSystem:
+    """Google Cloud Storage with application default credentials, or the emulator named by
+    ``STORAGE_EMULATOR_HOST`` (the variable google-cloud-storage reads too)."""
+    return _gcs(*(os.environ.get(k) for k in GCS_ENV))
 
 
 def absolute(uri: str) -> str:
@@ -65,9 +75,14 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file so that readers never see it half-written."""
+    """Write a whole file so that readers never see it half-written: locally through a temporary
+    name and a rename; an object store publishes an object only once its upload completes."""
     fs, path = resolve(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)
+    if not is_local(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
@@ -103,7 +118,10 @@ def list_dir(uri: str) -> list[str]:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
-    return sorted(os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path)))
+    # Recursive, then cut to the first level: object stores do not always report "folders"
+    # that exist only as a prefix of deeper objects.
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted({i.path[len(path):].strip("/").split("/")[0] for i in infos} - {""})
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:

@@ -74,3 +74,51 @@ def trained_run(_parquet_store, tmp_path_factory):
     run = stages.run_uri(cfg, root)
     export_uri, _ = stages.export(run)
     return cfg, shards, run, export_uri
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real gcp-storage-emulator on a free loopback port with bucket ``aisd``, stopped by PID.
+
+    Sets STORAGE_EMULATOR_HOST, which google-cloud-storage and our pyarrow filesystem both read.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+                             "--default-bucket", "aisd", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    host = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{host}/storage/v1/b/aisd", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"gcp-storage-emulator did not start on {host}: {proc.stderr.read()[-2000:]!r}")
+            time.sleep(0.2)
+    old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
+    os.environ["STORAGE_EMULATOR_HOST"], os.environ["GOOGLE_CLOUD_PROJECT"] = host, "aisd-ray-test"
+    yield host
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -80,6 +80,7 @@ def _worker(loop_config: dict) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         package_log.addHandler(handler)
+    os.environ.update(loop_config["env"])  # where gs:// points, as the driver saw it
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -113,7 +114,8 @@ def train_ray(cfg: Config, shards_uri: str, output_root: str) -> ray.train.Resul
     trainer = TensorflowTrainer(
         _worker,
         train_loop_config={"config": cfg.to_dict(), "shards": shards_uri,
-                           "run": storage.join(output_root, cfg.run.name)},
+                           "run": storage.join(output_root, cfg.run.name),
+                           "env": {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         datasets={"train": train_data.materialize() if cfg.train.cache_train_split else train_data},
         run_config=RunConfig(
