@@ -110,7 +110,8 @@ def gcs_emulator():
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"gcp-storage-emulator did not start on {host}: {proc.stderr.read()[-2000:]!r}")
+                raise RuntimeError(f"gcp-storage-emulator did not start on {host}: "
+                                   f"{proc.stderr.read()[-2000:]!r}") from None
             time.sleep(0.2)
     old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
     os.environ["STORAGE_EMULATOR_HOST"], os.environ["GOOGLE_CLOUD_PROJECT"] = host, "aisd-ray-test"
