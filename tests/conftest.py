@@ -25,12 +25,16 @@ def synthetic_root(tmp_path_factory):
     return write_synthetic_aisd(out, tiny_config().synthetic, progress=False)
 
 
-@pytest.fixture(scope="session", params=["parquet", "tfrecord"])
-def _shard_store(request, synthetic_root, tmp_path_factory):
-    cfg = tiny_config(f"data.source_dir='{synthetic_root}'", f"data.shard_format='{request.param}'")
-    out = str(tmp_path_factory.mktemp(f"shards-{request.param}"))
+def _make_store(synthetic_root, tmp_path_factory, fmt: str):
+    cfg = tiny_config(f"data.source_dir='{synthetic_root}'", f"data.shard_format='{fmt}'")
+    out = str(tmp_path_factory.mktemp(f"shards-{fmt}"))
     prepare(cfg, out, progress=False)
     return cfg, out
+
+
+@pytest.fixture(scope="session", params=["parquet", "tfrecord"])
+def _shard_store(request, synthetic_root, tmp_path_factory):
+    return _make_store(synthetic_root, tmp_path_factory, request.param)
 
 
 @pytest.fixture
@@ -41,10 +45,7 @@ def shard_store(_shard_store):
 
 @pytest.fixture(scope="session")
 def _parquet_store(synthetic_root, tmp_path_factory):
-    cfg = tiny_config(f"data.source_dir='{synthetic_root}'")
-    out = str(tmp_path_factory.mktemp("shards-parquet-main"))
-    prepare(cfg, out, progress=False)
-    return cfg, out
+    return _make_store(synthetic_root, tmp_path_factory, "parquet")
 
 
 @pytest.fixture
