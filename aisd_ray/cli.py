@@ -103,8 +103,14 @@ def cmd_evaluate(args) -> None:
 def cmd_infer(args) -> None:
     from aisd_ray.infer import infer_folder
 
-    written = infer_folder(args.model, args.images, args.output, args.batch_size, overlays=not args.no_overlays)
-    print(f"{len(written)} masks written to {args.output}")
+    cfg = load_config(args.config) if args.config else None  # the seed's [infer] section, if given
+    images = args.images or (cfg and cfg.infer.images_dir)
+    output = args.output or (cfg and cfg.infer.output_dir)
+    if not (images and output):
+        raise ConfigError("give --images and --output (or a config whose [infer] section names them)")
+    overlays = not args.no_overlays and (cfg.infer.overlays if cfg else True)
+    written = infer_folder(args.model, images, output, args.batch_size, overlays=overlays)
+    print(f"{len(written)} masks written to {output}")
 
 
 def cmd_demo(args) -> None:
@@ -171,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="segment a folder of images with an export")
     p.add_argument("--model", required=True, help="export folder")
-    p.add_argument("--images", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--images", help="folder of images (else [infer] images_dir of --config)")
+    p.add_argument("--output", help="mask folder (else [infer] output_dir of --config)")
+    p.add_argument("--config", help="a config whose [infer] section gives the folders")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-overlays", action="store_true")
     p.set_defaults(func=cmd_infer)

@@ -57,3 +57,14 @@ def test_prepare_and_train_local_from_cli(synthetic_root, tmp_path, capsys):
     assert main(["train", "--config", TINY, "--data", str(tmp_path / "shards"),
                  "--output", str(tmp_path / "runs"), "--backend", "local", "--set", "train.epochs=1"]) == 0
     assert (tmp_path / "runs" / "tiny" / "history.csv").is_file()
+
+
+def test_infer_folders_can_come_from_the_config(trained_run, synthetic_root, tmp_path, capsys):
+    export_uri = trained_run[3]
+    config = tmp_path / "infer.toml"
+    config.write_text(f"[infer]\nimages_dir = '{synthetic_root / 'test' / 'images'}'\n"
+                      f"output_dir = '{tmp_path / 'out'}'\noverlays = false\n")
+    assert main(["infer", "--model", export_uri, "--config", str(config)]) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 8 and not (tmp_path / "out" / "overlays").exists()
+    assert main(["infer", "--model", export_uri]) == 2
+    assert "give --images and --output" in capsys.readouterr().err

@@ -187,7 +187,9 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 raise RuntimeError(f"worker {rank} ran {done} of {steps} steps: its data share is short")
 
             val = np.zeros(6)  # loss sum, seed dice sum, images, tp, fp, fn
-            for x, y in batches(feed.valid_rows, cfg.eval.batch_size, training=False):
+            for step, (x, y) in enumerate(batches(feed.valid_rows, cfg.eval.batch_size, training=False)):
+                if t.validation_steps and step >= t.validation_steps:  # the seed's cap, per worker
+                    break
                 loss, seed_sum, counts = eval_step(x, y)
                 val += np.concatenate([[loss.numpy(), seed_sum.numpy(), x.shape[0]], counts.numpy()])
             val = _all_reduce_sum(strategy, val)

@@ -70,3 +70,12 @@ def test_reduce_lr_on_plateau_really_applies():
         if epoch == 3:
             assert state.learning_rate == pytest.approx(0.005) and Opt.learning_rate.value == pytest.approx(0.005)
     assert state.stop_reason.startswith("early stop") and state.epoch == 5
+
+
+def test_validation_steps_caps_the_scored_slices(parquet_store, tmp_path):
+    cfg, shards = parquet_store
+    cfg.eval.batch_size = 2
+    history = run_local(cfg, shards, str(tmp_path), epochs=1, validation_steps=1)[-1][1].history
+    full = run_local(cfg, shards, str(tmp_path / "full"), epochs=1, validation_steps=0)[-1][1].history
+    assert history[0]["loss"] == full[0]["loss"]  # same training
+    assert history[0]["val_loss"] != full[0]["val_loss"]  # 2 of 8 validation slices scored
