@@ -112,16 +112,6 @@ def _throughput(batches, first: list[float] | None = None) -> float:
     return n / (time.perf_counter() - started)
 
 
-def _shard_rows(rows):
-    return ((r["image_png"], r["mask_png"]) for r in rows())
-
-
-def _ray_rows(dataset):
-    """Rows of a Ray Dataset as a training worker consumes its shard."""
-    for b in dataset.iter_batches(batch_size=32, batch_format="numpy", prefetch_batches=2):
-        yield from zip((bytes(v) for v in b["image_png"]), (bytes(v) for v in b["mask_png"]))
-
-
 def _naive_load(folder: Path, cfg: Config) -> int:
     """The original's loader: every PNG pair read, nearest-colour mapped, one-hot, all in RAM."""
     from aisd_ray.data import layout
@@ -140,7 +130,7 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
     """Decoded training batches per second from each shard format through the readers training
     uses, against the original's load-everything approach."""
     from aisd_ray.data import pipeline, shards
-    from aisd_ray.train.ray_train import ensure_ray, read_split
+    from aisd_ray.train.ray_train import ensure_ray, ray_rows, read_split
 
     m, batch = cfg.model, cfg.train.batch_size
     ensure_ray(4)
@@ -149,12 +139,11 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
         store = _dataset(cfg, root, sizes.pipeline_slices, fmt)
         manifest = shards.read_manifest(store)
         rows = pipeline.ShardRows(store, manifest, "train")
-        pairs = functools.partial(_shard_rows, rows)
-        direct = functools.partial(pipeline.batches, pairs, m.image_channels, m.num_classes, batch)
+        direct = functools.partial(pipeline.batches, rows, m.image_channels, m.num_classes, batch)
         out.append(figure(f"input_{fmt}_direct", "images/s", repeat(lambda f=direct: _throughput(f()), sizes.repeats),
                           reader="shard files -> tf.data decode (local backend, validation)"))
         dataset = read_split(store, manifest, "train")
-        ray_fed = functools.partial(pipeline.batches, functools.partial(_ray_rows, dataset),
+        ray_fed = functools.partial(pipeline.batches, functools.partial(ray_rows, dataset),
                                     m.image_channels, m.num_classes, batch)
         first: list[float] = []
         samples = repeat(lambda f=ray_fed, first=first: _throughput(f(), first), sizes.repeats)

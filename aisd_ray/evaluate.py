@@ -21,6 +21,7 @@ import numpy as np
 from aisd_ray import metrics, storage
 from aisd_ray.data import layout, shards
 from aisd_ray.export import LoadedExport
+from aisd_ray.losses import categorical_crossentropy
 from aisd_ray.progress import progress_bar
 
 DEFINITIONS = {
@@ -89,7 +90,7 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
         labels = np.stack([a[1] for a in arrays])
         probs = model.predict(images)["probabilities"].numpy()
         onehot = np.eye(probs.shape[-1], dtype=np.float32)[labels]
-        losses += list(-np.mean(np.sum(onehot * np.log(np.clip(probs, 1e-7, 1.0)), axis=-1), axis=(1, 2)))
+        losses += [float(v) for v in categorical_crossentropy(onehot, probs).numpy()]
         seed_dice += [metrics.dice_coef_multiclass(onehot[i:i + 1], probs[i:i + 1]) for i in range(len(batch))]
         counts.append(metrics.lesion_counts(labels, np.argmax(probs, axis=-1)))
         names += [r["name"] for r in batch]

@@ -48,7 +48,8 @@ def take_rows(rows: Rows, limit: int) -> Rows:
 
 
 class ShardRows:
-    """Rows read straight from the shards, for the local backend (no Ray)."""
+    """(image PNG, mask PNG) rows read straight from the shards: the local backend's training
+    input and every backend's validation input (no Ray)."""
 
     def __init__(self, shards_uri: str, manifest: dict, split: str, rank: int = 0, world: int = 1):
         """``rank``/``world`` give this worker every world-th shard: for evaluation splits,
@@ -57,12 +58,13 @@ class ShardRows:
         self.fmt = manifest["shard_format"]
         self.count = manifest["splits"][split]["records"]
 
-    def __call__(self, epoch: int = 0, seed: int | None = None) -> Iterator[dict]:
+    def __call__(self, epoch: int = 0, seed: int | None = None) -> Rows:
         uris = list(self.uris)
         if seed is not None:  # a different, reproducible shard order each epoch
             random.Random(seed * 1_000_003 + epoch).shuffle(uris)
         for uri in uris:
-            yield from shards.iter_shard(uri, self.fmt)
+            for record in shards.iter_shard(uri, self.fmt):
+                yield record["image_png"], record["mask_png"]
 
 
 def first_records(records: Iterator[dict], n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -42,9 +42,9 @@ def shard_feed(cfg: Config, shards_uri: str, manifest: dict) -> Feed:
     train = pipeline.ShardRows(shards_uri, manifest, "train")
     valid = pipeline.ShardRows(shards_uri, manifest, "valid")
     return Feed(
-        train_rows=lambda epoch: ((r["image_png"], r["mask_png"]) for r in train(epoch, cfg.train.seed)),
+        train_rows=lambda epoch: train(epoch, cfg.train.seed),
         train_count=train.count,
-        valid_rows=lambda: ((r["image_png"], r["mask_png"]) for r in valid()),
+        valid_rows=valid,
         preview=preview(cfg, shards_uri, manifest),
     )
 

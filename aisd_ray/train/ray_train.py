@@ -52,8 +52,8 @@ def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:
     return ray.data.read_tfrecords(paths, filesystem=fs).select_columns(COLUMNS)
 
 
-def _rows(iterator):
-    """(image PNG, mask PNG) rows of a Ray Data iterator."""
+def ray_rows(iterator):
+    """(image PNG, mask PNG) rows of a Ray Data iterator (a worker's shard or a Dataset)."""
     for batch in iterator.iter_batches(batch_size=32, batch_format="numpy", prefetch_batches=2):
         for image, mask in zip(batch["image_png"], batch["mask_png"]):
             yield bytes(image), bytes(mask)
@@ -93,9 +93,9 @@ def _worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid = pipeline.ShardRows(loop_config["shards"], manifest, "valid", rank, world)
     feed = Feed(
-        train_rows=lambda epoch: _rows(train_shard),
+        train_rows=lambda epoch: ray_rows(train_shard),
         train_count=manifest["splits"]["train"]["records"] // world,
-        valid_rows=lambda: ((r["image_png"], r["mask_png"]) for r in valid()),
+        valid_rows=valid,
         preview=preview(cfg, loop_config["shards"], manifest) if rank == 0 else [],
     )
     run_training(cfg, strategy, feed, RayReporter(), loop_config["run"], rank, world)
