@@ -38,10 +38,18 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_synthesize(args) -> None:
-    from aisd_ray.data.synthetic import write_synthetic_aisd
+    from aisd_ray.config import AISD_TEST_CASES
+    from aisd_ray.data.synthetic import write_synthetic_aisd, write_synthetic_raw
 
-    root = write_synthetic_aisd(args.output, _config(args).synthetic)
-    print(f"synthetic AISD-like tree written to {root}")
+    cfg = _config(args)
+    if args.layout == "seed":
+        root = write_synthetic_aisd(args.output, cfg.synthetic)
+    else:
+        n_test = max(1, args.cases // 5)  # about the release's share of official test cases
+        cases = list(AISD_TEST_CASES[:n_test]) + [f"{1000000 + i:07d}" for i in range(args.cases - n_test)]
+        root = write_synthetic_raw(args.output, cfg.synthetic, cases, slices=args.slices,
+                                   as_zip=args.layout == "raw-zip")
+    print(f"synthetic AISD-like data ({args.layout} layout) written to {root}")
 
 
 def cmd_prepare(args) -> None:
@@ -141,14 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, "demo")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("synthesize", help="write a synthetic AISD-like {train,valid,test} PNG tree")
+    p = sub.add_parser("synthesize", help="write synthetic AISD-like data (the seed's tree or the raw release)")
     _add_config(p, "demo")
     p.add_argument("--output", required=True)
+    p.add_argument("--layout", choices=("seed", "raw", "raw-zip"), default="seed",
+                   help="seed: {train,valid,test}/{images,masks}; raw: image/ and mask/ per-case folders; "
+                        "raw-zip: image.zip and mask.zip")
+    p.add_argument("--cases", type=int, default=20, help="raw layouts: number of cases")
+    p.add_argument("--slices", type=int, default=12, help="raw layouts: slices per case")
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("prepare", help="shard an AISD PNG tree into TFRecord/Parquet + manifest.json")
+    p = sub.add_parser("prepare", help="shard AISD slices into TFRecord/Parquet + manifest.json")
     _add_config(p)
-    p.add_argument("--source", help="folder with {train,valid,test}/{images,masks} (else data.source_dir)")
+    p.add_argument("--source", help="folder with {train,valid,test}/{images,masks}, or the raw release "
+                                    "(image.zip + mask.zip, or image/ + mask/) (else data.source_dir)")
     p.add_argument("--output", help="shard store (else data.shards_dir)")
     p.set_defaults(func=cmd_prepare)
 

@@ -23,6 +23,17 @@ class ConfigError(ValueError):
     """A config file, section, key or value that cannot be used."""
 
 
+# The official AISD test cases (FACTS section 4): the raw release's test split.
+AISD_TEST_CASES: tuple[str, ...] = (
+    "0073410", "0072723", "0226290", "0537908", "0538058", "0091415", "0538780", "0073540", "0226188",
+    "0226258", "0226314", "0091507", "0226298", "0538975", "0226257", "0226142", "0072681", "0091538",
+    "0538983", "0537961", "0091646", "0072765", "0226137", "0091621", "0091458", "0021822", "0538319",
+    "0226133", "0091657", "0537925", "0073489", "0538502", "0091476", "0226136", "0538532", "0073312",
+    "0539025", "0226309", "0226307", "0091383", "0021092", "0537990", "0226299", "0073060", "0538505",
+    "0073424", "0091534", "0226125", "0072691", "0538425", "0226199", "0226261",
+)
+
+
 @dataclass
 class ModelConfig:
     """FlexUNet hyper-parameters (names follow the seed's ``[model]`` section)."""
@@ -59,6 +70,16 @@ class DataConfig:
     # Colour of each class in mask PNGs, index = class id (seed: rgb_map).
     rgb_map: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (255, 255, 255))
     class_names: tuple[str, ...] = ("background", "lesion")
+    # Raw AISD release only: class id of each raw label value 0..5 (1 remote infarct, 2 clear acute,
+    # 3 blurred acute, 4 invisible acute, 5 infarct); lesion = {1, 2, 3, 5}, label 4 is background.
+    raw_label_map: tuple[int, ...] = (0, 1, 1, 1, 0, 1)
+    test_cases: tuple[str, ...] = AISD_TEST_CASES
+    # The other cases go to train/valid by patient: this share to valid, shuffled by split_seed.
+    valid_fraction: float = 0.15
+    split_seed: int = 2024
+    # Leave slices without lesion out of the train split (the seed's derived set did); valid and
+    # test keep every slice, so that evaluation sees whole cases.
+    drop_empty_train: bool = False
 
 
 @dataclass
@@ -71,6 +92,22 @@ class SyntheticConfig:
     size: int = 512
     lesion_free_fraction: float = 0.2
     seed: int = 2024
+
+
+@dataclass
+class AugmentConfig:
+    """Online augmentation of training batches (off by default, as in the seed's AISD run).
+
+    Each range is sampled uniformly per example; image and mask move together."""
+
+    enabled: bool = False
+    hflip: bool = True  # left-right: the hemispheres are mirror images
+    vflip: bool = False
+    rotation_deg: float = 10.0  # +/- degrees
+    scale: tuple[float, float] = (0.9, 1.1)  # < 1 shrinks
+    shear_deg: float = 5.0  # +/- degrees, horizontal
+    brightness: float = 0.05  # +/- fraction of full scale
+    contrast: tuple[float, float] = (0.9, 1.1)
 
 
 @dataclass
@@ -132,6 +169,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     infer: InferConfig = field(default_factory=InferConfig)
@@ -404,6 +442,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("data.shard_format", f"must be one of {SHARD_FORMATS}, got {d.shard_format!r}")
     if d.shard_target_mb <= 0 or d.min_shards < 1:
         raise bad("data.shard_target_mb", "shard size must be > 0 and min_shards >= 1")
+    if not d.raw_label_map or not all(0 <= c < m.num_classes for c in d.raw_label_map):
+        raise bad("data.raw_label_map", f"class ids must lie in 0..{m.num_classes - 1}, got {d.raw_label_map}")
+    if not 0 <= d.valid_fraction < 1:
+        raise bad("data.valid_fraction", f"must lie in [0, 1), got {d.valid_fraction}")
     for split in d.split_dirs:
         if split not in ("train", "valid", "test"):
             raise bad("data.split_dirs", f"unknown split {split!r}")
@@ -411,6 +453,16 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for key in ("num_train", "num_valid", "num_test", "size"):
         if getattr(s, key) < 1:
             raise bad(f"synthetic.{key}", f"must be >= 1, got {getattr(s, key)}")
+    a = cfg.augment
+    for key in ("rotation_deg", "shear_deg"):
+        if not 0 <= getattr(a, key) < 45:
+            raise bad(f"augment.{key}", f"must lie in [0, 45), got {getattr(a, key)}")
+    for key in ("scale", "contrast"):
+        low, high = getattr(a, key)
+        if not 0 < low <= high:
+            raise bad(f"augment.{key}", f"must be [low, high] with 0 < low <= high, got {list(getattr(a, key))}")
+    if not 0 <= a.brightness < 1:
+        raise bad("augment.brightness", f"must lie in [0, 1), got {a.brightness}")
     for key in ("epochs", "batch_size", "num_workers"):
         if getattr(t, key) < 1:
             raise bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")

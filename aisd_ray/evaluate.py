@@ -4,7 +4,9 @@ Both write ``metrics.json``: aggregate lesion figures at the top level (``lesion
 the pooled Dice of all lesion pixels of the split; ``*_per_image`` are means over images
 where the score is defined), the seed's background-inclusive ``dice_coef_multiclass``
 beside them for comparison, and a ``per_image`` list. Scoring an export also writes the
-seed's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines).
+seed's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines), and, where
+the shards know each slice's case (the raw release), per-case volume scores:
+``per_case.csv``, a ``cases`` block in metrics.json and ``volume_agreement.png``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from aisd_ray import metrics, storage
+from aisd_ray import metrics, plots, storage
 from aisd_ray.data import layout, shards
 from aisd_ray.export import LoadedExport
 from aisd_ray.losses import categorical_crossentropy
@@ -31,6 +33,9 @@ DEFINITIONS = {
                           "truth or prediction has no Dice and is left out)",
     "dice_coef_multiclass": "the seed's metric, background-inclusive (sums over the class axis too); "
                             "for comparison only, not a lesion score",
+    "cases": "each case scored as a volume of its slices in order: case Dice; lesions are 26-connected "
+             "3D components, found when a prediction overlaps them, false when a predicted one overlaps "
+             "none; volumes in voxels at model resolution",
 }
 
 
@@ -42,6 +47,47 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _write_csv(uri: str, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(uri, buf.getvalue())
+
+
+class CaseVolumes:
+    """Each case's true and predicted lesion masks (bit-packed) gathered as slices stream by."""
+
+    def __init__(self) -> None:
+        self._slices: dict[str, list[tuple[int, tuple[int, int], np.ndarray, np.ndarray]]] = {}
+
+    def add(self, case_id: str, slice_index: int, truth: np.ndarray, pred: np.ndarray) -> None:
+        if case_id:
+            self._slices.setdefault(case_id, []).append(
+                (slice_index, truth.shape, np.packbits(truth > 0), np.packbits(pred > 0)))
+
+    def scores(self) -> list[dict[str, Any]]:
+        rows = []
+        for case in sorted(self._slices):
+            slices = sorted(self._slices[case], key=lambda s: s[0])
+            shape = slices[0][1]
+            size = shape[0] * shape[1]
+            truth = np.stack([np.unpackbits(t, count=size).reshape(shape) for _, _, t, _ in slices])
+            pred = np.stack([np.unpackbits(p, count=size).reshape(shape) for _, _, _, p in slices])
+            rows.append({"case_id": case, **metrics.case_scores(truth, pred)})
+        return rows
+
+
+def _write_cases(out_uri: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    _write_csv(storage.join(out_uri, "per_case.csv"), rows)
+    summary = metrics.summarize_cases(rows)
+    plots.scatter([("case", [r["true_volume"] for r in rows], [r["pred_volume"] for r in rows])],
+                  "true lesion volume (voxels)", "predicted lesion volume (voxels)",
+                  storage.join(out_uri, "volume_agreement.png"), identity=True,
+                  title=f"{len(rows)} cases, r = {summary['volume_correlation']:.3f}")
+    return summary
 
 
 def _write_report(out_uri: str, names: list[str], counts: np.ndarray, extra: dict[str, Any],
@@ -56,11 +102,7 @@ def _write_report(out_uri: str, names: list[str], counts: np.ndarray, extra: dic
         per_image.append(row)
     report = {**summary, "definitions": DEFINITIONS, "per_image": per_image}
     storage.write_text(storage.join(out_uri, "metrics.json"), json.dumps(_json_safe(report), indent=2))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(per_image[0]) if per_image else ["name"])
-    writer.writeheader()
-    writer.writerows(per_image)
-    storage.write_text(storage.join(out_uri, "per_image.csv"), buf.getvalue())
+    _write_csv(storage.join(out_uri, "per_image.csv"), per_image)
     return report
 
 
@@ -83,6 +125,7 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     shards.verify_shards(shards_uri, manifest)
     total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
     names, counts, losses, seed_dice = [], [], [], []
+    volumes = CaseVolumes()
     bar = progress_bar(total=total, desc=f"evaluate {split}", unit="slice", enabled=progress)
     for batch in _batched(shards.iter_records(shards_uri, manifest, split), batch_size):
         arrays = [shards.record_to_arrays(r) for r in batch]
@@ -92,14 +135,20 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
         onehot = np.eye(probs.shape[-1], dtype=np.float32)[labels]
         losses += [float(v) for v in categorical_crossentropy(onehot, probs).numpy()]
         seed_dice += [metrics.dice_coef_multiclass(onehot[i:i + 1], probs[i:i + 1]) for i in range(len(batch))]
-        counts.append(metrics.lesion_counts(labels, np.argmax(probs, axis=-1)))
+        pred = np.argmax(probs, axis=-1)
+        counts.append(metrics.lesion_counts(labels, pred))
+        for record, truth_i, pred_i in zip(batch, labels, pred):
+            volumes.add(record["case_id"], record["slice_index"], truth_i, pred_i)
         names += [r["name"] for r in batch]
         bar.update(len(batch))
     bar.close()
     counts_arr = np.concatenate(counts) if counts else np.zeros((0, 3), np.int64)
     loss, seed = float(np.mean(losses)), float(np.mean(seed_dice))
-    report = _write_report(out_uri, names, counts_arr,
-                           {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed},
+    extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed}
+    case_rows = volumes.scores()
+    if case_rows:
+        extra["cases"] = {**_write_cases(out_uri, case_rows), "per_case": case_rows}
+    report = _write_report(out_uri, names, counts_arr, extra,
                            {"categorical_crossentropy": [float(v) for v in losses],
                             "dice_coef_multiclass": seed_dice})
     storage.write_text(storage.join(out_uri, "evaluation.csv"),

@@ -48,3 +48,31 @@ def test_folder_evaluation_scores_without_a_model(tmp_path):
     assert report["lesion_dice_per_image"] == pytest.approx(0.4)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["per_image"][1]["lesion_dice"] is None
+
+
+def test_cases_of_the_raw_release_are_scored_as_volumes(trained_run, tmp_path):
+    """The tiny export scores a raw-layout store: per-case rows add up to the per-slice counts."""
+    from aisd_ray.config import AISD_TEST_CASES
+    from aisd_ray.data.prepare import prepare
+    from aisd_ray.data.synthetic import write_synthetic_raw
+    from tests.conftest import tiny_config
+
+    cases = list(AISD_TEST_CASES[:2]) + ["1000001", "1000002", "1000003"]
+    write_synthetic_raw(tmp_path / "raw", tiny_config().synthetic, cases, slices=4, progress=False)
+    prepare(tiny_config(f"data.source_dir='{tmp_path / 'raw'}'"), str(tmp_path / "shards"), progress=False)
+    report = evaluate_export(trained_run[3], str(tmp_path / "shards"), str(tmp_path / "eval"), "test",
+                             progress=False)
+    block = report["cases"]
+    assert block["cases"] == 2 and [r["case_id"] for r in block["per_case"]] == sorted(cases[:2])
+    for row in block["per_case"]:
+        slices = [r for r in report["per_image"] if r["name"].startswith(row["case_id"] + "_")]
+        assert row["slices"] == len(slices) == 4
+        assert row["true_volume"] == sum(r["tp"] + r["fn"] for r in slices)
+        assert row["pred_volume"] == sum(r["tp"] + r["fp"] for r in slices)
+        assert row["found_lesions"] + row["missed_lesions"] == row["true_lesions"] >= 1
+    per_case = list(csv.DictReader(open(tmp_path / "eval" / "per_case.csv")))
+    assert [r["case_id"] for r in per_case] == sorted(cases[:2])
+    assert (tmp_path / "eval" / "volume_agreement.png").stat().st_size > 1000
+    assert "cases" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "cases" not in evaluate_export(trained_run[3], trained_run[1], str(tmp_path / "seed"), "test",
+                                          progress=False)  # the seed's tree has no case ids

@@ -70,3 +70,43 @@ def test_training_loop_seed_metric_matches_numpy():
     got = seed_dice(tf.constant(y), tf.constant(p)).numpy()
     want = [metrics.dice_coef_multiclass(y[i:i + 1], p[i:i + 1]) for i in range(3)]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _volume():
+    v = np.zeros((3, 10, 10), np.uint8)
+    return v
+
+
+def test_case_scores_count_3d_lesions_found_missed_and_false():
+    truth, pred = _volume(), _volume()
+    truth[0:2, 1:3, 1:3] = 1  # lesion A spans two slices: one 3D component
+    truth[2, 7:9, 7:9] = 1  # lesion B
+    pred[1, 2:4, 2:4] = 1  # touches A on slice 1
+    pred[0, 6:8, 0:2] = 1  # overlaps nothing: false
+    scores = metrics.case_scores(truth, pred)
+    assert (scores["true_lesions"], scores["found_lesions"], scores["missed_lesions"],
+            scores["false_lesions"]) == (2, 1, 1, 1)
+    tp, fp, fn = 1, 3 + 4, 8 + 4 - 1
+    assert scores["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert (scores["true_volume"], scores["pred_volume"], scores["slices"]) == (12, 8, 3)
+
+
+def test_diagonal_neighbours_across_slices_are_one_lesion():
+    truth = _volume()
+    truth[0, 1, 1] = truth[1, 2, 2] = 1
+    assert metrics.case_scores(truth, truth)["true_lesions"] == 1
+
+
+def test_summarize_cases_pools_detection_and_volumes():
+    rows = [{"dice": 0.5, "true_lesions": 2, "found_lesions": 1, "false_lesions": 1, "true_volume": 10,
+             "pred_volume": 8},
+            {"dice": math.nan, "true_lesions": 0, "found_lesions": 0, "false_lesions": 0, "true_volume": 0,
+             "pred_volume": 0},
+            {"dice": 1.0, "true_lesions": 1, "found_lesions": 1, "false_lesions": 0, "true_volume": 4,
+             "pred_volume": 4}]
+    out = metrics.summarize_cases(rows)
+    assert out["case_dice_mean"] == pytest.approx(0.75) and out["case_dice_median"] == pytest.approx(0.75)
+    assert out["lesion_detection_rate"] == pytest.approx(2 / 3)
+    assert out["false_lesions_per_case"] == pytest.approx(1 / 3)
+    assert out["volume_abs_error_mean"] == pytest.approx(2 / 3)
+    assert out["volume_correlation"] == pytest.approx(np.corrcoef([10, 0, 4], [8, 0, 4])[0, 1])

@@ -9,8 +9,9 @@ that names it. Mask colours become class ids by nearest ``rgb_map`` colour, as t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,6 +21,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 class DataError(ValueError):
     """Input data that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One slice of a source, not read yet: what ``prepare`` fingerprints, filters and shards."""
+
+    name: str
+    stamp: str  # changes whenever the source files change (size and mtime, or a zip member's CRC)
+    load: Callable[[], "Sample"]
+    load_labels: Callable[[], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -58,14 +69,19 @@ def pair_by_name(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[st
     return [(k, images[k], masks[k]) for k in sorted(images)]
 
 
-def read_image(path: Path, channels: int) -> np.ndarray:
-    """An image file as (H, W, channels) uint8; grey is replicated to 3 channels if asked."""
+def open_image(source: Path | IO[bytes], where: str | Path) -> Image.Image:
+    """A decoded image; an unreadable one is a DataError naming ``where``."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            array = np.asarray(im)
+        with Image.open(source) as im:
+            im.load()
+            return im
     except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read image: {exc}") from None
+        raise DataError(f"{where}: cannot read image: {exc}") from None
+
+
+def read_image(source: Path | IO[bytes], channels: int, where: str | Path | None = None) -> np.ndarray:
+    """An image (file or stream) as (H, W, channels) uint8; grey is replicated to 3 channels if asked."""
+    array = np.asarray(open_image(source, where or source).convert("RGB" if channels == 3 else "L"))
     return array if array.ndim == 3 else array[..., None]
 
 
@@ -100,6 +116,23 @@ def load_pair(name: str, image_path: Path, mask_path: Path, height: int, width: 
         raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                         f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
     return Sample(name, resize_image(image, height, width), resize_labels(labels, height, width))
+
+
+def _stamp(*paths: Path) -> str:
+    return "/".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+
+
+def _load_labels(mask_path: Path, height: int, width: int, rgb_map) -> np.ndarray:
+    return resize_labels(categorize(read_image(mask_path, 3), rgb_map), height, width)
+
+
+def seed_refs(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
+              rgb_map: tuple[tuple[int, int, int], ...]) -> list[SliceRef]:
+    """The slices of one split of the seed's tree, paired by name."""
+    return [SliceRef(name, _stamp(image, mask),
+                     partial(load_pair, name, image, mask, height, width, channels, rgb_map),
+                     partial(_load_labels, mask, height, width, rgb_map))
+            for name, image, mask in pair_by_name(images_dir, masks_dir)]
 
 
 def iter_split(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,

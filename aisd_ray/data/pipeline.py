@@ -18,25 +18,31 @@ from aisd_ray.data import shards
 Rows = Iterator[tuple[bytes, bytes]]
 
 
-def decode_fn(channels: int, num_classes: int):
-    def decode(image_png: tf.Tensor, mask_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def decode_fn(channels: int, num_classes: int, augment=None, seed: int = 0):
+    """(index, image PNG, mask PNG) -> (image float32, one-hot); ``augment`` (see
+    data.augment) is keyed by (seed, index), so each example's transform is reproducible."""
+
+    def decode(index: tf.Tensor, image_png: tf.Tensor, mask_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         image = tf.cast(tf.io.decode_png(image_png, channels=channels), tf.float32)
         labels = tf.io.decode_png(mask_png, channels=1)[..., 0]
+        if augment is not None:
+            image, labels = augment(tf.stack([tf.constant(seed, tf.int64), index]), image, labels)
         return image, tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
 
     return decode
 
 
 def batches(rows: Callable[[], Rows], channels: int, num_classes: int, batch_size: int,
-            shuffle_buffer: int = 0, seed: int | None = None, drop_remainder: bool = False
-            ) -> tf.data.Dataset:
+            shuffle_buffer: int = 0, seed: int | None = None, drop_remainder: bool = False,
+            augment=None) -> tf.data.Dataset:
     """A dataset of (image float32 0..255, one-hot float32) batches. Training drops a partial
     last batch so that every worker runs the same number of synchronised steps."""
     spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string))
     ds = tf.data.Dataset.from_generator(rows, output_signature=spec)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed)
-    ds = ds.map(decode_fn(channels, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+    decode = decode_fn(channels, num_classes, augment, seed or 0)
+    ds = ds.enumerate().map(lambda i, row: decode(i, *row), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 
 

@@ -1,4 +1,8 @@
-"""``aisd-ray prepare``: an AISD PNG tree in, shards and a manifest out.
+"""``aisd-ray prepare``: an AISD source in, shards and a manifest out.
+
+Two sources are read: the seed's ``{train,valid,test}/{images,masks}`` PNG tree, and the raw
+AISD release (``image.zip``/``mask.zip`` or their extracted folders, one folder per case),
+which is split by patient with the official test cases as the test split.
 
 Resumable and idempotent: a store whose manifest records the same source and settings is
 left alone; otherwise the old manifest goes first, then each split's folder is rewritten,
@@ -15,7 +19,7 @@ from typing import Any
 
 from aisd_ray import storage
 from aisd_ray.config import Config
-from aisd_ray.data import layout, shards
+from aisd_ray.data import layout, raw, shards
 from aisd_ray.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -33,29 +37,56 @@ def split_dirs(cfg: Config) -> dict[str, tuple[str, str]]:
     missing = [s for s in ("train", "valid") if s not in dirs]
     if missing:
         raise layout.DataError(f"no {'/'.join(missing)} split found: set data.source_dir to a folder with "
-                               "{train,valid,test}/{images,masks} or give data.split_dirs")
+                               "{train,valid,test}/{images,masks} or to the raw AISD release (image.zip and "
+                               "mask.zip, or image/ and mask/), or give data.split_dirs")
     return dirs
 
 
-def _fingerprint(cfg: Config, pairs: dict[str, list]) -> str:
-    """What the shards depend on: the source files (name, size, mtime) and the settings."""
-    h = hashlib.sha256()
-    m = cfg.model
-    h.update(json.dumps([m.image_height, m.image_width, m.image_channels, cfg.data.rgb_map,
-                         cfg.data.shard_format, cfg.data.shard_target_mb, cfg.data.min_shards]).encode())
-    for split in sorted(pairs):
-        for name, image, mask in pairs[split]:
-            for p in (image, mask):
-                st = p.stat()
-                h.update(f"{split}/{name}/{p.name}/{st.st_size}/{st.st_mtime_ns}".encode())
+def read_source(cfg: Config) -> tuple[dict[str, list[layout.SliceRef]], dict[str, Any]]:
+    """Slice refs per split and what the manifest should say about the source."""
+    m, d = cfg.model, cfg.data
+    if d.source_dir and not d.split_dirs and raw.is_raw_release(d.source_dir):
+        release = raw.read_release(d.source_dir, d, m.image_height, m.image_width, m.image_channels)
+        return release.refs, {"layout": "raw", "root": str(Path(d.source_dir).resolve()),
+                              "cases": release.cases, "unpaired_skipped": release.unpaired}
+    dirs = split_dirs(cfg)
+    refs = {split: layout.seed_refs(*dirs[split], m.image_height, m.image_width, m.image_channels, d.rgb_map)
+            for split in dirs}
+    return refs, {"layout": "seed", "splits": {s: list(v) for s, v in dirs.items()}}
+
+
+def _settings(cfg: Config) -> list[Any]:
+    m, d = cfg.model, cfg.data
+    return [m.image_height, m.image_width, m.image_channels, d.rgb_map, d.shard_format, d.shard_target_mb,
+            min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed, d.drop_empty_train]
+
+
+def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:
+    """What the shards depend on: the source files (name, size, mtime or CRC) and the settings."""
+    h = hashlib.sha256(json.dumps(_settings(cfg)).encode())
+    for split in sorted(refs):
+        for ref in refs[split]:
+            h.update(f"{split}/{ref.name}/{ref.stamp}".encode())
     return h.hexdigest()
+
+
+def min_shards(cfg: Config) -> int:
+    """Every split gets at least one shard per training worker (and ``data.min_shards``)."""
+    return max(cfg.data.min_shards, cfg.train.num_workers)
+
+
+def _drop_empty(refs: list[layout.SliceRef], progress: bool) -> list[layout.SliceRef]:
+    """The slices whose mask has lesion pixels (masks only are read)."""
+    bar = progress_bar(refs, desc="scan train masks", unit="mask", enabled=progress)
+    kept = [ref for ref in bar if ref.load_labels().any()]
+    log.info("drop_empty_train: kept %d of %d train slices (the others have no lesion)", len(kept), len(refs))
+    return kept
 
 
 def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
     """Shard every split found; returns the manifest."""
-    dirs = split_dirs(cfg)
-    pairs = {split: layout.pair_by_name(*dirs[split]) for split in dirs}
-    fingerprint = _fingerprint(cfg, pairs)
+    refs, source = read_source(cfg)
+    fingerprint = _fingerprint(cfg, refs)
     manifest_uri = storage.join(out_uri, shards.MANIFEST)
     if storage.exists(manifest_uri):
         old = json.loads(storage.read_bytes(manifest_uri))
@@ -63,23 +94,21 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
             log.info("%s is up to date (same source and settings); nothing to do", manifest_uri)
             return old
         storage.delete(manifest_uri)  # the store is incomplete from here until the new manifest
+    if cfg.data.drop_empty_train and "train" in refs:
+        refs["train"] = _drop_empty(refs["train"], progress)
     m = cfg.model
-    plan = shards.ShardPlan(int(cfg.data.shard_target_mb * 2**20), cfg.data.min_shards)
-    total = sum(len(p) for p in pairs.values())
-    bar = progress_bar(total=total, desc="prepare", unit="slice", enabled=progress)
+    plan = shards.ShardPlan(int(cfg.data.shard_target_mb * 2**20), min_shards(cfg))
+    bar = progress_bar(total=sum(len(r) for r in refs.values()), desc="prepare", unit="slice", enabled=progress)
     entries = {}
-    for split, split_pairs in pairs.items():
+    for split, split_refs in refs.items():
         storage.delete(storage.join(out_uri, split))
-        samples = (layout.load_pair(name, image, mask, m.image_height, m.image_width, m.image_channels,
-                                    cfg.data.rgb_map) for name, image, mask in split_pairs)
-        entries[split] = shards.write_split(samples, len(split_pairs), out_uri, split,
+        entries[split] = shards.write_split((ref.load() for ref in split_refs), len(split_refs), out_uri, split,
                                             cfg.data.shard_format, plan, progress=bar)
     bar.close()
     info = {"fingerprint": fingerprint, "shard_format": cfg.data.shard_format,
             "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
             "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
-            "rgb_map": [list(c) for c in cfg.data.rgb_map],
-            "source": {s: list(d) for s, d in dirs.items()}}
+            "rgb_map": [list(c) for c in cfg.data.rgb_map], "source": source}
     manifest = shards.write_manifest(out_uri, entries, info)
     log.info("wrote %s: %s", manifest_uri,
              ", ".join(f"{s} {e['records']} slices in {len(e['shards'])} shards" for s, e in entries.items()))

@@ -4,11 +4,14 @@ AISD images cannot be shipped, so this draws what a windowed NCCT slice looks li
 (FACTS section 4): black air, a bright skull ring, textured grey parenchyma, dark
 ventricles and sulci, sometimes a head-holder arc, and in most slices a faint hypodense
 lesion with soft edges, wedge-shaped in one hemisphere. It writes the seed's
-``AISD/{train,valid,test}/{images,masks}`` layout: RGB PNGs, masks near-white on black.
+``AISD/{train,valid,test}/{images,masks}`` layout (RGB PNGs, masks near-white on black) or
+the raw release's per-case layout (grey slices, label PNGs with values 0..5).
 """
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +102,48 @@ def write_synthetic_aisd(out_dir: str | Path, cfg: SyntheticConfig, progress: bo
             bar.update()
     bar.close()
     return root
+
+
+def write_synthetic_raw(out_dir: str | Path, cfg: SyntheticConfig, case_ids: list[str], slices: int = 6,
+                        as_zip: bool = False, progress: bool = True) -> Path:
+    """Write the raw release's layout under ``out_dir``: ``image/<case>/<k>.png`` (grey) and
+    ``mask/<case>/<k>.png`` (labels 0..5), or the same trees inside ``image.zip`` / ``mask.zip``.
+
+    Each case's lesion carries one acute label (1, 2, 3 or 5) in its middle slices; some slices
+    also hold a label-4 ("invisible") patch, which the default mapping treats as background; the
+    first case has one mask slice more than images, as some real cases do.
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, bytes]] = {"image": {}, "mask": {}}
+    bar = progress_bar(total=len(case_ids) * slices, desc="synthesize raw", unit="slice", enabled=progress)
+    for case_no, case in enumerate(case_ids):
+        label = (1, 2, 3, 5)[case_no % 4]
+        for k in range(slices + (1 if case_no == 0 else 0)):
+            rng = np.random.default_rng([cfg.seed, int(case), k])
+            image, mask = synth_slice(rng, cfg.size, with_lesion=0 < k < slices - 1)
+            labels = mask.astype(np.uint8) * label
+            if k % 2:  # an "invisible acute" patch away from the lesion
+                c = cfg.size // 2
+                labels[c - 3:c + 3, 2:8] = np.where(labels[c - 3:c + 3, 2:8] == 0, 4, labels[c - 3:c + 3, 2:8])
+            if k < slices:
+                files["image"][f"image/{case}/{k}.png"] = _png(image)
+            files["mask"][f"mask/{case}/{k}.png"] = _png(labels)
+            bar.update()
+    bar.close()
+    for side, members in files.items():
+        if as_zip:
+            with zipfile.ZipFile(root / f"{side}.zip", "w") as zf:
+                for name, data in members.items():
+                    zf.writestr(name, data)
+        else:
+            for name, data in members.items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(data)
+    return root
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

@@ -13,14 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import tensorflow as tf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from aisd_ray import render, storage  # noqa: E402
+from aisd_ray import plots, render, storage
 
 LOSS_KEYS = ("loss", "val_loss")
 METRIC_KEYS = ("lesion_dice", "val_lesion_dice", "val_lesion_iou", "val_dice_coef_multiclass")
@@ -64,17 +60,8 @@ class Artifacts:
             writer.writerows(history)
 
     def _plot(self, history, keys, ylabel: str, filename: str) -> None:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         epochs = [row["epoch"] for row in history]
-        for key in keys:
-            if key in history[0]:
-                style = "--" if key == "val_dice_coef_multiclass" else "-"
-                label = f"{key} (background-inclusive)" if style == "--" else key
-                ax.plot(epochs, [row[key] for row in history], style, marker="o", ms=3, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(self.folder / filename)
-        plt.close(fig)
+        series = [(f"{k} (background-inclusive)" if k == "val_dice_coef_multiclass" else k, epochs,
+                   [row[k] for row in history]) for k in keys if k in history[0]]
+        plots.lines(series, "epoch", ylabel, str(self.folder / filename),
+                    dashed=("val_dice_coef_multiclass (background-inclusive)",))

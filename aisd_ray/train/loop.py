@@ -25,6 +25,7 @@ import tensorflow as tf
 from aisd_ray import metrics, render
 from aisd_ray.config import PRECISIONS, Config
 from aisd_ray.data import pipeline
+from aisd_ray.data.augment import augment_fn
 from aisd_ray.losses import get_loss
 from aisd_ray.model import build_flexunet
 from aisd_ray.progress import progress_bar
@@ -154,10 +155,13 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
         loss_sum = tf.reduce_sum(tf.cast(loss_fn(y, probs), tf.float64))
         return loss_sum, tf.reduce_sum(seed_dice(y, probs)), _counts(y, probs)
 
+    augment = augment_fn(cfg.augment, m.image_height, m.image_width) if cfg.augment.enabled else None
+
     def batches(rows_fn, batch_size, training):
         return pipeline.batches(rows_fn, m.image_channels, m.num_classes, batch_size,
                                 shuffle_buffer=t.shuffle_buffer if training else 0,
-                                seed=t.seed + state.epoch, drop_remainder=training)
+                                seed=(t.seed + state.epoch) * 1009 + rank, drop_remainder=training,
+                                augment=augment if training else None)
 
     artifacts = Artifacts(run_uri) if chief else None
     try:

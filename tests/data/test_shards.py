@@ -66,11 +66,17 @@ def test_prepare_is_idempotent_and_manifest_comes_last(synthetic_root, tmp_path)
     assert again == first
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*")) == listing
     # a changed setting rewrites the store, with no stale shards left behind
-    cfg.data.min_shards = 1
+    cfg.data.min_shards, cfg.train.num_workers = 1, 1
     cfg.data.shard_target_mb = 100
     third = prepare(cfg, out, progress=False)
     assert len(third["splits"]["train"]["shards"]) == 1
     assert sorted(p.name for p in (tmp_path / "store" / "train").iterdir()) == ["train-00000.parquet"]
+
+
+def test_every_split_has_a_shard_per_training_worker(synthetic_root, tmp_path):
+    cfg = tiny_config(f"data.source_dir='{synthetic_root}'", "data.min_shards=1", "train.num_workers=3")
+    manifest = prepare(cfg, str(tmp_path), progress=False)
+    assert {s: len(e["shards"]) for s, e in manifest["splits"].items()} == {"train": 3, "valid": 3, "test": 3}
 
 
 def test_interrupted_prepare_leaves_no_manifest(synthetic_root, tmp_path, monkeypatch):

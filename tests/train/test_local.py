@@ -23,6 +23,16 @@ def test_fixed_seed_gives_the_same_first_epoch_loss(parquet_store, tmp_path):
     assert c["loss"] != a["loss"]
 
 
+def test_augmented_training_is_reproducible_and_differs_from_plain(parquet_store, tmp_path):
+    cfg, shards = parquet_store
+    plain = run_local(cfg, shards, str(tmp_path / "plain"), epochs=1)[-1][1].history[0]
+    cfg.augment.enabled = True
+    a = run_local(cfg, shards, str(tmp_path / "a"), epochs=1)[-1][1].history[0]
+    b = run_local(cfg, shards, str(tmp_path / "b"), epochs=1)[-1][1].history[0]
+    assert a["loss"] == b["loss"] != plain["loss"]
+    assert a["val_loss"] == b["val_loss"]
+
+
 def test_rerun_resumes_from_the_latest_checkpoint(parquet_store, tmp_path):
     cfg, shards = parquet_store
     root = str(tmp_path / "runs")

@@ -1,0 +1,171 @@
+"""Reading the raw AISD release: per-case folders of slices, in zip files or extracted.
+
+The release (FACTS section 4) ships ``image.zip`` and ``mask.zip``, each with one folder per
+case named by its 7-digit ID; image slices are windowed 8-bit PNGs, mask slices hold labels
+0..5. Slices pair by file name within a case; a slice without a partner (some cases have
+more mask slices than images) is reported and skipped. The official 52 test cases form the
+test split; the other cases are split into train and validation by patient, never by slice.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import re
+import zipfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from aisd_ray.config import DataConfig
+from aisd_ray.data.layout import (
+    IMAGE_SUFFIXES,
+    DataError,
+    Sample,
+    SliceRef,
+    open_image,
+    read_image,
+    resize_image,
+    resize_labels,
+)
+
+log = logging.getLogger(__name__)
+CASE_ID = re.compile(r"^\d{7}$")
+SIDES = ("image", "mask")
+
+
+class _Side:
+    """One side of the release (images or masks): a zip file or a folder, as {case: {stem: member}}."""
+
+    def __init__(self, root: Path, side: str):
+        self.zip_path = root / f"{side}.zip" if (root / f"{side}.zip").is_file() else None
+        self.folder = root / side
+        self._zip: zipfile.ZipFile | None = None
+        self.where = str(self.zip_path or self.folder)
+        self.cases: dict[str, dict[str, str]] = {}
+        self.stamps: dict[str, str] = {}
+        for member, stamp in self._members():
+            parts = PurePosixPath(member).parts
+            case = next((p for p in reversed(parts[:-1]) if CASE_ID.match(p)), None)
+            if case is None or PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            stem = PurePosixPath(member).stem
+            slices = self.cases.setdefault(case, {})
+            if stem in slices:
+                raise DataError(f"{self.where}: case {case} has two {side} slices named {stem!r}")
+            slices[stem], self.stamps[member] = member, stamp
+
+    def _members(self):
+        if self.zip_path is not None:
+            try:
+                self._zip = zipfile.ZipFile(self.zip_path)
+            except zipfile.BadZipFile as exc:
+                raise DataError(f"{self.zip_path}: not a readable zip file: {exc}") from None
+            for info in self._zip.infolist():
+                if not info.is_dir():
+                    yield info.filename, f"{info.file_size}:{info.CRC}"
+        else:
+            for path in sorted(self.folder.rglob("*")):
+                if path.is_file():
+                    st = path.stat()
+                    yield path.relative_to(self.folder).as_posix(), f"{st.st_size}:{st.st_mtime_ns}"
+
+    def open(self, member: str):
+        if self._zip is not None:
+            return io.BytesIO(self._zip.read(member))
+        return self.folder / member
+
+    def name(self, member: str) -> str:
+        return f"{self.where}:{member}" if self._zip is not None else str(self.folder / member)
+
+
+def is_raw_release(root: str | Path) -> bool:
+    root = Path(root)
+    return all((root / f"{s}.zip").is_file() or (root / s).is_dir() for s in SIDES)
+
+
+def _slice_index(stem: str, position: int) -> int:
+    digits = re.search(r"(\d+)$", stem)
+    return int(digits.group(1)) if digits else position
+
+
+@dataclass
+class RawSplits:
+    """The release cut into splits: slice refs per split, and what was skipped and why."""
+
+    refs: dict[str, list[SliceRef]]
+    cases: dict[str, list[str]]
+    unpaired: list[str] = field(default_factory=list)
+
+
+def read_labels(side: _Side, member: str, label_map: np.ndarray) -> np.ndarray:
+    """Class ids of a raw label PNG (values 0..5 -> ``raw_label_map``)."""
+    im = open_image(side.open(member), side.name(member))
+    raw = np.asarray(im)
+    if raw.ndim == 3:
+        raw = raw[..., 0]
+    if raw.size and int(raw.max()) >= len(label_map):
+        raise DataError(f"{side.name(member)}: label value {int(raw.max())} is outside 0..{len(label_map) - 1} "
+                        "(data.raw_label_map)")
+    return label_map[raw].astype(np.uint8)
+
+
+def _load(images: _Side, masks: _Side, name: str, case: str, index: int, image_member: str,
+          mask_member: str, height: int, width: int, channels: int, label_map: np.ndarray) -> Sample:
+    image = read_image(images.open(image_member), channels, images.name(image_member))
+    labels = read_labels(masks, mask_member, label_map)
+    if image.shape[:2] != labels.shape:
+        raise DataError(f"{masks.name(mask_member)}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
+                        f"is {image.shape[1]}x{image.shape[0]}")
+    return Sample(name, resize_image(image, height, width), resize_labels(labels, height, width), case, index)
+
+
+def _load_labels(masks: _Side, member: str, height: int, width: int, label_map: np.ndarray) -> np.ndarray:
+    return resize_labels(read_labels(masks, member, label_map), height, width)
+
+
+def split_cases(case_ids: list[str], data: DataConfig) -> dict[str, list[str]]:
+    """Official test cases -> test; the rest shuffled by ``split_seed`` and cut by ``valid_fraction``."""
+    test = sorted(c for c in case_ids if c in set(data.test_cases))
+    rest = sorted(c for c in case_ids if c not in set(data.test_cases))
+    random.Random(data.split_seed).shuffle(rest)
+    n_valid = round(len(rest) * data.valid_fraction)
+    if data.valid_fraction > 0 and len(rest) > 1:
+        n_valid = min(max(n_valid, 1), len(rest) - 1)
+    return {"train": sorted(rest[n_valid:]), "valid": sorted(rest[:n_valid]), "test": test}
+
+
+def read_release(root: str | Path, data: DataConfig, height: int, width: int, channels: int) -> RawSplits:
+    """Slice refs of the raw release under ``root``, split by patient."""
+    root = Path(root)
+    images, masks = _Side(root, "image"), _Side(root, "mask")
+    label_map = np.asarray(data.raw_label_map, np.uint8)
+    unpaired: list[str] = []
+    pairs: dict[str, list[tuple[str, str, str, int]]] = {}
+    for case in sorted(images.cases.keys() | masks.cases.keys()):
+        image_slices, mask_slices = images.cases.get(case, {}), masks.cases.get(case, {})
+        unpaired += [f"{case}/{s} (image only)" for s in sorted(image_slices.keys() - mask_slices.keys())]
+        unpaired += [f"{case}/{s} (mask only)" for s in sorted(mask_slices.keys() - image_slices.keys())]
+        stems = sorted(image_slices.keys() & mask_slices.keys())
+        indexed = sorted((_slice_index(s, i), s) for i, s in enumerate(stems))
+        if indexed:
+            pairs[case] = [(s, image_slices[s], mask_slices[s], k) for k, s in indexed]
+    if not pairs:
+        raise DataError(f"{root}: no case folders (7-digit IDs) with paired image and mask slices "
+                        f"in {images.where} and {masks.where}")
+    if unpaired:
+        log.warning("%d unpaired slice(s) skipped: %s%s", len(unpaired), ", ".join(unpaired[:5]),
+                    f" and {len(unpaired) - 5} more" if len(unpaired) > 5 else "")
+    cases = split_cases(sorted(pairs), data)
+    refs: dict[str, list[SliceRef]] = {}
+    for split, split_cases_ in cases.items():
+        refs[split] = [
+            SliceRef(f"{case}_{stem}", f"{images.stamps[im]}/{masks.stamps[mk]}",
+                     partial(_load, images, masks, f"{case}_{stem}", case, k, im, mk, height, width, channels,
+                             label_map),
+                     partial(_load_labels, masks, mk, height, width, label_map))
+            for case in split_cases_ for stem, im, mk, k in pairs[case]]
+    return RawSplits({s: r for s, r in refs.items() if r}, cases, unpaired)
