@@ -2,15 +2,17 @@
 
 Every figure is measured after a warm-up, repeated, and reported as the median with its
 spread (min..max); comparisons are ratios of figures taken side by side in the same run.
-Sections: input pipeline, memory, training throughput (local / Ray 1 worker / Ray 2 workers,
-against the original FlexUNet's figure), inference (SavedModel against Keras), and on a GPU
-the seed's AISD 512 config in float32, bf16 and bf16+XLA.
+Sections: input pipeline, prepare (into a folder and, if given, object storage), memory,
+training throughput (local / Ray 1 worker / Ray 2 workers, against the original FlexUNet's
+figure), inference (SavedModel against Keras), and on a GPU the seed's AISD 512 config in
+float32, bf16 and bf16+XLA.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import logging
 import os
@@ -83,9 +85,8 @@ def machine() -> dict[str, Any]:
 # --------------------------------------------------------------------------- data
 
 
-def _dataset(cfg: Config, root: Path, slices: int, fmt: str) -> str:
-    """Synthetic slices at the model size, written and sharded once per (slices, size, format)."""
-    from aisd_ray.data.prepare import prepare
+def _source(cfg: Config, root: Path, slices: int, fmt: str) -> Config:
+    """A copy of ``cfg`` reading synthetic slices at the model size, written once per (slices, size)."""
     from aisd_ray.data.synthetic import write_synthetic_aisd
 
     size = cfg.model.image_height
@@ -96,8 +97,36 @@ def _dataset(cfg: Config, root: Path, slices: int, fmt: str) -> str:
         write_synthetic_aisd(source, synth, progress=False)
     cfg = copy.deepcopy(cfg)
     cfg.data.source_dir, cfg.data.shard_format, cfg.data.split_dirs = str(source / "AISD"), fmt, {}
-    out = str(root / f"shards-{slices}-{size}-{fmt}")
-    prepare(cfg, out, progress=False)
+    return cfg
+
+
+def _dataset(cfg: Config, root: Path, slices: int, fmt: str) -> str:
+    """Synthetic slices at the model size, sharded once per (slices, size, format)."""
+    from aisd_ray.data.prepare import prepare
+
+    out = str(root / f"shards-{slices}-{cfg.model.image_height}-{fmt}")
+    prepare(_source(cfg, root, slices, fmt), out, progress=False)
+    return out
+
+
+def prepare_speed(cfg: Config, root: Path, sizes: Sizes, object_store: str | None) -> list[dict[str, Any]]:
+    """Slices/s of ``prepare`` (read PNGs, encode, write shards and manifest) into a local folder
+    and, when given, an object-store prefix; every repeat writes a fresh store."""
+    from aisd_ray.data.prepare import prepare
+
+    targets = {"local": str(root / "prepare-speed")} | ({"object_store": object_store} if object_store else {})
+    out, runs = [], itertools.count()
+    for fmt in ("parquet", "tfrecord"):
+        src = _source(cfg, root, sizes.pipeline_slices, fmt)
+        for target, base in targets.items():
+            def once(base=base, src=src) -> float:
+                started = time.perf_counter()
+                manifest = prepare(src, storage.join(base, f"{src.data.shard_format}-{next(runs)}"),
+                                   progress=False)
+                return sum(e["records"] for e in manifest["splits"].values()) / (time.perf_counter() - started)
+
+            out.append(figure(f"prepare_{fmt}_{target}", "slices/s", repeat(once, sizes.repeats),
+                              destination=base.split("://")[0] if "://" in base else "local folder"))
     return out
 
 
@@ -315,8 +344,10 @@ def _at_size(cfg: Config, size: int) -> Config:
     return cfg
 
 
-def run(output: str, tiny: bool = False, overrides: list[str] = ()) -> dict[str, Any]:
-    """Run every section and write the JSON report to ``output``."""
+def run(output: str, tiny: bool = False, overrides: list[str] = (), object_store: str | None = None
+        ) -> dict[str, Any]:
+    """Run every section and write the JSON report to ``output``; ``object_store`` (a gs:// prefix)
+    adds prepare figures into object storage beside the local ones."""
     sizes = Sizes.for_mode(tiny)
     cfg = _config(tiny, list(overrides))
     demo = cfg if tiny else load_config(builtin_config("demo"), list(overrides))
@@ -327,6 +358,8 @@ def run(output: str, tiny: bool = False, overrides: list[str] = ()) -> dict[str,
         root = Path(tmp)
         log.info("input pipeline at %d px", sizes.image)
         report["input_pipeline"] = input_pipeline(_at_size(demo, sizes.image), root, sizes)
+        log.info("prepare throughput")
+        report["prepare"] = prepare_speed(_at_size(demo, sizes.image), root, sizes, object_store)
         log.info("memory: peak RSS of short runs on N and 4N slices")
         report["memory"] = memory(root, sizes, tiny)
         log.info("training throughput")
@@ -351,6 +384,9 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     demo_consumption = report["demo_worker"]["median"]
     n = report["memory"]
     return {
+        **({"prepare_object_store_over_local": med("prepare", "prepare_parquet_object_store")
+            / med("prepare", "prepare_parquet_local")}
+           if any(f["name"] == "prepare_parquet_object_store" for f in report["prepare"]) else {}),
         "input_ray_data_best_over_naive": best_input / med("input_pipeline", "input_naive_in_memory"),
         "input_ray_data_best_over_demo_worker_consumption": best_input / demo_consumption,
         "parquet_over_tfrecord_ray_data": med("input_pipeline", "input_parquet_ray_data")
@@ -369,7 +405,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     """The figures as a readable table: name, median, spread, unit."""
     lines = [f"{'figure':<34} {'median':>10} {'min..max':>21}  unit"]
-    for section in ("input_pipeline", "memory", "training", "inference"):
+    for section in ("input_pipeline", "prepare", "memory", "training", "inference"):
         for f in report[section]:
             lines.append(f"{f['name']:<34} {f['median']:>10.3f} {f['min']:>10.3f}..{f['max']:<10.3f} {f['unit']}")
     f = report["demo_worker"]

@@ -135,7 +135,7 @@ def cmd_demo(args) -> None:
 def cmd_benchmark(args) -> None:
     from aisd_ray import benchmark
 
-    report = benchmark.run(args.output, tiny=args.tiny, overrides=args.set or ())
+    report = benchmark.run(args.output, tiny=args.tiny, overrides=args.set or (), object_store=args.object_store)
     print(benchmark.table(report))
     print(f"figures: {args.output}")
 
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")
     p.add_argument("--output", default="benchmark.json", help="JSON file of figures")
     p.add_argument("--tiny", action="store_true", help="seconds-scale sizes (what the tests run)")
+    p.add_argument("--object-store", metavar="gs://BUCKET/PREFIX",
+                   help="also time prepare into this object-store prefix (e.g. the emulator's)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_benchmark)
 

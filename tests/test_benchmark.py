@@ -10,16 +10,20 @@ from aisd_ray.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_benchmark_writes_every_figure(tmp_path, capsys):
+SECTIONS = ("input_pipeline", "prepare", "memory", "training", "inference")
+
+
+def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
     out = tmp_path / "bench.json"
-    assert main(["benchmark", "--tiny", "--output", str(out)]) == 0
+    assert main(["benchmark", "--tiny", "--output", str(out), "--object-store", "gs://aisd/bench"]) == 0
     report = json.loads(out.read_text())
-    names = {f["name"] for section in ("input_pipeline", "memory", "training", "inference") for f in report[section]}
+    names = {f["name"] for section in SECTIONS for f in report[section]}
     assert {"input_tfrecord_direct", "input_parquet_direct", "input_tfrecord_ray_data", "input_parquet_ray_data",
             "first_batch_parquet_ray_data", "input_naive_in_memory", "train_local_1w", "train_ray_1w",
-            "train_ray_2w", "infer_savedmodel_b1", "infer_keras_predict_b8"} <= names
+            "train_ray_2w", "infer_savedmodel_b1", "infer_keras_predict_b8", "prepare_parquet_local",
+            "prepare_tfrecord_local", "prepare_parquet_object_store", "prepare_tfrecord_object_store"} <= names
     assert any(n.startswith("peak_rss_") for n in names)
-    for section in ("input_pipeline", "memory", "training", "inference"):
+    for section in SECTIONS:
         for f in report[section]:
             assert f["unit"] and f["min"] <= f["median"] <= f["max"] and f["median"] > 0
     assert {"cpu_count", "gpus", "tensorflow", "ray"} <= set(report["machine"])
@@ -28,7 +32,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys):
     # the float32 / bf16 / bf16+XLA variants run (on a tiny model when there is no GPU)
     assert [f["name"] for f in gpu["figures"]] == ["gpu_train_none", "gpu_train_bf16", "gpu_train_bf16_xla"]
     assert all(f["median"] > 0 and 0 <= f["input_wait_fraction"] < 1 for f in gpu["figures"])
-    for key in ("input_ray_data_best_over_naive", "peak_rss_4n_over_n", "ray_1_worker_over_local",
+    for key in ("input_ray_data_best_over_naive", "prepare_object_store_over_local", "peak_rss_4n_over_n",
+                "ray_1_worker_over_local",
                 "savedmodel_over_keras_b1", "savedmodel_over_keras_b8"):
         assert report["ratios"][key] > 0
     assert "train_ray_2w" in capsys.readouterr().out
