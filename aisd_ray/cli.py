@@ -83,6 +83,20 @@ def cmd_train(args) -> None:
     print(", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
 
 
+def cmd_tune(args) -> None:
+    from aisd_ray.tune import search
+
+    cfg = _config(args)
+    data = args.data or cfg.data.shards_dir
+    if not data:
+        raise ConfigError("give --data or data.shards_dir (a shard store from `aisd-ray prepare`)")
+    result = search(cfg, data, args.output)
+    print(result.table())
+    print()
+    for name, where in result.outputs.items():
+        print(f"{name:<16} {where}")
+
+
 def cmd_export(args) -> None:
     from aisd_ray import stages
 
@@ -172,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name")
     p.add_argument("--backend", choices=("ray", "local"))
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
+    _add_config(p, "tune-demo")
+    p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
+    p.add_argument("--output", required=True,
+                   help="search folder (or gs://): leaderboard.csv, best_config.toml, best_export/, trials/")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("export", help="export a run's best checkpoint as a SavedModel")
     p.add_argument("--run", required=True, help="run folder (holds config.toml and checkpoints)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -144,6 +145,39 @@ class TrainConfig:
     jit_compile: bool = False
 
 
+# What a search may vary, and the [model]/[train] key each lands on.
+SEARCHABLE = {"learning_rate": "train", "base_kernels": "model", "dilation": "model", "base_filters": "model",
+              "num_layers": "model", "dropout_rate": "model"}
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+WHOLE_NUMBER_KEYS = ("base_kernels", "dilation", "base_filters", "num_layers")
+
+
+def _default_space() -> dict[str, dict[str, tuple[float, ...]]]:
+    return {"learning_rate": {"loguniform": (1e-4, 1e-2)}, "base_kernels": {"choice": (5, 7, 9)},
+            "dilation": {"choice": (1, 2, 3)}}
+
+
+@dataclass
+class TuneConfig:
+    """``aisd-ray tune``: the search space, the scheduler and the budget.
+
+    ``space`` gives each searched key one distribution: ``{loguniform = [low, high]}``,
+    ``{uniform = [low, high]}``, ``{choice = [...]}`` or ``{grid = [...]}`` (every value, in
+    order, times num_samples). Keys: learning_rate, base_kernels and dilation (square: one
+    number), base_filters, num_layers, dropout_rate. Every trial is a full Ray Train run with
+    train.num_workers workers."""
+
+    name: str = "search"
+    num_samples: int = 8
+    max_concurrent_trials: int = 1
+    space: dict[str, dict[str, tuple[float, ...]]] = field(default_factory=_default_space)
+    searcher: str = "random"  # "random", or "optuna" (TPE; needs the optuna package)
+    scheduler: str = "asha"  # "asha" stops weak trials at rungs of val_lesion_dice; "fifo" runs all to the end
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    reduction_factor: int = 2
+    seed: int = 0
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = 4
@@ -171,6 +205,7 @@ class Config:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -480,7 +515,61 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("train.mixed_precision", f"must be one of {tuple(PRECISIONS)}, got {t.mixed_precision!r}")
     if t.backend not in BACKENDS:
         raise bad("train.backend", f"must be one of {BACKENDS}, got {t.backend!r}")
+    _validate_tune(cfg, bad)
     if cfg.eval.batch_size < 1:
         raise bad("eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
     if not cfg.run.name or "/" in cfg.run.name:
         raise bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+
+
+def _validate_tune(cfg: Config, bad) -> None:
+    tc = cfg.tune
+    for key in ("num_samples", "max_concurrent_trials", "grace_period"):
+        if getattr(tc, key) < 1:
+            raise bad(f"tune.{key}", f"must be >= 1, got {getattr(tc, key)}")
+    if tc.reduction_factor < 2:
+        raise bad("tune.reduction_factor", f"must be >= 2, got {tc.reduction_factor}")
+    if tc.searcher not in ("random", "optuna"):
+        raise bad("tune.searcher", f"must be 'random' or 'optuna', got {tc.searcher!r}")
+    if tc.scheduler not in ("asha", "fifo"):
+        raise bad("tune.scheduler", f"must be 'asha' or 'fifo', got {tc.scheduler!r}")
+    if not tc.name or "/" in tc.name:
+        raise bad("tune.name", f"must be a non-empty name without '/', got {tc.name!r}")
+    for key, spec in tc.space.items():
+        where = f"tune.space.{key}"
+        if key not in SEARCHABLE:
+            raise bad("tune.space", f"cannot search {key!r} (searchable: {', '.join(SEARCHABLE)})")
+        if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise bad("tune.space", f"{key} needs exactly one of {DISTRIBUTIONS}, got {sorted(spec)}")
+        (kind, values), = spec.items()
+        if not values:
+            raise bad("tune.space", f"{key}: {kind} needs values")
+        if kind in ("loguniform", "uniform"):
+            if key in WHOLE_NUMBER_KEYS:
+                raise bad("tune.space", f"{key} takes whole numbers: use choice or grid, not {kind}")
+            if len(values) != 2 or not 0 <= values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
+                raise bad("tune.space", f"{key}: {kind} needs [low, high] with 0 {'<' if kind == 'loguniform' else '<='} "
+                                        f"low < high, got {list(values)}")
+        candidates = values if kind in ("choice", "grid") else ()
+        for value in candidates:
+            trial = copy.deepcopy(cfg)
+            trial.tune.space = {}  # check the model/train keys this value lands on, not the space again
+            try:
+                apply_params(trial, {key: value})
+                validate(trial, f"{where} = {value:g}")
+            except (ConfigError, TypeError) as exc:
+                raise bad("tune.space", f"{key} = {value:g} would not give a valid config: {exc}") from None
+
+
+def apply_params(cfg: Config, params: dict[str, float]) -> Config:
+    """Write one trial's sampled values into the config tree (kernels and dilation are square)."""
+    for key, value in params.items():
+        section = SEARCHABLE[key]
+        if key in WHOLE_NUMBER_KEYS:
+            if float(value) != int(value) or int(value) < 1:
+                raise TypeError(f"{key} must be a whole number >= 1, got {value}")
+            value = int(value)
+            if key in ("base_kernels", "dilation"):
+                value = (value, value)
+        setattr(getattr(cfg, section), key, value if key in WHOLE_NUMBER_KEYS else float(value))
+    return cfg

@@ -27,8 +27,9 @@ def run_uri(cfg: Config, output_root: str) -> str:
     return storage.join(output_root, cfg.run.name)
 
 
-def train(cfg: Config, shards_uri: str, output_root: str) -> dict[str, Any]:
-    """Train (or resume) the run ``output_root/run.name``; return its last reported metrics."""
+def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = ()) -> dict[str, Any]:
+    """Train (or resume) the run ``output_root/run.name``; return its last reported metrics.
+    ``callbacks`` go to Ray Train (the ray backend only)."""
     shards_uri, output_root = storage.absolute(shards_uri), storage.absolute(output_root)
     run = run_uri(cfg, output_root)
     storage.write_text(storage.join(run, "config.toml"), cfg.to_toml())
@@ -42,7 +43,7 @@ def train(cfg: Config, shards_uri: str, output_root: str) -> dict[str, Any]:
         return state.history[-1] if state.history else {}
     from aisd_ray.train.ray_train import train_ray
 
-    return dict(train_ray(cfg, shards_uri, output_root).metrics or {})
+    return dict(train_ray(cfg, shards_uri, output_root, callbacks).metrics or {})
 
 
 def run_config(run: str) -> Config:

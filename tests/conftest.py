@@ -58,7 +58,7 @@ def ray_cluster():
     """One in-process local Ray cluster for the session (stopped with ray.shutdown, never `ray stop`)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -124,3 +124,26 @@ def gcs_emulator():
             os.environ[key] = value
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def kill_processes_under(marker: str) -> list[int]:
+    """Kill (by PID) every process of ours whose command line names ``marker``, e.g. a Ray temp dir,
+    so a test's own Ray processes never outlive it; other Ray clusters on the host are untouched."""
+    import signal
+    from pathlib import Path
+
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+            except OSError:
+                pass
+    return killed

@@ -32,15 +32,17 @@ def ensure_ray(num_cpus_wanted: int) -> None:
     """Join the cluster in RAY_ADDRESS (as ``ray job submit`` sets it) or start a local one.
 
     A local cluster gets spare logical CPUs beyond the training workers so Ray Data's read
-    tasks can always be scheduled next to them.
+    tasks can always be scheduled next to them, and a dashboard (127.0.0.1:8265): besides
+    showing the run, its state API is how Ray Train notices a controller that a Tune
+    scheduler stopped, and frees that trial's workers for the next one.
     """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=max(num_cpus_wanted, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=True)
+        ray.init(num_cpus=max(num_cpus_wanted, os.cpu_count() or 1), include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:
@@ -101,8 +103,9 @@ def _worker(loop_config: dict) -> None:
     run_training(cfg, strategy, feed, RayReporter(), loop_config["run"], rank, world)
 
 
-def train_ray(cfg: Config, shards_uri: str, output_root: str) -> ray.train.Result:
-    """Run (or resume: same output root and run name) a distributed training run."""
+def train_ray(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = ()) -> ray.train.Result:
+    """Run (or resume: same output root and run name) a distributed training run; ``callbacks``
+    are Ray Train callbacks (a Tune trial passes the one that reports each epoch to Tune)."""
     manifest = shards.read_manifest(shards_uri)
     shards.verify_shards(shards_uri, manifest)
     ensure_ray(cfg.train.num_workers + 2)
@@ -123,6 +126,7 @@ def train_ray(cfg: Config, shards_uri: str, output_root: str) -> ray.train.Resul
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ckpt.SCORE,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     return trainer.fit()
