@@ -287,6 +287,12 @@ def _apply_override(cfg: Config, item: str) -> None:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # a bare word such as local or parquet
+    key, _, entry = key.partition(".")
+    if entry:  # section.table.entry=value: one entry of a table-valued key, e.g. tune.space.dilation
+        current = getattr(getattr(cfg, section, None), key, None)
+        if not isinstance(current, dict):
+            raise ConfigError(f"override {item!r}: [{section}] {key} is not a table")
+        value = {**current, entry: value}
     _set(cfg, section, key, value, f"--set {item}")
 
 
@@ -548,8 +554,9 @@ def _validate_tune(cfg: Config, bad) -> None:
             if key in WHOLE_NUMBER_KEYS:
                 raise bad("tune.space", f"{key} takes whole numbers: use choice or grid, not {kind}")
             if len(values) != 2 or not 0 <= values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
-                raise bad("tune.space", f"{key}: {kind} needs [low, high] with 0 {'<' if kind == 'loguniform' else '<='} "
-                                        f"low < high, got {list(values)}")
+                relation = "<" if kind == "loguniform" else "<="
+                raise bad("tune.space", f"{key}: {kind} needs [low, high] with 0 {relation} low < high, "
+                                        f"got {list(values)}")
         candidates = values if kind in ("choice", "grid") else ()
         for value in candidates:
             trial = copy.deepcopy(cfg)

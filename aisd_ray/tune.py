@@ -51,8 +51,8 @@ def _searcher(cfg: Config):
     if cfg.tune.searcher == "random":  # a generator, which TuneConfig.max_concurrent_trials would not limit
         return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials)
     try:
-        from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise ImportError("tune.searcher = 'optuna' needs the optuna package: pip install 'aisd-ray[optuna]'") from None
     if any("grid" in spec for spec in cfg.tune.space.values()):

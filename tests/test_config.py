@@ -89,3 +89,25 @@ def test_toml_round_trip(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nothere.toml: config file not found"):
         load_config(tmp_path / "nothere.toml")
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{lr={choice=[1]}}", "cannot search 'lr'"),
+    ("{learning_rate={choice=[1], grid=[2]}}", "needs exactly one of"),
+    ("{learning_rate={loguniform=[0, 1]}}", "loguniform needs \\[low, high\\]"),
+    ("{base_kernels={uniform=[3, 9]}}", "takes whole numbers: use choice or grid"),
+    ("{num_layers={choice=[3, 9]}}", "num_layers = 9 would not give a valid config.*not divisible"),
+    ("{dilation={grid=[0]}}", "dilation must be >= 1|whole number >= 1"),
+])
+def test_bad_search_spaces_name_the_key(space, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(builtin_config("tiny"), [f"tune.space={space}"])
+
+
+def test_trial_values_land_on_the_model_and_train_keys():
+    from aisd_ray.config import apply_params
+
+    cfg = apply_params(load_config(builtin_config("tiny")), {"learning_rate": 0.004, "base_kernels": 5.0,
+                                                             "dilation": 2, "num_layers": 2, "dropout_rate": 0.1})
+    assert cfg.train.learning_rate == 0.004 and cfg.model.base_kernels == (5, 5) and cfg.model.dilation == (2, 2)
+    assert cfg.model.num_layers == 2 and cfg.model.dropout_rate == 0.1
