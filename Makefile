@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo tune-demo test install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/aisd-ray demo --output $(DEMO_OUTPUT)
+
+tune-demo: $(BIN)/.installed
+	$(BIN)/aisd-ray tune --data $(DEMO_OUTPUT)/shards --output runs/tune-demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q --durations=10

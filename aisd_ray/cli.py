@@ -146,6 +146,21 @@ def cmd_demo(args) -> None:
     print(result.table())
 
 
+def cmd_pipeline(args) -> None:
+    from aisd_ray import stages
+
+    cfg = _config(args)
+    if args.source:
+        cfg.data.source_dir, cfg.data.split_dirs = args.source, {}
+    if args.images:
+        cfg.infer.images_dir = args.images
+    if args.backend:
+        cfg.train.backend = args.backend
+    result = stages.pipeline(cfg, args.output)
+    print()
+    print(result.table())
+
+
 def cmd_benchmark(args) -> None:
     from aisd_ray import benchmark
 
@@ -226,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time prepare into this object-store prefix (e.g. the emulator's)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("pipeline", help="prepare, train, export, evaluate (and infer) in one go; reruns resume")
+    _add_config(p)
+    p.add_argument("--source", help="seed tree or raw AISD release (else data.source_dir)")
+    p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
+    p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
+    p.add_argument("--backend", choices=("ray", "local"))
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, end to end")
     _add_config(p, "demo")

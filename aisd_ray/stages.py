@@ -1,6 +1,7 @@
 """The pipeline's stages as plain functions: prepare -> train -> export -> evaluate -> infer.
 
 The CLI and the ``jobs/`` entry points call these; each returns where its outputs went.
+``pipeline`` chains them for one submission; ``demo`` is the pipeline on synthetic data.
 A run folder is ``<output root>/<run.name>``: checkpoints, history, plots, TensorBoard, and
 the resolved ``config.toml``; ``export/``, ``eval/`` and ``infer/`` are written beside them.
 """
@@ -79,18 +80,15 @@ class DemoResult:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def demo(cfg: Config, output: str, progress: bool = True) -> DemoResult:
-    """Synthetic AISD-like data -> shards -> training -> SavedModel -> test metrics -> masks."""
+def _synthetic_source(cfg: Config, output: str, progress: bool) -> Path:
+    """The demo's synthetic AISD-like tree, written once per [synthetic] settings. Source PNGs are
+    local input: beside the outputs for a folder, in a temp folder when the outputs go to gs://."""
     from aisd_ray.data.synthetic import write_synthetic_aisd
-    from aisd_ray.evaluate import evaluate_export
-    from aisd_ray.infer import infer_folder
 
-    started = time.time()
-    result = DemoResult()
     wanted = json.dumps(cfg.to_dict()["synthetic"], sort_keys=True)
     if storage.is_local(output):
         source = Path(storage.resolve(output)[1]) / "source"
-    else:  # the source PNG tree is local input; shards and the run go to the object store
+    else:
         digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
         source = Path(tempfile.gettempdir()) / f"aisd-ray-synthetic-{digest}"
     marker = source / "synthetic.json"
@@ -98,25 +96,44 @@ def demo(cfg: Config, output: str, progress: bool = True) -> DemoResult:
         log.info("writing synthetic AISD-like slices to %s", source)
         write_synthetic_aisd(source, cfg.synthetic, progress=progress)
         marker.write_text(wanted)
-    cfg.data.source_dir = str(source / "AISD")
+    return source / "AISD"
+
+
+def pipeline(cfg: Config, output: str, progress: bool = True) -> DemoResult:
+    """prepare -> train -> export -> evaluate (test split) -> infer, all under ``output``.
+
+    The source is ``data.source_dir`` (either layout); inference runs on ``infer.images_dir``
+    when set. Rerunning resumes: prepare is idempotent and training continues from its latest
+    checkpoint, so a failed submission is simply submitted again.
+    """
+    from aisd_ray.evaluate import evaluate_export
+    from aisd_ray.infer import infer_folder
+
+    started = time.time()
+    result = DemoResult()
+    stages = 5 if cfg.infer.images_dir else 4
     shards_uri = cfg.data.shards_dir or storage.join(output, "shards")
+    log.info("stage 1/%d: prepare %s -> %s", stages, cfg.data.source_dir or "data.split_dirs", shards_uri)
     prepare(cfg, shards_uri, progress=progress)
-    result.outputs["synthetic source"] = str(source / "AISD")
     result.outputs["shards + manifest"] = shards_uri
 
+    log.info("stage 2/%d: train", stages)
     last = train(cfg, shards_uri, output)
     run = run_uri(cfg, output)
     result.outputs["run (checkpoints, plots)"] = run
+    log.info("stage 3/%d: export", stages)
     export_uri, best = export(run)
     result.outputs["SavedModel"] = storage.join(export_uri, "saved_model")
 
+    log.info("stage 4/%d: evaluate on the test split", stages)
     eval_uri = storage.join(run, "eval")
     report = evaluate_export(export_uri, shards_uri, eval_uri, "test", cfg.eval.batch_size, progress)
     result.outputs["metrics.json"] = storage.join(eval_uri, "metrics.json")
-    infer_uri = storage.join(run, "infer")
-    infer_folder(export_uri, source / "AISD" / "test" / "images", infer_uri, cfg.eval.batch_size,
-                 progress=progress)
-    result.outputs["test masks + overlays"] = infer_uri
+    if cfg.infer.images_dir:
+        log.info("stage 5/5: infer %s", cfg.infer.images_dir)
+        infer_uri = cfg.infer.output_dir or storage.join(run, "infer")
+        infer_folder(export_uri, cfg.infer.images_dir, infer_uri, cfg.eval.batch_size, progress=progress)
+        result.outputs["test masks + overlays"] = infer_uri
 
     result.figures = {
         "epochs run": int(last.get("epoch", 0)),
@@ -124,9 +141,24 @@ def demo(cfg: Config, output: str, progress: bool = True) -> DemoResult:
         "val lesion Dice (best)": float(best.get("val_lesion_dice", float("nan"))),
         "test lesion Dice (pooled)": report["lesion_dice"],
         "test lesion Dice (per image)": report["lesion_dice_per_image"],
+        **({"test case Dice (mean)": report["cases"]["case_dice_mean"]} if "cases" in report else {}),
         "test dice_coef_multiclass (seed, bg-incl.)": report["dice_coef_multiclass"],
         "wall time (s)": round(time.time() - started, 1),
     }
+    storage.write_text(storage.join(output, "summary.json"),
+                       json.dumps({"outputs": result.outputs, "figures": result.figures}, indent=2))
+    return result
+
+
+def demo(cfg: Config, output: str, progress: bool = True) -> DemoResult:
+    """The pipeline on synthetic AISD-like data: the README's first command."""
+    started = time.time()
+    source = _synthetic_source(cfg, output, progress)
+    cfg.data.source_dir, cfg.data.split_dirs = str(source), {}
+    cfg.infer.images_dir = cfg.infer.images_dir or str(source / "test" / "images")
+    result = pipeline(cfg, output, progress)
+    result.outputs = {"synthetic source": str(source), **result.outputs}
+    result.figures["wall time (s)"] = round(time.time() - started, 1)
     storage.write_text(storage.join(output, "summary.json"),
                        json.dumps({"outputs": result.outputs, "figures": result.figures}, indent=2))
     return result

@@ -1,0 +1,109 @@
+"""`ray job submit` against a real Ray head started on free ports with its own temp dir and token,
+stopped by PID (never `ray stop`, which would kill every Ray process on the host)."""
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aisd_ray.export import LoadedExport
+from tests.conftest import _free_port, kill_processes_under
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+RAY = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit
+    token = Path(temp) / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    dashboard = _free_port()
+    ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": _free_port(),
+             "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
+             "--metrics-export-port": _free_port(), "--dashboard-agent-listen-port": _free_port(),
+             "--dashboard-agent-grpc-port": _free_port(), "--runtime-env-agent-port": _free_port()}
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
+                             *[f"{k}={v}" for k, v in ports.items()]],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+        if head.poll() is not None or time.time() > deadline:
+            os.killpg(head.pid, signal.SIGKILL)
+            kill_processes_under(temp)
+            pytest.fail(f"ray head did not come up: {head.stderr.read()[-2000:]!r}")
+        time.sleep(2)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    kill_processes_under(temp)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(address, env, *args) -> tuple[str, str, float]:
+    """Submit jobs/pipeline.py the documented way; wait for a terminal state; (state, logs, seconds)."""
+    started = time.time()
+    job_id = f"aisd-{secrets.token_hex(4)}"
+    out = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--submission-id", job_id,
+                          "--runtime-env", "jobs/runtime_env.yaml", "--working-dir", ".", "--",
+                          sys.executable, "jobs/pipeline.py", *args],
+                         env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    state = ""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
+                                capture_output=True, text=True).stdout
+        found = re.search(r"\b(SUCCEEDED|FAILED|STOPPED)\b", status)
+        if found:
+            state = found.group(1)
+            break
+        time.sleep(2)
+    elapsed = time.time() - started
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env,
+                          capture_output=True, text=True).stdout
+    return state, logs, elapsed
+
+
+def test_pipeline_job_succeeds_and_a_resubmission_resumes(ray_head, synthetic_root, tmp_path):
+    address, env = ray_head
+    output = tmp_path / "out"
+    args = ["--config", "aisd_ray/configs/tiny.toml", "--source", str(synthetic_root), "--output", str(output),
+            "--images", str(synthetic_root / "test" / "images")]
+    state, logs, seconds = submit(address, env, *args)
+    assert state == "SUCCEEDED", logs[-4000:]
+    for stage in ("stage 1/5: prepare", "stage 2/5: train", "stage 3/5: export", "stage 4/5: evaluate",
+                  "stage 5/5: infer", "epoch 2:"):
+        assert stage in logs
+    print(f"submission to SUCCEEDED: {seconds:.0f} s")
+    model = LoadedExport(str(output / "tiny" / "export"))
+    assert model.predict(np.zeros((2, 64, 64, 3), np.uint8))["labels"].shape == (2, 64, 64)
+    assert len(list((output / "tiny" / "infer").glob("*.png"))) == 8
+
+    state, logs, _ = submit(address, env, *args, "--set", "train.epochs=3")  # the same run, one more epoch
+    assert state == "SUCCEEDED", logs[-4000:]
+    assert "up to date" in logs and "resumed from" in logs and "after epoch 2" in logs and "epoch 3:" in logs
+
+
+def test_a_bad_config_fails_the_job_with_the_reason_in_its_logs(ray_head, tmp_path):
+    address, env = ray_head
+    state, logs, _ = submit(address, env, "--config", "aisd_ray/configs/tiny.toml", "--output", str(tmp_path),
+                            "--set", "train.epochs=0")
+    assert state == "FAILED"
+    assert "aisd-ray pipeline: error:" in logs and "[train] epochs: must be >= 1, got 0" in logs
