@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 
 import ray
@@ -34,15 +35,28 @@ def ensure_ray(num_cpus_wanted: int) -> None:
     A local cluster gets spare logical CPUs beyond the training workers so Ray Data's read
     tasks can always be scheduled next to them, and a dashboard (127.0.0.1:8265): besides
     showing the run, its state API is how Ray Train notices a controller that a Tune
-    scheduler stopped, and frees that trial's workers for the next one.
+    scheduler stopped, and frees that trial's workers for the next one. Its own processes are
+    told its address: with other Ray instances on the host, Ray's address auto-detection fails
+    there, and a stopped trial's workers would then never be freed.
     """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
+        return
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local head Ray starts
+    try:
         ray.init(num_cpus=max(num_cpus_wanted, os.cpu_count() or 1), include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}})
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
+    gcs = ray.get_runtime_context().gcs_address
+    if not gcs.endswith(f":{port}"):
+        raise RuntimeError(f"local Ray started its GCS at {gcs}, not on port {port}")
 
 
 def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:

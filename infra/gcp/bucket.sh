@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create the bucket the jobs expect, the Google service account that may use it, and the Workload
+# Identity binding for the Kubernetes service account `aisd-ray` (infra/kuberay/serviceaccount.yaml).
+#
+#   PROJECT_ID=my-project BUCKET=my-aisd-bucket REGION=us-central1 infra/gcp/bucket.sh
+#
+# Layout:  gs://$BUCKET/data/     shard stores from `aisd-ray prepare` (one folder per store)
+#          gs://$BUCKET/runs/     training runs and searches (checkpoints, history, plots)
+#          gs://$BUCKET/exports/  SavedModels for serving
+# Safe to rerun: each step skips what already exists.
+set -euo pipefail
+: "${PROJECT_ID:?set PROJECT_ID}" "${BUCKET:?set BUCKET}"
+REGION="${REGION:-us-central1}"
+NAMESPACE="${NAMESPACE:-default}"
+GSA="aisd-ray@${PROJECT_ID}.iam.gserviceaccount.com"
+
+gcloud storage buckets describe "gs://${BUCKET}" --project "${PROJECT_ID}" >/dev/null 2>&1 \
+  || gcloud storage buckets create "gs://${BUCKET}" --project "${PROJECT_ID}" --location "${REGION}" \
+       --uniform-bucket-level-access --public-access-prevention
+for prefix in data runs exports; do   # object stores have no folders: a marker makes each visible
+  echo "aisd-ray ${prefix}/" | gcloud storage cp - "gs://${BUCKET}/${prefix}/README.txt"
+done
+
+gcloud iam service-accounts describe "${GSA}" --project "${PROJECT_ID}" >/dev/null 2>&1 \
+  || gcloud iam service-accounts create aisd-ray --project "${PROJECT_ID}" --display-name "aisd-ray jobs"
+gcloud storage buckets add-iam-policy-binding "gs://${BUCKET}" \
+  --member "serviceAccount:${GSA}" --role roles/storage.objectAdmin >/dev/null
+# GKE pods running as KSA ${NAMESPACE}/aisd-ray act as the GSA (Workload Identity; no key files).
+gcloud iam service-accounts add-iam-policy-binding "${GSA}" --project "${PROJECT_ID}" \
+  --role roles/iam.workloadIdentityUser \
+  --member "serviceAccount:${PROJECT_ID}.svc.id.goog[${NAMESPACE}/aisd-ray]" >/dev/null
+echo "gs://${BUCKET} ready: data/ runs/ exports/; service account ${GSA}"
