@@ -56,7 +56,7 @@ class Sizes:
 
     @classmethod
     def for_mode(cls, tiny: bool) -> "Sizes":
-        return cls(8, 64, 16, 2, 8) if tiny else cls(12, 512, 96, 3, 48)
+        return cls(8, 64, 16, 1, 8) if tiny else cls(12, 512, 96, 3, 48)
 
 
 def figure(name: str, unit: str, samples: list[float], **extra: Any) -> dict[str, Any]:

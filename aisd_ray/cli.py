@@ -135,28 +135,18 @@ def cmd_infer(args) -> None:
     print(f"{len(written)} masks written to {output}")
 
 
-def cmd_demo(args) -> None:
-    from aisd_ray import stages
-
-    cfg = _config(args)
-    if args.backend:
-        cfg.train.backend = args.backend
-    result = stages.demo(cfg, args.output)
-    print()
-    print(result.table())
-
-
 def cmd_pipeline(args) -> None:
+    """``pipeline`` on a given source, or ``demo`` on synthetic data."""
     from aisd_ray import stages
 
     cfg = _config(args)
-    if args.source:
+    if getattr(args, "source", None):
         cfg.data.source_dir, cfg.data.split_dirs = args.source, {}
-    if args.images:
+    if getattr(args, "images", None):
         cfg.infer.images_dir = args.images
     if args.backend:
         cfg.train.backend = args.backend
-    result = stages.pipeline(cfg, args.output)
+    result = (stages.demo if args.command == "demo" else stages.pipeline)(cfg, args.output)
     print()
     print(result.table())
 
@@ -254,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, "demo")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--backend", choices=("ray", "local"))
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_pipeline)
     return parser
 
 
