@@ -47,11 +47,8 @@ def ray_head():
             pytest.fail(f"ray head did not come up: {head.stderr.read()[-2000:]!r}")
         time.sleep(2)
     yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    os.killpg(head.pid, signal.SIGKILL)  # the head's whole process group, then any straggler of its temp dir
+    head.wait()
     kill_processes_under(temp)
     shutil.rmtree(temp, ignore_errors=True)
 
