@@ -34,14 +34,15 @@ def decode_fn(channels: int, num_classes: int, augment=None, seed: int = 0):
 
 def batches(rows: Callable[[], Rows], channels: int, num_classes: int, batch_size: int,
             shuffle_buffer: int = 0, seed: int | None = None, drop_remainder: bool = False,
-            augment=None) -> tf.data.Dataset:
+            augment=None, augment_seed: int = 0) -> tf.data.Dataset:
     """A dataset of (image float32 0..255, one-hot float32) batches. Training drops a partial
-    last batch so that every worker runs the same number of synchronised steps."""
+    last batch so that every worker runs the same number of synchronised steps. ``seed``
+    orders the shuffle, ``augment_seed`` keys the augmentation."""
     spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string))
     ds = tf.data.Dataset.from_generator(rows, output_signature=spec)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed)
-    decode = decode_fn(channels, num_classes, augment, seed or 0)
+    decode = decode_fn(channels, num_classes, augment, augment_seed)
     ds = ds.enumerate().map(lambda i, row: decode(i, *row), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 

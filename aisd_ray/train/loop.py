@@ -160,8 +160,9 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     def batches(rows_fn, batch_size, training):
         return pipeline.batches(rows_fn, m.image_channels, m.num_classes, batch_size,
                                 shuffle_buffer=t.shuffle_buffer if training else 0,
-                                seed=(t.seed + state.epoch) * 1009 + rank, drop_remainder=training,
-                                augment=augment if training else None)
+                                seed=t.seed + state.epoch, drop_remainder=training,
+                                augment=augment if training else None,
+                                augment_seed=(t.seed + state.epoch) * 1009 + rank)
 
     artifacts = Artifacts(run_uri) if chief else None
     try:

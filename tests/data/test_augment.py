@@ -74,7 +74,7 @@ def test_pipeline_batches_are_reproducible_with_augmentation():
     rows = [(encode_png(image.astype(np.uint8)), encode_png(labels))] * 6
 
     def take():
-        ds = pipeline.batches(lambda: iter(rows), 3, 2, 3, seed=11, augment=augment_fn(GEOMETRY_ONLY, 64, 64))
+        ds = pipeline.batches(lambda: iter(rows), 3, 2, 3, augment=augment_fn(GEOMETRY_ONLY, 64, 64), augment_seed=11)
         return np.concatenate([y.numpy() for _, y in ds])
 
     first, second = take(), take()
