@@ -99,18 +99,20 @@ def _synthetic_source(cfg: Config, output: str, progress: bool) -> Path:
     return source / "AISD"
 
 
-def pipeline(cfg: Config, output: str, progress: bool = True) -> DemoResult:
+def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult | None = None,
+             started: float | None = None) -> DemoResult:
     """prepare -> train -> export -> evaluate (test split) -> infer, all under ``output``.
 
     The source is ``data.source_dir`` (either layout); inference runs on ``infer.images_dir``
     when set. Rerunning resumes: prepare is idempotent and training continues from its latest
-    checkpoint, so a failed submission is simply submitted again.
+    checkpoint, so a failed submission is simply submitted again. ``result`` and ``started``
+    carry what a caller did before (the demo's synthetic source) into the summary.
     """
     from aisd_ray.evaluate import evaluate_export
     from aisd_ray.infer import infer_folder
 
-    started = time.time()
-    result = DemoResult()
+    started = started or time.time()
+    result = result or DemoResult()
     stages = 5 if cfg.infer.images_dir else 4
     shards_uri = cfg.data.shards_dir or storage.join(output, "shards")
     log.info("stage 1/%d: prepare %s -> %s", stages, cfg.data.source_dir or "data.split_dirs", shards_uri)
@@ -156,9 +158,4 @@ def demo(cfg: Config, output: str, progress: bool = True) -> DemoResult:
     source = _synthetic_source(cfg, output, progress)
     cfg.data.source_dir, cfg.data.split_dirs = str(source), {}
     cfg.infer.images_dir = cfg.infer.images_dir or str(source / "test" / "images")
-    result = pipeline(cfg, output, progress)
-    result.outputs = {"synthetic source": str(source), **result.outputs}
-    result.figures["wall time (s)"] = round(time.time() - started, 1)
-    storage.write_text(storage.join(output, "summary.json"),
-                       json.dumps({"outputs": result.outputs, "figures": result.figures}, indent=2))
-    return result
+    return pipeline(cfg, output, progress, DemoResult(outputs={"synthetic source": str(source)}), started)

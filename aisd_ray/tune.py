@@ -182,9 +182,9 @@ def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     grid = tuner.fit()
     results = [grid[i] for i in range(len(grid))]
     rows = _order([_row(r, cfg, trials_root) for r in results])
-    curves = {row["trial_id"]: r.metrics_dataframe for row in rows for r in results
-              if r.metrics_dataframe is not None and SCORE in r.metrics_dataframe
-              and (r.metrics or {}).get("trial_id") == row["trial_id"]}
+    histories = {(r.metrics or {}).get("trial_id"): r.metrics_dataframe for r in results}
+    curves = {row["trial_id"]: histories[row["trial_id"]] for row in rows  # in leaderboard order
+              if histories.get(row["trial_id"]) is not None and SCORE in histories[row["trial_id"]]}
     if not rows or math.isnan(rows[0][f"best_{SCORE}"]):
         raise RuntimeError(f"no trial of {experiment} reported {SCORE}; see the trial errors above")
     result = SearchResult(rows, _write_outputs(rows, curves, cfg, output))
