@@ -170,14 +170,14 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
         rows = pipeline.ShardRows(store, manifest, "train")
         direct = functools.partial(pipeline.batches, rows, m.image_channels, m.num_classes, batch)
         out.append(figure(f"input_{fmt}_direct", "images/s", repeat(lambda f=direct: _throughput(f()), sizes.repeats),
-                          reader="shard files -> tf.data decode (local backend, validation)"))
+                          reader="shard files -> tf.data decode (training on every backend, validation)"))
         dataset = read_split(store, manifest, "train")
         ray_fed = functools.partial(pipeline.batches, functools.partial(ray_rows, dataset),
                                     m.image_channels, m.num_classes, batch)
         first: list[float] = []
         samples = repeat(lambda f=ray_fed, first=first: _throughput(f(), first), sizes.repeats)
         out.append(figure(f"input_{fmt}_ray_data", "images/s", samples,
-                          reader="Ray Data read -> worker iterator -> tf.data decode (training)"))
+                          reader="Ray Data read -> worker iterator -> tf.data decode (train.reader = ray_data)"))
         out.append(figure(f"first_batch_{fmt}_ray_data", "s", first[-sizes.repeats:]))
     source = root / f"source-{sizes.pipeline_slices}-{m.image_height}" / "AISD" / "train"
 

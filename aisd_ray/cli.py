@@ -159,6 +159,27 @@ def cmd_benchmark(args) -> None:
     print(f"figures: {args.output}")
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    return seeds
+
+
+def cmd_sweep(args) -> None:
+    from aisd_ray import sweep
+
+    cfg = _config(args)
+    plan = sweep.Plan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds,
+                      ray_train_seeds=args.ray_train_seeds, ray_workers=args.ray_workers)
+    if not plan.synthetic_seeds or not (plan.train_seeds or plan.ray_train_seeds):
+        raise ConfigError("give at least one --synthetic-seeds and one --train-seeds or --ray-train-seeds")
+    report = sweep.sweep(cfg, args.output, plan)
+    print(sweep.table(report))
+    print(f"figures: {storage.join(args.output, 'sweep.json')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aisd-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -231,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time prepare into this object-store prefix (e.g. the emulator's)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("sweep", help="train the demo over several seeds on both backends; report the spread "
+                                      "of test lesion Dice and the collapses")
+    _add_config(p, "demo")
+    p.add_argument("--output", default="runs/sweep", help="sweep folder: one output folder per run, sweep.json "
+                                                          "(default: %(default)s)")
+    p.add_argument("--train-seeds", type=_seeds, default=(1, 2, 3), metavar="N,N,...",
+                   help="train.seed values on the local backend (default: 1,2,3)")
+    p.add_argument("--synthetic-seeds", type=_seeds, default=(2024, 7), metavar="N,N,...",
+                   help="synthetic.seed values (data sets) for the local runs; the Ray runs use the first "
+                        "(default: 2024,7)")
+    p.add_argument("--ray-train-seeds", type=_seeds, default=(1, 2, 3), metavar="N,N,...",
+                   help="train.seed values on the Ray backend; empty to skip it (default: 1,2,3)")
+    p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers per Ray run (default: 2)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("pipeline", help="prepare, train, export, evaluate (and infer) in one go; reruns resume")
     _add_config(p)

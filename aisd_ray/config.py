@@ -81,6 +81,10 @@ class DataConfig:
     # Leave slices without lesion out of the train split (the seed's derived set did); valid and
     # test keep every slice, so that evaluation sees whole cases.
     drop_empty_train: bool = False
+    # Foreground-aware sampling (nnU-Net oversamples foreground): at least this share of each
+    # worker's training rows per epoch contain lesion; lesion slices are drawn again in place of
+    # lesion-free ones until it holds. 0 trains on the split as it is.
+    foreground_fraction: float = 0.0
 
 
 @dataclass
@@ -118,13 +122,29 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 8  # per worker
     learning_rate: float = 1e-3
+    # Gradient clipping, applied to the all-reduced (global) gradient, so the update is the same at
+    # any worker count: by value as the original does, or by global norm (clipnorm; set clipvalue = 0).
     clipvalue: float = 0.5
+    clipnorm: float = 0.0
+    adam_epsilon: float = 1e-7  # Keras' default, as the original
+    # Learning-rate schedule: "plateau" (halve on a val_loss plateau, as the original), "cosine"
+    # (decay to min_learning_rate over the epochs) or "constant"; each after a linear warm-up.
+    lr_schedule: str = "plateau"
+    warmup_epochs: int = 0
     loss: str = "ce_dice"
     patience: int = 10
     learning_rate_reducer: bool = True
     reducer_factor: float = 0.5
     reducer_patience: int = 4
     min_learning_rate: float = 1e-7
+    # Divergence guard: a non-finite loss, or a collapse (no lesion pixel predicted on train or
+    # validation for collapse_patience epochs after an epoch that found lesions), either rolls back
+    # to the best epoch's weights with the learning rate times rollback_factor ("rollback", at most
+    # max_rollbacks times), ends the run with a clear reason ("stop"), or is only logged ("ignore").
+    on_collapse: str = "rollback"
+    collapse_patience: int = 3
+    rollback_factor: float = 0.5
+    max_rollbacks: int = 3
     steps_per_epoch: int = 0  # 0: one pass over the worker's share
     validation_steps: int = 0  # 0: the whole validation split
     epoch_change_infer: bool = True
@@ -135,10 +155,15 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     max_failures: int = 0  # Ray FailureConfig: restarts from the latest checkpoint on worker loss
-    shuffle_buffer: int = 64
-    # Ray backend: read the training shards once into Ray's object store (it spills to disk when
-    # full) instead of streaming them again every epoch; pays off for small splits, where Ray
-    # Data's per-epoch start-up (seconds) dominates.
+    # Rows (still encoded) each worker shuffles over, after its share of the epoch's permuted shard
+    # order; at least the share itself gives a uniform permutation of it.
+    shuffle_buffer: int = 1024
+    # Where a worker's training rows come from: "shards" (every backend reads its share straight
+    # from the shards in a (seed, epoch)-keyed order: reproducible, disjoint across workers) or
+    # "ray_data" (Ray Data streams equal shares; block order fixed by the seed, rows shuffled per epoch).
+    reader: str = "shards"
+    # reader = "ray_data": read the training shards once into Ray's object store (it spills to disk
+    # when full) instead of streaming them again every epoch.
     cache_train_split: bool = False
     # GPU switches: "none" | "bf16" | "fp16" (fp16 with dynamic loss scaling), XLA for the step.
     mixed_precision: str = "none"
@@ -223,6 +248,9 @@ SHARD_FORMATS = ("parquet", "tfrecord")
 BACKENDS = ("ray", "local")
 # train.mixed_precision -> Keras dtype policy of the layers (the softmax head stays float32).
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+LR_SCHEDULES = ("plateau", "cosine", "constant")
+ON_COLLAPSE = ("rollback", "stop", "ignore")
+READERS = ("shards", "ray_data")
 
 
 # --------------------------------------------------------------------------- loading
@@ -485,6 +513,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("data.shard_target_mb", "shard size must be > 0 and min_shards >= 1")
     if not d.raw_label_map or not all(0 <= c < m.num_classes for c in d.raw_label_map):
         raise bad("data.raw_label_map", f"class ids must lie in 0..{m.num_classes - 1}, got {d.raw_label_map}")
+    if not 0 <= d.foreground_fraction <= 1:
+        raise bad("data.foreground_fraction", f"must lie in [0, 1], got {d.foreground_fraction}")
     if not 0 <= d.valid_fraction < 1:
         raise bad("data.valid_fraction", f"must lie in [0, 1), got {d.valid_fraction}")
     for split in d.split_dirs:
@@ -508,11 +538,33 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if getattr(t, key) < 1:
             raise bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     for key in ("patience", "reducer_patience", "steps_per_epoch", "validation_steps",
-                "num_infer_images", "shuffle_buffer", "max_failures"):
+                "num_infer_images", "shuffle_buffer", "max_failures", "warmup_epochs", "max_rollbacks"):
         if getattr(t, key) < 0:
             raise bad(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     if t.learning_rate <= 0:
         raise bad("train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    if t.adam_epsilon <= 0:
+        raise bad("train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
+    if t.clipvalue < 0 or t.clipnorm < 0:
+        raise bad("train.clipnorm" if t.clipnorm < 0 else "train.clipvalue", "must be >= 0 (0: off)")
+    if t.clipvalue and t.clipnorm:
+        raise bad("train.clipnorm", f"clips by global norm; set train.clipvalue = 0 to use it "
+                                    f"(both set: clipvalue {t.clipvalue}, clipnorm {t.clipnorm})")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise bad("train.lr_schedule", f"must be one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
+    if t.warmup_epochs >= t.epochs:
+        raise bad("train.warmup_epochs", f"must be below train.epochs ({t.epochs}), got {t.warmup_epochs}")
+    if t.on_collapse not in ON_COLLAPSE:
+        raise bad("train.on_collapse", f"must be one of {ON_COLLAPSE}, got {t.on_collapse!r}")
+    if t.collapse_patience < 1:
+        raise bad("train.collapse_patience", f"must be >= 1, got {t.collapse_patience}")
+    if not 0 < t.rollback_factor <= 1:
+        raise bad("train.rollback_factor", f"must lie in (0, 1], got {t.rollback_factor}")
+    if t.jit_compile and m.normalization and t.backend == "ray" and t.num_workers > 1:
+        raise bad("train.jit_compile", "XLA cannot compile the synchronised BatchNorm of model.normalization "
+                                       "across workers: turn one of them off, or train on one worker")
+    if t.reader not in READERS:
+        raise bad("train.reader", f"must be one of {READERS}, got {t.reader!r}")
     if not 0 < t.reducer_factor < 1:
         raise bad("train.reducer_factor", f"must lie in (0, 1), got {t.reducer_factor}")
     if t.loss not in LOSSES:

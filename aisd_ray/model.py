@@ -38,7 +38,9 @@ def build_flexunet(cfg: ModelConfig, name: str = "flexunet", dtype: str = "float
                               activation=cfg.activation, kernel_initializer="he_normal",
                               name=f"{prefix}_conv{j}", dtype=dtype)(x)
             if cfg.normalization:
-                x = layers.BatchNormalization(name=f"{prefix}_bn{j}", dtype=dtype)(x)
+                # synchronized: batch statistics over the global batch, so every replica's moving
+                # statistics stay identical (a no-op without a distribution strategy)
+                x = layers.BatchNormalization(synchronized=True, name=f"{prefix}_bn{j}", dtype=dtype)(x)
             if j == 0 and dropout > 0:
                 x = layers.Dropout(dropout, name=f"{prefix}_dropout", dtype=dtype)(x)
         return x

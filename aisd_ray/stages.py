@@ -41,7 +41,10 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = ())
         from aisd_ray.train.local import train_local
 
         state = train_local(cfg, shards_uri, run)
-        return state.history[-1] if state.history else {}
+        if not state.history:
+            return {}
+        reason = state.stop_reason or f"reached {cfg.train.epochs} epochs"
+        return {**state.history[-1], "stop_reason": reason}
     from aisd_ray.train.ray_train import train_ray
 
     return dict(train_ray(cfg, shards_uri, output_root, callbacks).metrics or {})
@@ -80,14 +83,14 @@ class DemoResult:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _synthetic_source(cfg: Config, output: str, progress: bool) -> Path:
+def _synthetic_source(cfg: Config, root: str, progress: bool) -> Path:
     """The demo's synthetic AISD-like tree, written once per [synthetic] settings. Source PNGs are
-    local input: beside the outputs for a folder, in a temp folder when the outputs go to gs://."""
+    local input: in ``root`` for a folder, in a temp folder when the outputs go to gs://."""
     from aisd_ray.data.synthetic import write_synthetic_aisd
 
     wanted = json.dumps(cfg.to_dict()["synthetic"], sort_keys=True)
-    if storage.is_local(output):
-        source = Path(storage.resolve(output)[1]) / "source"
+    if storage.is_local(root):
+        source = Path(storage.resolve(root)[1]) / "source"
     else:
         digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
         source = Path(tempfile.gettempdir()) / f"aisd-ray-synthetic-{digest}"
@@ -137,9 +140,18 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
         infer_folder(export_uri, cfg.infer.images_dir, infer_uri, cfg.eval.batch_size, progress=progress)
         result.outputs["test masks + overlays"] = infer_uri
 
+    collapsed = report["lesion_dice"] < 0.1 or str(last.get("stop_reason", "")).startswith("diverged")
+    if collapsed:
+        log.warning("\n%s\nTHIS RUN ENDED COLLAPSED: test lesion Dice %.3f (pooled); %s.\nIts model predicts (next "
+                    "to) no lesion. See %s/history.csv; try another train.seed, a lower train.learning_rate or "
+                    "train.on_collapse = 'rollback'.\n%s", "!" * 78, report["lesion_dice"],
+                    last.get("stop_reason") or "training ended normally", run, "!" * 78)
     result.figures = {
         "epochs run": int(last.get("epoch", 0)),
         "best epoch": int(best.get("epoch", 0)),
+        "stop reason": str(last.get("stop_reason", "")),
+        "rollbacks": int(last.get("rollbacks", 0)),
+        "collapsed": bool(collapsed),
         "val lesion Dice (best)": float(best.get("val_lesion_dice", float("nan"))),
         "test lesion Dice (pooled)": report["lesion_dice"],
         "test lesion Dice (per image)": report["lesion_dice_per_image"],
@@ -152,10 +164,11 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     return result
 
 
-def demo(cfg: Config, output: str, progress: bool = True) -> DemoResult:
-    """The pipeline on synthetic AISD-like data: the README's first command."""
+def demo(cfg: Config, output: str, progress: bool = True, source_root: str | None = None) -> DemoResult:
+    """The pipeline on synthetic AISD-like data: the README's first command. The synthetic source
+    goes to ``source_root/source`` (default: beside the outputs)."""
     started = time.time()
-    source = _synthetic_source(cfg, output, progress)
+    source = _synthetic_source(cfg, source_root or output, progress)
     cfg.data.source_dir, cfg.data.split_dirs = str(source), {}
     cfg.infer.images_dir = cfg.infer.images_dir or str(source / "test" / "images")
     return pipeline(cfg, output, progress, DemoResult(outputs={"synthetic source": str(source)}), started)

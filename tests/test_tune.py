@@ -27,8 +27,7 @@ pytestmark = pytest.mark.slow
 # the first trial, and Tune does not keep ASHA's rungs across a restore, so the second trial (run after
 # the resume) sets the cutoff.
 SEARCH = ["tune.name='tiny-search'", "tune.num_samples=1", "tune.grace_period=1", "tune.reduction_factor=2",
-          "tune.space={learning_rate={grid=[1e-7, 1e-7, 0.05]}}", "train.epochs=2", "train.num_workers=1",
-          "train.cache_train_split=true"]
+          "tune.space={learning_rate={grid=[1e-7, 1e-7, 0.05]}}", "train.epochs=2", "train.num_workers=1"]
 
 
 def _tune(config, shards, output, env):

@@ -7,13 +7,12 @@ and a few batches are ever in memory, however large the split.
 
 from __future__ import annotations
 
-import random
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from aisd_ray.data import shards
+from aisd_ray.data import order, shards
 
 Rows = Iterator[tuple[bytes, bytes]]
 
@@ -33,21 +32,20 @@ def decode_fn(channels: int, num_classes: int, augment=None, seed: int = 0):
 
 
 def batches(rows: Callable[[], Rows], channels: int, num_classes: int, batch_size: int,
-            shuffle_buffer: int = 0, seed: int | None = None, drop_remainder: bool = False,
-            augment=None, augment_seed: int = 0) -> tf.data.Dataset:
-    """A dataset of (image float32 0..255, one-hot float32) batches. Training drops a partial
-    last batch so that every worker runs the same number of synchronised steps. ``seed``
-    orders the shuffle, ``augment_seed`` keys the augmentation."""
+            drop_remainder: bool = False, augment=None, augment_seed: int = 0) -> tf.data.Dataset:
+    """A dataset of (image float32 0..255, one-hot float32) batches of ``rows`` in the order given
+    (training rows arrive already shuffled, see ``data.order``). Training drops a partial last
+    batch so that every worker runs the same number of synchronised steps; ``augment_seed``
+    keys the augmentation."""
     spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string))
     ds = tf.data.Dataset.from_generator(rows, output_signature=spec)
-    if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, seed=seed)
     decode = decode_fn(channels, num_classes, augment, augment_seed)
-    ds = ds.enumerate().map(lambda i, row: decode(i, *row), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.enumerate().map(lambda i, row: decode(i, *row), num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 
 
-def take_rows(rows: Rows, limit: int) -> Rows:
+def take_rows(rows: Iterable, limit: int) -> Rows:
     """The first ``limit`` rows, then drain the rest unread so a streaming split stays in step."""
     for i, row in enumerate(rows):
         if i < limit:
@@ -55,23 +53,40 @@ def take_rows(rows: Rows, limit: int) -> Rows:
 
 
 class ShardRows:
-    """(image PNG, mask PNG) rows read straight from the shards: the local backend's training
-    input and every backend's validation input (no Ray)."""
+    """(image PNG, mask PNG) rows read straight from the shards: every backend's training input
+    (``epoch``) and validation input (``__call__``), no Ray."""
 
     def __init__(self, shards_uri: str, manifest: dict, split: str, rank: int = 0, world: int = 1):
-        """``rank``/``world`` give this worker every world-th shard: for evaluation splits,
-        where each row must be scored exactly once but shares need not be equal."""
-        self.uris = shards.shard_uris(shards_uri, manifest, split)[rank::world]
+        """``rank``/``world`` give ``__call__`` every world-th shard: for evaluation splits, where
+        each row must be scored exactly once but shares need not be equal."""
+        entry = manifest["splits"][split]
+        self.all_uris = shards.shard_uris(shards_uri, manifest, split)
+        self.uris = self.all_uris[rank::world]
         self.fmt = manifest["shard_format"]
-        self.count = manifest["splits"][split]["records"]
+        self.count = entry["records"]
+        self.infos = [order.ShardInfo(s["records"], tuple(s["lesion_rows"]) if "lesion_rows" in s else None)
+                      for s in entry["shards"]]
 
-    def __call__(self, epoch: int = 0, seed: int | None = None) -> Rows:
-        uris = list(self.uris)
-        if seed is not None:  # a different, reproducible shard order each epoch
-            random.Random(seed * 1_000_003 + epoch).shuffle(uris)
-        for uri in uris:
+    def __call__(self) -> Rows:
+        for uri in self.uris:
             for record in shards.iter_shard(uri, self.fmt):
                 yield record["image_png"], record["mask_png"]
+
+    def epoch(self, seed: int, epoch: int, rank: int, world: int, buffer: int,
+              foreground_fraction: float = 0.0) -> Rows:
+        """Worker ``rank``'s share of the training split in ``epoch``, shuffled (see ``data.order``)."""
+        picks = order.epoch_picks(self.infos, seed, epoch, rank, world, foreground_fraction)
+        return order.shuffled(self._read(picks), buffer, order.rng(seed, epoch, rank, 0x5F1))
+
+    def _read(self, picks: list[order.Pick]) -> Rows:
+        for pick in picks:
+            wanted = dict(zip(pick.rows, pick.times))
+            last = max(pick.rows)
+            for row, record in enumerate(shards.iter_shard(self.all_uris[pick.shard], self.fmt)):
+                for _ in range(wanted.get(row, 0)):
+                    yield record["image_png"], record["mask_png"]
+                if row == last:
+                    break
 
 
 def first_records(records: Iterator[dict], n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:

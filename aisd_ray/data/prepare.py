@@ -4,6 +4,10 @@ Two sources are read: the seed's ``{train,valid,test}/{images,masks}`` PNG tree,
 AISD release (``image.zip``/``mask.zip`` or their extracted folders, one folder per case),
 which is split by patient with the official test cases as the test split.
 
+The training split is written in a shuffled order (keyed by ``data.split_seed``), so that every
+shard mixes cases and an epoch's shard permutation mixes them further; validation and test keep
+name order, whole cases together. The manifest's per-split ``index`` maps names to (shard, row).
+
 Resumable and idempotent: a store whose manifest records the same source and settings is
 left alone; otherwise the old manifest goes first, then each split's folder is rewritten,
 and the new manifest is written last.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +62,9 @@ def read_source(cfg: Config) -> tuple[dict[str, list[layout.SliceRef]], dict[str
 
 def _settings(cfg: Config) -> list[Any]:
     m, d = cfg.model, cfg.data
-    return [m.image_height, m.image_width, m.image_channels, d.rgb_map, d.shard_format, d.shard_target_mb,
-            min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed, d.drop_empty_train]
+    return [shards.FORMAT_VERSION, m.image_height, m.image_width, m.image_channels, d.rgb_map, d.shard_format,
+            d.shard_target_mb, min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed,
+            d.drop_empty_train]
 
 
 def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:
@@ -96,6 +102,9 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
         storage.delete(manifest_uri)  # the store is incomplete from here until the new manifest
     if cfg.data.drop_empty_train and "train" in refs:
         refs["train"] = _drop_empty(refs["train"], progress)
+    if "train" in refs:  # shards that mix cases (a source lists slices case by case)
+        refs["train"] = list(refs["train"])
+        random.Random(cfg.data.split_seed).shuffle(refs["train"])
     m = cfg.model
     plan = shards.ShardPlan(int(cfg.data.shard_target_mb * 2**20), min_shards(cfg))
     bar = progress_bar(total=sum(len(r) for r in refs.values()), desc="prepare", unit="slice", enabled=progress)

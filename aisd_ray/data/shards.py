@@ -3,7 +3,8 @@
 Each record holds the image and its class-id mask as PNG bytes at model size, plus the
 metadata a later stage needs (source name, case id, slice index, shape, lesion pixels).
 Shards are written first and the manifest last, so a store with a manifest is complete;
-the manifest lists every shard with its record count, byte size and SHA-256.
+the manifest lists every shard with its record count, byte size, SHA-256 and the rows that
+hold lesion pixels, and each split's ``index`` maps a slice name to its (shard, row).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from aisd_ray import storage
 from aisd_ray.data.layout import DataError, Sample
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shuffled training order, per-row lesion flags, name index
 EXTENSIONS = {"parquet": "parquet", "tfrecord": "tfrecord"}
 SCHEMA = pa.schema([
     ("name", pa.string()), ("case_id", pa.string()), ("slice_index", pa.int64()),
@@ -153,6 +154,7 @@ def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str,
     ext = EXTENSIONS[fmt]
     shards: list[dict[str, Any]] = []
     buffer: list[dict[str, Any]] = []
+    index: dict[str, list[int]] = {}
     per_shard = 0
     lesion_pixels = pixels = 0
 
@@ -162,7 +164,8 @@ def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str,
         with storage.open_output(storage.join(out_uri, name)) as f:
             f.write(data)
         shards.append({"name": name, "records": len(buffer), "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})
+                       "sha256": hashlib.sha256(data).hexdigest(),
+                       "lesion_rows": [i for i, r in enumerate(buffer) if r["lesion_pixels"]]})
         buffer.clear()
 
     for sample in samples:
@@ -170,6 +173,7 @@ def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str,
         if not per_shard:
             size = len(record["image_png"]) + len(record["mask_png"])
             per_shard = plan.records_per_shard(total, size)
+        index[record["name"]] = [len(shards), len(buffer)]
         buffer.append(record)
         lesion_pixels += record["lesion_pixels"]
         pixels += record["height"] * record["width"]
@@ -181,7 +185,7 @@ def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str,
         flush()
     count = sum(s["records"] for s in shards)
     return {"records": count, "lesion_fraction": lesion_pixels / pixels if pixels else 0.0,
-            "shards": shards}
+            "shards": shards, "index": index}
 
 
 def write_manifest(out_uri: str, splits: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +204,8 @@ def read_manifest(shards_uri: str) -> dict[str, Any]:
         raise DataError(f"{uri}: no manifest; run `aisd-ray prepare` first (or it did not finish)")
     manifest = json.loads(storage.read_bytes(uri))
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{uri}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+        raise DataError(f"{uri}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                        "re-run `aisd-ray prepare` to rewrite the store")
     return manifest
 
 

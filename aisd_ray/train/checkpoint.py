@@ -48,7 +48,10 @@ class Plateau:
 @dataclass
 class LoopState:
     epoch: int = 0  # epochs completed
-    learning_rate: float = 0.0
+    learning_rate: float = 0.0  # the last step's
+    lr_scale: float = 1.0  # plateau reductions and rollbacks, times train.learning_rate
+    rollbacks: int = 0  # divergence-guard rollbacks so far
+    collapse_wait: int = 0  # consecutive epochs predicting no lesion after a better one
     best_score: float = -1.0
     best_epoch: int = 0
     early_stop: Plateau = field(default_factory=lambda: Plateau(0))

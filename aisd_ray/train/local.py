@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from aisd_ray import storage
 from aisd_ray.config import Config
-from aisd_ray.data import pipeline, shards
+from aisd_ray.data import order, pipeline, shards
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.loop import Feed, run_training
 
@@ -38,14 +38,17 @@ class LocalReporter:
                 storage.delete(uri)
 
 
-def shard_feed(cfg: Config, shards_uri: str, manifest: dict) -> Feed:
+def shard_feed(cfg: Config, shards_uri: str, manifest: dict, rank: int = 0, world: int = 1) -> Feed:
+    """Worker ``rank`` of ``world`` reads its share of each epoch straight from the shards (see
+    ``data.order``) and every world-th validation shard."""
+    t = cfg.train
     train = pipeline.ShardRows(shards_uri, manifest, "train")
-    valid = pipeline.ShardRows(shards_uri, manifest, "valid")
     return Feed(
-        train_rows=lambda epoch: train(epoch, cfg.train.seed),
-        train_count=train.count,
-        valid_rows=valid,
-        preview=preview(cfg, shards_uri, manifest),
+        train_rows=lambda epoch: train.epoch(t.seed, epoch, rank, world, t.shuffle_buffer,
+                                             cfg.data.foreground_fraction),
+        train_count=order.share_size(train.count, world),
+        valid_rows=pipeline.ShardRows(shards_uri, manifest, "valid", rank, world),
+        preview=preview(cfg, shards_uri, manifest) if rank == 0 else [],
     )
 
 

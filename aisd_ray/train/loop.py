@@ -1,16 +1,21 @@
 """The training loop every backend runs: a custom distributed step under a tf.distribute strategy.
 
-Keras 3 ``model.fit`` fails under MultiWorkerMirroredStrategy with 2+ workers (FACTS
-section 7), so the step is ours: ``strategy.run`` per replica, the loss scaled by the
-global batch with ``tf.nn.compute_average_loss``, gradients summed across replicas by the
-Keras optimizer. Validation counts are all-reduced once per epoch, so every worker sees the
-same metrics and takes the same early-stopping decision. No Ray here: a ``Feed`` brings the
-rows and a ``Reporter`` receives metrics and checkpoints.
+Keras 3 ``model.fit`` fails under MultiWorkerMirroredStrategy with 2+ workers, so the step
+is ours: ``strategy.run`` per replica, the loss scaled by the global batch with
+``tf.nn.compute_average_loss``, the replicas' gradients all-reduced by the step, then clipped
+and applied by the optimizer (see ``optim``): one update, the same at any worker count.
+BatchNormalization is synchronised across replicas. Validation counts are all-reduced once per
+epoch, so every worker sees the same metrics and takes the same decisions (early stopping,
+the divergence guard).
+
+Every random stream is a function of (train.seed, epoch, rank): the data order (see
+``data.order``), augmentation and dropout are re-keyed at the start of each epoch, so a run
+resumed from an epoch's checkpoint continues exactly as the uninterrupted run would. No Ray
+here: a ``Feed`` brings the rows and a ``Reporter`` receives metrics and checkpoints.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import tempfile
@@ -24,12 +29,13 @@ import tensorflow as tf
 
 from aisd_ray import metrics, render
 from aisd_ray.config import PRECISIONS, Config
-from aisd_ray.data import pipeline
+from aisd_ray.data import order, pipeline
 from aisd_ray.data.augment import augment_fn
 from aisd_ray.losses import get_loss
 from aisd_ray.model import build_flexunet
 from aisd_ray.progress import progress_bar
 from aisd_ray.train import checkpoint as ckpt
+from aisd_ray.train import optim
 from aisd_ray.train.artifacts import Artifacts
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,7 @@ log = logging.getLogger(__name__)
 class Feed:
     """Where one worker's rows come from."""
 
-    train_rows: Callable[[int], Iterator[tuple[bytes, bytes]]]  # epoch -> this worker's share
+    train_rows: Callable[[int], Iterator[tuple[bytes, bytes]]]  # epoch -> this worker's share, shuffled
     train_count: int  # rows this worker gets per epoch (equal on every worker)
     valid_rows: Callable[[], Iterator[tuple[bytes, bytes]]]  # this worker's share of validation
     preview: list[tuple[str, np.ndarray, np.ndarray]]  # fixed validation images for panels
@@ -96,6 +102,47 @@ def _counts(y_true: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
     return tf.stack([n(t & p), n(~t & p), n(t & ~p)])
 
 
+class _Snapshot:
+    """Weights and optimizer state held in memory: the divergence guard's rollback point."""
+
+    def __init__(self, model: keras.Model, optimizer, epoch: int):
+        self.epoch = epoch
+        self.weights = [np.array(w) for w in model.get_weights()]
+        self.slots = [np.array(v.numpy()) for v in optimizer.variables]
+
+    def restore(self, model: keras.Model, optimizer) -> None:
+        model.set_weights(self.weights)
+        for var, value in zip(optimizer.variables, self.slots):
+            var.assign(value)
+
+
+def _key_dropout(model: keras.Model, seed: int, epoch: int, rank: int) -> None:
+    """Give every dropout layer a stream keyed by (seed, epoch, rank, layer): masks differ between
+    workers and repeat exactly on a resumed run."""
+    generators = [layer.seed_generator for layer in model.layers if hasattr(layer, "seed_generator")]
+    for i, generator in enumerate(generators):
+        key = int(order.rng(seed, epoch, rank, 0xD0, i).integers(2**31))
+        generator.state.assign(np.array([key, 0], dtype=generator.state.dtype))
+
+
+def _divergence(state: ckpt.LoopState, row: dict, train_counts: np.ndarray, val_counts: np.ndarray,
+                t) -> str:
+    """Why this epoch counts as diverged ('' if it does not): a non-finite loss, or, after an epoch
+    that found lesions, ``collapse_patience`` epochs predicting no lesion pixel anywhere."""
+    if not (math.isfinite(row["loss"]) and math.isfinite(row["val_loss"])):
+        return f"non-finite loss (train {row['loss']:.4g}, validation {row['val_loss']:.4g})"
+    tp, fp, fn = val_counts
+    nothing_predicted = tp + fp == 0 and train_counts[0] + train_counts[1] == 0 and tp + fn > 0
+    if state.best_score > 0 and nothing_predicted:
+        state.collapse_wait += 1
+        if state.collapse_wait >= t.collapse_patience:
+            return (f"collapsed: no lesion pixel predicted on train or validation for {state.collapse_wait} "
+                    f"epochs after val lesion Dice {state.best_score:.3f} at epoch {state.best_epoch}")
+    else:
+        state.collapse_wait = 0
+    return ""
+
+
 def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, reporter: Reporter,
                  run_uri: str, rank: int, world: int) -> ckpt.LoopState:
     """Train until ``train.epochs`` or early stopping; return the final loop state."""
@@ -116,32 +163,34 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
 
     with strategy.scope():
         model = build_flexunet(m, dtype=PRECISIONS[t.mixed_precision])
-        optimizer = keras.optimizers.Adam(learning_rate=t.learning_rate, clipvalue=t.clipvalue)
-        if t.mixed_precision == "fp16":  # float16 gradients underflow without loss scaling
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = optim.build_optimizer(t)
         optimizer.build(model.trainable_variables)
     state = ckpt.LoopState(learning_rate=t.learning_rate, early_stop=ckpt.Plateau(t.patience),
                            reducer=ckpt.Plateau(t.reducer_patience if t.learning_rate_reducer else 0))
     resume_dir = reporter.latest_checkpoint()
     if resume_dir:
         state = ckpt.restore(resume_dir, model, optimizer)
-        optimizer.learning_rate.assign(state.learning_rate)
         log.info("resumed from %s after epoch %d", resume_dir, state.epoch)
+    best = _Snapshot(model, optimizer, state.epoch)  # rollback point until an epoch scores better
 
-    @tf.function(jit_compile=t.jit_compile)
-    def gradients(x, y):
-        """Forward and backward pass of one replica: the part XLA may compile. The gradient
-        all-reduce happens outside it, in the optimizer."""
+    def forward_backward(x, y):
+        """Forward and backward pass of one replica: the part XLA may compile."""
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
             loss = tf.nn.compute_average_loss(loss_fn(y, probs), global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)  # identity unless fp16 loss scaling is on
         return loss, tape.gradient(scaled, model.trainable_variables), _counts(y, probs)
 
+    # A nested tf.function only for XLA: synchronised BatchNorm's all-reduce must be traced in the
+    # step itself (MultiWorkerMirroredStrategy refuses a collective inside a nested function).
+    gradients = tf.function(forward_backward, jit_compile=True) if t.jit_compile else forward_backward
+
     @tf.function
     def train_step(x, y):
         def step(x, y):
             loss, grads, counts = gradients(x, y)
+            # The global gradient first: the optimizer clips and applies it (optim.GlobalGradientAdam).
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss, counts
 
@@ -157,26 +206,27 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
 
     augment = augment_fn(cfg.augment, m.image_height, m.image_width) if cfg.augment.enabled else None
 
-    def batches(rows_fn, batch_size, training):
-        return pipeline.batches(rows_fn, m.image_channels, m.num_classes, batch_size,
-                                shuffle_buffer=t.shuffle_buffer if training else 0,
-                                seed=t.seed + state.epoch, drop_remainder=training,
+    def batches(rows_fn, batch_size, training, epoch=0):
+        return pipeline.batches(rows_fn, m.image_channels, m.num_classes, batch_size, drop_remainder=training,
                                 augment=augment if training else None,
-                                augment_seed=(t.seed + state.epoch) * 1009 + rank)
+                                augment_seed=int(order.rng(t.seed, epoch, rank, 0xA6).integers(2**31)))
 
     artifacts = Artifacts(run_uri) if chief else None
     try:
         while state.epoch < t.epochs and not state.stop_reason:
             epoch = state.epoch + 1
             started = time.time()
-            limited = functools.partial(pipeline.take_rows, feed.train_rows(epoch), steps * t.batch_size)
+            _key_dropout(model, t.seed, epoch, rank)
+            rows = pipeline.take_rows(feed.train_rows(epoch), steps * t.batch_size)
             loss_sum, train_counts, done = 0.0, np.zeros(3), 0
             bar = progress_bar(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief,
                                leave=False)
             waited, fetch_started = 0.0, time.time()
-            for x, y in batches(limited, t.batch_size, training=True):
+            for x, y in batches(lambda: rows, t.batch_size, training=True, epoch=epoch):  # noqa: B023
                 if done:  # time this step spent waiting for its batch
                     waited += time.time() - fetch_started
+                state.learning_rate = optim.learning_rate(t, (epoch - 1) * steps + done, steps, state.lr_scale)
+                optimizer.learning_rate.assign(state.learning_rate)
                 loss, counts = train_step(x, y)
                 loss_sum += float(loss)
                 train_counts += counts.numpy()
@@ -205,12 +255,18 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                    "val_loss": float(val[0] / max(val[2], 1)),
                    **{f"val_lesion_{k}": v for k, v in pooled.items()},
                    "val_dice_coef_multiclass": float(val[1] / max(val[2], 1)),
-                   "learning_rate": float(optimizer.learning_rate.numpy()),
+                   "learning_rate": state.learning_rate,
                    "replica_weight_spread": spread,
                    "train_images_per_second": (done - 1) * global_batch / train_seconds,
                    "input_wait_fraction": waited / train_seconds,
                    "epoch_seconds": time.time() - started}
-            state = _after_epoch(state, row, t, optimizer)
+            trouble = _divergence(state, row, train_counts, val[3:], t)
+            state = _after_epoch(state, row, t)
+            if trouble:
+                _on_divergence(state, trouble, best, model, optimizer, t)
+            elif state.best_epoch == epoch:
+                best = _Snapshot(model, optimizer, epoch)
+            row["rollbacks"] = state.rollbacks
             if chief:
                 artifacts.epoch_end(state.history, _panels(model, feed.preview, cfg.data.rgb_map))
                 log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
@@ -225,19 +281,35 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     return state
 
 
-def _after_epoch(state: ckpt.LoopState, row: dict, t, optimizer) -> ckpt.LoopState:
+def _on_divergence(state: ckpt.LoopState, trouble: str, best: _Snapshot, model, optimizer, t) -> None:
+    """Roll back to the best epoch with a lower learning rate, or stop, as train.on_collapse says."""
+    if t.on_collapse == "rollback" and state.rollbacks < t.max_rollbacks:
+        best.restore(model, optimizer)
+        state.rollbacks += 1
+        state.lr_scale *= t.rollback_factor
+        state.collapse_wait = 0
+        log.warning("epoch %d diverged (%s): rolled back to the weights of epoch %d, learning rate x%g "
+                    "(rollback %d of at most %d)", state.epoch, trouble, best.epoch, t.rollback_factor,
+                    state.rollbacks, t.max_rollbacks)
+    elif t.on_collapse == "ignore":
+        log.warning("epoch %d diverged (%s); train.on_collapse = 'ignore': carrying on", state.epoch, trouble)
+    else:
+        after = f" after {state.rollbacks} rollbacks" if state.rollbacks else ""
+        state.stop_reason = f"diverged at epoch {state.epoch}{after}: {trouble}"
+        log.error("stopping: %s (train.on_collapse = %r)", state.stop_reason, t.on_collapse)
+
+
+def _after_epoch(state: ckpt.LoopState, row: dict, t) -> ckpt.LoopState:
     """Best-model bookkeeping, reduce-LR-on-plateau and early stopping on validation loss."""
     state.epoch = int(row["epoch"])
     state.history.append(row)
     score = row["val_lesion_dice"]
     if not math.isnan(score) and score > state.best_score:
         state.best_score, state.best_epoch = score, state.epoch
-    if state.reducer.update(row["val_loss"]):
-        new_lr = max(state.learning_rate * t.reducer_factor, t.min_learning_rate)
-        log.info("val_loss has not improved for %d epochs: learning rate %.3g -> %.3g",
-                 t.reducer_patience, state.learning_rate, new_lr)
-        state.learning_rate = new_lr
-        optimizer.learning_rate.assign(new_lr)
+    if state.reducer.update(row["val_loss"]) and t.lr_schedule == "plateau":
+        state.lr_scale *= t.reducer_factor
+        log.info("val_loss has not improved for %d epochs: learning rate x%g -> %.3g", t.reducer_patience,
+                 t.reducer_factor, max(t.learning_rate * state.lr_scale, t.min_learning_rate))
     if state.early_stop.update(row["val_loss"]):  # final: a rerun with more epochs stays stopped
         state.stop_reason = f"early stop: val_loss did not improve for {t.patience} epochs"
     return state

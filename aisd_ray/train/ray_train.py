@@ -1,9 +1,12 @@
 """Ray Train backend: ``TensorflowTrainer`` workers running the shared loop under
 MultiWorkerMirroredStrategy, fed by Ray Data from the shards.
 
-The training split is streamed to workers by Ray Data in equal shares
-(``get_dataset_shard``), as synchronous steps need. Validation is small and must score every
-slice exactly once, so each worker reads every world-th validation shard directly.
+Each worker reads its share of every epoch straight from the shards in a (seed, epoch)-keyed
+order (``train.reader = "shards"``, see ``data.order``): equal, disjoint shares, the same order
+as the local backend, reproducible. With ``train.reader = "ray_data"`` Ray Data streams the
+split in equal shares instead (``get_dataset_shard``; block order fixed by the seed, rows
+shuffled per epoch by the worker). Validation must score every slice exactly once, so each
+worker reads every world-th validation shard directly.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from aisd_ray import storage
 from aisd_ray.config import Config, config_from_dict
-from aisd_ray.data import pipeline, shards
+from aisd_ray.data import order, shards
 from aisd_ray.train import checkpoint as ckpt
-from aisd_ray.train.local import preview
+from aisd_ray.train.local import shard_feed
 
 log = logging.getLogger(__name__)
 COLUMNS = ["image_png", "mask_png"]
@@ -88,7 +91,7 @@ class RayReporter:
 def _worker(loop_config: dict) -> None:
     import tensorflow as tf
 
-    from aisd_ray.train.loop import Feed, run_training
+    from aisd_ray.train.loop import run_training
 
     package_log = logging.getLogger("aisd_ray")  # Ray workers log at WARNING by default
     package_log.setLevel(logging.INFO)
@@ -106,14 +109,11 @@ def _worker(loop_config: dict) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     manifest = shards.read_manifest(loop_config["shards"])
-    train_shard = ray.train.get_dataset_shard("train")
-    valid = pipeline.ShardRows(loop_config["shards"], manifest, "valid", rank, world)
-    feed = Feed(
-        train_rows=lambda epoch: ray_rows(train_shard),
-        train_count=manifest["splits"]["train"]["records"] // world,
-        valid_rows=valid,
-        preview=preview(cfg, loop_config["shards"], manifest) if rank == 0 else [],
-    )
+    feed = shard_feed(cfg, loop_config["shards"], manifest, rank, world)
+    if cfg.train.reader == "ray_data":
+        train_shard, t = ray.train.get_dataset_shard("train"), cfg.train
+        feed.train_rows = lambda epoch: order.shuffled(ray_rows(train_shard), t.shuffle_buffer,
+                                                       order.rng(t.seed, epoch, rank, 0x5F1))
     run_training(cfg, strategy, feed, RayReporter(), loop_config["run"], rank, world)
 
 
@@ -123,18 +123,21 @@ def train_ray(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple =
     manifest = shards.read_manifest(shards_uri)
     shards.verify_shards(shards_uri, manifest)
     ensure_ray(cfg.train.num_workers + 2)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # same rows in the same order for a seed
-    context.enable_progress_bars = False
     fs, root = storage.resolve(output_root)
-    train_data = read_split(shards_uri, manifest, "train")
+    datasets = {}
+    if cfg.train.reader == "ray_data":
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # same rows in the same order for a seed
+        context.enable_progress_bars = False
+        train_data = read_split(shards_uri, manifest, "train").randomize_block_order(seed=cfg.train.seed)
+        datasets["train"] = train_data.materialize() if cfg.train.cache_train_split else train_data
     trainer = TensorflowTrainer(
         _worker,
         train_loop_config={"config": cfg.to_dict(), "shards": shards_uri,
                            "run": storage.join(output_root, cfg.run.name),
                            "env": {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
-        datasets={"train": train_data.materialize() if cfg.train.cache_train_split else train_data},
+        datasets=datasets,
         run_config=RunConfig(
             name=cfg.run.name, storage_path=root, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ckpt.SCORE,

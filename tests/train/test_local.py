@@ -61,24 +61,15 @@ def test_outputs_of_a_run(trained_run):
 
 def test_reduce_lr_on_plateau_really_applies():
     from aisd_ray.config import TrainConfig
-
-    class FakeLR:
-        value = None
-
-        def assign(self, v):
-            self.value = v
-
-    class Opt:
-        learning_rate = FakeLR()
+    from aisd_ray.train.loop import _after_epoch
+    from aisd_ray.train.optim import learning_rate
 
     t = TrainConfig(learning_rate=0.01, reducer_patience=2, patience=4, epochs=10)
     state = ckpt.LoopState(learning_rate=0.01, early_stop=ckpt.Plateau(4), reducer=ckpt.Plateau(2))
-    from aisd_ray.train.loop import _after_epoch
-
     for epoch, val_loss in enumerate([1.0, 1.0, 1.0, 1.0, 1.0], start=1):
-        state = _after_epoch(state, {"epoch": epoch, "val_loss": val_loss, "val_lesion_dice": 0.1}, t, Opt)
+        state = _after_epoch(state, {"epoch": epoch, "val_loss": val_loss, "val_lesion_dice": 0.1}, t)
         if epoch == 3:
-            assert state.learning_rate == pytest.approx(0.005) and Opt.learning_rate.value == pytest.approx(0.005)
+            assert learning_rate(t, 30, 10, state.lr_scale) == pytest.approx(0.005)
     assert state.stop_reason.startswith("early stop") and state.epoch == 5
 
 

@@ -2,19 +2,26 @@
 
 import os
 
+import h5py
+import numpy as np
 import pytest
 
 from aisd_ray import stages
+from aisd_ray.data.prepare import prepare
+from aisd_ray.data.synthetic import write_synthetic_aisd
 from aisd_ray.train import checkpoint as ckpt
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_workers_train_in_sync_and_resume(ray_cluster, shard_store, tmp_path, monkeypatch):
-    """Runs once per shard format: Ray Data reads Parquet and TFRecord shards alike. Paths are
-    given relative to the caller's directory, as users type them; workers run elsewhere."""
+    """Runs once per shard format, each through one reader: Parquet shards read by the workers
+    directly (the default), TFRecord shards through Ray Data. Paths are given relative to the
+    caller's directory, as users type them; workers run elsewhere."""
     cfg, shards = shard_store
     cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = "ray", 2, 2
+    cfg.train.reader = "shards" if cfg.data.shard_format == "parquet" else "ray_data"
     monkeypatch.chdir(tmp_path)
     shards, root = os.path.relpath(shards), "runs"
     last = stages.train(cfg, shards, root)
@@ -30,3 +37,49 @@ def test_two_workers_train_in_sync_and_resume(ray_cluster, shard_store, tmp_path
     resumed = ckpt.list_checkpoints(stages.run_uri(cfg, root))[-1][1].history
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     assert resumed[:2] == history
+
+
+@pytest.fixture(scope="module")
+def eight_rows(tmp_path_factory):
+    """A store whose train split is exactly 8 slices: one global batch of 8."""
+    cfg = tiny_config("synthetic.num_train=8", "synthetic.num_valid=4", "synthetic.num_test=2")
+    cfg.data.source_dir = str(write_synthetic_aisd(tmp_path_factory.mktemp("src8"), cfg.synthetic, progress=False))
+    store = str(tmp_path_factory.mktemp("shards8"))
+    prepare(cfg, store, progress=False)
+    return cfg, store
+
+
+def weights(run: str) -> dict[str, np.ndarray]:
+    uri = ckpt.list_checkpoints(run)[-1][0]
+    out = {}
+    with h5py.File(os.path.join(uri, ckpt.WEIGHTS)) as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, np.array(obj)) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_one_worker_batch_8_and_two_workers_batch_4_make_the_same_update(ray_cluster, eight_rows, tmp_path):
+    """The same 8 rows, one step: the gradient is all-reduced before it is clipped (a clip that
+    binds), and BatchNorm is synchronised, so weights and moving statistics agree. Adam's epsilon
+    is set far above the gradients, which makes its first step proportional to the gradient (with
+    the default epsilon it moves every weight by about +-lr, hiding how large the gradient was)."""
+    cfg, store = eight_rows
+    cfg.model.normalization = True
+    cfg.train.epochs, cfg.train.epoch_change_infer = 1, False
+    cfg.train.learning_rate, cfg.train.adam_epsilon, cfg.train.clipvalue = 1.0, 1.0, 1e-3
+    cfg.train.backend, cfg.train.batch_size = "local", 8
+    stages.train(cfg, store, str(tmp_path / "one"))
+    cfg.train.backend, cfg.train.batch_size, cfg.train.num_workers = "ray", 4, 2
+    stages.train(cfg, store, str(tmp_path / "two"))
+    one, two = weights(stages.run_uri(cfg, str(tmp_path / "one"))), weights(stages.run_uri(cfg, str(tmp_path / "two")))
+    assert one.keys() == two.keys() and any("batch_normalization" in k for k in one)
+    for key in one:  # a clipped update is 1e-3 here: clipping each worker's gradient would differ by that
+        np.testing.assert_allclose(one[key], two[key], rtol=0, atol=2e-5, err_msg=key)
+    history = ckpt.list_checkpoints(stages.run_uri(cfg, str(tmp_path / "two")))[-1][1].history
+    assert history[0]["replica_weight_spread"] == 0.0
+    import keras
+
+    from aisd_ray.model import build_flexunet
+
+    keras.utils.set_random_seed(cfg.train.seed)  # the weights before the step: it really moved them
+    initial = sum(float(np.abs(w).sum()) for w in build_flexunet(cfg.model).get_weights())
+    assert abs(sum(float(np.abs(w).sum()) for w in one.values()) - initial) > 1e-3

@@ -1,0 +1,11 @@
+"""Entry point for `ray job submit ... -- python jobs/sweep.py --output DIR`: the seed sweep.
+
+A thin layer over the package: same flags as `aisd-ray sweep`; a failure exits non-zero.
+"""
+
+import sys
+
+from aisd_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -1,0 +1,42 @@
+"""`aisd-ray sweep`: the seed distribution report, resumed on rerun."""
+
+import json
+
+from aisd_ray import sweep
+from aisd_ray.cli import main
+from aisd_ray.config import builtin_config
+
+
+def test_sweep_reports_the_spread_and_skips_finished_runs(tmp_path, capsys, monkeypatch):
+    args = ["sweep", "--config", str(builtin_config("tiny")), "--set", "train.epochs=1",
+            "--train-seeds", "1,2", "--synthetic-seeds", "5", "--ray-train-seeds", "", "--output", str(tmp_path)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    runs = report["runs"]
+    assert [(r["backend"], r["train_seed"], r["synthetic_seed"]) for r in runs] == [("local", 1, 5), ("local", 2, 5)]
+    assert all(r["global_batch"] == 8 for r in runs)  # tiny: 4 per worker x 2 Ray workers
+    assert runs[0]["test_lesion_dice"] != runs[1]["test_lesion_dice"]  # the seed really differs
+    local = report["summary"]["local"]
+    assert local["runs"] == 2
+    dice = sorted(r["test_lesion_dice"] for r in runs)
+    assert local["test_lesion_dice"]["min"] == dice[0] and local["test_lesion_dice"]["max"] == dice[1]
+    assert local["collapses"] == sum(r["collapsed"] for r in runs)
+    assert "local: 2 runs" in capsys.readouterr().out
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(sweep.stages, "demo", no_training)
+    assert main(args) == 0
+    assert json.loads((tmp_path / "sweep.json").read_text())["runs"] == runs
+
+
+def test_summary_counts_collapses_and_the_backend_gap():
+    runs = [{"backend": "local", "test_lesion_dice": d, "test_lesion_dice_per_image": d, "collapsed": d < 0.1,
+             "rollbacks": 0} for d in (0.9, 0.85, 0.0)]
+    runs += [{"backend": "ray", "test_lesion_dice": 0.8, "test_lesion_dice_per_image": 0.8, "collapsed": False,
+              "rollbacks": 1}]
+    summary = sweep.summarise(runs)
+    assert summary["local"]["collapses"] == 1 and summary["local"]["test_lesion_dice"]["median"] == 0.85
+    assert summary["ray"]["rollbacks"] == 1
+    assert abs(summary["ray_minus_local_median"] - (-0.05)) < 1e-12
