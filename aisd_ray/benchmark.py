@@ -4,7 +4,7 @@ Every figure is measured after a warm-up, repeated, and reported as the median w
 spread (min..max); comparisons are ratios of figures taken side by side in the same run.
 Sections: input pipeline, prepare (into a folder and, if given, object storage), memory,
 training throughput (local / Ray 1 worker / Ray 2 workers, against the original FlexUNet's
-figure), inference (SavedModel against Keras), and on a GPU the seed's AISD 512 config in
+figure), inference (SavedModel against Keras), and on a GPU the original's AISD 512 config in
 float32, bf16 and bf16+XLA.
 """
 
@@ -296,7 +296,7 @@ def flops_per_image(model) -> float:
 
 
 def gpu(root: Path, sizes: Sizes, gpus: list[str], tiny: bool) -> dict[str, Any]:
-    """The seed's AISD 512 config training in float32, bf16 and bf16+XLA, with the fraction of
+    """The original's AISD 512 config training in float32, bf16 and bf16+XLA, with the fraction of
     peak compute and the share of step time spent waiting for input. Without a GPU the tiny mode
     still runs the three variants on a tiny model (a check of the code path, not a GPU figure)."""
     from aisd_ray.model import build_flexunet

@@ -22,7 +22,7 @@ def _config(args) -> "Config":  # noqa: F821
 
 
 def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--config", help="TOML file or the seed's train_eval_infer.config (INI)"
+    p.add_argument("--config", help="TOML file or the original's train_eval_infer.config (INI)"
                    + (f"; default: built-in '{default}'" if default else ""))
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.epochs=3")
@@ -125,7 +125,7 @@ def cmd_evaluate(args) -> None:
 def cmd_infer(args) -> None:
     from aisd_ray.infer import infer_folder
 
-    cfg = load_config(args.config) if args.config else None  # the seed's [infer] section, if given
+    cfg = load_config(args.config) if args.config else None  # the original's [infer] section, if given
     images = args.images or (cfg and cfg.infer.images_dir)
     output = args.output or (cfg and cfg.infer.output_dir)
     if not (images and output):
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, "demo")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("synthesize", help="write synthetic AISD-like data (the seed's tree or the raw release)")
+    p = sub.add_parser("synthesize", help="write synthetic AISD-like data (the original's tree or the raw release)")
     _add_config(p, "demo")
     p.add_argument("--output", required=True)
     p.add_argument("--layout", choices=("seed", "raw", "raw-zip"), default="seed",
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="prepare, train, export, evaluate (and infer) in one go; reruns resume")
     _add_config(p)
-    p.add_argument("--source", help="seed tree or raw AISD release (else data.source_dir)")
+    p.add_argument("--source", help="the original's AISD tree or the raw AISD release (else data.source_dir)")
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
     p.add_argument("--backend", choices=("ray", "local"))

@@ -1,6 +1,6 @@
-"""One typed config tree, loaded from TOML or from the seed's INI file, never executed.
+"""One typed config tree, loaded from TOML or from the original's INI file, never executed.
 
-The seed parsed every INI value with ``eval()``; here values are read with
+The original parsed every INI value with ``eval()``; here values are read with
 ``ast.literal_eval`` only, and every key is checked against the tree so that a typo is
 an error naming the file, section and key rather than a silently ignored setting.
 """
@@ -37,7 +37,7 @@ AISD_TEST_CASES: tuple[str, ...] = (
 
 @dataclass
 class ModelConfig:
-    """FlexUNet hyper-parameters (names follow the seed's ``[model]`` section)."""
+    """FlexUNet hyper-parameters (names follow the original's ``[model]`` section)."""
 
     image_width: int = 128
     image_height: int = 128
@@ -52,6 +52,9 @@ class ModelConfig:
     final_activation: str = "sigmoid"
     input_normalize: bool = True
     normalization: bool = False
+    # BatchNormalization's moving-average momentum (Keras' default 0.99, as the original): short runs
+    # of a few hundred steps want less (0.9), or validation sees statistics of the untrained network.
+    bn_momentum: float = 0.99
 
 
 @dataclass
@@ -60,7 +63,7 @@ class DataConfig:
 
     # AISD-like tree with {train,valid,test}/{images,masks}; empty means "use split_dirs".
     source_dir: str = ""
-    # Per-split (images_dir, masks_dir), as the seed's [train]/[valid]/[test] sections give them.
+    # Per-split (images_dir, masks_dir), as the original's [train]/[valid]/[test] sections give them.
     split_dirs: dict[str, tuple[str, str]] = field(default_factory=dict)
     # Where shards and manifest.json live (local folder or object-store URI).
     shards_dir: str = ""
@@ -78,7 +81,7 @@ class DataConfig:
     # The other cases go to train/valid by patient: this share to valid, shuffled by split_seed.
     valid_fraction: float = 0.15
     split_seed: int = 2024
-    # Leave slices without lesion out of the train split (the seed's derived set did); valid and
+    # Leave slices without lesion out of the train split (the original's derived set did); valid and
     # test keep every slice, so that evaluation sees whole cases.
     drop_empty_train: bool = False
     # Foreground-aware sampling (nnU-Net oversamples foreground): at least this share of each
@@ -101,7 +104,7 @@ class SyntheticConfig:
 
 @dataclass
 class AugmentConfig:
-    """Online augmentation of training batches (off by default, as in the seed's AISD run).
+    """Online augmentation of training batches (off by default, as in the original's AISD run).
 
     Each range is sampled uniformly per example; image and mask move together."""
 
@@ -160,7 +163,7 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     # Where a worker's training rows come from: "shards" (every backend reads its share straight
     # from the shards in a (seed, epoch)-keyed order: reproducible, disjoint across workers) or
-    # "ray_data" (Ray Data streams equal shares; block order fixed by the seed, rows shuffled per epoch).
+    # "ray_data" (Ray Data streams equal shares; block order fixed by train.seed, rows shuffled per epoch).
     reader: str = "shards"
     # reader = "ray_data": read the training shards once into Ray's object store (it spills to disk
     # when full) instead of streaming them again every epoch.
@@ -324,7 +327,7 @@ def _apply_override(cfg: Config, item: str) -> None:
     _set(cfg, section, key, value, f"--set {item}")
 
 
-# The seed's INI keys and where they land in our tree. Keys mapped to None are accepted for
+# The original's INI keys and where they land in our tree. Keys mapped to None are accepted for
 # compatibility but have no effect: our run folder decides where outputs go.
 _INI_KEYS: dict[tuple[str, str], str | None] = {
     **{("model", k): f"model.{k}" for k in (
@@ -368,7 +371,7 @@ def _apply_ini(cfg: Config, text: str, source: str, base_dir: Path) -> None:
     except configparser.Error as exc:
         raise ConfigError(f"{source}: not a valid INI file: {exc}") from exc
     for raw_section in parser.sections():
-        section = raw_section.strip()  # the seed writes "[test] " with a trailing space
+        section = raw_section.strip()  # the original writes "[test] " with a trailing space
         for key, raw in parser.items(raw_section):
             where = f"{source}: [{section}] {key}"
             try:
@@ -495,6 +498,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for key in ("image_width", "image_height"):
         if getattr(m, key) % step:
             raise bad(f"model.{key}", f"{getattr(m, key)} is not divisible by 2**(num_layers-1) = {step}")
+    if not 0 <= m.bn_momentum < 1:
+        raise bad("model.bn_momentum", f"must lie in [0, 1), got {m.bn_momentum}")
     if m.image_channels not in (1, 3):
         raise bad("model.image_channels", f"must be 1 or 3, got {m.image_channels}")
     if len(d.rgb_map) != m.num_classes:

@@ -2,7 +2,7 @@
 
 Both write ``metrics.json``: aggregate lesion figures at the top level (``lesion_dice`` is
 the pooled Dice of all lesion pixels of the split; ``*_per_image`` are means over images
-where the score is defined), the seed's background-inclusive ``dice_coef_multiclass``
+where the score is defined), the original's background-inclusive ``dice_coef_multiclass``
 beside them for comparison, and a ``per_image`` list. Scoring an export also writes the
 seed's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines), and, where
 the shards know each slice's case (the raw release), per-case volume scores:
@@ -31,7 +31,7 @@ DEFINITIONS = {
     "lesion_dice": "pooled over all pixels of the split: 2TP / (2TP + FP + FN)",
     "lesion_*_per_image": "mean over images where the score is defined (an image with no lesion in "
                           "truth or prediction has no Dice and is left out)",
-    "dice_coef_multiclass": "the seed's metric, background-inclusive (sums over the class axis too); "
+    "dice_coef_multiclass": "the original's metric, background-inclusive (sums over the class axis too); "
                             "for comparison only, not a lesion score",
     "cases": "each case scored as a volume of its slices in order: case Dice; lesions are 26-connected "
              "3D components, found when a prediction overlaps them, false when a predicted one overlaps "

@@ -2,7 +2,7 @@
 
 Works from an export folder alone. Each image (PNG/JPG, any size) is resized to the model
 size, segmented, and its mask resized back (nearest) to the image's own size, saved under the
-same base name as a palette PNG in ``rgb_map`` colours, as the seed's inferencer did. An
+same base name as a palette PNG in ``rgb_map`` colours, as the original's inferencer did. An
 overlay ``overlays/<name>.png`` shows image | image with the lesion outline.
 """
 

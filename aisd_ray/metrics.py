@@ -1,4 +1,4 @@
-"""Honest lesion metrics (background excluded) and the seed's metric, kept for comparison.
+"""Honest lesion metrics (background excluded) and the original's metric, kept for comparison.
 
 Counts are additive, so the same code scores one image, a batch, or a whole split reduced
 across Ray workers: per-image true positive / false positive / false negative pixel counts
@@ -66,9 +66,9 @@ def summarize(counts: np.ndarray) -> dict[str, Any]:
 
 
 def dice_coef_multiclass(y_true: np.ndarray, y_prob: np.ndarray, smooth: float = 1.0) -> float:
-    """The seed's metric: sums over H, W *and the class axis*, so background dominates.
+    """The original's metric: sums over H, W *and the class axis*, so background dominates.
 
-    Kept only to compare with the seed's published 0.9904; it is not a lesion score.
+    Kept only to compare with the original's published 0.9904; it is not a lesion score.
     """
     y_true = np.asarray(y_true, dtype=np.float64)
     y_prob = np.asarray(y_prob, dtype=np.float64)

@@ -1,6 +1,6 @@
-"""FlexUNet: the seed's configurable multiclass U-Net, rebuilt in Keras 3.
+"""FlexUNet: the original's configurable multiclass U-Net, rebuilt in Keras 3.
 
-Faithful to the original's layer recipe (FACTS section 1) so that the seed's AISD config
+Faithful to the original's layer recipe (FACTS section 1) so that the original's AISD config
 builds the same 124,996,866-parameter network: kernel size and dilation taper with depth,
 dropout grows with depth, a transpose-conv decoder concatenates the encoder skips.
 """
@@ -40,7 +40,8 @@ def build_flexunet(cfg: ModelConfig, name: str = "flexunet", dtype: str = "float
             if cfg.normalization:
                 # synchronized: batch statistics over the global batch, so every replica's moving
                 # statistics stay identical (a no-op without a distribution strategy)
-                x = layers.BatchNormalization(synchronized=True, name=f"{prefix}_bn{j}", dtype=dtype)(x)
+                x = layers.BatchNormalization(momentum=cfg.bn_momentum, synchronized=True,
+                                              name=f"{prefix}_bn{j}", dtype=dtype)(x)
             if j == 0 and dropout > 0:
                 x = layers.Dropout(dropout, name=f"{prefix}_dropout", dtype=dtype)(x)
         return x

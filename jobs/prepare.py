@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/prepare.py [flags]`: shard a source (the seed's tree or the
+"""`ray job submit ... -- python jobs/prepare.py [flags]`: shard a source (the original's tree or the
 raw AISD release) into SHARDS.
 
 Same flags as `aisd-ray prepare` (see `--help`); a failure exits non-zero with the reason.

@@ -1,4 +1,4 @@
-"""Entry point for `ray job submit ... -- python jobs/sweep.py --output DIR`: the seed sweep.
+"""Entry point for `ray job submit ... -- python jobs/sweep.py --output DIR`: the sweep over random seeds.
 
 A thin layer over the package: same flags as `aisd-ray sweep`; a failure exits non-zero.
 """

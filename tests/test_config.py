@@ -19,7 +19,7 @@ def test_seed_ini_loads_verbatim():
     assert (t.epochs, t.batch_size, t.patience) == (100, 2, 10)
     assert (t.reducer_factor, t.reducer_patience, t.num_infer_images) == (0.5, 4, 6)
     assert cfg.data.rgb_map == ((0, 0, 0), (255, 255, 255))
-    # "[test] " carries a trailing space in the seed; its directories still land in the test split
+    # "[test] " carries a trailing space in the original's file; its directories still land in the test split
     assert cfg.data.split_dirs["test"][0].endswith("dataset/AISD/test/images")
     assert cfg.infer.images_dir == "./mini_test/images/"
 
@@ -64,6 +64,17 @@ def test_ini_errors_name_file_section_key(tmp_path, text, message):
     ("[data]\nrgb_map = [[0, 0, 0]]\n", r"\[data\] rgb_map: has 1 colours but model.num_classes is 2"),
     ("[nope]\nx = 1\n", r"unknown section \[nope\]"),
     ("[train]\nepochz = 3\n", r"\[train\] epochz: unknown key"),
+    ("[train]\nclipnorm = 1.0\n", r"\[train\] clipnorm: clips by global norm; set train.clipvalue = 0"),
+    ("[train]\nlr_schedule = 'step'\n", r"\[train\] lr_schedule: must be one of \('plateau', 'cosine'"),
+    ("[train]\nepochs = 3\nwarmup_epochs = 3\n", r"\[train\] warmup_epochs: must be below train.epochs \(3\)"),
+    ("[train]\non_collapse = 'panic'\n", r"\[train\] on_collapse: must be one of \('rollback', 'stop', 'ignore'\)"),
+    ("[train]\nrollback_factor = 0\n", r"\[train\] rollback_factor: must lie in \(0, 1\]"),
+    ("[train]\nreader = 'spark'\n", r"\[train\] reader: must be one of \('shards', 'ray_data'\)"),
+    ("[train]\nadam_epsilon = 0\n", r"\[train\] adam_epsilon: must be > 0"),
+    ("[data]\nforeground_fraction = 1.5\n", r"\[data\] foreground_fraction: must lie in \[0, 1\]"),
+    ("[model]\nbn_momentum = 1.0\n", r"\[model\] bn_momentum: must lie in \[0, 1\)"),
+    ("[model]\nnormalization = true\n[train]\njit_compile = true\nnum_workers = 2\n",
+     r"\[train\] jit_compile: XLA cannot compile the synchronised BatchNorm"),
 ])
 def test_toml_errors_name_file_section_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

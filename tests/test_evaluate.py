@@ -75,4 +75,4 @@ def test_cases_of_the_raw_release_are_scored_as_volumes(trained_run, tmp_path):
     assert (tmp_path / "eval" / "volume_agreement.png").stat().st_size > 1000
     assert "cases" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "cases" not in evaluate_export(trained_run[3], trained_run[1], str(tmp_path / "seed"), "test",
-                                          progress=False)  # the seed's tree has no case ids
+                                          progress=False)  # the original's tree has no case ids

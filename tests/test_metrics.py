@@ -42,7 +42,7 @@ def test_empty_truth_and_prediction_is_undefined_not_perfect():
 
 
 def test_seed_metric_is_background_dominated():
-    """A 1%-lesion slice predicted all background scores ~0.99 on the seed's metric, 0 on ours."""
+    """A 1%-lesion slice predicted all background scores ~0.99 on the original's metric, 0 on ours."""
     truth = np.zeros((1, 100, 100), np.int64)
     truth[0, :10, :10] = 1
     onehot = np.eye(2)[truth]

@@ -1,4 +1,4 @@
-"""`aisd-ray sweep`: the seed distribution report, resumed on rerun."""
+"""`aisd-ray sweep`: the distribution over random seeds, resumed on rerun."""
 
 import json
 
@@ -15,7 +15,7 @@ def test_sweep_reports_the_spread_and_skips_finished_runs(tmp_path, capsys, monk
     runs = report["runs"]
     assert [(r["backend"], r["train_seed"], r["synthetic_seed"]) for r in runs] == [("local", 1, 5), ("local", 2, 5)]
     assert all(r["global_batch"] == 8 for r in runs)  # tiny: 4 per worker x 2 Ray workers
-    assert runs[0]["test_lesion_dice"] != runs[1]["test_lesion_dice"]  # the seed really differs
+    assert runs[0]["test_lesion_dice"] != runs[1]["test_lesion_dice"]  # the training seed really changes the outcome
     local = report["summary"]["local"]
     assert local["runs"] == 2
     dice = sorted(r["test_lesion_dice"] for r in runs)

@@ -1,8 +1,8 @@
-"""Reading the seed's ``{split}/{images,masks}`` PNG tree into model-sized samples.
+"""Reading the original's ``{split}/{images,masks}`` PNG tree into model-sized samples.
 
-Images and masks are paired by file stem (the seed paired two unsorted listings, which
+Images and masks are paired by file stem (the original paired two unsorted listings, which
 worked by luck); a file without a partner, or one that cannot be decoded, is an error
-that names it. Mask colours become class ids by nearest ``rgb_map`` colour, as the seed's
+that names it. Mask colours become class ids by nearest ``rgb_map`` colour, as the original's
 "categorized" masks did, so near-white lesion pixels (252..255) map to the lesion class.
 """
 
@@ -128,7 +128,7 @@ def _load_labels(mask_path: Path, height: int, width: int, rgb_map) -> np.ndarra
 
 def seed_refs(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
               rgb_map: tuple[tuple[int, int, int], ...]) -> list[SliceRef]:
-    """The slices of one split of the seed's tree, paired by name."""
+    """The slices of one split of the original's tree, paired by name."""
     return [SliceRef(name, _stamp(image, mask),
                      partial(load_pair, name, image, mask, height, width, channels, rgb_map),
                      partial(_load_labels, mask, height, width, rgb_map))

@@ -1,6 +1,6 @@
 """``aisd-ray prepare``: an AISD source in, shards and a manifest out.
 
-Two sources are read: the seed's ``{train,valid,test}/{images,masks}`` PNG tree, and the raw
+Two sources are read: the original's ``{train,valid,test}/{images,masks}`` PNG tree, and the raw
 AISD release (``image.zip``/``mask.zip`` or their extracted folders, one folder per case),
 which is split by patient with the official test cases as the test split.
 

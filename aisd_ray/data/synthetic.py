@@ -3,7 +3,7 @@
 AISD images cannot be shipped, so this draws what a windowed NCCT slice looks like
 (FACTS section 4): black air, a bright skull ring, textured grey parenchyma, dark
 ventricles and sulci, sometimes a head-holder arc, and in most slices a faint hypodense
-lesion with soft edges, wedge-shaped in one hemisphere. It writes the seed's
+lesion with soft edges, wedge-shaped in one hemisphere. It writes the original's
 ``AISD/{train,valid,test}/{images,masks}`` layout (RGB PNGs, masks near-white on black) or
 the raw release's per-case layout (grey slices, label PNGs with values 0..5).
 """
@@ -80,7 +80,7 @@ def synth_slice(rng: np.random.Generator, size: int, with_lesion: bool) -> tuple
 
 
 def write_synthetic_aisd(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> Path:
-    """Write the seed layout under ``out_dir/AISD``; same seed, same bytes."""
+    """Write the original's layout under ``out_dir/AISD``; same seed, same bytes."""
     root = Path(out_dir) / "AISD"
     counts = {"train": cfg.num_train, "valid": cfg.num_valid, "test": cfg.num_test}
     total = sum(counts.values())
@@ -96,7 +96,7 @@ def write_synthetic_aisd(out_dir: str | Path, cfg: SyntheticConfig, progress: bo
             name = f"{index}.png"
             index += 1
             Image.fromarray(np.repeat(image[..., None], 3, axis=-1)).save(root / split / "images" / name)
-            white = int(rng.integers(252, 256))  # the seed's masks are near-white, not exactly 255
+            white = int(rng.integers(252, 256))  # the original's masks are near-white, not exactly 255
             Image.fromarray(np.repeat((mask * white).astype(np.uint8)[..., None], 3, axis=-1)).save(
                 root / split / "masks" / name)
             bar.update()

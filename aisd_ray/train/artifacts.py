@@ -1,7 +1,7 @@
 """What the chief worker leaves beside the checkpoints after every epoch.
 
 ``history.csv`` (all losses and metrics), ``train_losses.png`` and ``train_metrics.png``
-(the seed's two plots), TensorBoard scalars, and the seed's epoch-change inference
+(the original's two plots), TensorBoard scalars, and the original's epoch-change inference
 panels ``epoch_change_infer/Epoch_{e}_{name}.png`` (image | truth | prediction).
 Files are written locally and mirrored to the run folder, which may be an object store.
 """

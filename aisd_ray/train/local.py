@@ -53,7 +53,7 @@ def shard_feed(cfg: Config, shards_uri: str, manifest: dict, rank: int = 0, worl
 
 
 def preview(cfg: Config, shards_uri: str, manifest: dict):
-    """The seed's epoch-change images: the first N validation slices, fixed for the run."""
+    """The original's epoch-change images: the first N validation slices, fixed for the run."""
     if not cfg.train.epoch_change_infer:
         return []
     return pipeline.first_records(shards.iter_records(shards_uri, manifest, "valid"), cfg.train.num_infer_images)

@@ -58,7 +58,7 @@ class Reporter(Protocol):
 
 
 def set_seed(seed: int, deterministic: bool) -> None:
-    """Really set every seed (the seed assigned ``np.random.seed = 137``, which sets nothing)."""
+    """Really set every seed (the original assigned ``np.random.seed = 137``, which sets nothing)."""
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -243,7 +243,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
 
             val = np.zeros(6)  # loss sum, seed dice sum, images, tp, fp, fn
             for step, (x, y) in enumerate(batches(feed.valid_rows, cfg.eval.batch_size, training=False)):
-                if t.validation_steps and step >= t.validation_steps:  # the seed's cap, per worker
+                if t.validation_steps and step >= t.validation_steps:  # the original's cap, per worker
                     break
                 loss, seed_sum, counts = eval_step(x, y)
                 val += np.concatenate([[loss.numpy(), seed_sum.numpy(), x.shape[0]], counts.numpy()])

@@ -4,7 +4,7 @@ MultiWorkerMirroredStrategy, fed by Ray Data from the shards.
 Each worker reads its share of every epoch straight from the shards in a (seed, epoch)-keyed
 order (``train.reader = "shards"``, see ``data.order``): equal, disjoint shares, the same order
 as the local backend, reproducible. With ``train.reader = "ray_data"`` Ray Data streams the
-split in equal shares instead (``get_dataset_shard``; block order fixed by the seed, rows
+split in equal shares instead (``get_dataset_shard``; block order fixed by train.seed, rows
 shuffled per epoch by the worker). Validation must score every slice exactly once, so each
 worker reads every world-th validation shard directly.
 """
