@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= runs/demo
 
-.PHONY: demo tune-demo test install clean
+.PHONY: demo tune-demo sweep test install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(BIN)/.installed
 
 tune-demo: $(BIN)/.installed
 	$(BIN)/aisd-ray tune --data $(DEMO_OUTPUT)/shards --output runs/tune-demo
+
+sweep: $(BIN)/.installed
+	$(BIN)/aisd-ray sweep --output runs/sweep
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q --durations=10

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing on a CPU machine) unless -v asks for it
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from aisd_ray import storage  # noqa: E402
 from aisd_ray.config import ConfigError, builtin_config, load_config  # noqa: E402
@@ -17,22 +18,27 @@ log = logging.getLogger("aisd_ray")
 
 
 def _config(args) -> "Config":  # noqa: F821
-    path = args.config or (builtin_config(args.default_config) if args.default_config else None)
+    """The command's config: a file, a shipped config's name (``--config aisd512``), or the default."""
+    path = args.config
+    if path and not os.path.exists(path) and os.sep not in path and not path.endswith((".toml", ".config")):
+        path = builtin_config(path)  # a shipped name; an unknown one is an error listing them
+    path = path or (builtin_config(args.default_config) if args.default_config else None)
     return load_config(path, args.set or ())
 
 
 def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--config", help="TOML file or the original's train_eval_infer.config (INI)"
-                   + (f"; default: built-in '{default}'" if default else ""))
+    p.add_argument("--config", help="TOML file, the original's train_eval_infer.config (INI), or a shipped "
+                   "config's name (see `aisd-ray configs`)" + (f"; default: '{default}'" if default else ""))
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.epochs=3")
     p.set_defaults(default_config=default)
 
 
 def cmd_inspect(args) -> None:
+    cfg = _config(args)  # a bad config is reported before TensorFlow loads
     from aisd_ray.model import build_flexunet
 
-    model = build_flexunet(_config(args).model)
+    model = build_flexunet(cfg.model)
     model.summary(line_length=110)
     print(f"Total parameters: {model.count_params():,}")
 
@@ -84,9 +90,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_tune(args) -> None:
+    cfg = _config(args)  # a bad config is reported before Ray loads
     from aisd_ray.tune import search
 
-    cfg = _config(args)
     data = args.data or cfg.data.shards_dir
     if not data:
         raise ConfigError("give --data or data.shards_dir (a shard store from `aisd-ray prepare`)")
@@ -180,10 +186,41 @@ def cmd_sweep(args) -> None:
     print(f"figures: {storage.join(args.output, 'sweep.json')}")
 
 
+def cmd_configs(args) -> None:
+    from aisd_ray.config import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.toml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{path.stem:<10} {first}")
+    print(f"\n(in {CONFIG_DIR}; use one with --config NAME)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aisd-ray")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aisd-ray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common = argparse.ArgumentParser(add_help=False)  # -v/-q before or after the subcommand
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only")
+    parser = argparse.ArgumentParser(prog="aisd-ray", description=__doc__, parents=[common])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kwargs):
+        return _add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser
+
+    p = sub.add_parser("configs", help="list the shipped configs (usable as --config NAME)")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("inspect", help="print the model summary and its parameter count")
     _add_config(p, "demo")
@@ -286,7 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    level = logging.DEBUG if getattr(args, "verbose", False) else (
+        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    if level == logging.DEBUG and "tensorflow" not in sys.modules:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)

@@ -11,13 +11,13 @@ import ast
 import configparser
 import copy
 import dataclasses
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 
 
 class ConfigError(ValueError):

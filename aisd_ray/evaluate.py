@@ -121,8 +121,12 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
                     batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
     """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv."""
     model = LoadedExport(export_uri)
-    manifest = shards.read_manifest(shards_uri)
-    shards.verify_shards(shards_uri, manifest)
+    manifest = shards.ShardStore.open(shards_uri).manifest
+    have = tuple(manifest["image"][k] for k in ("height", "width", "channels"))
+    if have != (model.height, model.width, model.channels):
+        raise layout.DataError(f"{storage.join(shards_uri, shards.MANIFEST)}: the shards hold "
+                               f"{'x'.join(map(str, have))} images but the export {export_uri} takes "
+                               f"{model.height}x{model.width}x{model.channels}")
     total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
     names, counts, losses, seed_dice = [], [], [], []
     volumes = CaseVolumes()

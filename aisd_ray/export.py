@@ -90,6 +90,9 @@ class LoadedExport:
         if not info_path.is_file():
             raise FileNotFoundError(f"{uri}: not an aisd-ray export (no {INFO})")
         self.info = json.loads(info_path.read_text())
+        if not (folder / SAVED_MODEL).is_dir():
+            raise FileNotFoundError(f"{storage.join(uri, SAVED_MODEL)}: missing; the export is incomplete, "
+                                    "export the run again")
         self._module = tf.saved_model.load(str(folder / SAVED_MODEL))
         self._fn = self._module.signatures[SIGNATURE]
         self._float_fn = self._module.signatures[FLOAT_SIGNATURE]

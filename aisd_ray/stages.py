@@ -28,26 +28,58 @@ def run_uri(cfg: Config, output_root: str) -> str:
     return storage.join(output_root, cfg.run.name)
 
 
-def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = ()) -> dict[str, Any]:
+def _check_resume(cfg: Config, run: str) -> None:
+    """A rerun resumes the run's checkpoints: refuse one whose model differs from the run's."""
+    from aisd_ray.config import ConfigError
+    from aisd_ray.train import checkpoint as ckpt
+
+    uri = storage.join(run, "config.toml")
+    if not storage.exists(uri) or not ckpt.list_checkpoints(run):
+        return
+    old = run_config(run).to_dict()["model"]
+    new = cfg.to_dict()["model"]
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    if changed:
+        raise ConfigError(f"{run}: this run's checkpoints hold another model ([model] {'; '.join(changed)}); "
+                          "rerun with its config to resume, or give a new run.name or --output")
+
+
+def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
+          verify_checksums: bool = True) -> dict[str, Any]:
     """Train (or resume) the run ``output_root/run.name``; return its last reported metrics.
-    ``callbacks`` go to Ray Train (the ray backend only)."""
+    ``callbacks`` go to Ray Train (the ray backend only).
+
+    Everything is checked before anything is written: the shard store (manifest against the
+    config, every shard's size and SHA-256, once per command), that a worker's share fills a
+    batch, and that a resumed run has the same model; the run's ``config.toml`` is written when
+    training starts, so a failed command leaves an existing run as it was."""
+    from aisd_ray.config import ConfigError
+    from aisd_ray.data import order, shards
+
     shards_uri, output_root = storage.absolute(shards_uri), storage.absolute(output_root)
+    store = shards.ShardStore.open(shards_uri, cfg, checksums=verify_checksums)
+    workers = cfg.train.num_workers if cfg.train.backend == "ray" else 1
+    share = order.share_size(store.records("train"), workers)
+    if share < cfg.train.batch_size:
+        raise ConfigError(f"[train] batch_size: {cfg.train.batch_size} is more than a worker's share of the "
+                          f"{store.records('train')} training slices in {shards_uri} ({share} each on {workers} "
+                          f"worker{'s' if workers > 1 else ''}); lower train.batch_size or train.num_workers")
     run = run_uri(cfg, output_root)
+    _check_resume(cfg, run)
     storage.write_text(storage.join(run, "config.toml"), cfg.to_toml())
-    log.info("training run %s with the %s backend (%d worker%s)", run, cfg.train.backend,
-             cfg.train.num_workers if cfg.train.backend == "ray" else 1,
-             "s" if cfg.train.backend == "ray" and cfg.train.num_workers > 1 else "")
+    log.info("training run %s with the %s backend (%d worker%s)", run, cfg.train.backend, workers,
+             "s" if workers > 1 else "")
     if cfg.train.backend == "local":
         from aisd_ray.train.local import train_local
 
-        state = train_local(cfg, shards_uri, run)
+        state = train_local(cfg, store, run)
         if not state.history:
             return {}
         reason = state.stop_reason or f"reached {cfg.train.epochs} epochs"
         return {**state.history[-1], "stop_reason": reason}
     from aisd_ray.train.ray_train import train_ray
 
-    return dict(train_ray(cfg, shards_uri, output_root, callbacks).metrics or {})
+    return dict(train_ray(cfg, store, output_root, callbacks).metrics or {})
 
 
 def run_config(run: str) -> Config:

@@ -74,7 +74,8 @@ def _trial(params: dict[str, Any], base: dict[str, Any], shards_uri: str, trials
     os.environ.update(env)  # where gs:// points, as the driver saw it
     cfg = apply_params(config_from_dict(base), params)
     cfg.run.name = tune.get_context().get_trial_id()
-    stages.train(cfg, shards_uri, trials_root, callbacks=(TuneReportCallback(),))
+    # the search verified the store's checksums once; a trial checks sizes and the config
+    stages.train(cfg, shards_uri, trials_root, callbacks=(TuneReportCallback(),), verify_checksums=False)
 
 
 @dataclass
@@ -156,8 +157,7 @@ def _write_outputs(rows: list[dict[str, Any]], curves: dict[str, Any], cfg: Conf
 def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     """Run (or resume) the search under ``output``; export the best trial and write the summaries."""
     output, shards_uri = storage.absolute(output), storage.absolute(shards_uri)
-    manifest = shards.read_manifest(shards_uri)
-    shards.verify_shards(shards_uri, manifest)
+    shards.ShardStore.open(shards_uri, cfg)
     t, tc = cfg.train, cfg.tune
     # a local cluster: each concurrent trial's workers plus a CPU for its Ray Data reads
     ensure_ray(tc.max_concurrent_trials * (t.num_workers + 1) + 1)

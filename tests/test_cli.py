@@ -10,7 +10,7 @@ from aisd_ray.cli import build_parser, main
 from aisd_ray.config import builtin_config
 
 TINY = str(builtin_config("tiny"))
-COMMANDS = ["inspect", "synthesize", "prepare", "train", "export", "evaluate", "infer", "demo"]
+COMMANDS = ["inspect", "synthesize", "prepare", "train", "export", "evaluate", "infer", "demo", "sweep", "configs"]
 SEED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "seed" / "train_eval_infer.config"
 
 
@@ -27,6 +27,38 @@ def test_inspect_console_script_prints_the_parameter_count(tmp_path):
     out = subprocess.run([Path(sys.executable).parent / "aisd-ray", "inspect", "--config", str(config)],
                          capture_output=True, text=True, check=True).stdout
     assert "Total parameters: 124,996,866" in out
+
+
+def test_version_and_shipped_config_names(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"aisd-ray {version('aisd-ray')}"
+    assert main(["configs"]) == 0
+    assert {"aisd512", "demo", "tiny", "tune-demo"} <= {line.split()[0] for line in
+                                                        capsys.readouterr().out.splitlines()[:4]}
+    assert main(["inspect", "--config", "nosuchconfig"]) == 2
+    assert "no built-in config 'nosuchconfig' (known: aisd512, demo, tiny, tune-demo)" in capsys.readouterr().err
+
+
+def test_verbosity_flags_go_before_or_after_the_subcommand():
+    for argv in (["-v", "configs"], ["configs", "-v"], ["configs", "-q"]):
+        args = build_parser().parse_args(argv)
+        assert getattr(args, "verbose", False) or getattr(args, "quiet", False)
+
+
+@pytest.mark.parametrize("command", ["inspect", "train", "tune"])
+def test_a_config_typo_is_reported_before_tensorflow_or_ray_load(tmp_path, command):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nbase_filterz = 8\n")
+    extra = [] if command == "inspect" else ["--data", "x", "--output", "y"]
+    probe = ("import sys; from aisd_ray.cli import main; "
+             f"code = main([{command!r}, '--config', {str(bad)!r}] + {extra!r}); "
+             "print(code, 'tensorflow' in sys.modules, 'ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert "bad.toml: [model] base_filterz: unknown key" in done.stderr
 
 
 def test_bad_config_exits_2_with_the_key(tmp_path, capsys):

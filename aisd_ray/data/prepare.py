@@ -95,7 +95,11 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
     fingerprint = _fingerprint(cfg, refs)
     manifest_uri = storage.join(out_uri, shards.MANIFEST)
     if storage.exists(manifest_uri):
-        old = json.loads(storage.read_bytes(manifest_uri))
+        try:
+            old = json.loads(storage.read_bytes(manifest_uri))
+        except ValueError:  # truncated or not JSON: treated as absent, the store is rebuilt
+            log.warning("%s is unreadable; rebuilding the store", manifest_uri)
+            old = {}
         if old.get("fingerprint") == fingerprint:
             log.info("%s is up to date (same source and settings); nothing to do", manifest_uri)
             return old

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import struct
 import time
@@ -27,6 +28,7 @@ from PIL import Image
 from aisd_ray import storage
 from aisd_ray.data.layout import DataError, Sample
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: shuffled training order, per-row lesion flags, name index
 EXTENSIONS = {"parquet": "parquet", "tfrecord": "tfrecord"}
@@ -202,7 +204,13 @@ def read_manifest(shards_uri: str) -> dict[str, Any]:
     uri = storage.join(shards_uri, MANIFEST)
     if not storage.exists(uri):
         raise DataError(f"{uri}: no manifest; run `aisd-ray prepare` first (or it did not finish)")
-    manifest = json.loads(storage.read_bytes(uri))
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+            raise ValueError("no splits")
+    except ValueError:  # json's errors are ValueErrors too
+        raise DataError(f"{uri}: unreadable manifest (truncated or not JSON); re-run `aisd-ray prepare` "
+                        "to rebuild the store") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{uri}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
                         "re-run `aisd-ray prepare` to rewrite the store")
@@ -216,19 +224,77 @@ def shard_uris(shards_uri: str, manifest: dict[str, Any], split: str) -> list[st
     return [storage.join(shards_uri, s["name"]) for s in manifest["splits"][split]["shards"]]
 
 
-def verify_shards(shards_uri: str, manifest: dict[str, Any], checksums: bool = False) -> None:
-    """Every shard the manifest lists exists with its size (and SHA-256 when asked)."""
-    for entry in manifest["splits"].values():
-        for shard in entry["shards"]:
-            uri = storage.join(shards_uri, shard["name"])
-            fs, path = storage.resolve(uri)
-            info = fs.get_file_info(path)
-            if info.size is None:
-                raise DataError(f"{uri}: shard listed in the manifest is missing")
-            if info.size != shard["bytes"]:
-                raise DataError(f"{uri}: shard is {info.size} bytes, manifest says {shard['bytes']}")
-            if checksums and hashlib.sha256(storage.read_bytes(uri)).hexdigest() != shard["sha256"]:
-                raise DataError(f"{uri}: shard checksum does not match the manifest")
+def _check_shard(shards_uri: str, shard: dict[str, Any], checksums: bool) -> None:
+    uri = storage.join(shards_uri, shard["name"])
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.size is None:
+        raise DataError(f"{uri}: shard listed in the manifest is missing")
+    if info.size != shard["bytes"]:
+        raise DataError(f"{uri}: shard is {info.size} bytes, manifest says {shard['bytes']}")
+    if checksums and hashlib.sha256(storage.read_bytes(uri)).hexdigest() != shard["sha256"]:
+        raise DataError(f"{uri}: shard checksum does not match the manifest (corrupt or changed); "
+                        "re-run `aisd-ray prepare`")
+
+
+def verify_shards(shards_uri: str, manifest: dict[str, Any], checksums: bool = False, threads: int = 8) -> None:
+    """Every shard the manifest lists exists with its size (and SHA-256 when asked), checked in
+    parallel; the first bad shard is named."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    listed = [shard for entry in manifest["splits"].values() for shard in entry["shards"]]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(lambda shard: _check_shard(shards_uri, shard, checksums), listed):
+            pass
+
+
+def check_matches_config(shards_uri: str, manifest: dict[str, Any], cfg) -> None:
+    """The shards were made for this config's input: size, channels, classes and mask colours."""
+    m, where = cfg.model, storage.join(shards_uri, MANIFEST)
+    image = manifest.get("image", {})
+    have = (image.get("height"), image.get("width"), image.get("channels"))
+    want = (m.image_height, m.image_width, m.image_channels)
+    if have != want:
+        raise DataError(f"{where}: the shards hold {have[0]}x{have[1]}x{have[2]} images but [model] "
+                        f"image_height x image_width x image_channels is {want[0]}x{want[1]}x{want[2]}; prepare "
+                        "the shards with this config, or train with the one they were made with")
+    if manifest.get("num_classes") != m.num_classes:
+        raise DataError(f"{where}: the shards have {manifest.get('num_classes')} classes but [model] num_classes "
+                        f"is {m.num_classes}")
+    colours = [list(c) for c in cfg.data.rgb_map]
+    if manifest.get("rgb_map") is not None and manifest["rgb_map"] != colours:
+        raise DataError(f"{where}: the shards were categorised with rgb_map {manifest['rgb_map']} but "
+                        f"[data] rgb_map is {colours}")
+
+
+@dataclass
+class ShardStore:
+    """A shard store opened once per command: manifest read and checked against the config,
+    every shard's presence, size and (by default) SHA-256 verified. Later stages of the same
+    command are handed the store (or its manifest) instead of reading it again."""
+
+    uri: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, uri: str, cfg=None, checksums: bool = True) -> "ShardStore":
+        manifest = read_manifest(uri)
+        if cfg is not None:
+            check_matches_config(uri, manifest, cfg)
+        started = time.time()
+        verify_shards(uri, manifest, checksums=checksums)
+        if checksums:
+            total = sum(s["bytes"] for e in manifest["splits"].values() for s in e["shards"])
+            log.info("verified %s: %.1f MB of shards, SHA-256 in %.1f s", uri,
+                                             total / 2**20, time.time() - started)
+        return cls(uri, manifest)
+
+    @property
+    def fmt(self) -> str:
+        return self.manifest["shard_format"]
+
+    def records(self, split: str) -> int:
+        return self.manifest["splits"][split]["records"] if split in self.manifest["splits"] else 0
 
 
 def iter_shard(uri: str, fmt: str) -> Iterator[dict[str, Any]]:

@@ -59,8 +59,6 @@ def preview(cfg: Config, shards_uri: str, manifest: dict):
     return pipeline.first_records(shards.iter_records(shards_uri, manifest, "valid"), cfg.train.num_infer_images)
 
 
-def train_local(cfg: Config, shards_uri: str, run_uri: str) -> ckpt.LoopState:
-    manifest = shards.read_manifest(shards_uri)
-    shards.verify_shards(shards_uri, manifest)
-    return run_training(cfg, tf.distribute.get_strategy(), shard_feed(cfg, shards_uri, manifest),
+def train_local(cfg: Config, store: shards.ShardStore, run_uri: str) -> ckpt.LoopState:
+    return run_training(cfg, tf.distribute.get_strategy(), shard_feed(cfg, store.uri, store.manifest),
                         LocalReporter(run_uri), run_uri, rank=0, world=1)

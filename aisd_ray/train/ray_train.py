@@ -117,11 +117,10 @@ def _worker(loop_config: dict) -> None:
     run_training(cfg, strategy, feed, RayReporter(), loop_config["run"], rank, world)
 
 
-def train_ray(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = ()) -> ray.train.Result:
+def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks: tuple = ()) -> ray.train.Result:
     """Run (or resume: same output root and run name) a distributed training run; ``callbacks``
     are Ray Train callbacks (a Tune trial passes the one that reports each epoch to Tune)."""
-    manifest = shards.read_manifest(shards_uri)
-    shards.verify_shards(shards_uri, manifest)
+    shards_uri, manifest = store.uri, store.manifest
     ensure_ray(cfg.train.num_workers + 2)
     fs, root = storage.resolve(output_root)
     datasets = {}

@@ -1,0 +1,108 @@
+"""Bad input ends with exit 2 and one line naming the file or key, and damages nothing.
+
+Each case runs the CLI in-process against a copy of a tiny shard store (or run), then checks
+the exit code, the message on stderr, and that nothing was written or broken."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aisd_ray.cli import main
+from aisd_ray.config import builtin_config
+
+TINY = str(builtin_config("tiny"))
+
+
+@pytest.fixture
+def store(parquet_store, tmp_path):
+    """A private copy of the tiny Parquet store, free to break."""
+    copy = tmp_path / "shards"
+    shutil.copytree(parquet_store[1], copy)
+    return copy
+
+
+def train(shards, output, *sets):
+    args = ["train", "--config", TINY, "--data", str(shards), "--output", str(output), "--backend", "local"]
+    for item in sets:
+        args += ["--set", item]
+    return main(args)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_a_shard_with_flipped_bytes_is_named_before_training(store, tmp_path, capsys):
+    victim = sorted((store / "train").iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[100:164] = bytes(b ^ 0xFF for b in data[100:164])
+    victim.write_bytes(bytes(data))
+    assert train(store, tmp_path / "runs") == 2
+    line = one_error_line(capsys)
+    assert f"{victim}: shard checksum does not match the manifest" in line
+    assert not (tmp_path / "runs").exists()  # nothing written: no run folder
+
+
+def test_a_truncated_manifest_is_reported_and_prepare_rebuilds_it(store, synthetic_root, tmp_path, capsys):
+    manifest = store / "manifest.json"
+    manifest.write_text(manifest.read_text()[:200])
+    assert train(store, tmp_path / "runs") == 2
+    assert "manifest.json: unreadable manifest (truncated or not JSON)" in one_error_line(capsys)
+    assert main(["prepare", "--config", TINY, "--source", str(synthetic_root), "--output", str(store)]) == 0
+    assert json.loads(manifest.read_text())["splits"]["train"]["records"] == 32
+
+
+def test_shards_of_another_size_than_the_config(store, tmp_path, capsys):
+    assert train(store, tmp_path / "runs", "model.image_width=128", "model.image_height=128") == 2
+    line = one_error_line(capsys)
+    assert "the shards hold 64x64x3 images but [model] image_height x image_width x image_channels is 128x128x3" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shards_with_other_colours_than_the_config(store, tmp_path, capsys):
+    assert train(store, tmp_path / "runs", "data.rgb_map=[[0,0,0],[255,0,0]]") == 2
+    assert "were categorised with rgb_map [[0, 0, 0], [255, 255, 255]]" in one_error_line(capsys)
+
+
+def test_a_batch_larger_than_a_workers_share(store, tmp_path, capsys):
+    assert train(store, tmp_path / "runs", "train.batch_size=64") == 2
+    line = one_error_line(capsys)
+    assert "[train] batch_size: 64 is more than a worker's share of the 32 training slices" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_with_another_model_is_refused_and_the_run_stays_usable(store, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert train(store, runs, "train.epochs=1") == 0
+    config = (runs / "tiny" / "config.toml").read_text()
+    capsys.readouterr()
+    assert train(store, runs, "train.epochs=2", "model.base_filters=8") == 2
+    line = one_error_line(capsys)
+    assert "this run's checkpoints hold another model ([model] base_filters 4 -> 8)" in line
+    assert (runs / "tiny" / "config.toml").read_text() == config  # the run is as it was
+    assert train(tmp_path / "nowhere", runs, "model.base_filters=8") == 2  # a bad --data neither
+    assert "nowhere/manifest.json: no manifest" in one_error_line(capsys)
+    assert (runs / "tiny" / "config.toml").read_text() == config
+    assert main(["export", "--run", str(runs / "tiny")]) == 0
+
+
+def test_an_export_folder_without_its_saved_model(trained_run, tmp_path, capsys):
+    broken = tmp_path / "export"
+    shutil.copytree(trained_run[3], broken)
+    shutil.rmtree(broken / "saved_model")
+    assert main(["infer", "--model", str(broken), "--images", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert f"{broken / 'saved_model'}: missing; the export is incomplete" in one_error_line(capsys)
+
+
+def test_evaluate_names_a_corrupt_test_shard(trained_run, store, tmp_path, capsys):
+    victim = sorted((store / "test").iterdir())[-1]
+    data = bytearray(victim.read_bytes())
+    data[-40:-20] = bytes(20)
+    victim.write_bytes(bytes(data))
+    assert main(["evaluate", "--model", trained_run[3], "--data", str(store), "--output", str(tmp_path / "e")]) == 2
+    assert f"{victim}: shard checksum does not match" in one_error_line(capsys)
+    assert not Path(tmp_path / "e").exists()
