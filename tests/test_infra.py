@@ -5,12 +5,12 @@ import json
 import re
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
-import tomllib
 import yaml
 
 from aisd_ray.cli import build_parser
