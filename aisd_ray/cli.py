@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, storage.StorageError) as exc:
         print(f"aisd-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -19,29 +19,62 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 
+class StorageError(Exception):
+    """Object storage that cannot be used: unreachable, no credentials, no such bucket, unknown scheme."""
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem object and in-filesystem path of ``uri`` (a local path or ``gs://``)."""
+    """The filesystem object and in-filesystem path of ``uri`` (a local path or ``gs://``). The
+    first use of a bucket checks that it is reachable and exists (a missing bucket is an error,
+    never created on the fly)."""
     if uri.startswith("gs://"):
-        return gcs_filesystem(), uri[len("gs://"):].rstrip("/")
+        path = uri[len("gs://"):].rstrip("/")
+        env = tuple(os.environ.get(k) for k in GCS_ENV)
+        _check_bucket(path.split("/", 1)[0], *env)
+        return _gcs(*env), path
     if "://" in uri and not uri.startswith("file://"):
         scheme = uri.split("://", 1)[0]
-        raise ValueError(f"{uri}: storage scheme {scheme}:// is not supported (use a folder or gs://)")
+        raise StorageError(f"{uri}: storage scheme {scheme}:// is not supported (use a folder or gs://)")
     return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
 
 
-# Transient GCS errors (429, 5xx, dropped connections) are retried by the client library itself.
-GCS_RETRY = datetime.timedelta(minutes=2)
+# Transient GCS errors (429, 5xx, dropped connections) are retried by the client library for up to
+# AISD_STORAGE_RETRY_SECONDS (default 30); an endpoint still unreachable then is an error.
+RETRY_ENV = "AISD_STORAGE_RETRY_SECONDS"
 # Environment that decides where gs:// goes; Ray workers get it from the driver (see ray_train).
-GCS_ENV = ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")
+GCS_ENV = ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", RETRY_ENV)
+
+
+def retry_seconds(value: str | None = None) -> float:
+    raw = value if value is not None else os.environ.get(RETRY_ENV)
+    try:
+        seconds = float(raw) if raw else 30.0
+    except ValueError:
+        raise StorageError(f"{RETRY_ENV}={raw!r}: expected a number of seconds") from None
+    return max(seconds, 1.0)
 
 
 @functools.lru_cache(maxsize=None)
-def _gcs(emulator: str | None, project: str | None) -> pafs.GcsFileSystem:
+def _gcs(emulator: str | None, project: str | None, retry: str | None = None) -> pafs.GcsFileSystem:
+    limit = datetime.timedelta(seconds=retry_seconds(retry))
     if emulator:
         scheme, _, endpoint = emulator.rpartition("://")
         return pafs.GcsFileSystem(anonymous=True, scheme=scheme or "http", endpoint_override=endpoint,
-                                  project_id=project or "aisd-ray", retry_time_limit=GCS_RETRY)
-    return pafs.GcsFileSystem(project_id=project, retry_time_limit=GCS_RETRY)
+                                  project_id=project or "aisd-ray", retry_time_limit=limit)
+    return pafs.GcsFileSystem(project_id=project, retry_time_limit=limit)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_bucket(bucket: str, emulator: str | None, project: str | None, retry: str | None = None) -> None:
+    where = f"the emulator at {emulator}" if emulator else "Google Cloud Storage"
+    try:
+        info = _gcs(emulator, project, retry).get_file_info(bucket)
+    except OSError as exc:
+        reason = str(exc).split(" error_info=")[0][:200]
+        raise StorageError(f"gs://{bucket}: cannot reach {where} within {retry_seconds(retry):g} s "
+                           f"({reason}); check the network, credentials and {RETRY_ENV}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"gs://{bucket}: no such bucket in {where}; create it first (infra/gcp/bucket.sh)")
 
 
 def gcs_filesystem() -> pafs.GcsFileSystem:

@@ -84,3 +84,28 @@ def test_ray_train_reads_and_checkpoints_in_the_bucket_then_exports_there(ray_cl
     report = evaluate_export(export_uri, uri, "gs://aisd/runs/tiny/eval", progress=False)
     saved = json.loads(bucket.blob("runs/tiny/eval/metrics.json").download_as_bytes())
     assert saved["images"] == report["images"] == 8
+
+
+def test_unreachable_endpoint_missing_bucket_and_unknown_scheme_fail_fast_with_one_line(
+        gcs_emulator, synthetic_root, tmp_path, monkeypatch, capsys):
+    from aisd_ray.cli import main
+    from tests.conftest import _free_port
+
+    tiny = ["--config", "tiny", "--source", str(synthetic_root)]
+    monkeypatch.setenv("AISD_STORAGE_RETRY_SECONDS", "2")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    assert main(["prepare", *tiny, "--output", "gs://aisd/data/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("aisd-ray prepare: error: gs://aisd: cannot reach the emulator at http://127.0.0.1:")
+    assert "within 2 s" in err
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    assert main(["prepare", *tiny, "--output", "gs://no-such-bucket/data"]) == 2
+    assert "gs://no-such-bucket: no such bucket in the emulator at" in capsys.readouterr().err
+    from google.cloud import storage as gcs
+
+    assert "no-such-bucket" not in [b.name for b in gcs.Client(project="aisd-ray-test").list_buckets()]
+
+    assert main(["prepare", *tiny, "--output", "s3://bucket/data"]) == 2
+    assert "s3://bucket/data/manifest.json: storage scheme s3:// is not supported" in capsys.readouterr().err
