@@ -3,12 +3,12 @@
 Works from an export folder alone. Each image (PNG/JPG, any size) is resized to the model
 size, segmented, and its mask resized back (nearest) to the image's own size, saved under the
 same base name as a palette PNG in ``rgb_map`` colours, as the original's inferencer did. An
-overlay ``overlays/<name>.png`` shows image | image with the lesion outline.
+overlay ``overlays/<name>.png`` shows image | image with the lesion outline. The output folder
+appears only once every image is done: a bad image (named in the error) leaves no partial folder.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,6 @@ from aisd_ray import render, storage
 from aisd_ray.data import layout
 from aisd_ray.export import LoadedExport
 from aisd_ray.progress import progress_bar
-
-
-def _save_png(image, uri: str) -> None:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    storage.write_bytes(uri, buf.getvalue())
 
 
 def infer_folder(export_uri: str, images_dir: str | Path, out_uri: str, batch_size: int = 4,
@@ -34,19 +28,21 @@ def infer_folder(export_uri: str, images_dir: str | Path, out_uri: str, batch_si
         raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...) found")
     written = []
     bar = progress_bar(total=len(paths), desc="infer", unit="image", enabled=progress)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        originals = [layout.read_image(p, model.channels) for p in chunk]
-        batch = np.stack([layout.resize_image(o, model.height, model.width) for o in originals])
-        labels = model.predict(batch)["labels"].numpy()
-        for path, original, label in zip(chunk, originals, labels):
-            mask = layout.resize_labels(label, *original.shape[:2])
-            name = f"{path.stem}.png"
-            _save_png(render.palette_png(mask, model.rgb_map), storage.join(out_uri, name))
-            if overlays:
-                _save_png(render.side_by_side(original, render.overlay(original, mask)),
-                          storage.join(out_uri, "overlays", name))
-            written.append(name)
-        bar.update(len(chunk))
+    with storage.staged_dir(out_uri) as folder:
+        if overlays:
+            (folder / "overlays").mkdir()
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            originals = [layout.read_image(p, model.channels) for p in chunk]
+            batch = np.stack([layout.resize_image(o, model.height, model.width) for o in originals])
+            labels = model.predict(batch)["labels"].numpy()
+            for path, original, label in zip(chunk, originals, labels):
+                mask = layout.resize_labels(label, *original.shape[:2])
+                name = f"{path.stem}.png"
+                render.palette_png(mask, model.rgb_map).save(folder / name)
+                if overlays:
+                    render.side_by_side(original, render.overlay(original, mask)).save(folder / "overlays" / name)
+                written.append(name)
+            bar.update(len(chunk))
     bar.close()
     return written

@@ -106,3 +106,18 @@ def test_evaluate_names_a_corrupt_test_shard(trained_run, store, tmp_path, capsy
     assert main(["evaluate", "--model", trained_run[3], "--data", str(store), "--output", str(tmp_path / "e")]) == 2
     assert f"{victim}: shard checksum does not match" in one_error_line(capsys)
     assert not Path(tmp_path / "e").exists()
+
+
+def test_infer_stopped_by_a_bad_image_leaves_no_partial_folder(trained_run, synthetic_root, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((synthetic_root / "test" / "images").iterdir())[:6]:
+        shutil.copy(path, images / path.name)
+    (images / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
+    out = tmp_path / "masks"
+    assert main(["infer", "--model", trained_run[3], "--images", str(images), "--output", str(out)]) == 2
+    assert "zz_broken.png" in one_error_line(capsys)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]
+    (images / "zz_broken.png").unlink()
+    assert main(["infer", "--model", trained_run[3], "--images", str(images), "--output", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 6 and len(list((out / "overlays").glob("*.png"))) == 6
