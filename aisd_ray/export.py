@@ -8,7 +8,8 @@ Layout of an export folder:
   computes in float32, whatever precision it was trained in;
 - ``model.keras``: the same network for Keras users;
 - ``export.json``: input size, channels, class names, rgb_map, the source checkpoint and its
-  validation metrics, and the full config, so ``aisd-ray infer`` needs only this folder.
+  validation metrics, the full config and its provenance (package versions, git commit, config
+  hash, machine), so ``aisd-ray infer`` needs only this folder.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from aisd_ray import storage
+from aisd_ray import provenance, storage
 from aisd_ray.config import Config
 from aisd_ray.model import build_flexunet
 from aisd_ray.train import checkpoint as ckpt
@@ -67,6 +68,7 @@ def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str,
             "parameters": int(model.count_params()),
             **(extra or {}),
             "config": cfg.to_dict(),
+            "provenance": provenance.facts(cfg.to_toml()),
         }
         (folder / INFO).write_text(json.dumps(info, indent=2, default=str))
     return out_uri

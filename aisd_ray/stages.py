@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aisd_ray import storage
+from aisd_ray import provenance, storage
 from aisd_ray.config import Config, load_config
 from aisd_ray.data.prepare import prepare
 
@@ -66,7 +66,9 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
                           f"worker{'s' if workers > 1 else ''}); lower train.batch_size or train.num_workers")
     run = run_uri(cfg, output_root)
     _check_resume(cfg, run)
-    storage.write_text(storage.join(run, "config.toml"), cfg.to_toml())
+    toml = cfg.to_toml()
+    storage.write_text(storage.join(run, "config.toml"), toml)
+    storage.write_text(storage.join(run, "provenance.json"), json.dumps(provenance.facts(toml), indent=2))
     log.info("training run %s with the %s backend (%d worker%s)", run, cfg.train.backend, workers,
              "s" if workers > 1 else "")
     if cfg.train.backend == "local":

@@ -15,13 +15,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import platform
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from aisd_ray import stages, storage
+from aisd_ray import provenance, stages, storage
 from aisd_ray.config import Config
 
 log = logging.getLogger(__name__)
@@ -96,26 +95,11 @@ def sweep(cfg: Config, output: str, plan: Plan, progress: bool = False) -> dict[
             runs.append(_run_one(cfg, output, "local", seed, synthetic_seed, plan.ray_workers, progress))
     for seed in plan.ray_train_seeds:
         runs.append(_run_one(cfg, output, "ray", seed, plan.synthetic_seeds[0], plan.ray_workers, progress))
-    report = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": _cpus(),
-                          "python": platform.python_version()},
+    report = {"provenance": provenance.facts(cfg.to_toml()),
               "config": {"model": cfg.to_dict()["model"], "train": cfg.to_dict()["train"]},
               "runs": runs, "summary": summarise(runs), "wall_seconds": round(time.time() - started, 1)}
     storage.write_text(storage.join(output, "sweep.json"), json.dumps(report, indent=2))
     return report
-
-
-def _cpus() -> str:
-    import os
-
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} x {model}" if model else str(os.cpu_count())
 
 
 def table(report: dict[str, Any]) -> str:

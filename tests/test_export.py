@@ -17,6 +17,7 @@ def test_export_is_the_best_checkpoint(trained_run):
     assert info["validation"]["val_lesion_dice"] == max(scores)
     assert info["image"] == {"height": 64, "width": 64, "channels": 3}
     assert info["rgb_map"] == [[0, 0, 0], [255, 255, 255]] and info["class_names"] == ["background", "lesion"]
+    assert info["provenance"]["packages"]["keras"] and info["provenance"]["config_sha256"]
 
 
 def test_reloaded_savedmodel_predicts_like_the_keras_model(trained_run):

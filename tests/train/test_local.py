@@ -50,8 +50,15 @@ def test_outputs_of_a_run(trained_run):
     from pathlib import Path
 
     folder = Path(run)
-    for name in ("history.csv", "train_losses.png", "train_metrics.png", "config.toml"):
+    for name in ("history.csv", "train_losses.png", "train_metrics.png", "config.toml", "provenance.json"):
         assert (folder / name).is_file(), name
+    import hashlib
+    import json
+
+    facts = json.loads((folder / "provenance.json").read_text())
+    assert facts["packages"]["tensorflow"] and facts["packages"]["ray"] and facts["machine"]["cpus"]
+    assert facts["config_sha256"] == hashlib.sha256((folder / "config.toml").read_bytes()).hexdigest()
+    assert facts["git_commit"] is None or len(facts["git_commit"].split("+")[0]) == 40
     assert list((folder / "tensorboard").iterdir())
     panels = sorted(p.name for p in (folder / "epoch_change_infer").iterdir())
     assert panels[0].startswith("Epoch_1_") and len(panels) == 2 * 2  # 2 epochs x 2 images
