@@ -5,13 +5,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= runs/demo
 
-.PHONY: demo tune-demo sweep test install clean
+.PHONY: demo tune-demo sweep test install constraints clean
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt: the exact versions the suite was run with (regenerate with `make constraints`)
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test]' -c constraints.txt
 	touch $@
+
+constraints: $(BIN)/.installed
+	( echo "# pip freeze of a passing .venv (make constraints); make installs with it"; \
+	  $(BIN)/python -m pip freeze --exclude-editable ) > constraints.txt
 
 install: $(BIN)/.installed
 

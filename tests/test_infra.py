@@ -119,17 +119,19 @@ def test_entry_points_configs_and_flags_in_the_rayjobs_are_real(name):
 
 def test_image_and_versions_agree_with_pyproject():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    pins = dict(re.match(r"([a-z\-\[\],]+)==(\S+)", d).groups() for d in pyproject["project"]["dependencies"]
-                if "==" in d)
+    pins = dict(re.match(r"([a-z\-\[\],]+)~=(\S+)", d).groups() for d in pyproject["project"]["dependencies"]
+                if "~=" in d)
     ray_pin = next(v for k, v in pins.items() if k.startswith("ray"))
     assert ray_pin == ray.__version__
+    locked = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert locked["ray"] == ray_pin and locked["tensorflow"] == pins["tensorflow"]  # the lock is in the range
     dockerfile = (REPO / "infra" / "Dockerfile").read_text()
     assert f"ARG RAY_VERSION={ray_pin}" in dockerfile and "FROM rayproject/ray:${RAY_VERSION}-" in dockerfile
     assert 'pip install --no-cache-dir ".[gpu]"' in dockerfile  # the project's own pins, CUDA build
     gpu = pyproject["project"]["optional-dependencies"]["gpu"]
-    assert gpu == [f"tensorflow[and-cuda]=={pins['tensorflow']}"]
+    assert gpu == [f"tensorflow[and-cuda]~={pins['tensorflow']}"]
     python_tag = re.search(r"ARG PYTHON_TAG=py3(\d+)", dockerfile).group(1)
-    assert int(python_tag) >= int(pyproject["project"]["requires-python"].split(".")[1])
+    assert int(python_tag) >= int(pyproject["project"]["requires-python"].split(".")[1].split()[0].strip('"'))
     for name in MANIFESTS:
         spec = cluster_spec(manifest(name))
         assert spec["rayVersion"] == ray_pin
