@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synthesize", help="write synthetic AISD-like data (the original's tree or the raw release)")
     _add_config(p, "demo")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder to write (AISD/... inside)")
     p.add_argument("--layout", choices=("seed", "raw", "raw-zip"), default="seed",
                    help="seed: {train,valid,test}/{images,masks}; raw: image/ and mask/ per-case folders; "
                         "raw-zip: image.zip and mask.zip")
@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a FlexUNet (Ray Train, or --backend local)")
     _add_config(p)
     p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
-    p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name")
-    p.add_argument("--backend", choices=("ray", "local"))
+    p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name (else run.output_dir)")
+    p.add_argument("--backend", choices=("ray", "local"), help="ray: Ray Train workers; local: this process, "
+                   "no Ray (default: train.backend, 'ray')")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
@@ -266,11 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--model", help="export folder")
     p.add_argument("--data", help="shard store")
-    p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--split", default="test", help="split of the shard store to score (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per prediction batch (default: %(default)s)")
     p.add_argument("--predictions", help="folder of predicted mask PNGs (no model needed)")
     p.add_argument("--masks", help="folder of ground-truth mask PNGs")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder for metrics.json, evaluation.csv, per_image.csv")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("infer", help="segment a folder of images with an export")
@@ -278,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of images (else [infer] images_dir of --config)")
     p.add_argument("--output", help="mask folder (else [infer] output_dir of --config)")
     p.add_argument("--config", help="a config whose [infer] section gives the folders")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--batch-size", type=int, default=4, help="images per prediction batch (default: %(default)s)")
+    p.add_argument("--no-overlays", action="store_true", help="masks only, no overlays/ folder")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")
@@ -310,13 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="the original's AISD tree or the raw AISD release (else data.source_dir)")
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
-    p.add_argument("--backend", choices=("ray", "local"))
+    p.add_argument("--backend", choices=("ray", "local"), help="training backend (default: train.backend, 'ray')")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, end to end")
     _add_config(p, "demo")
-    p.add_argument("--output", default="runs/demo")
-    p.add_argument("--backend", choices=("ray", "local"))
+    p.add_argument("--output", default="runs/demo", help="output root (default: %(default)s)")
+    p.add_argument("--backend", choices=("ray", "local"), help="training backend (default: train.backend, 'ray')")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

@@ -100,3 +100,11 @@ def test_infer_folders_can_come_from_the_config(trained_run, synthetic_root, tmp
     assert len(list((tmp_path / "out").glob("*.png"))) == 8 and not (tmp_path / "out" / "overlays").exists()
     assert main(["infer", "--model", export_uri]) == 2
     assert "give --images and --output" in capsys.readouterr().err
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    missing = [(name, a.option_strings) for name, p in sub.choices.items() for a in p._actions
+               if a.option_strings and not a.help]
+    assert missing == []
