@@ -273,9 +273,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             _apply_toml(cfg, text, source)
         else:
             _apply_ini(cfg, text, source, base_dir=path.parent)
+    base = copy.deepcopy(cfg) if overrides else None
     for item in overrides:
         _apply_override(cfg, item)
-    validate(cfg, source)
+    try:
+        validate(cfg, source)
+    except ConfigError:
+        if base is None:
+            raise
+        try:  # valid without the overrides: the overrides are at fault, so name them
+            validate(base, source)
+        except ConfigError:
+            raise
+        shown = " ".join(f"--set {item}" for item in overrides)
+        validate(cfg, f"{shown} (on {source})")
     return cfg
 
 

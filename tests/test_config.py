@@ -122,3 +122,9 @@ def test_trial_values_land_on_the_model_and_train_keys():
                                                              "dilation": 2, "num_layers": 2, "dropout_rate": 0.1})
     assert cfg.train.learning_rate == 0.004 and cfg.model.base_kernels == (5, 5) and cfg.model.dilation == (2, 2)
     assert cfg.model.num_layers == 2 and cfg.model.dropout_rate == 0.1
+
+
+def test_an_override_that_breaks_a_valid_config_is_named():
+    with pytest.raises(ConfigError, match=r"^--set model.num_layers=9 \(on .*tiny.toml\): \[model\] image_width: 64 is "
+                                          r"not divisible"):
+        load_config(builtin_config("tiny"), ["model.num_layers=9"])
