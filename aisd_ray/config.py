@@ -157,7 +157,9 @@ class TrainConfig:
     backend: str = "ray"
     num_workers: int = 2
     use_gpu: bool = False
-    max_failures: int = 0  # Ray FailureConfig: restarts from the latest checkpoint on worker loss
+    # Ray FailureConfig: a lost or failed worker group restarts from the latest checkpoint this many
+    # times (spot VMs get preempted); 0 ends the run at the first failure.
+    max_failures: int = 2
     # Rows (still encoded) each worker shuffles over, after its share of the epoch's permuted shard
     # order; at least the share itself gives a uniform permutation of it.
     shuffle_buffer: int = 1024
