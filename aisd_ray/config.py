@@ -150,6 +150,9 @@ class TrainConfig:
     max_rollbacks: int = 3
     steps_per_epoch: int = 0  # 0: one pass over the worker's share
     validation_steps: int = 0  # 0: the whole validation split
+    # Where no progress bar can be drawn (job logs, kubectl logs, files), a progress line every this
+    # many seconds inside an epoch, so a long epoch never looks hung; 0: none.
+    log_every_seconds: float = 60.0
     epoch_change_infer: bool = True
     num_infer_images: int = 6
     seed: int = 137
@@ -559,6 +562,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 "num_infer_images", "shuffle_buffer", "max_failures", "warmup_epochs", "max_rollbacks"):
         if getattr(t, key) < 0:
             raise bad(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.log_every_seconds < 0:
+        raise bad("train.log_every_seconds", f"must be >= 0 (0: off), got {t.log_every_seconds}")
     if t.learning_rate <= 0:
         raise bad("train.learning_rate", f"must be > 0, got {t.learning_rate}")
     if t.adam_epsilon <= 0:

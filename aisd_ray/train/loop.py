@@ -221,6 +221,9 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             loss_sum, train_counts, done = 0.0, np.zeros(3), 0
             bar = progress_bar(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief,
                                leave=False)
+            # no bar where output is not a terminal: a line every log_every_seconds instead
+            quiet_bar = chief and bar.disable and t.log_every_seconds > 0
+            last_line = time.time()
             waited, fetch_started = 0.0, time.time()
             for x, y in batches(lambda: rows, t.batch_size, training=True, epoch=epoch):  # noqa: B023
                 if done:  # time this step spent waiting for its batch
@@ -233,6 +236,10 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 done += 1
                 bar.update()
                 bar.set_postfix(loss=f"{loss_sum / done:.4f}")
+                if quiet_bar and time.time() - last_line >= t.log_every_seconds and done < steps:
+                    last_line = time.time()
+                    log.info("epoch %d/%d: step %d/%d, loss %.4f, %.2f steps/s", epoch, t.epochs, done, steps,
+                             loss_sum / done, done / max(last_line - started, 1e-9))
                 fetch_started = time.time()
                 if done == 1:  # the first step of a process also traces and compiles: not timed
                     first_step_done = fetch_started
@@ -269,7 +276,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             row["rollbacks"] = state.rollbacks
             if chief:
                 artifacts.epoch_end(state.history, _panels(model, feed.preview, cfg.data.rgb_map))
-                log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+                log.info("%s", epoch_line(row, state, t.epochs))
             with tempfile.TemporaryDirectory(prefix="aisd-ckpt-") as tmp:
                 if chief:
                     ckpt.save(tmp, model, optimizer, state)
@@ -279,6 +286,20 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
         if artifacts:
             artifacts.close()
     return state
+
+
+def epoch_line(row: dict, state: ckpt.LoopState, epochs: int) -> str:
+    """One compact line per epoch, as nnU-Net prints: losses, lesion Dice, best so far, learning
+    rate, epoch time and an ETA from the epochs run so far (every figure is in history.csv)."""
+    epoch = int(row["epoch"])
+    best = "new best" if state.best_epoch == epoch else f"best {state.best_score:.3f} @ {state.best_epoch}"
+    seconds = [r["epoch_seconds"] for r in state.history]
+    left = (epochs - epoch) * sum(seconds) / max(len(seconds), 1)
+    eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s" if epoch < epochs and not state.stop_reason else ""
+    rollbacks = f"  rollbacks {state.rollbacks}" if state.rollbacks else ""
+    return (f"epoch {epoch}/{epochs}  loss {row['loss']:.4f}  val loss {row['val_loss']:.4f}  "
+            f"val lesion Dice {row['val_lesion_dice']:.3f} ({best})  train lesion Dice {row['lesion_dice']:.3f}  "
+            f"lr {row['learning_rate']:.2e}  {row['epoch_seconds']:.1f} s{eta}{rollbacks}")
 
 
 def _on_divergence(state: ckpt.LoopState, trouble: str, best: _Snapshot, model, optimizer, t) -> None:

@@ -87,3 +87,19 @@ def test_validation_steps_caps_the_scored_slices(parquet_store, tmp_path):
     full = run_local(cfg, shards, str(tmp_path / "full"), epochs=1, validation_steps=0)[-1][1].history
     assert history[0]["loss"] == full[0]["loss"]  # same training
     assert history[0]["val_loss"] != full[0]["val_loss"]  # 2 of 8 validation slices scored
+
+
+def test_log_has_one_line_per_epoch_and_progress_lines_where_no_bar_is_drawn(parquet_store, tmp_path, caplog):
+    import logging
+
+    cfg, shards = parquet_store
+    cfg.train.log_every_seconds = 1e-9  # a progress line after every step (no terminal under pytest)
+    with caplog.at_level(logging.INFO, logger="aisd_ray"):
+        run_local(cfg, shards, str(tmp_path), epochs=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "aisd_ray.train.loop"]
+    epochs = [line for line in lines if line.startswith("epoch ") and "  loss " in line]
+    assert len(epochs) == 2
+    assert "val lesion Dice" in epochs[0] and "(new best)" in epochs[0] and "ETA " in epochs[0]
+    assert "ETA" not in epochs[1]  # the last epoch
+    steps = 32 // cfg.train.batch_size
+    assert "epoch 1/2: step 1/%d, loss" % steps in "\n".join(lines)
