@@ -1,5 +1,5 @@
 """Ray Train backend: ``TensorflowTrainer`` workers running the shared loop under
-MultiWorkerMirroredStrategy, fed by Ray Data from the shards.
+MultiWorkerMirroredStrategy, fed from the shards (read directly, or streamed by Ray Data).
 
 Each worker reads its share of every epoch straight from the shards in a (seed, epoch)-keyed
 order (``train.reader = "shards"``, see ``data.order``): equal, disjoint shares, the same order
@@ -108,8 +108,7 @@ def _worker(loop_config: dict) -> None:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    manifest = shards.read_manifest(loop_config["shards"])
-    feed = shard_feed(cfg, loop_config["shards"], manifest, rank, world)
+    feed = shard_feed(cfg, loop_config["shards"], loop_config["manifest"], rank, world)  # read once, by the driver
     if cfg.train.reader == "ray_data":
         train_shard, t = ray.train.get_dataset_shard("train"), cfg.train
         feed.train_rows = lambda epoch: order.shuffled(ray_rows(train_shard), t.shuffle_buffer,
@@ -132,7 +131,7 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
         datasets["train"] = train_data.materialize() if cfg.train.cache_train_split else train_data
     trainer = TensorflowTrainer(
         _worker,
-        train_loop_config={"config": cfg.to_dict(), "shards": shards_uri,
+        train_loop_config={"config": cfg.to_dict(), "shards": shards_uri, "manifest": manifest,
                            "run": storage.join(output_root, cfg.run.name),
                            "env": {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
