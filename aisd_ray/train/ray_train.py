@@ -88,17 +88,32 @@ class RayReporter:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (its whole metrics dict) and every checkpoint at INFO on each
+    worker; the loop's own epoch line says it once. Shown again with -v."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this module's logger is named by its file path, not its dotted name
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 def _worker(loop_config: dict) -> None:
     import tensorflow as tf
 
     from aisd_ray.train.loop import run_training
 
     package_log = logging.getLogger("aisd_ray")  # Ray workers log at WARNING by default
-    package_log.setLevel(logging.INFO)
+    package_log.setLevel(logging.DEBUG if loop_config.get("verbose") else logging.INFO)
+    package_log.propagate = False  # once, through this handler (Ray's root handler would repeat it)
     if not package_log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         package_log.addHandler(handler)
+    if not loop_config.get("verbose"):
+        _quiet_ray_train_reports()
     os.environ.update(loop_config["env"])  # where gs:// points, as the driver saw it
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -132,6 +147,7 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
     trainer = TensorflowTrainer(
         _worker,
         train_loop_config={"config": cfg.to_dict(), "shards": shards_uri, "manifest": manifest,
+                           "verbose": log.isEnabledFor(logging.DEBUG),
                            "run": storage.join(output_root, cfg.run.name),
                            "env": {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
