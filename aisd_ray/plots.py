@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from aisd_ray import storage  # noqa: E402
 
@@ -31,12 +32,68 @@ def _save(fig, ax, xlabel: str, ylabel: str, uri: str, legend: bool = True) -> N
     storage.write_bytes(uri, buf.getvalue())
 
 
-def lines(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, dashed: Sequence[str] = ()) -> None:
-    """One line per series, with markers; labels named in ``dashed`` are drawn dashed."""
+def lines(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, dashed: Sequence[str] = (),
+          title: str = "", mark_x: float | None = None) -> None:
+    """One line per series, with markers; labels named in ``dashed`` are drawn dashed; ``mark_x``
+    draws a dotted vertical line (the best epoch)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for label, x, y in series:
         ax.plot(x, y, "--" if label in dashed else "-", marker="o", ms=3, label=label)
+    if mark_x is not None:
+        ax.axvline(mark_x, color="k", ls=":", lw=1, label=f"best epoch ({mark_x:g})")
+    if title:
+        ax.set_title(title, fontsize=10)
     _save(fig, ax, xlabel, ylabel, uri)
+
+
+def training_metrics(history: Sequence[dict], title: str, uri: str) -> None:
+    """The run's metrics in three panels sharing the epoch axis: lesion scores on their own 0..1
+    axis with the best epoch marked; the original's background-inclusive metric apart (it sits
+    near 1 and would squash the lesion curves); the learning rate (log scale), rollbacks marked."""
+    epochs = [row["epoch"] for row in history]
+
+    def col(key):
+        return [row.get(key, float("nan")) for row in history]
+
+    fig, (top, mid, low) = plt.subplots(3, 1, figsize=(6.5, 7.5), dpi=100, sharex=True,
+                                        gridspec_kw={"height_ratios": [3, 1.3, 1.3]})
+    for key, label in (("lesion_dice", "train lesion Dice"), ("val_lesion_dice", "val lesion Dice"),
+                       ("val_lesion_iou", "val lesion IoU")):
+        if key in history[0]:
+            top.plot(epochs, col(key), marker="o", ms=3, label=label)
+    scores = [(s, e) for s, e in zip(col("val_lesion_dice"), epochs) if s == s]
+    if scores:
+        best, at = max(scores)
+        top.axvline(at, color="k", ls=":", lw=1)
+        top.annotate(f"best {best:.3f} @ epoch {at:g}", (at, best), textcoords="offset points", xytext=(4, -14),
+                     fontsize=8)
+    top.set_ylim(0, 1)
+    top.set_ylabel("lesion score")
+    top.set_title(f"{title}: lesion metrics (background excluded)", fontsize=10)
+    top.legend(fontsize=8, loc="lower right")
+    mid.plot(epochs, col("val_dice_coef_multiclass"), "--", marker="o", ms=3, color="gray")
+    mid.set_ylabel("original's metric")
+    mid.set_title("dice_coef_multiclass (background-inclusive, for comparison only)", fontsize=9)
+    low.plot(epochs, col("learning_rate"), marker="o", ms=3, color="tab:purple")
+    low.set_yscale("log")
+    low.set_ylabel("learning rate")
+    rollbacks = [0.0] + col("rollbacks")
+    marked = [e for e, before, now in zip(epochs, rollbacks, rollbacks[1:]) if now == now and now > before]
+    for k, epoch in enumerate(marked):
+        for ax in (top, mid, low):
+            ax.axvline(epoch, color="tab:red", lw=1, alpha=0.6,
+                       label="divergence guard rollback" if ax is top and k == 0 else None)
+    if marked:
+        top.legend(fontsize=8, loc="lower right")
+    for ax in (top, mid, low):
+        ax.grid(alpha=0.3)
+    low.xaxis.set_major_locator(MaxNLocator(integer=True))
+    low.set_xlabel("epoch")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    storage.write_bytes(uri, buf.getvalue())
 
 
 def scatter(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, logx: bool = False,

@@ -1,8 +1,10 @@
 """What the chief worker leaves beside the checkpoints after every epoch.
 
-``history.csv`` (all losses and metrics), ``train_losses.png`` and ``train_metrics.png``
-(the original's two plots), TensorBoard scalars, and the original's epoch-change inference
-panels ``epoch_change_infer/Epoch_{e}_{name}.png`` (image | truth | prediction).
+``history.csv`` (all losses and metrics), ``train_losses.png`` (losses, best epoch marked) and
+``train_metrics.png`` (lesion scores on their own axis with the best epoch, the original's
+background-inclusive metric in a panel of its own, the learning rate), TensorBoard scalars, and
+the original's epoch-change inference panels ``epoch_change_infer/Epoch_{e}_{name}.png``
+(image | truth | prediction).
 Files are written locally and mirrored to the run folder, which may be an object store.
 """
 
@@ -19,7 +21,6 @@ import tensorflow as tf
 from aisd_ray import plots, render, storage
 
 LOSS_KEYS = ("loss", "val_loss")
-METRIC_KEYS = ("lesion_dice", "val_lesion_dice", "val_lesion_iou", "val_dice_coef_multiclass")
 
 
 class Artifacts:
@@ -38,8 +39,14 @@ class Artifacts:
                     tf.summary.scalar(key, value)
         self._writer.flush()
         self._write_csv(history)
-        self._plot(history, LOSS_KEYS, "loss", "train_losses.png")
-        self._plot(history, METRIC_KEYS, "score", "train_metrics.png")
+        name = self.run_uri.rstrip("/").rsplit("/", 1)[-1]
+        epochs = [r["epoch"] for r in history]
+        scored = [(r["val_lesion_dice"], r["epoch"]) for r in history
+                  if r["val_lesion_dice"] == r["val_lesion_dice"]]  # NaN: no lesion anywhere
+        plots.lines([(k, epochs, [r[k] for r in history]) for k in LOSS_KEYS], "epoch", "loss",
+                    str(self.folder / "train_losses.png"), title=f"{name}: losses",
+                    mark_x=max(scored)[1] if scored else None)
+        plots.training_metrics(history, name, str(self.folder / "train_metrics.png"))
         out = self.folder / "epoch_change_infer"
         out.mkdir(exist_ok=True)
         for name, picture in panels:
@@ -58,10 +65,3 @@ class Artifacts:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(history)
-
-    def _plot(self, history, keys, ylabel: str, filename: str) -> None:
-        epochs = [row["epoch"] for row in history]
-        series = [(f"{k} (background-inclusive)" if k == "val_dice_coef_multiclass" else k, epochs,
-                   [row[k] for row in history]) for k in keys if k in history[0]]
-        plots.lines(series, "epoch", ylabel, str(self.folder / filename),
-                    dashed=("val_dice_coef_multiclass (background-inclusive)",))
