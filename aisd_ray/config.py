@@ -73,6 +73,9 @@ class DataConfig:
     min_shards: int = 2
     # Colour of each class in mask PNGs, index = class id (seed: rgb_map).
     rgb_map: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (255, 255, 255))
+    # A mask pixel farther than this (Euclidean, RGB units) from every rgb_map colour is an error
+    # naming the file: a mask in another palette must not turn silently into background.
+    mask_colour_tolerance: float = 64.0
     class_names: tuple[str, ...] = ("background", "lesion")
     # Raw AISD release only: class id of each raw label value 0..5 (1 remote infarct, 2 clear acute,
     # 3 blurred acute, 4 invisible acute, 5 infarct); lesion = {1, 2, 3, 5}, label 4 is background.
@@ -534,6 +537,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("data.shard_target_mb", "shard size must be > 0 and min_shards >= 1")
     if not d.raw_label_map or not all(0 <= c < m.num_classes for c in d.raw_label_map):
         raise bad("data.raw_label_map", f"class ids must lie in 0..{m.num_classes - 1}, got {d.raw_label_map}")
+    if d.mask_colour_tolerance < 0:
+        raise bad("data.mask_colour_tolerance", f"must be >= 0, got {d.mask_colour_tolerance}")
     if not 0 <= d.foreground_fraction <= 1:
         raise bad("data.foreground_fraction", f"must lie in [0, 1], got {d.foreground_fraction}")
     if not 0 <= d.valid_fraction < 1:

@@ -167,8 +167,8 @@ def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rgb_map
     names, counts, seed_dice = [], [], []
     num_classes = len(rgb_map)
     for name, pred_path, mask_path in progress_bar(pairs, desc="evaluate", unit="mask", enabled=progress):
-        pred = layout.categorize(layout.read_image(pred_path, 3), rgb_map)
-        truth = layout.categorize(layout.read_image(mask_path, 3), rgb_map)
+        pred = layout.categorize(layout.read_image(pred_path, 3), rgb_map, pred_path)
+        truth = layout.categorize(layout.read_image(mask_path, 3), rgb_map, mask_path)
         if pred.shape != truth.shape:
             raise layout.DataError(f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
                                    f"ground truth {mask_path.name} is {truth.shape[1]}x{truth.shape[0]}")

@@ -7,7 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from aisd_ray.cli import main
 from aisd_ray.config import builtin_config
@@ -121,3 +123,31 @@ def test_infer_stopped_by_a_bad_image_leaves_no_partial_folder(trained_run, synt
     (images / "zz_broken.png").unlink()
     assert main(["infer", "--model", trained_run[3], "--images", str(images), "--output", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 6 and len(list((out / "overlays").glob("*.png"))) == 6
+
+
+def test_prepare_refuses_a_mask_in_another_palette_and_a_16_bit_image(synthetic_root, tmp_path, capsys):
+    source = tmp_path / "AISD"
+    shutil.copytree(synthetic_root, source)
+    store = tmp_path / "shards"
+    assert main(["prepare", "--config", TINY, "--source", str(source), "--output", str(store)]) == 0
+    manifest = (store / "manifest.json").read_text()
+    mask = sorted((source / "train" / "masks").iterdir())[3]
+    red = np.asarray(Image.open(mask).convert("RGB")).copy()
+    red[red.sum(-1) > 600] = (220, 20, 20)  # lesion drawn in red, rgb_map says white
+    red[:4, :4] = (220, 20, 20)
+    Image.fromarray(red).save(mask)
+    assert main(["prepare", "--config", TINY, "--source", str(source), "--output", str(store)]) == 2
+    line = one_error_line(capsys)
+    assert f"{mask}: " in line and "pixels are farther than 64 from every rgb_map colour" in line
+    assert "(220, 20, 20)" in line
+    # the failed rewrite left the good store as it was: same manifest, every shard verifies
+    assert (store / "manifest.json").read_text() == manifest
+    from aisd_ray.data.shards import ShardStore
+
+    ShardStore.open(str(store), checksums=True)
+    shutil.copy(synthetic_root / "train" / "masks" / mask.name, mask)
+
+    image = sorted((source / "valid" / "images").iterdir())[0]
+    Image.fromarray(np.full((64, 64), 40000, np.uint16)).save(image)
+    assert main(["prepare", "--config", TINY, "--source", str(source), "--output", str(store)]) == 2
+    assert f"{image}: " in (line := one_error_line(capsys)) and "more than 8 bits per pixel" in line

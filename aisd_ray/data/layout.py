@@ -80,17 +80,39 @@ def open_image(source: Path | IO[bytes], where: str | Path) -> Image.Image:
 
 
 def read_image(source: Path | IO[bytes], channels: int, where: str | Path | None = None) -> np.ndarray:
-    """An image (file or stream) as (H, W, channels) uint8; grey is replicated to 3 channels if asked."""
-    array = np.asarray(open_image(source, where or source).convert("RGB" if channels == 3 else "L"))
+    """An image (file or stream) as (H, W, channels) uint8; grey is replicated to 3 channels if asked.
+    A 16-bit (or 32-bit) image is refused: converting it would clip every value above 255."""
+    image = open_image(source, where or source)
+    if image.mode.startswith("I") or image.mode == "F":
+        raise DataError(f"{where or source}: {image.mode} image with more than 8 bits per pixel; window it to "
+                        "8 bits first (the AISD images are 8-bit, already windowed)")
+    array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
     return array if array.ndim == 3 else array[..., None]
 
 
-def categorize(rgb: np.ndarray, rgb_map: tuple[tuple[int, int, int], ...]) -> np.ndarray:
-    """Class id of the nearest ``rgb_map`` colour (squared distance) for each pixel."""
+# How far (Euclidean, in RGB units) a mask pixel may lie from its nearest rgb_map colour.
+MASK_COLOUR_TOLERANCE = 64.0
+
+
+def categorize(rgb: np.ndarray, rgb_map: tuple[tuple[int, int, int], ...], where: str | Path | None = None,
+               tolerance: float | None = MASK_COLOUR_TOLERANCE) -> np.ndarray:
+    """Class id of the nearest ``rgb_map`` colour (squared distance) for each pixel. A pixel
+    farther than ``tolerance`` from every colour is an error naming ``where`` and the colours
+    (a mask drawn in another palette would otherwise turn silently into background)."""
     colours = np.asarray(rgb_map, np.int32)
     pixels = rgb.reshape(-1, 1, 3).astype(np.int32)
     dist = np.sum((pixels - colours[None]) ** 2, axis=-1)
-    return np.argmin(dist, axis=1).astype(np.uint8).reshape(rgb.shape[:2])
+    nearest = np.argmin(dist, axis=1)
+    if tolerance is not None:
+        far = dist[np.arange(len(nearest)), nearest] > tolerance**2
+        if far.any():
+            found, counts = np.unique(pixels[far, 0], axis=0, return_counts=True)
+            shown = ", ".join(f"{tuple(int(v) for v in c)} x{n}" for c, n in
+                              sorted(zip(found, counts), key=lambda item: -item[1])[:3])
+            raise DataError(f"{where or 'mask'}: {int(far.sum())} pixels are farther than {tolerance:g} from every "
+                            f"rgb_map colour {[tuple(c) for c in rgb_map]} (most common: {shown}); fix data.rgb_map "
+                            "or raise data.mask_colour_tolerance")
+    return nearest.astype(np.uint8).reshape(rgb.shape[:2])
 
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -109,9 +131,9 @@ def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def load_pair(name: str, image_path: Path, mask_path: Path, height: int, width: int, channels: int,
-              rgb_map: tuple[tuple[int, int, int], ...]) -> Sample:
+              rgb_map: tuple[tuple[int, int, int], ...], tolerance: float = MASK_COLOUR_TOLERANCE) -> Sample:
     image = read_image(image_path, channels)
-    labels = categorize(read_image(mask_path, 3), rgb_map)
+    labels = categorize(read_image(mask_path, 3), rgb_map, mask_path, tolerance)
     if image.shape[:2] != labels.shape:
         raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                         f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
@@ -122,16 +144,17 @@ def _stamp(*paths: Path) -> str:
     return "/".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
 
 
-def _load_labels(mask_path: Path, height: int, width: int, rgb_map) -> np.ndarray:
-    return resize_labels(categorize(read_image(mask_path, 3), rgb_map), height, width)
+def _load_labels(mask_path: Path, height: int, width: int, rgb_map, tolerance: float) -> np.ndarray:
+    return resize_labels(categorize(read_image(mask_path, 3), rgb_map, mask_path, tolerance), height, width)
 
 
 def seed_refs(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
-              rgb_map: tuple[tuple[int, int, int], ...]) -> list[SliceRef]:
+              rgb_map: tuple[tuple[int, int, int], ...],
+              tolerance: float = MASK_COLOUR_TOLERANCE) -> list[SliceRef]:
     """The slices of one split of the original's tree, paired by name."""
     return [SliceRef(name, _stamp(image, mask),
-                     partial(load_pair, name, image, mask, height, width, channels, rgb_map),
-                     partial(_load_labels, mask, height, width, rgb_map))
+                     partial(load_pair, name, image, mask, height, width, channels, rgb_map, tolerance),
+                     partial(_load_labels, mask, height, width, rgb_map, tolerance))
             for name, image, mask in pair_by_name(images_dir, masks_dir)]
 
 

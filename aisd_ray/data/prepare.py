@@ -9,8 +9,9 @@ shard mixes cases and an epoch's shard permutation mixes them further; validatio
 name order, whole cases together. The manifest's per-split ``index`` maps names to (shard, row).
 
 Resumable and idempotent: a store whose manifest records the same source and settings is
-left alone; otherwise the old manifest goes first, then each split's folder is rewritten,
-and the new manifest is written last.
+left alone. Otherwise new shards are written beside the old ones (their names carry the new
+fingerprint), the new manifest replaces the old one last, and only then are the old shards
+deleted: a prepare that fails half-way (a bad source file) leaves the existing store as it was.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def read_source(cfg: Config) -> tuple[dict[str, list[layout.SliceRef]], dict[str
         return release.refs, {"layout": "raw", "root": str(Path(d.source_dir).resolve()),
                               "cases": release.cases, "unpaired_skipped": release.unpaired}
     dirs = split_dirs(cfg)
-    refs = {split: layout.seed_refs(*dirs[split], m.image_height, m.image_width, m.image_channels, d.rgb_map)
+    refs = {split: layout.seed_refs(*dirs[split], m.image_height, m.image_width, m.image_channels, d.rgb_map,
+                                    d.mask_colour_tolerance)
             for split in dirs}
     return refs, {"layout": "seed", "splits": {s: list(v) for s, v in dirs.items()}}
 
@@ -64,7 +66,7 @@ def _settings(cfg: Config) -> list[Any]:
     m, d = cfg.model, cfg.data
     return [shards.FORMAT_VERSION, m.image_height, m.image_width, m.image_channels, d.rgb_map, d.shard_format,
             d.shard_target_mb, min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed,
-            d.drop_empty_train]
+            d.drop_empty_train, d.mask_colour_tolerance]
 
 
 def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:
@@ -89,6 +91,21 @@ def _drop_empty(refs: list[layout.SliceRef], progress: bool) -> list[layout.Slic
     return kept
 
 
+def _remove_stale(out_uri: str, manifest: dict[str, Any]) -> None:
+    """Delete what the new manifest does not list: earlier shards, splits and half-written files."""
+    listed = {s["name"] for entry in manifest["splits"].values() for s in entry["shards"]}
+    for folder in storage.list_dir(out_uri):
+        if folder == shards.MANIFEST:
+            continue
+        if folder not in manifest["splits"]:
+            if folder in SPLITS:
+                storage.delete(storage.join(out_uri, folder))
+            continue
+        for name in storage.list_dir(storage.join(out_uri, folder)):
+            if f"{folder}/{name}" not in listed:
+                storage.delete(storage.join(out_uri, folder, name))
+
+
 def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
     """Shard every split found; returns the manifest."""
     refs, source = read_source(cfg)
@@ -103,7 +120,6 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
         if old.get("fingerprint") == fingerprint:
             log.info("%s is up to date (same source and settings); nothing to do", manifest_uri)
             return old
-        storage.delete(manifest_uri)  # the store is incomplete from here until the new manifest
     if cfg.data.drop_empty_train and "train" in refs:
         refs["train"] = _drop_empty(refs["train"], progress)
     if "train" in refs:  # shards that mix cases (a source lists slices case by case)
@@ -114,15 +130,15 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
     bar = progress_bar(total=sum(len(r) for r in refs.values()), desc="prepare", unit="slice", enabled=progress)
     entries = {}
     for split, split_refs in refs.items():
-        storage.delete(storage.join(out_uri, split))
         entries[split] = shards.write_split((ref.load() for ref in split_refs), len(split_refs), out_uri, split,
-                                            cfg.data.shard_format, plan, progress=bar)
+                                            cfg.data.shard_format, plan, progress=bar, generation=fingerprint[:8])
     bar.close()
     info = {"fingerprint": fingerprint, "shard_format": cfg.data.shard_format,
             "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
             "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
             "rgb_map": [list(c) for c in cfg.data.rgb_map], "source": source}
     manifest = shards.write_manifest(out_uri, entries, info)
+    _remove_stale(out_uri, manifest)
     log.info("wrote %s: %s", manifest_uri,
              ", ".join(f"{s} {e['records']} slices in {len(e['shards'])} shards" for s, e in entries.items()))
     return manifest

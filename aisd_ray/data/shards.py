@@ -151,9 +151,11 @@ class ShardPlan:
 
 
 def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str, fmt: str,
-                plan: ShardPlan, progress=None) -> dict[str, Any]:
-    """Write one split's shards under ``out_uri/split/``; return its manifest entry."""
+                plan: ShardPlan, progress=None, generation: str = "") -> dict[str, Any]:
+    """Write one split's shards under ``out_uri/split/``; return its manifest entry. ``generation``
+    goes into the file names, so a rewrite never overwrites the shards a current manifest lists."""
     ext = EXTENSIONS[fmt]
+    tag = f"-{generation}" if generation else ""
     shards: list[dict[str, Any]] = []
     buffer: list[dict[str, Any]] = []
     index: dict[str, list[int]] = {}
@@ -161,7 +163,7 @@ def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str,
     lesion_pixels = pixels = 0
 
     def flush() -> None:
-        name = f"{split}/{split}-{len(shards):05d}.{ext}"
+        name = f"{split}/{split}-{len(shards):05d}{tag}.{ext}"
         data = parquet_bytes(buffer) if fmt == "parquet" else tfrecord_bytes(buffer)
         with storage.open_output(storage.join(out_uri, name)) as f:
             f.write(data)

@@ -40,8 +40,17 @@ def test_unreadable_file_is_named(tmp_path):
 
 def test_nearest_colour_categorisation():
     rgb = np.array([[[0, 0, 0], [252, 252, 252], [255, 255, 255], [200, 10, 10], [90, 90, 90]]], np.uint8)
-    assert categorize(rgb, ((0, 0, 0), (255, 255, 255))).tolist() == [[0, 1, 1, 0, 0]]
-    assert categorize(rgb, ((0, 0, 0), (255, 255, 255), (255, 0, 0))).tolist() == [[0, 1, 1, 2, 0]]
+    assert categorize(rgb, ((0, 0, 0), (255, 255, 255)), tolerance=None).tolist() == [[0, 1, 1, 0, 0]]
+    assert categorize(rgb, ((0, 0, 0), (255, 255, 255), (255, 0, 0)), tolerance=200).tolist() == [[0, 1, 1, 2, 0]]
+    assert categorize(rgb[:, :3], ((0, 0, 0), (255, 255, 255))).tolist() == [[0, 1, 1]]  # near-white is lesion
+
+
+def test_mask_colours_far_from_every_rgb_map_colour_are_an_error_naming_the_file_and_colours():
+    rgb = np.array([[[0, 0, 0], [200, 10, 10], [200, 10, 10], [90, 90, 90]]], np.uint8)
+    with pytest.raises(DataError, match=r"m.png: 3 pixels are farther than 64 from every rgb_map colour "
+                                        r"\[\(0, 0, 0\), \(255, 255, 255\)\] \(most common: \(200, 10, 10\) x2, "
+                                        r"\(90, 90, 90\) x1\)"):
+        categorize(rgb, ((0, 0, 0), (255, 255, 255)), "m.png")
 
 
 def test_resize_to_model_size_keeps_classes(tmp_path):

@@ -70,7 +70,8 @@ def test_prepare_is_idempotent_and_manifest_comes_last(synthetic_root, tmp_path)
     cfg.data.shard_target_mb = 100
     third = prepare(cfg, out, progress=False)
     assert len(third["splits"]["train"]["shards"]) == 1
-    assert sorted(p.name for p in (tmp_path / "store" / "train").iterdir()) == ["train-00000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "store" / "train").iterdir()) == [
+        f"train-00000-{third['fingerprint'][:8]}.parquet"]
 
 
 def test_every_split_has_a_shard_per_training_worker(synthetic_root, tmp_path):
