@@ -1,11 +1,14 @@
-"""Pictures people look at: palette masks, outlines over the image, side-by-side panels."""
+"""Pictures people look at: palette masks, outlines over the image, side-by-side panels, and the
+labelled gallery of the epoch-change images (truth and prediction contours on the slice)."""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 OUTLINE = (255, 64, 64)
+TRUTH = (64, 220, 64)  # green: the ground truth's outline
+PREDICTION = (255, 64, 255)  # magenta: the prediction's outline
 
 
 def palette_png(labels: np.ndarray, rgb_map) -> Image.Image:
@@ -46,3 +49,44 @@ def side_by_side(*panels: np.ndarray, gap: int = 4) -> Image.Image:
     for i, p in enumerate(rgb):
         parts += ([spacer] if i else []) + [p]
     return Image.fromarray(np.concatenate(parts, axis=1))
+
+
+def _thick(edge: np.ndarray, width: int) -> np.ndarray:
+    out = edge.copy()
+    for dy in range(-(width // 2), width - width // 2):
+        for dx in range(-(width // 2), width - width // 2):
+            out |= np.roll(np.roll(edge, dy, axis=0), dx, axis=1)
+    return out
+
+
+def contours(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, size: int = 256) -> np.ndarray:
+    """The slice, scaled up to at least ``size`` px (bilinear), with the truth outlined in green
+    and the prediction in magenta (both outlines drawn at the shown resolution, 2 px wide)."""
+    rgb = _rgb(image)
+    scale = max(1, -(-size // rgb.shape[0]))
+    h, w = rgb.shape[0] * scale, rgb.shape[1] * scale
+    shown = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR)).copy()
+    for labels, colour in ((truth, TRUTH), (prediction, PREDICTION)):
+        big = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h), Image.NEAREST))
+        shown[_thick(outline(big), 2)] = colour
+    return shown
+
+
+def gallery(tiles: list[tuple[str, np.ndarray]], title: str, columns: int = 3) -> Image.Image:
+    """Captioned tiles (caption, RGB array of one size) in a grid under a title line."""
+    font = ImageFont.load_default(size=14)
+    th, tw = tiles[0][1].shape[:2]
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    head, caption, gap = 28, 20, 6
+    sheet = Image.new("RGB", (columns * (tw + gap) + gap, head + rows * (th + caption + gap)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((gap, 6), title, fill=(255, 255, 255), font=font)
+    legend_x = sheet.width - 190
+    draw.text((legend_x, 6), "truth", fill=TRUTH, font=font)
+    draw.text((legend_x + 50, 6), "prediction", fill=PREDICTION, font=font)
+    for k, (text, tile) in enumerate(tiles):
+        x, y = gap + (k % columns) * (tw + gap), head + (k // columns) * (th + caption + gap)
+        draw.text((x, y), text, fill=(230, 230, 230), font=font)
+        sheet.paste(Image.fromarray(tile), (x, y + caption))
+    return sheet

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from aisd_ray import metrics, render
+from aisd_ray import metrics
 from aisd_ray.config import PRECISIONS, Config
 from aisd_ray.data import order, pipeline
 from aisd_ray.data.augment import augment_fn
@@ -275,7 +275,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 best = _Snapshot(model, optimizer, epoch)
             row["rollbacks"] = state.rollbacks
             if chief:
-                artifacts.epoch_end(state.history, _panels(model, feed.preview, cfg.data.rgb_map))
+                artifacts.epoch_end(state.history, _panels(model, feed.preview))
                 log.info("%s", epoch_line(row, state, t.epochs))
             with tempfile.TemporaryDirectory(prefix="aisd-ckpt-") as tmp:
                 if chief:
@@ -336,16 +336,11 @@ def _after_epoch(state: ckpt.LoopState, row: dict, t) -> ckpt.LoopState:
     return state
 
 
-def _panels(model: keras.Model, preview, rgb_map) -> list[tuple[str, tuple[np.ndarray, ...]]]:
-    """(image | truth | prediction) of the fixed preview images; a plain forward pass on the
+def _panels(model: keras.Model, preview) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(name, image, truth, prediction) of the fixed preview images; a plain forward pass on the
     chief alone (Keras ``predict`` would start a collective the other workers never join)."""
     if not preview:
         return []
     images = np.stack([image for _, image, _ in preview]).astype(np.float32)
     predicted = np.argmax(model(images, training=False), axis=-1)
-
-    def colour(labels):
-        return np.asarray(render.palette_png(labels, rgb_map).convert("RGB"))
-
-    return [(name, (image, colour(labels), colour(pred)))
-            for (name, image, labels), pred in zip(preview, predicted)]
+    return [(name, image, labels, pred) for (name, image, labels), pred in zip(preview, predicted)]

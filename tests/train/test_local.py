@@ -61,7 +61,11 @@ def test_outputs_of_a_run(trained_run):
     assert facts["git_commit"] is None or len(facts["git_commit"].split("+")[0]) == 40
     assert list((folder / "tensorboard").iterdir())
     panels = sorted(p.name for p in (folder / "epoch_change_infer").iterdir())
-    assert panels[0].startswith("Epoch_1_") and len(panels) == 2 * 2  # 2 epochs x 2 images
+    assert panels == ["Epoch_1.png", "Epoch_2.png"]  # one labelled grid per epoch (2 slices each)
+    from PIL import Image
+
+    grid = Image.open(folder / "epoch_change_infer" / "Epoch_2.png")
+    assert grid.width >= 2 * 256 and grid.height >= 256  # 64 px slices shown at 256 px, side by side
     header = (folder / "history.csv").read_text().splitlines()[0].split(",")
     assert {"loss", "val_loss", "val_lesion_dice", "val_dice_coef_multiclass", "learning_rate"} <= set(header)
 
