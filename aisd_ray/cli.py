@@ -122,7 +122,8 @@ def cmd_evaluate(args) -> None:
     else:
         if not (args.model and args.data):
             raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
-        report = evaluate.evaluate_export(args.model, args.data, args.output, args.split, args.batch_size)
+        report = evaluate.evaluate_export(args.model, args.data, args.output, args.split, args.batch_size,
+                                          overlays=not args.no_overlays)
     print(f"lesion Dice {report['lesion_dice']:.4f} (pooled), "
           f"{report['lesion_dice_per_image']:.4f} (per image) over {report['images']} images")
     print(f"metrics: {storage.join(args.output, 'metrics.json')}")
@@ -271,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="images per prediction batch (default: %(default)s)")
     p.add_argument("--predictions", help="folder of predicted mask PNGs (no model needed)")
     p.add_argument("--masks", help="folder of ground-truth mask PNGs")
+    p.add_argument("--no-overlays", action="store_true", help="no overlays/ folder (found, false and missed "
+                                                               "lesion pixels per slice)")
     p.add_argument("--output", required=True, help="folder for metrics.json, evaluation.csv, per_image.csv")
     p.set_defaults(func=cmd_evaluate)
 

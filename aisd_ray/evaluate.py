@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from aisd_ray import metrics, plots, storage
+from aisd_ray import metrics, plots, render, storage
 from aisd_ray.data import layout, shards
 from aisd_ray.export import LoadedExport
 from aisd_ray.losses import categorical_crossentropy
@@ -80,6 +80,16 @@ class CaseVolumes:
         return rows
 
 
+def _write_overlay(out_uri: str, name: str, image, truth, pred) -> None:
+    tp, fp, fn = metrics.lesion_counts(truth[None], pred[None])[0]
+    dice = metrics.scores_from_counts(tp, fp, fn)["dice"]
+    caption = (f"lesion Dice {dice:.3f}" if dice == dice else "no lesion, none predicted") + \
+        f"   TP {tp}  FP {fp}  FN {fn} px"
+    buf = io.BytesIO()
+    render.error_panel(name, image, truth, pred, caption).save(buf, format="PNG")
+    storage.write_bytes(storage.join(out_uri, "overlays", f"{name}.png"), buf.getvalue())
+
+
 def _write_cases(out_uri: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     _write_csv(storage.join(out_uri, "per_case.csv"), rows)
     summary = metrics.summarize_cases(rows)
@@ -118,8 +128,9 @@ def _batched(records: Iterable[dict], size: int):
 
 
 def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str = "test",
-                    batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
-    """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv."""
+                    batch_size: int = 4, progress: bool = True, overlays: bool = True) -> dict[str, Any]:
+    """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv and,
+    with ``overlays``, ``overlays/<name>.png`` per slice (found, false and missed lesion pixels)."""
     model = LoadedExport(export_uri)
     manifest = shards.ShardStore.open(shards_uri).manifest
     have = tuple(manifest["image"][k] for k in ("height", "width", "channels"))
@@ -141,8 +152,10 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
         seed_dice += [metrics.dice_coef_multiclass(onehot[i:i + 1], probs[i:i + 1]) for i in range(len(batch))]
         pred = np.argmax(probs, axis=-1)
         counts.append(metrics.lesion_counts(labels, pred))
-        for record, truth_i, pred_i in zip(batch, labels, pred):
+        for record, image_i, truth_i, pred_i in zip(batch, images, labels, pred):
             volumes.add(record["case_id"], record["slice_index"], truth_i, pred_i)
+            if overlays:
+                _write_overlay(out_uri, record["name"], image_i, truth_i, pred_i)
         names += [r["name"] for r in batch]
         bar.update(len(batch))
     bar.close()

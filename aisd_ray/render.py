@@ -90,3 +90,38 @@ def gallery(tiles: list[tuple[str, np.ndarray]], title: str, columns: int = 3) -
         draw.text((x, y), text, fill=(230, 230, 230), font=font)
         sheet.paste(Image.fromarray(tile), (x, y + caption))
     return sheet
+
+
+TP, FP, FN = (40, 200, 40), (230, 40, 40), (40, 120, 255)  # found, false alarm, missed
+
+
+def error_map(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, size: int = 256) -> np.ndarray:
+    """The slice scaled up to at least ``size`` px with lesion pixels tinted by outcome: true
+    positives green, false positives red, false negatives blue (60% over the image)."""
+    rgb = _rgb(image)
+    scale = max(1, -(-size // rgb.shape[0]))
+    h, w = rgb.shape[0] * scale, rgb.shape[1] * scale
+    shown = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR)).astype(np.float32)
+    t = np.asarray(Image.fromarray((truth > 0).astype(np.uint8)).resize((w, h), Image.NEAREST)) > 0
+    p = np.asarray(Image.fromarray((prediction > 0).astype(np.uint8)).resize((w, h), Image.NEAREST)) > 0
+    for mask, colour in ((t & p, TP), (~t & p, FP), (t & ~p, FN)):
+        shown[mask] = 0.4 * shown[mask] + 0.6 * np.asarray(colour, np.float32)
+    return shown.astype(np.uint8)
+
+
+def error_panel(name: str, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, caption: str
+                ) -> Image.Image:
+    """``error_map`` beside the plain slice, under a title with the legend and ``caption``."""
+    font = ImageFont.load_default(size=14)
+    tinted = error_map(image, truth, prediction)
+    plain = np.asarray(Image.fromarray(_rgb(image)).resize(tinted.shape[1::-1], Image.BILINEAR))
+    body = side_by_side(plain, tinted)
+    sheet = Image.new("RGB", (body.width, body.height + 44), (24, 24, 24))
+    sheet.paste(body, (0, 44))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), f"{name}  {caption}", fill=(235, 235, 235), font=font)
+    x = 4
+    for label, colour in (("found (TP)", TP), ("false (FP)", FP), ("missed (FN)", FN)):
+        draw.text((x, 24), label, fill=colour, font=font)
+        x += 100
+    return sheet

@@ -76,3 +76,27 @@ def test_cases_of_the_raw_release_are_scored_as_volumes(trained_run, tmp_path):
     assert "cases" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "cases" not in evaluate_export(trained_run[3], trained_run[1], str(tmp_path / "seed"), "test",
                                           progress=False)  # the original's tree has no case ids
+
+
+def test_overlays_colour_found_false_and_missed_pixels():
+    from aisd_ray import render
+
+    image = np.full((4, 4, 3), 100, np.uint8)
+    truth = np.array([[1, 1, 0, 0]] * 4, np.uint8)
+    pred = np.array([[1, 0, 1, 0]] * 4, np.uint8)
+    shown = render.error_map(image, truth, pred, size=4).astype(int)
+    expected = [0.4 * 100 + 0.6 * np.array(c) for c in (render.TP, render.FN, render.FP)]
+    for column, colour in zip(range(3), expected):
+        assert np.abs(shown[0, column] - colour).max() <= 1
+    assert (shown[0, 3] == 100).all()  # neither: the image as it is
+
+
+def test_export_evaluation_writes_one_overlay_per_slice(trained_run, tmp_path):
+    _, shards, _, export_uri = trained_run
+    report = evaluate_export(export_uri, shards, str(tmp_path), "test", 4, progress=False)
+    overlays = sorted(p.stem for p in (tmp_path / "overlays").iterdir())
+    assert overlays == sorted(r["name"] for r in report["per_image"])
+    panel = Image.open(tmp_path / "overlays" / f"{overlays[0]}.png")
+    assert panel.width >= 2 * 256 and panel.height >= 256 + 44  # 64 px slices shown at 256 px
+    evaluate_export(export_uri, shards, str(tmp_path / "plain"), "test", 4, progress=False, overlays=False)
+    assert not (tmp_path / "plain" / "overlays").exists()
