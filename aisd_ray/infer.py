@@ -1,9 +1,10 @@
 """``aisd-ray infer``: a folder of images in, palette mask PNGs (and overlays) out.
 
 Works from an export folder alone. Each image (PNG/JPG, any size) is resized to the model
-size, segmented, and its mask resized back (nearest) to the image's own size, saved under the
+size, segmented, and its class probabilities resized back (bilinear) to the image's own size before
+the most likely class is taken, so masks have smooth edges at any size; each is saved under the
 same base name as a palette PNG in ``rgb_map`` colours, as the original's inferencer did. An
-overlay ``overlays/<name>.png`` shows image | image with the lesion outline. The output folder
+overlay ``overlays/<name>.png`` shows image | image with the lesion outline, at the image's size. The output folder
 appears only once every image is done: a bad image (named in the error) leaves no partial folder.
 """
 
@@ -35,9 +36,9 @@ def infer_folder(export_uri: str, images_dir: str | Path, out_uri: str, batch_si
             chunk = paths[start:start + batch_size]
             originals = [layout.read_image(p, model.channels) for p in chunk]
             batch = np.stack([layout.resize_image(o, model.height, model.width) for o in originals])
-            labels = model.predict(batch)["labels"].numpy()
-            for path, original, label in zip(chunk, originals, labels):
-                mask = layout.resize_labels(label, *original.shape[:2])
+            probabilities = model.predict(batch)["probabilities"].numpy()
+            for path, original, probs in zip(chunk, originals, probabilities):
+                mask = layout.labels_at(probs, *original.shape[:2])
                 name = f"{path.stem}.png"
                 render.palette_png(mask, model.rgb_map).save(folder / name)
                 if overlays:

@@ -32,3 +32,17 @@ def test_no_images_is_an_error(trained_run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no images"):
         infer_folder(trained_run[3], tmp_path / "empty", str(tmp_path / "out"), progress=False)
+
+
+def test_upscaled_masks_follow_the_probabilities_not_the_model_grid():
+    from aisd_ray.data.layout import labels_at, resize_labels
+
+    probs = np.zeros((4, 4, 2), np.float32)
+    probs[..., 0] = 1.0
+    probs[1:3, 1:3] = (0.0, 1.0)  # a 2x2 lesion in a 4x4 prediction
+    smooth = labels_at(probs, 32, 32)
+    blocky = resize_labels(np.argmax(probs, -1).astype(np.uint8), 32, 32)
+    assert smooth.shape == (32, 32) and smooth[16, 16] == 1 and smooth[0, 0] == 0
+    assert smooth.sum() < blocky.sum()  # bilinear probabilities round the square's corners
+    assert not smooth[8, 8] and blocky[8, 8]  # the corner pixel of the 2x2 block
+    assert (labels_at(probs, 4, 4) == np.argmax(probs, -1)).all()

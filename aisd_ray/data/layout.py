@@ -124,6 +124,17 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out if out.ndim == 3 else out[..., None]
 
 
+def labels_at(probabilities: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Class ids at (height, width) from (h, w, classes) probabilities: each class map resized
+    bilinearly, then the most likely class per pixel, so an upscaled mask has smooth edges rather
+    than the model grid's staircase."""
+    if probabilities.shape[:2] == (height, width):
+        return np.argmax(probabilities, axis=-1).astype(np.uint8)
+    maps = [np.asarray(Image.fromarray(probabilities[..., c].astype(np.float32), "F")
+                       .resize((width, height), Image.BILINEAR)) for c in range(probabilities.shape[-1])]
+    return np.argmax(np.stack(maps, axis=-1), axis=-1).astype(np.uint8)
+
+
 def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     if labels.shape == (height, width):
         return labels
