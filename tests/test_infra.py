@@ -127,7 +127,11 @@ def test_image_and_versions_agree_with_pyproject():
     assert locked["ray"] == ray_pin and locked["tensorflow"] == pins["tensorflow"]  # the lock is in the range
     dockerfile = (REPO / "infra" / "Dockerfile").read_text()
     assert f"ARG RAY_VERSION={ray_pin}" in dockerfile and "FROM rayproject/ray:${RAY_VERSION}-" in dockerfile
-    assert 'pip install --no-cache-dir ".[gpu]"' in dockerfile  # the project's own pins, CUDA build
+    # the dependency layer: the tested versions, the CUDA build, before the code is copied in
+    deps = dockerfile.index('pip install --no-cache-dir -c constraints.txt ".[gpu]"')
+    assert deps < dockerfile.index("COPY --chown=ray:users aisd_ray ./aisd_ray")
+    assert 'pip install --no-cache-dir --no-deps .' in dockerfile
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}$", dockerfile, re.M)  # no -gpu
     gpu = pyproject["project"]["optional-dependencies"]["gpu"]
     assert gpu == [f"tensorflow[and-cuda]~={pins['tensorflow']}"]
     python_tag = re.search(r"ARG PYTHON_TAG=py3(\d+)", dockerfile).group(1)
