@@ -86,8 +86,10 @@ def test_pipeline_job_succeeds_and_leaves_a_savedmodel(ray_head, synthetic_root,
     state, logs, seconds = submit(address, env, *args)
     assert state == "SUCCEEDED", logs[-4000:]
     for stage in ("stage 1/5: prepare", "stage 2/5: train", "stage 3/5: export", "stage 4/5: evaluate",
-                  "stage 5/5: infer", "epoch 2:"):
+                  "stage 5/5: infer", "epoch 2/2  loss "):
         assert stage in logs
+    assert logs.count("epoch 2/2  loss ") == 1  # once, not again through Ray's own handler
+    assert "TrainingReport(" not in logs  # Ray Train's per-report dicts stay out of the job log
     print(f"submission to SUCCEEDED: {seconds:.0f} s")
     model = LoadedExport(str(output / "tiny" / "export"))
     assert model.predict(np.zeros((2, 64, 64, 3), np.uint8))["labels"].shape == (2, 64, 64)
