@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if level == logging.DEBUG and "tensorflow" not in sys.modules:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    if not sys.stdout.isatty():  # job logs, files, kubectl logs: Ray's worker-line prefixes without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
