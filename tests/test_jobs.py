@@ -90,6 +90,7 @@ def test_pipeline_job_succeeds_and_leaves_a_savedmodel(ray_head, synthetic_root,
         assert stage in logs
     assert logs.count("epoch 2/2  loss ") == 1  # once, not again through Ray's own handler
     assert "TrainingReport(" not in logs  # Ray Train's per-report dicts stay out of the job log
+    assert "Collective all_reduce tensors" not in logs and "CollectiveAllReduceStrategy eagerly" not in logs
     assert "(RayTrainWorker pid=" in logs and "\x1b[36m(RayTrainWorker" not in logs  # no colour codes
     print(f"submission to SUCCEEDED: {seconds:.0f} s")
     model = LoadedExport(str(output / "tiny" / "export"))

@@ -114,6 +114,7 @@ def _worker(loop_config: dict) -> None:
         package_log.addHandler(handler)
     if not loop_config.get("verbose"):
         _quiet_ray_train_reports()
+        tf.get_logger().setLevel(logging.ERROR)  # per-epoch collective notices and eager-collective warnings
     os.environ.update(loop_config["env"])  # where gs:// points, as the driver saw it
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
