@@ -97,6 +97,8 @@ def _write_cases(out_uri: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
                   "true lesion volume (voxels)", "predicted lesion volume (voxels)",
                   storage.join(out_uri, "volume_agreement.png"), identity=True,
                   title=f"{len(rows)} cases, r = {summary['volume_correlation']:.3f}")
+    plots.case_bars(rows, storage.join(out_uri, "per_case_dice.png"),
+                    title=f"per-case lesion Dice (3D, each case's slices as one volume), {len(rows)} cases")
     return summary
 
 

@@ -96,6 +96,24 @@ def training_metrics(history: Sequence[dict], title: str, uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
+def case_bars(rows: Sequence[dict], uri: str, title: str = "") -> None:
+    """Per-case lesion Dice as bars, best first, with the mean; a case whose Dice is undefined
+    (no lesion in truth or prediction) is listed at the end without a bar."""
+    scored = sorted((r for r in rows if r["dice"] == r["dice"]), key=lambda r: -r["dice"])
+    undefined = [r for r in rows if r["dice"] != r["dice"]]
+    names = [r["case_id"] for r in scored + undefined]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.32 * len(names) + 1.5), 4), dpi=100)
+    ax.bar(range(len(scored)), [r["dice"] for r in scored], color="tab:blue")
+    if scored:
+        mean = sum(r["dice"] for r in scored) / len(scored)
+        ax.axhline(mean, color="k", ls=":", lw=1, label=f"mean {mean:.3f} over {len(scored)} cases")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylim(0, 1)
+    if title:
+        ax.set_title(title, fontsize=9)
+    _save(fig, ax, "case", "case lesion Dice", uri)
+
+
 def scatter(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, logx: bool = False,
             identity: bool = False, title: str = "") -> None:
     """Points per series; ``identity`` adds the y = x line (agreement plots)."""

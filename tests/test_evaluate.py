@@ -73,6 +73,7 @@ def test_cases_of_the_raw_release_are_scored_as_volumes(trained_run, tmp_path):
     per_case = list(csv.DictReader(open(tmp_path / "eval" / "per_case.csv")))
     assert [r["case_id"] for r in per_case] == sorted(cases[:2])
     assert (tmp_path / "eval" / "volume_agreement.png").stat().st_size > 1000
+    assert Image.open(tmp_path / "eval" / "per_case_dice.png").size[1] == 400  # the per-case bar chart
     assert "cases" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "cases" not in evaluate_export(trained_run[3], trained_run[1], str(tmp_path / "seed"), "test",
                                           progress=False)  # the original's tree has no case ids
