@@ -213,21 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aisd-ray", description=__doc__, parents=[common])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_parser = sub.add_parser
 
-    def add_parser(name, **kwargs):
-        return _add_parser(name, parents=[common], **kwargs)
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
 
-    sub.add_parser = add_parser
-
-    p = sub.add_parser("configs", help="list the shipped configs (usable as --config NAME)")
+    p = add_parser("configs", help="list the shipped configs (usable as --config NAME)")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("inspect", help="print the model summary and its parameter count")
+    p = add_parser("inspect", help="print the model summary and its parameter count")
     _add_config(p, "demo")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("synthesize", help="write synthetic AISD-like data (the original's tree or the raw release)")
+    p = add_parser("synthesize", help="write synthetic AISD-like data (the original's tree or the raw release)")
     _add_config(p, "demo")
     p.add_argument("--output", required=True, help="folder to write (AISD/... inside)")
     p.add_argument("--layout", choices=("seed", "raw", "raw-zip"), default="seed",
@@ -237,14 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=12, help="raw layouts: slices per case")
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("prepare", help="shard AISD slices into TFRecord/Parquet + manifest.json")
+    p = add_parser("prepare", help="shard AISD slices into TFRecord/Parquet + manifest.json")
     _add_config(p)
     p.add_argument("--source", help="folder with {train,valid,test}/{images,masks}, or the raw release "
                                     "(image.zip + mask.zip, or image/ + mask/) (else data.source_dir)")
     p.add_argument("--output", help="shard store (else data.shards_dir)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a FlexUNet (Ray Train, or --backend local)")
+    p = add_parser("train", help="train a FlexUNet (Ray Train, or --backend local)")
     _add_config(p)
     p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
     p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name (else run.output_dir)")
@@ -252,19 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "no Ray (default: train.backend, 'ray')")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
+    p = add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
     _add_config(p, "tune-demo")
     p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
     p.add_argument("--output", required=True,
                    help="search folder (or gs://): leaderboard.csv, best_config.toml, best_export/, trials/")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("export", help="export a run's best checkpoint as a SavedModel")
+    p = add_parser("export", help="export a run's best checkpoint as a SavedModel")
     p.add_argument("--run", required=True, help="run folder (holds config.toml and checkpoints)")
     p.add_argument("--output", help="export folder (default: RUN/export)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="score an export on a split, or mask PNGs against ground truth")
+    p = add_parser("evaluate", help="score an export on a split, or mask PNGs against ground truth")
     _add_config(p)
     p.add_argument("--model", help="export folder")
     p.add_argument("--data", help="shard store")
@@ -277,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for metrics.json, evaluation.csv, per_image.csv")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("infer", help="segment a folder of images with an export")
+    p = add_parser("infer", help="segment a folder of images with an export")
     p.add_argument("--model", required=True, help="export folder")
     p.add_argument("--images", help="folder of images (else [infer] images_dir of --config)")
     p.add_argument("--output", help="mask folder (else [infer] output_dir of --config)")
@@ -286,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="masks only, no overlays/ folder")
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")
+    p = add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")
     p.add_argument("--output", default="benchmark.json", help="JSON file of figures")
     p.add_argument("--tiny", action="store_true", help="seconds-scale sizes (what the tests run)")
     p.add_argument("--object-store", metavar="gs://BUCKET/PREFIX",
@@ -294,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_benchmark)
 
-    p = sub.add_parser("sweep", help="train the demo over several seeds on both backends; report the spread "
+    p = add_parser("sweep", help="train the demo over several seeds on both backends; report the spread "
                                       "of test lesion Dice and the collapses")
     _add_config(p, "demo")
     p.add_argument("--output", default="runs/sweep", help="sweep folder: one output folder per run, sweep.json "
@@ -309,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers per Ray run (default: 2)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("pipeline", help="prepare, train, export, evaluate (and infer) in one go; reruns resume")
+    p = add_parser("pipeline", help="prepare, train, export, evaluate (and infer) in one go; reruns resume")
     _add_config(p)
     p.add_argument("--source", help="the original's AISD tree or the raw AISD release (else data.source_dir)")
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
@@ -317,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("ray", "local"), help="training backend (default: train.backend, 'ray')")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("demo", help="the whole pipeline on synthetic data, end to end")
+    p = add_parser("demo", help="the whole pipeline on synthetic data, end to end")
     _add_config(p, "demo")
     p.add_argument("--output", default="runs/demo", help="output root (default: %(default)s)")
     p.add_argument("--backend", choices=("ray", "local"), help="training backend (default: train.backend, 'ray')")

@@ -130,11 +130,13 @@ def _batched(records: Iterable[dict], size: int):
 
 
 def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str = "test",
-                    batch_size: int = 4, progress: bool = True, overlays: bool = True) -> dict[str, Any]:
+                    batch_size: int = 4, progress: bool = True, overlays: bool = True,
+                    store: shards.ShardStore | None = None) -> dict[str, Any]:
     """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv and,
-    with ``overlays``, ``overlays/<name>.png`` per slice (found, false and missed lesion pixels)."""
+    with ``overlays``, ``overlays/<name>.png`` per slice (found, false and missed lesion pixels).
+    ``store``: the command's already opened store, else it is opened (and verified) here."""
     model = LoadedExport(export_uri)
-    manifest = shards.ShardStore.open(shards_uri).manifest
+    manifest = (store or shards.ShardStore.open(shards_uri)).manifest
     have = tuple(manifest["image"][k] for k in ("height", "width", "channels"))
     if have != (model.height, model.width, model.channels):
         raise layout.DataError(f"{storage.join(shards_uri, shards.MANIFEST)}: the shards hold "

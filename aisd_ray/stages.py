@@ -20,6 +20,7 @@ from typing import Any
 from aisd_ray import provenance, storage
 from aisd_ray.config import Config, load_config
 from aisd_ray.data.prepare import prepare
+from aisd_ray.data.shards import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,20 @@ def _check_resume(cfg: Config, run: str) -> None:
 
 
 def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
-          verify_checksums: bool = True) -> dict[str, Any]:
+          verify_checksums: bool = True, store=None) -> dict[str, Any]:
     """Train (or resume) the run ``output_root/run.name``; return its last reported metrics.
     ``callbacks`` go to Ray Train (the ray backend only).
 
     Everything is checked before anything is written: the shard store (manifest against the
     config, every shard's size and SHA-256, once per command), that a worker's share fills a
     batch, and that a resumed run has the same model; the run's ``config.toml`` is written when
-    training starts, so a failed command leaves an existing run as it was."""
+    training starts, so a failed command leaves an existing run as it was. ``store``: the
+    command's already opened ``ShardStore`` (the pipeline opens it once for all its stages)."""
     from aisd_ray.config import ConfigError
     from aisd_ray.data import order, shards
 
     shards_uri, output_root = storage.absolute(shards_uri), storage.absolute(output_root)
-    store = shards.ShardStore.open(shards_uri, cfg, checksums=verify_checksums)
+    store = store or shards.ShardStore.open(shards_uri, cfg, checksums=verify_checksums)
     workers = cfg.train.num_workers if cfg.train.backend == "ray" else 1
     share = order.share_size(store.records("train"), workers)
     if share < cfg.train.batch_size:
@@ -155,9 +157,10 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     log.info("stage 1/%d: prepare %s -> %s", stages, cfg.data.source_dir or "data.split_dirs", shards_uri)
     prepare(cfg, shards_uri, progress=progress)
     result.outputs["shards + manifest"] = shards_uri
+    store = ShardStore.open(storage.absolute(shards_uri), cfg)  # checked once for train and evaluate
 
     log.info("stage 2/%d: train", stages)
-    last = train(cfg, shards_uri, output)
+    last = train(cfg, shards_uri, output, store=store)
     run = run_uri(cfg, output)
     result.outputs["run (checkpoints, plots)"] = run
     log.info("stage 3/%d: export", stages)
@@ -166,7 +169,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
 
     log.info("stage 4/%d: evaluate on the test split", stages)
     eval_uri = storage.join(run, "eval")
-    report = evaluate_export(export_uri, shards_uri, eval_uri, "test", cfg.eval.batch_size, progress)
+    report = evaluate_export(export_uri, shards_uri, eval_uri, "test", cfg.eval.batch_size, progress, store=store)
     result.outputs["metrics.json"] = storage.join(eval_uri, "metrics.json")
     if cfg.infer.images_dir:
         log.info("stage 5/5: infer %s", cfg.infer.images_dir)

@@ -97,6 +97,11 @@ def _oversample(shards, picks, counts, fraction: float, gen: np.random.Generator
         counts[k2][row2] += 1
 
 
+def shuffled_share(rows: Iterable[T], seed: int, epoch: int, rank: int, buffer: int) -> Iterator[T]:
+    """Step 3: worker ``rank``'s rows of ``epoch`` through its keyed shuffle buffer (whatever reads them)."""
+    return shuffled(rows, buffer, rng(seed, epoch, rank, 0x5F1))
+
+
 def shuffled(items: Iterable[T], buffer: int, gen: np.random.Generator) -> Iterator[T]:
     """A buffered shuffle (as tf.data's), driven by ``gen``: streaming, at most ``buffer`` items held."""
     held: list[T] = []

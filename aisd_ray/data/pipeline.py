@@ -76,7 +76,7 @@ class ShardRows:
               foreground_fraction: float = 0.0) -> Rows:
         """Worker ``rank``'s share of the training split in ``epoch``, shuffled (see ``data.order``)."""
         picks = order.epoch_picks(self.infos, seed, epoch, rank, world, foreground_fraction)
-        return order.shuffled(self._read(picks), buffer, order.rng(seed, epoch, rank, 0x5F1))
+        return order.shuffled_share(self._read(picks), seed, epoch, rank, buffer)
 
     def _read(self, picks: list[order.Pick]) -> Rows:
         for pick in picks:

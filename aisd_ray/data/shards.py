@@ -287,13 +287,9 @@ class ShardStore:
         verify_shards(uri, manifest, checksums=checksums)
         if checksums:
             total = sum(s["bytes"] for e in manifest["splits"].values() for s in e["shards"])
-            log.info("verified %s: %.1f MB of shards, SHA-256 in %.1f s", uri,
-                                             total / 2**20, time.time() - started)
+            log.info("verified %s: %.1f MB of shards, SHA-256 in %.1f s", uri, total / 2**20,
+                     time.time() - started)
         return cls(uri, manifest)
-
-    @property
-    def fmt(self) -> str:
-        return self.manifest["shard_format"]
 
     def records(self, split: str) -> int:
         return self.manifest["splits"][split]["records"] if split in self.manifest["splits"] else 0

@@ -127,8 +127,8 @@ def _worker(loop_config: dict) -> None:
     feed = shard_feed(cfg, loop_config["shards"], loop_config["manifest"], rank, world)  # read once, by the driver
     if cfg.train.reader == "ray_data":
         train_shard, t = ray.train.get_dataset_shard("train"), cfg.train
-        feed.train_rows = lambda epoch: order.shuffled(ray_rows(train_shard), t.shuffle_buffer,
-                                                       order.rng(t.seed, epoch, rank, 0x5F1))
+        feed.train_rows = lambda epoch: order.shuffled_share(ray_rows(train_shard), t.seed, epoch, rank,
+                                                             t.shuffle_buffer)
     run_training(cfg, strategy, feed, RayReporter(), loop_config["run"], rank, world)
 
 
