@@ -44,18 +44,17 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_synthesize(args) -> None:
-    from aisd_ray.config import AISD_TEST_CASES
-    from aisd_ray.data.synthetic import write_synthetic_aisd, write_synthetic_raw
+    from aisd_ray.data.synthetic import write_synthetic
 
     cfg = _config(args)
-    if args.layout == "seed":
-        root = write_synthetic_aisd(args.output, cfg.synthetic)
-    else:
-        n_test = max(1, args.cases // 5)  # about the release's share of official test cases
-        cases = list(AISD_TEST_CASES[:n_test]) + [f"{1000000 + i:07d}" for i in range(args.cases - n_test)]
-        root = write_synthetic_raw(args.output, cfg.synthetic, cases, slices=args.slices,
-                                   as_zip=args.layout == "raw-zip")
-    print(f"synthetic AISD-like data ({args.layout} layout) written to {root}")
+    s = cfg.synthetic
+    s.layout = {"raw-zip": "raw"}.get(args.layout, args.layout) if args.layout else s.layout
+    s.num_cases = args.cases or s.num_cases
+    s.slices_per_case = args.slices or s.slices_per_case
+    if s.layout == "raw" and s.num_test_cases >= s.num_cases:
+        s.num_test_cases = max(1, s.num_cases // 5)  # about the release's share of official test cases
+    root = write_synthetic(args.output, s, as_zip=args.layout == "raw-zip")
+    print(f"synthetic AISD-like data ({args.layout or s.layout} layout) written to {root}")
 
 
 def cmd_prepare(args) -> None:
@@ -227,11 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("synthesize", help="write synthetic AISD-like data (the original's tree or the raw release)")
     _add_config(p, "demo")
     p.add_argument("--output", required=True, help="folder to write (AISD/... inside)")
-    p.add_argument("--layout", choices=("seed", "raw", "raw-zip"), default="seed",
-                   help="seed: {train,valid,test}/{images,masks}; raw: image/ and mask/ per-case folders; "
-                        "raw-zip: image.zip and mask.zip")
-    p.add_argument("--cases", type=int, default=20, help="raw layouts: number of cases")
-    p.add_argument("--slices", type=int, default=12, help="raw layouts: slices per case")
+    p.add_argument("--layout", choices=("original", "raw", "raw-zip"),
+                   help="original: the original FlexUNet's {train,valid,test}/{images,masks}; raw: the raw "
+                        "release's image/ and mask/ per-case folders; raw-zip: image.zip and mask.zip "
+                        "(default: synthetic.layout)")
+    p.add_argument("--cases", type=int, help="raw layouts: number of cases (default: synthetic.num_cases)")
+    p.add_argument("--slices", type=int, help="raw layouts: slices per case (default: synthetic.slices_per_case)")
     p.set_defaults(func=cmd_synthesize)
 
     p = add_parser("prepare", help="shard AISD slices into TFRecord/Parquet + manifest.json")

@@ -93,15 +93,28 @@ class DataConfig:
     foreground_fraction: float = 0.0
 
 
+SYNTHETIC_LAYOUTS = ("original", "raw")
+
+
 @dataclass
 class SyntheticConfig:
-    """The AISD-like generator used by the demo and the tests."""
+    """The AISD-like generator used by the demo and the tests.
 
+    ``layout = "original"`` writes the original FlexUNet's ``AISD/{train,valid,test}/{images,masks}``
+    tree of independent slices (``num_train``/``num_valid``/``num_test``, ``lesion_free_fraction``);
+    ``"raw"`` writes the raw release's per-case folders: ``num_cases`` patients of
+    ``slices_per_case`` slices, one lesion per patient spanning neighbouring slices, the first
+    ``num_test_cases`` patients carrying official test IDs (prepare then splits by patient)."""
+
+    layout: str = "original"
     num_train: int = 240
     num_valid: int = 48
     num_test: int = 48
     size: int = 512
     lesion_free_fraction: float = 0.2
+    num_cases: int = 44
+    slices_per_case: int = 8
+    num_test_cases: int = 6
     seed: int = 2024
 
 
@@ -547,9 +560,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if split not in ("train", "valid", "test"):
             raise bad("data.split_dirs", f"unknown split {split!r}")
     s = cfg.synthetic
-    for key in ("num_train", "num_valid", "num_test", "size"):
+    if s.layout not in SYNTHETIC_LAYOUTS:
+        raise bad("synthetic.layout", f"must be one of {', '.join(SYNTHETIC_LAYOUTS)}, got {s.layout!r}")
+    for key in ("num_train", "num_valid", "num_test", "size", "num_cases", "slices_per_case"):
         if getattr(s, key) < 1:
             raise bad(f"synthetic.{key}", f"must be >= 1, got {getattr(s, key)}")
+    if not 0 <= s.num_test_cases <= min(s.num_cases - 1, len(AISD_TEST_CASES)):
+        raise bad("synthetic.num_test_cases", f"must lie in [0, {min(s.num_cases - 1, len(AISD_TEST_CASES))}] "
+                  f"(fewer than synthetic.num_cases), got {s.num_test_cases}")
     a = cfg.augment
     for key in ("rotation_deg", "shear_deg"):
         if not 0 <= getattr(a, key) < 45:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -120,9 +121,10 @@ class DemoResult:
 
 
 def _synthetic_source(cfg: Config, root: str, progress: bool) -> Path:
-    """The demo's synthetic AISD-like tree, written once per [synthetic] settings. Source PNGs are
-    local input: in ``root`` for a folder, in a temp folder when the outputs go to gs://."""
-    from aisd_ray.data.synthetic import write_synthetic_aisd
+    """The demo's synthetic AISD-like source (``synthetic.layout``: the raw release's per-case
+    folders or the original's tree), written once per [synthetic] settings. Source PNGs are local
+    input: in ``root`` for a folder, in a temp folder when the outputs go to gs://."""
+    from aisd_ray.data.synthetic import write_synthetic
 
     wanted = json.dumps(cfg.to_dict()["synthetic"], sort_keys=True)
     if storage.is_local(root):
@@ -131,11 +133,15 @@ def _synthetic_source(cfg: Config, root: str, progress: bool) -> Path:
         digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
         source = Path(tempfile.gettempdir()) / f"aisd-ray-synthetic-{digest}"
     marker = source / "synthetic.json"
+    tree = source / ("release" if cfg.synthetic.layout == "raw" else "")
     if not (marker.is_file() and marker.read_text() == wanted):
-        log.info("writing synthetic AISD-like slices to %s", source)
-        write_synthetic_aisd(source, cfg.synthetic, progress=progress)
+        log.info("writing synthetic AISD-like %s to %s", "cases" if cfg.synthetic.layout == "raw" else "slices",
+                 source)
+        if source.exists():
+            shutil.rmtree(source)  # another [synthetic] setting's files must not mix in
+        tree = write_synthetic(tree, cfg.synthetic, progress=progress)
         marker.write_text(wanted)
-    return source / "AISD"
+    return tree if cfg.synthetic.layout == "raw" else tree / "AISD"
 
 
 def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult | None = None,
@@ -192,7 +198,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
         "val lesion Dice (best)": float(best.get("val_lesion_dice", float("nan"))),
         "test lesion Dice (pooled)": report["lesion_dice"],
         "test lesion Dice (per image)": report["lesion_dice_per_image"],
-        **({"test case Dice (mean)": report["cases"]["case_dice_mean"]} if "cases" in report else {}),
+        **(_case_figures(report["cases"]) if "cases" in report else {}),
         "test dice_coef_multiclass (original, bg-incl.)": report["dice_coef_multiclass"],
         "wall time (s)": round(time.time() - started, 1),
     }
@@ -201,11 +207,23 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     return result
 
 
+def _case_figures(cases: dict[str, Any]) -> dict[str, Any]:
+    return {"test cases": cases["cases"],
+            "test case Dice (mean / median)": f"{cases['case_dice_mean']:.4f} / {cases['case_dice_median']:.4f}",
+            "test lesions found (3D)": f"{cases['lesions_found']} of {cases['lesions_true']}, "
+                                       f"{cases['lesions_false']} false",
+            "test volume correlation": cases["volume_correlation"]}
+
+
 def demo(cfg: Config, output: str, progress: bool = True, source_root: str | None = None) -> DemoResult:
     """The pipeline on synthetic AISD-like data: the README's first command. The synthetic source
     goes to ``source_root/source`` (default: beside the outputs)."""
     started = time.time()
     source = _synthetic_source(cfg, source_root or output, progress)
     cfg.data.source_dir, cfg.data.split_dirs = str(source), {}
-    cfg.infer.images_dir = cfg.infer.images_dir or str(source / "test" / "images")
+    if not cfg.infer.images_dir:  # one test patient's slices (raw layout), or the test images
+        from aisd_ray.data.synthetic import synthetic_case_ids
+
+        cfg.infer.images_dir = str(source / "image" / synthetic_case_ids(cfg.synthetic)[0]
+                                   if cfg.synthetic.layout == "raw" else source / "test" / "images")
     return pipeline(cfg, output, progress, DemoResult(outputs={"synthetic source": str(source)}), started)

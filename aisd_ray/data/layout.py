@@ -159,9 +159,9 @@ def _load_labels(mask_path: Path, height: int, width: int, rgb_map, tolerance: f
     return resize_labels(categorize(read_image(mask_path, 3), rgb_map, mask_path, tolerance), height, width)
 
 
-def seed_refs(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
-              rgb_map: tuple[tuple[int, int, int], ...],
-              tolerance: float = MASK_COLOUR_TOLERANCE) -> list[SliceRef]:
+def original_refs(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
+                  rgb_map: tuple[tuple[int, int, int], ...],
+                  tolerance: float = MASK_COLOUR_TOLERANCE) -> list[SliceRef]:
     """The slices of one split of the original's tree, paired by name."""
     return [SliceRef(name, _stamp(image, mask),
                      partial(load_pair, name, image, mask, height, width, channels, rgb_map, tolerance),

@@ -56,10 +56,10 @@ def read_source(cfg: Config) -> tuple[dict[str, list[layout.SliceRef]], dict[str
         return release.refs, {"layout": "raw", "root": str(Path(d.source_dir).resolve()),
                               "cases": release.cases, "unpaired_skipped": release.unpaired}
     dirs = split_dirs(cfg)
-    refs = {split: layout.seed_refs(*dirs[split], m.image_height, m.image_width, m.image_channels, d.rgb_map,
-                                    d.mask_colour_tolerance)
+    refs = {split: layout.original_refs(*dirs[split], m.image_height, m.image_width, m.image_channels,
+                                          d.rgb_map, d.mask_colour_tolerance)
             for split in dirs}
-    return refs, {"layout": "seed", "splits": {s: list(v) for s, v in dirs.items()}}
+    return refs, {"layout": "original", "splits": {s: list(v) for s, v in dirs.items()}}
 
 
 def _settings(cfg: Config) -> list[Any]:

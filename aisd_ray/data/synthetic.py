@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +30,54 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
 
 
-def synth_slice(rng: np.random.Generator, size: int, with_lesion: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One (image uint8 HxW, lesion mask bool HxW) pair."""
+@dataclass
+class Head:
+    """Where the head lies in the slice: centre offset, half-axes, tilt, skull thickness."""
+
+    cx: float
+    cy: float
+    ax: float
+    ay: float
+    angle: float
+    skull_t: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Head:
+        cx, cy = rng.normal(0, 0.02, 2)
+        ax, ay = rng.uniform(0.33, 0.40), rng.uniform(0.40, 0.46)
+        return cls(cx, cy, ax, ay, rng.normal(0, 0.08), rng.uniform(0.05, 0.08))
+
+
+@dataclass
+class Lesion:
+    """A wedge in one hemisphere: its direction, angular width, inner radius and how far short of
+    the cortex it stops (all in head coordinates), and how much darker than parenchyma it is."""
+
+    side: int
+    theta0: float
+    width: float
+    r_in: float
+    gap: float
+    contrast: float | None = None  # None: drawn per slice
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Lesion:
+        side = int(rng.choice([-1, 1]))
+        theta0 = rng.uniform(-0.9, 0.9) + (0 if side > 0 else np.pi)
+        return cls(side, theta0, rng.uniform(0.25, 0.6), rng.uniform(0.25, 0.5), rng.uniform(0.02, 0.08))
+
+
+def synth_slice(rng: np.random.Generator, size: int, with_lesion: bool, head: Head | None = None,
+                lesion: Lesion | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One (image uint8 HxW, lesion mask bool HxW) pair. ``head`` and ``lesion`` fix the geometry
+    (a patient's slices share it); otherwise it is drawn from ``rng``, as is all texture."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    cx, cy = rng.normal(0, 0.02, 2)
-    ax, ay = rng.uniform(0.33, 0.40), rng.uniform(0.40, 0.46)  # head half-axes
-    angle = rng.normal(0, 0.08)
-    c, s = np.cos(angle), np.sin(angle)
-    u = ((xx - cx) * c + (yy - cy) * s) / ax
-    v = (-(xx - cx) * s + (yy - cy) * c) / ay
+    h = head or Head.draw(rng)
+    c, s = np.cos(h.angle), np.sin(h.angle)
+    u = ((xx - h.cx) * c + (yy - h.cy) * s) / h.ax
+    v = (-(xx - h.cx) * s + (yy - h.cy) * c) / h.ay
     r = np.sqrt(u**2 + v**2)
-    skull_t = rng.uniform(0.05, 0.08)
-    brain = r < 1.0 - skull_t
+    brain = r < 1.0 - h.skull_t
 
     img = np.zeros((size, size), np.float32)
     img[(r < 1.0) & ~brain] = 255.0  # skull ring (windowed to white)
@@ -59,24 +96,48 @@ def synth_slice(rng: np.random.Generator, size: int, with_lesion: bool) -> tuple
     mask = np.zeros((size, size), bool)
     if with_lesion:
         # A wedge in one hemisphere from near the midline out to the cortex, with an irregular rim.
-        side = rng.choice([-1, 1])
-        theta0 = rng.uniform(-0.9, 0.9) + (0 if side > 0 else np.pi)
-        width = rng.uniform(0.25, 0.6)
+        les = lesion or Lesion.draw(rng)
         theta = np.arctan2(v, u)
-        dtheta = np.angle(np.exp(1j * (theta - theta0)))
-        r_in, r_out = rng.uniform(0.25, 0.5), 1.0 - skull_t - rng.uniform(0.02, 0.08)
+        dtheta = np.angle(np.exp(1j * (theta - les.theta0)))
+        r_out = 1.0 - h.skull_t - les.gap
         edge = 0.1 * _smooth_noise(rng, size, 12)
-        mask = (np.abs(dtheta) < width / 2 + edge) & (r > r_in + edge) & (r < r_out) & brain
+        mask = (np.abs(dtheta) < les.width / 2 + edge) & (r > les.r_in + edge) & (r < r_out) & brain
         if mask.any():
-            contrast = rng.uniform(12, 22)  # hypodense: a few HU darker, i.e. faint
+            contrast = les.contrast or rng.uniform(12, 22)  # hypodense: a few HU darker, i.e. faint
             soft = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(
                 ImageFilter.GaussianBlur(max(1, size // 128))), np.float32) / 255.0
             img -= contrast * soft * brain
     if rng.random() < 0.4:  # head-holder arc below the skull
-        arc = np.abs(np.sqrt((xx - cx) ** 2 + (yy - cy - 0.15) ** 2) - 0.55) < 0.008
-        img[arc & (yy > cy + 0.35)] = rng.uniform(180, 230)
+        arc = np.abs(np.sqrt((xx - h.cx) ** 2 + (yy - h.cy - 0.15) ** 2) - 0.55) < 0.008
+        img[arc & (yy > h.cy + 0.35)] = rng.uniform(180, 230)
     img += rng.normal(0, 4, img.shape) * (r < 1.0)
     return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def synth_case(seed: int, case: str, size: int, slices: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One patient: ``slices`` axial slices through one head, bottom to top, with one lesion.
+
+    The head's outline shrinks towards the top and bottom slices (an ellipsoid); the lesion keeps
+    its direction through the slices it spans (a contiguous run that leaves the first and last slice
+    free), widest in the middle of its run, so it is one 3-D lesion; texture and noise are per slice.
+    """
+    rng = np.random.default_rng([seed, int(case)])
+    head, lesion = Head.draw(rng), Lesion.draw(rng)
+    lesion.contrast = rng.uniform(12, 22)
+    inner = max(slices - 2, 0)
+    run = int(rng.integers(max(1, (inner + 1) // 2), inner + 1)) if inner else 0
+    first = 1 + int(rng.integers(0, inner - run + 1)) if run else 0
+    out = []
+    for k in range(slices):
+        z = (k + 0.5) / slices * 2 - 1  # -1 bottom .. 1 top
+        shrink = float(np.sqrt(1 - (0.55 * z) ** 2))
+        slice_head = replace(head, ax=head.ax * shrink, ay=head.ay * shrink)
+        t = (k - first + 0.5) / run if run else 0.0
+        with_lesion = run > 0 and first <= k < first + run
+        slice_lesion = replace(lesion, width=lesion.width * (0.55 + 0.45 * np.sin(np.pi * t))) if with_lesion else None
+        out.append(synth_slice(np.random.default_rng([seed, int(case), k]), size, with_lesion, slice_head,
+                               slice_lesion))
+    return out
 
 
 def write_synthetic_aisd(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> Path:
@@ -109,7 +170,8 @@ def write_synthetic_raw(out_dir: str | Path, cfg: SyntheticConfig, case_ids: lis
     """Write the raw release's layout under ``out_dir``: ``image/<case>/<k>.png`` (grey) and
     ``mask/<case>/<k>.png`` (labels 0..5), or the same trees inside ``image.zip`` / ``mask.zip``.
 
-    Each case's lesion carries one acute label (1, 2, 3 or 5) in its middle slices; some slices
+    Each case is one head (``synth_case``) whose lesion carries one acute label (1, 2, 3 or 5) in a
+    run of neighbouring slices, never the first or last; some slices
     also hold a label-4 ("invisible") patch, which the default mapping treats as background; the
     first case has one mask slice more than images, as some real cases do.
     """
@@ -119,9 +181,8 @@ def write_synthetic_raw(out_dir: str | Path, cfg: SyntheticConfig, case_ids: lis
     bar = progress_bar(total=len(case_ids) * slices, desc="synthesize raw", unit="slice", enabled=progress)
     for case_no, case in enumerate(case_ids):
         label = (1, 2, 3, 5)[case_no % 4]
-        for k in range(slices + (1 if case_no == 0 else 0)):
-            rng = np.random.default_rng([cfg.seed, int(case), k])
-            image, mask = synth_slice(rng, cfg.size, with_lesion=0 < k < slices - 1)
+        extra = 1 if case_no == 0 else 0
+        for k, (image, mask) in enumerate(synth_case(cfg.seed, case, cfg.size, slices + extra)):
             labels = mask.astype(np.uint8) * label
             if k % 2:  # an "invisible acute" patch away from the lesion
                 c = cfg.size // 2
@@ -147,3 +208,18 @@ def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def synthetic_case_ids(cfg: SyntheticConfig) -> list[str]:
+    """The raw layout's patients: the first ``num_test_cases`` official test IDs, then made-up IDs."""
+    from aisd_ray.config import AISD_TEST_CASES
+
+    return list(AISD_TEST_CASES[:cfg.num_test_cases]) + [f"{1000000 + i:07d}"
+                                                        for i in range(cfg.num_cases - cfg.num_test_cases)]
+
+
+def write_synthetic(out_dir: str | Path, cfg: SyntheticConfig, as_zip: bool = False, progress: bool = True) -> Path:
+    """Write ``cfg.layout`` under ``out_dir``; return the folder ``prepare --source`` takes."""
+    if cfg.layout == "raw":
+        return write_synthetic_raw(out_dir, cfg, synthetic_case_ids(cfg), cfg.slices_per_case, as_zip, progress)
+    return write_synthetic_aisd(out_dir, cfg, progress)

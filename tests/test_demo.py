@@ -1,0 +1,59 @@
+"""The demo on the raw release's layout: synthetic patients in, per-case figures out."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from aisd_ray.cli import main
+from aisd_ray.config import AISD_TEST_CASES, builtin_config, load_config
+from aisd_ray.data.synthetic import synth_case, synthetic_case_ids
+
+RAW = ["synthetic.layout='raw'", "synthetic.num_cases=10", "synthetic.slices_per_case=6",
+       "synthetic.num_test_cases=2", "train.backend='local'", "train.epochs=1"]
+
+
+def test_the_shipped_demo_uses_the_raw_layout():
+    s = load_config(builtin_config("demo")).synthetic
+    assert s.layout == "raw" and synthetic_case_ids(s)[:s.num_test_cases] == list(AISD_TEST_CASES[:s.num_test_cases])
+
+
+def test_a_synthetic_patient_has_one_lesion_through_neighbouring_slices():
+    slices = synth_case(2024, "1000003", 64, 8)
+    with_lesion = [k for k, (_, mask) in enumerate(slices) if mask.any()]
+    assert with_lesion and with_lesion == list(range(with_lesion[0], with_lesion[-1] + 1))
+    assert 0 < with_lesion[0] and with_lesion[-1] < 7  # the first and last slice are lesion-free
+    masks = [slices[k][1] for k in with_lesion]
+    assert all((a & b).any() for a, b in zip(masks, masks[1:]))  # neighbours overlap: one 3-D lesion
+    heads = [np.count_nonzero(image > 200) for image, _ in slices]  # the skull ring shrinks at the ends
+    assert heads[0] < max(heads) and heads[-1] < max(heads)
+
+
+def test_demo_on_raw_cases_reports_per_case_dice(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--config", "tiny", "--output", str(out), "-q", *[a for s in RAW for a in ("--set", s)]]) == 0
+    report = json.loads((out / "tiny" / "eval" / "metrics.json").read_text())
+    cases = report["cases"]
+    assert [row["case_id"] for row in cases["per_case"]] == sorted(AISD_TEST_CASES[:2])
+    assert cases["cases"] == 2 and cases["lesions_true"] >= 2 and all(row["slices"] == 6 for row in cases["per_case"])
+    summary = json.loads((out / "summary.json").read_text())["figures"]
+    assert summary["test cases"] == 2 and "test case Dice (mean / median)" in summary
+    assert (out / "tiny" / "eval" / "volume_agreement.png").is_file()
+    # inference ran on the first test patient's slices, at the source's size
+    masks = sorted(p.name for p in (out / "tiny" / "infer").glob("*.png"))
+    assert masks == [f"{k}.png" for k in range(6)]
+    assert Image.open(out / "tiny" / "infer" / "0.png").size == (64, 64)
+    assert "test case Dice (mean / median)" in capsys.readouterr().out
+
+
+def test_synthesize_writes_each_layout(tmp_path, capsys):
+    args = ["synthesize", "--config", "tiny", "--set", "synthetic.num_train=2", "--set", "synthetic.num_valid=1",
+            "--set", "synthetic.num_test=1"]
+    assert main([*args, "--output", str(tmp_path / "o")]) == 0
+    assert len(list((tmp_path / "o" / "AISD" / "train" / "images").glob("*.png"))) == 2
+    assert main([*args, "--output", str(tmp_path / "z"), "--layout", "raw-zip", "--cases", "3", "--slices", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["image.zip", "mask.zip"]
+    assert main([*args, "--output", str(tmp_path / "r"), "--layout", "raw", "--cases", "3", "--slices", "2"]) == 0
+    cases = sorted(p.name for p in (tmp_path / "r" / "image").iterdir())
+    assert cases[0] == AISD_TEST_CASES[0] and len(cases) == 3
+    assert "(raw layout) written to" in capsys.readouterr().out
