@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from aisd_ray import storage  # noqa: E402
 from aisd_ray.config import ConfigError, builtin_config, load_config  # noqa: E402
 from aisd_ray.data.layout import DataError  # noqa: E402
+from aisd_ray.train import TrainingFailed  # noqa: E402
 
 log = logging.getLogger("aisd_ray")
 
@@ -23,7 +24,12 @@ def _config(args) -> "Config":  # noqa: F821
     if path and not os.path.exists(path) and os.sep not in path and not path.endswith((".toml", ".config")):
         path = builtin_config(path)  # a shipped name; an unknown one is an error listing them
     path = path or (builtin_config(args.default_config) if args.default_config else None)
-    return load_config(path, args.set or ())
+    cfg = load_config(path, args.set or ())
+    if args.command not in ("synthesize", "prepare", "configs"):  # the commands that run TensorFlow
+        from aisd_ray.quiet import import_tensorflow
+
+        import_tensorflow()  # once the config is known to be good
+    return cfg
 
 
 def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -328,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if level == logging.DEBUG and "tensorflow" not in sys.modules:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        os.environ["AISD_RAY_VERBOSE"] = "1"  # TensorFlow's start-up lines, here and in local Ray workers
     if not sys.stdout.isatty():  # job logs, files, kubectl logs: Ray's worker-line prefixes without colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.basicConfig(level=level,
@@ -336,6 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, DataError, FileNotFoundError, storage.StorageError) as exc:
         print(f"aisd-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingFailed as exc:  # Ray Train workers failed past train.max_failures
+        print(f"aisd-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # storage gone, or a path that cannot be written (a file in the way, disk full)
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = storage.explain(exc) or f"{where}{exc.strerror or exc}"
+        print(f"aisd-ray {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

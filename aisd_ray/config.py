@@ -334,6 +334,8 @@ def _apply_toml(cfg: Config, text: str, source: str) -> None:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid TOML: a value nested too deeply to parse") from None
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: top-level key {section!r} must be a [section]")
@@ -350,6 +352,8 @@ def _apply_override(cfg: Config, item: str) -> None:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # a bare word such as local or parquet
+    except RecursionError:
+        raise ConfigError(f"override {item!r}: a value nested too deeply to parse") from None
     key, _, entry = key.partition(".")
     if entry:  # section.table.entry=value: one entry of a table-valued key, e.g. tune.space.dilation
         current = getattr(getattr(cfg, section, None), key, None)
@@ -408,7 +412,7 @@ def _apply_ini(cfg: Config, text: str, source: str, base_dir: Path) -> None:
             where = f"{source}: [{section}] {key}"
             try:
                 value = ast.literal_eval(raw.strip())
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, RecursionError, MemoryError):
                 raise ConfigError(f"{where}: value {raw.strip()!r} is not a Python literal "
                                   "(config values are read, never executed)") from None
             if section in ("train", "valid", "test") and key in ("images_dir", "masks_dir"):

@@ -142,6 +142,12 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
         raise layout.DataError(f"{storage.join(shards_uri, shards.MANIFEST)}: the shards hold "
                                f"{'x'.join(map(str, have))} images but the export {export_uri} takes "
                                f"{model.height}x{model.width}x{model.channels}")
+    with storage.staged_dir(out_uri) as folder:  # appears complete or not at all
+        return _score_split(model, shards_uri, manifest, split, str(folder), batch_size, progress, overlays)
+
+
+def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: str, out: str, batch_size: int,
+                 progress: bool, overlays: bool) -> dict[str, Any]:
     total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
     names, counts, losses, seed_dice = [], [], [], []
     volumes = CaseVolumes()
@@ -159,7 +165,7 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
         for record, image_i, truth_i, pred_i in zip(batch, images, labels, pred):
             volumes.add(record["case_id"], record["slice_index"], truth_i, pred_i)
             if overlays:
-                _write_overlay(out_uri, record["name"], image_i, truth_i, pred_i)
+                _write_overlay(out, record["name"], image_i, truth_i, pred_i)
         names += [r["name"] for r in batch]
         bar.update(len(batch))
     bar.close()
@@ -168,11 +174,11 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed}
     case_rows = volumes.scores()
     if case_rows:
-        extra["cases"] = {**_write_cases(out_uri, case_rows), "per_case": case_rows}
-    report = _write_report(out_uri, names, counts_arr, extra,
+        extra["cases"] = {**_write_cases(out, case_rows), "per_case": case_rows}
+    report = _write_report(out, names, counts_arr, extra,
                            {"categorical_crossentropy": [float(v) for v in losses],
                             "dice_coef_multiclass": seed_dice})
-    storage.write_text(storage.join(out_uri, "evaluation.csv"),
+    storage.write_text(storage.join(out, "evaluation.csv"),
                        f"categorical_crossentropy,{loss:.4f}\ndice_coef_multiclass,{seed:.4f}\n")
     return report
 
@@ -193,6 +199,7 @@ def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rgb_map
         seed_dice.append(metrics.dice_coef_multiclass(eye[truth][None], eye[pred][None]))
         counts.append(metrics.lesion_counts(truth[None], pred[None])[0])
         names.append(name)
-    return _write_report(out_uri, names, np.array(counts).reshape(-1, 3),
-                         {"source": str(predictions_dir), "dice_coef_multiclass": float(np.mean(seed_dice))},
-                         {"dice_coef_multiclass": seed_dice})
+    with storage.staged_dir(out_uri) as folder:
+        return _write_report(str(folder), names, np.array(counts).reshape(-1, 3),
+                             {"source": str(predictions_dir), "dice_coef_multiclass": float(np.mean(seed_dice))},
+                             {"dice_coef_multiclass": seed_dice})

@@ -9,7 +9,8 @@ Layout of an export folder:
 - ``model.keras``: the same network for Keras users;
 - ``export.json``: input size, channels, class names, rgb_map, the source checkpoint and its
   validation metrics, the full config and its provenance (package versions, git commit, config
-  hash, machine), so ``aisd-ray infer`` needs only this folder.
+  hash, machine), so ``aisd-ray infer`` needs only this folder;
+- ``.complete``: written last; a folder without it is an interrupted export and is refused.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class LoadedExport:
         if not (folder / SAVED_MODEL).is_dir():
             raise FileNotFoundError(f"{storage.join(uri, SAVED_MODEL)}: missing; the export is incomplete, "
                                     "export the run again")
+        if not (folder / storage.COMPLETE).is_file():
+            raise FileNotFoundError(f"{storage.join(uri, storage.COMPLETE)}: missing; the export was not written "
+                                    "to the end (interrupted?), export the run again")
         self._module = tf.saved_model.load(str(folder / SAVED_MODEL))
         self._fn = self._module.signatures[SIGNATURE]
         self._float_fn = self._module.signatures[FLOAT_SIGNATURE]

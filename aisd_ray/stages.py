@@ -69,6 +69,7 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
                           f"worker{'s' if workers > 1 else ''}); lower train.batch_size or train.num_workers")
     run = run_uri(cfg, output_root)
     _check_resume(cfg, run)
+    storage.ensure_dir(run)
     toml = cfg.to_toml()
     storage.write_text(storage.join(run, "config.toml"), toml)
     storage.write_text(storage.join(run, "provenance.json"), json.dumps(provenance.facts(toml), indent=2))
@@ -133,15 +134,14 @@ def _synthetic_source(cfg: Config, root: str, progress: bool) -> Path:
         digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
         source = Path(tempfile.gettempdir()) / f"aisd-ray-synthetic-{digest}"
     marker = source / "synthetic.json"
-    tree = source / ("release" if cfg.synthetic.layout == "raw" else "")
+    raw = cfg.synthetic.layout == "raw"
     if not (marker.is_file() and marker.read_text() == wanted):
-        log.info("writing synthetic AISD-like %s to %s", "cases" if cfg.synthetic.layout == "raw" else "slices",
-                 source)
+        log.info("writing synthetic AISD-like %s to %s", "cases" if raw else "slices", source)
         if source.exists():
             shutil.rmtree(source)  # another [synthetic] setting's files must not mix in
-        tree = write_synthetic(tree, cfg.synthetic, progress=progress)
+        write_synthetic(source / "release" if raw else source, cfg.synthetic, progress=progress)
         marker.write_text(wanted)
-    return tree if cfg.synthetic.layout == "raw" else tree / "AISD"
+    return source / ("release" if raw else "AISD")
 
 
 def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult | None = None,

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -67,14 +69,47 @@ def _gcs(emulator: str | None, project: str | None, retry: str | None = None) ->
 @functools.lru_cache(maxsize=None)
 def _check_bucket(bucket: str, emulator: str | None, project: str | None, retry: str | None = None) -> None:
     where = f"the emulator at {emulator}" if emulator else "Google Cloud Storage"
+    # Half the budget: the client's exponential backoff overshoots its time limit by up to as
+    # much again (a 30 s limit measured 44 s against a closed port), and the first use of a
+    # bucket is where a wrong endpoint shows, so it must end within the promised time.
     try:
-        info = _gcs(emulator, project, retry).get_file_info(bucket)
+        info = _gcs(emulator, project, str(retry_seconds(retry) / 2)).get_file_info(bucket)
     except OSError as exc:
         reason = str(exc).split(" error_info=")[0][:200]
         raise StorageError(f"gs://{bucket}: cannot reach {where} within {retry_seconds(retry):g} s "
                            f"({reason}); check the network, credentials and {RETRY_ENV}") from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"gs://{bucket}: no such bucket in {where}; create it first (infra/gcp/bucket.sh)")
+
+
+def endpoint() -> str:
+    """Where gs:// goes, in words: the emulator's address or Google Cloud Storage."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    return f"the emulator at {emulator}" if emulator else "Google Cloud Storage"
+
+
+def explain(exc: OSError) -> str | None:
+    """One line for an object-storage failure that outlived the retries (pyarrow's raw
+    ``google::cloud::Status(...)`` text), naming the endpoint; None for any other OSError."""
+    text = str(exc)
+    if not text.startswith("google::cloud::Status("):
+        return None
+    reason = text.split(" error_info=")[0].removeprefix("google::cloud::Status(")
+    reason = reason.split("last message of ")[-1][:160]
+    return (f"{endpoint()} stopped answering ({reason}); gave up after {retry_seconds():g} s of retries "
+            f"({RETRY_ENV}); rerun the same command when it is back: work resumes from the last checkpoint")
+
+
+def check_reachable(uri: str) -> None:
+    """Raise a StorageError naming the endpoint when the storage of ``uri`` does not answer now
+    (after the retries); nothing for a local path or storage that answers."""
+    if is_local(uri):
+        return
+    fs, path = resolve(uri)
+    try:
+        fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(f"{uri}: {explain(exc) or exc}") from None
 
 
 def gcs_filesystem() -> pafs.GcsFileSystem:
@@ -99,6 +134,24 @@ def join(uri: str, *parts: str) -> str:
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def ensure_dir(uri: str) -> None:
+    """Create the folder ``uri`` (and its parents); a path that cannot be one is a StorageError
+    naming it (a file in the way, a read-only place)."""
+    fs, path = resolve(uri)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc).split("Detail: ")[-1]
+        raise StorageError(f"{uri}: cannot create this folder: {reason}") from None
+
+
+def size(uri: str) -> int | None:
+    """The size of the file ``uri`` in bytes; None when there is no such file."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -183,25 +236,63 @@ def local_copy(uri: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
+COMPLETE = ".complete"  # written last into every staged output folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(parent: str, prefix: str) -> None:
+    """Remove staging folders for the same output left by a command that was killed (its PID,
+    part of the name, is gone); a live command's staging is left alone."""
+    for stale in Path(parent).glob(f"{prefix}*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_dir(uri: str) -> Iterator[Path]:
     """A fresh local folder whose contents replace ``uri`` only once the block succeeds.
 
-    Used for outputs that must never look complete when half-written (exports, reports).
-    """
+    Used for outputs that must never look complete when half-written (exports, evaluations,
+    inference). A ``.complete`` marker is written last: locally the staged folder (marker
+    included) is renamed into place; on object storage the old marker is deleted first and the
+    new one uploaded after every other file, so a reader that checks ``is_complete`` never takes a
+    half-copied folder for a finished one. Staging left by a killed command is removed."""
     fs, path = resolve(uri)
-    parent = os.path.dirname(path) if is_local(uri) else None
+    local = is_local(uri)
+    parent = os.path.dirname(path.rstrip("/")) if local else None
+    prefix = f".staging-{os.path.basename(path.rstrip('/'))}-"
     if parent:
         os.makedirs(parent, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+        _remove_stale_staging(parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     try:
         yield tmp
-        if is_local(uri):
+        marker = json.dumps({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if local:
+            (tmp / COMPLETE).write_text(marker)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.replace(tmp, path)
         else:
+            if exists(join(uri, COMPLETE)):
+                delete(join(uri, COMPLETE))  # from here on readers see the old folder as incomplete
             delete(uri)
             upload_dir(tmp, uri)
+            write_text(join(uri, COMPLETE), marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_complete(uri: str) -> bool:
+    """True when the output folder ``uri`` was written to the end (see ``staged_dir``)."""
+    return exists(join(uri, COMPLETE))

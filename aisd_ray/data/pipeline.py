@@ -45,6 +45,30 @@ def batches(rows: Callable[[], Rows], channels: int, num_classes: int, batch_siz
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 
 
+class InputGuard:
+    """A row iterator's exception reaches the consumer of a tf.data pipeline only as a TensorFlow
+    error, its type and message buried in a traceback string. The guard keeps the original
+    (``wrap`` the row function); ``reraise`` raises it in place of the TensorFlow error, so a
+    DataError naming a shard stays a DataError."""
+
+    def __init__(self):
+        self.error: BaseException | None = None
+
+    def wrap(self, rows: Callable[[], Rows]) -> Callable[[], Rows]:
+        def guarded() -> Rows:
+            try:
+                yield from rows()
+            except Exception as exc:
+                self.error = exc
+                raise
+        return guarded
+
+    def reraise(self) -> None:
+        """Call while handling a TensorFlow error: raise the row iterator's own error, if any."""
+        if self.error is not None:
+            raise self.error from None
+
+
 def take_rows(rows: Iterable, limit: int) -> Rows:
     """The first ``limit`` rows, then drain the rest unread so a streaming split stays in step."""
     for i, row in enumerate(rows):

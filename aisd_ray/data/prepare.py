@@ -37,12 +37,15 @@ def split_dirs(cfg: Config) -> dict[str, tuple[str, str]]:
     dirs = dict(cfg.data.split_dirs)
     if cfg.data.source_dir:
         root = Path(cfg.data.source_dir)
+        if not root.is_dir():
+            raise layout.DataError(f"{root}: source folder not found (data.source_dir / --source)")
         for split in SPLITS:
             if split not in dirs and (root / split).is_dir():
                 dirs[split] = (str(root / split / "images"), str(root / split / "masks"))
     missing = [s for s in ("train", "valid") if s not in dirs]
     if missing:
-        raise layout.DataError(f"no {'/'.join(missing)} split found: set data.source_dir to a folder with "
+        where = f"{cfg.data.source_dir}: " if cfg.data.source_dir else ""
+        raise layout.DataError(f"{where}no {'/'.join(missing)} split found: set data.source_dir to a folder with "
                                "{train,valid,test}/{images,masks} or to the raw AISD release (image.zip and "
                                "mask.zip, or image/ and mask/), or give data.split_dirs")
     return dirs
@@ -125,6 +128,7 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
     if "train" in refs:  # shards that mix cases (a source lists slices case by case)
         refs["train"] = list(refs["train"])
         random.Random(cfg.data.split_seed).shuffle(refs["train"])
+    storage.ensure_dir(out_uri)
     m = cfg.model
     plan = shards.ShardPlan(int(cfg.data.shard_target_mb * 2**20), min_shards(cfg))
     bar = progress_bar(total=sum(len(r) for r in refs.values()), desc="prepare", unit="slice", enabled=progress)

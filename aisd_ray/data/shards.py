@@ -296,13 +296,20 @@ class ShardStore:
 
 
 def iter_shard(uri: str, fmt: str) -> Iterator[dict[str, Any]]:
-    """Records of one shard, streamed (a Parquet shard one row group at a time)."""
-    with storage.open_input(uri) as f:
-        if fmt == "parquet":
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
-                yield from batch.to_pylist()
-        else:
-            yield from iter_tfrecord(f, uri)
+    """Records of one shard, streamed (a Parquet shard one row group at a time). A shard that
+    cannot be read is a DataError naming it, or a StorageError when its storage stopped answering."""
+    try:
+        with storage.open_input(uri) as f:
+            if fmt == "parquet":
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
+                    yield from batch.to_pylist()
+            else:
+                yield from iter_tfrecord(f, uri)
+    except DataError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        storage.check_reachable(uri)
+        raise DataError(f"{uri}: cannot read this shard ({str(exc)[:200]}); run `aisd-ray prepare` again") from None
 
 
 def iter_records(shards_uri: str, manifest: dict[str, Any], split: str) -> Iterator[dict[str, Any]]:

@@ -3,13 +3,18 @@
 - ``model.weights.h5``: Keras weights;
 - ``optimizer.npz``: the optimizer's variables, in ``optimizer.variables`` order;
 - ``state.json``: epoch, learning rate, plateau counters, best metric and the history,
-  so a resumed run carries on exactly where it stopped.
+  so a resumed run carries on exactly where it stopped;
+- ``checkpoint.json``, written last: each other file's size. A checkpoint counts as complete only
+  when it is present and every file has its size, whatever order a copy (Ray Train's upload,
+  ours to gs://) wrote the files in: an interrupted copy is never resumed from or exported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ from aisd_ray import storage
 WEIGHTS = "model.weights.h5"
 OPTIMIZER = "optimizer.npz"
 STATE = "state.json"
+COMPLETE = "checkpoint.json"
 SCORE = "val_lesion_dice"
 
 
@@ -57,6 +63,7 @@ class LoopState:
     early_stop: Plateau = field(default_factory=lambda: Plateau(0))
     reducer: Plateau = field(default_factory=lambda: Plateau(0))
     stop_reason: str = ""
+    resumes: list[int] = field(default_factory=list)  # the epochs after which the run was resumed
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -76,6 +83,20 @@ def save(folder: str | Path, model, optimizer, state: LoopState) -> None:
     model.save_weights(folder / WEIGHTS)
     np.savez(folder / OPTIMIZER, *[np.asarray(v.numpy()) for v in optimizer.variables])
     (folder / STATE).write_text(state.to_json())
+    sizes = {name: (folder / name).stat().st_size for name in (WEIGHTS, OPTIMIZER, STATE)}
+    (folder / COMPLETE).write_text(json.dumps({"epoch": state.epoch, "files": sizes}, indent=2))
+
+
+def is_complete(uri: str) -> bool:
+    """True when the checkpoint folder ``uri`` holds its marker and every file at its size."""
+    marker = storage.join(uri, COMPLETE)
+    if not storage.exists(marker):
+        return False
+    try:
+        sizes = json.loads(storage.read_bytes(marker))["files"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return all(storage.size(storage.join(uri, name)) == size for name, size in sizes.items())
 
 
 def restore(folder: str | Path, model, optimizer) -> LoopState:
@@ -92,14 +113,27 @@ def restore(folder: str | Path, model, optimizer) -> LoopState:
 
 
 def list_checkpoints(run_uri: str) -> list[tuple[str, LoopState]]:
-    """(uri, state) of every complete checkpoint folder directly under ``run_uri``, by epoch."""
+    """(uri, state) of every complete checkpoint folder directly under ``run_uri``, by epoch
+    (an interrupted copy, without its marker or with a file short, is left out)."""
     found = []
     for name in storage.list_dir(run_uri):
-        state_uri = storage.join(run_uri, name, STATE)
-        if name.startswith("checkpoint_") and storage.exists(state_uri):
-            found.append((storage.join(run_uri, name),
-                          LoopState.from_json(storage.read_bytes(state_uri).decode())))
+        uri = storage.join(run_uri, name)
+        if name.startswith("checkpoint_") and is_complete(uri):
+            found.append((uri, LoopState.from_json(storage.read_bytes(storage.join(uri, STATE)).decode())))
     return sorted(found, key=lambda item: item[1].epoch)
+
+
+@contextlib.contextmanager
+def latest_local(run_uri: str) -> Iterator[str | None]:
+    """The run's latest complete checkpoint as a local folder for the block (a copy when the run is
+    on gs://, removed after it), or None. Every checkpoint folder of the run counts, also one that a
+    worker group killed mid-run had uploaded before Ray's controller recorded it."""
+    found = list_checkpoints(run_uri)
+    if not found:
+        yield None
+        return
+    with storage.local_copy(found[-1][0]) as folder:
+        yield str(folder)
 
 
 def best_checkpoint(run_uri: str) -> tuple[str, dict[str, Any]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-
 import tensorflow as tf
 
 from aisd_ray import storage
@@ -18,20 +16,22 @@ class LocalReporter:
 
     def __init__(self, run_uri: str, keep: int = 2):
         self.run_uri, self.keep = run_uri, keep
-        self._tmp = tempfile.TemporaryDirectory(prefix="aisd-resume-")
 
-    def latest_checkpoint(self) -> str | None:
-        found = ckpt.list_checkpoints(self.run_uri)
-        if not found:
-            return None
-        storage.download_dir(found[-1][0], self._tmp.name)
-        return self._tmp.name
+    def resume_checkpoint(self):
+        return ckpt.latest_local(self.run_uri)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:
             return
-        storage.upload_dir(checkpoint_dir, storage.join(self.run_uri, f"checkpoint_{int(metrics['epoch']):06d}"))
+        uri = storage.join(self.run_uri, f"checkpoint_{int(metrics['epoch']):06d}")
+        storage.upload_dir(checkpoint_dir, uri)
         found = ckpt.list_checkpoints(self.run_uri)
+        if uri not in [u for u, _ in found]:  # object storage may answer "not found" while it is going away
+            storage.check_reachable(uri)
+            where = "" if storage.is_local(uri) else f" from {storage.endpoint()}"
+            raise storage.StorageError(f"{uri}: the checkpoint just written cannot be read back{where}; rerun the "
+                                       "same command once the storage answers: training resumes from its last "
+                                       "checkpoint")
         best = ckpt.best_checkpoint(self.run_uri)[0]
         for uri, _ in found[:-1][: max(len(found) - self.keep, 0)]:
             if uri != best:

@@ -20,6 +20,7 @@ import logging
 import math
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -54,7 +55,8 @@ class Feed:
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
-    def latest_checkpoint(self) -> str | None: ...
+    def resume_checkpoint(self) -> AbstractContextManager[str | None]:
+        """The latest complete checkpoint as a local folder (None: start afresh), for the block."""
 
 
 def set_seed(seed: int, deterministic: bool) -> None:
@@ -167,10 +169,12 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
         optimizer.build(model.trainable_variables)
     state = ckpt.LoopState(learning_rate=t.learning_rate, early_stop=ckpt.Plateau(t.patience),
                            reducer=ckpt.Plateau(t.reducer_patience if t.learning_rate_reducer else 0))
-    resume_dir = reporter.latest_checkpoint()
-    if resume_dir:
-        state = ckpt.restore(resume_dir, model, optimizer)
-        log.info("resumed from %s after epoch %d", resume_dir, state.epoch)
+    with reporter.resume_checkpoint() as resume_dir:
+        if resume_dir:
+            state = ckpt.restore(resume_dir, model, optimizer)
+            state.resumes.append(state.epoch)
+            if chief:
+                log.info("resumed from %s after epoch %d", resume_dir, state.epoch)
     best = _Snapshot(model, optimizer, state.epoch)  # rollback point until an epoch scores better
 
     def forward_backward(x, y):
@@ -206,9 +210,11 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
 
     augment = augment_fn(cfg.augment, m.image_height, m.image_width) if cfg.augment.enabled else None
 
+    guard = pipeline.InputGuard()  # a shard's own error, not TensorFlow's wrapping of it
+
     def batches(rows_fn, batch_size, training, epoch=0):
-        return pipeline.batches(rows_fn, m.image_channels, m.num_classes, batch_size, drop_remainder=training,
-                                augment=augment if training else None,
+        return pipeline.batches(guard.wrap(rows_fn), m.image_channels, m.num_classes, batch_size,
+                                drop_remainder=training, augment=augment if training else None,
                                 augment_seed=int(order.rng(t.seed, epoch, rank, 0xA6).integers(2**31)))
 
     artifacts = Artifacts(run_uri) if chief else None
@@ -282,6 +288,9 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                     ckpt.save(tmp, model, optimizer, state)
                 done_reason = state.stop_reason or (f"reached {t.epochs} epochs" if epoch >= t.epochs else "")
                 reporter.report({**row, "stop_reason": done_reason}, tmp if chief else None)
+    except tf.errors.OpError:
+        guard.reraise()
+        raise
     finally:
         if artifacts:
             artifacts.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 
 import ray
 import ray.data
@@ -25,6 +24,8 @@ from ray.train.tensorflow import TensorflowTrainer
 from aisd_ray import storage
 from aisd_ray.config import Config, config_from_dict
 from aisd_ray.data import order, shards
+from aisd_ray.quiet import VERBOSE_ENV
+from aisd_ray.train import TrainingFailed
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.local import shard_feed
 
@@ -51,10 +52,13 @@ def ensure_ray(num_cpus_wanted: int) -> None:
         s.bind(("", 0))
         port = s.getsockname()[1]
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local head Ray starts
+    env = {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}",
+           # TensorFlow's C++ start-up chatter: as the CLI set it (-v shows it)
+           **{k: os.environ[k] for k in ("TF_CPP_MIN_LOG_LEVEL", VERBOSE_ENV) if k in os.environ}}
     try:
         ray.init(num_cpus=max(num_cpus_wanted, os.cpu_count() or 1), include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}})
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": "aisd_ray.quiet.quiet_worker"})
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
     gcs = ray.get_runtime_context().gcs_address
@@ -79,9 +83,14 @@ def ray_rows(iterator):
 
 
 class RayReporter:
-    def latest_checkpoint(self) -> str | None:
-        checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory(tempfile.mkdtemp(prefix="aisd-resume-")) if checkpoint else None
+    def __init__(self, run_uri: str):
+        self.run_uri = run_uri
+
+    def resume_checkpoint(self):
+        """The run's latest complete checkpoint, not only the latest Ray recorded: a worker killed
+        right after uploading one can take the group down before the controller records it, and
+        Ray's own ``get_checkpoint()`` would then restart the run from an older one, or from scratch."""
+        return ckpt.latest_local(self.run_uri)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -129,7 +138,7 @@ def _worker(loop_config: dict) -> None:
         train_shard, t = ray.train.get_dataset_shard("train"), cfg.train
         feed.train_rows = lambda epoch: order.shuffled_share(ray_rows(train_shard), t.seed, epoch, rank,
                                                              t.shuffle_buffer)
-    run_training(cfg, strategy, feed, RayReporter(), loop_config["run"], rank, world)
+    run_training(cfg, strategy, feed, RayReporter(loop_config["run"]), loop_config["run"], rank, world)
 
 
 def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks: tuple = ()) -> ray.train.Result:
@@ -161,4 +170,25 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
             callbacks=list(callbacks),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        raise _worker_failure(exc, cfg.train.max_failures) from None
+
+
+def _worker_failure(exc: ray.train.WorkerGroupError, max_failures: int) -> Exception:
+    """One line for a run that failed on its workers after its retries. An error of ours (a bad
+    shard, storage gone, a bad setting) keeps its type, so the command exits as it would locally."""
+    from aisd_ray.config import ConfigError
+    from aisd_ray.data.layout import DataError
+
+    rank, first = min(exc.worker_failures.items(), key=lambda item: item[0]) if exc.worker_failures else (0, exc)
+    cause = getattr(first, "cause", None) or first  # Ray wraps a worker's exception; this is the original
+    message = str(cause.args[0]) if cause.args else str(cause)
+    for kind in (DataError, storage.StorageError, ConfigError):
+        if isinstance(cause, kind):
+            return kind(message)
+    text = " ".join(message.split())[:300]
+    return TrainingFailed(f"training failed: worker {rank}: {type(cause).__name__}: {text} (after "
+                          f"{max_failures} restart{'s' if max_failures != 1 else ''}, train.max_failures); rerun the "
+                          "same command to resume from the last checkpoint")

@@ -85,3 +85,75 @@ def test_one_worker_batch_8_and_two_workers_batch_4_make_the_same_update(ray_clu
     keras.utils.set_random_seed(cfg.train.seed)  # the weights before the step: it really moved them
     initial = sum(float(np.abs(w).sum()) for w in build_flexunet(cfg.model).get_weights())
     assert abs(sum(float(np.abs(w).sum()) for w in one.values()) - initial) > 1e-3
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes(ray_cluster, parquet_store, tmp_path):
+    """A Ray Train worker SIGKILLed mid-run (train.max_failures at its default): Ray starts a new
+    worker group, which resumes from the last checkpoint; every epoch is in the history once and
+    at most the epoch in progress is run again."""
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    cfg, shards = parquet_store
+    cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = "ray", 2, 6
+    assert cfg.train.max_failures >= 2
+    root = str(tmp_path / "runs")
+    run = stages.run_uri(cfg, root)
+    killed: list[int] = []
+
+    def kill_a_worker():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            done = [state.epoch for _, state in ckpt.list_checkpoints(run)] if os.path.isdir(run) else []
+            if done and max(done) >= 2:
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if len(workers) == 2:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(max(done))
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    last = stages.train(cfg, shards, root)
+    killer.join()
+    assert killed and killed[0] < 6, "the kill did not land inside the run"
+    state = ckpt.list_checkpoints(run)[-1][1]
+    assert [row["epoch"] for row in state.history] == [1, 2, 3, 4, 5, 6] and last["epoch"] == 6
+    assert len(state.resumes) == 1 and state.resumes[0] >= killed[0]  # at most the epoch in progress redone
+
+
+def test_workers_lost_past_max_failures_end_in_one_line(ray_cluster, parquet_store, tmp_path, capsys):
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    from aisd_ray.cli import main
+
+    shards = parquet_store[1]
+    out = tmp_path / "runs"
+
+    def kill_a_worker():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if os.path.isdir(out / "tiny") and ckpt.list_checkpoints(str(out / "tiny")):
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if workers:
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    code = main(["train", "--config", "tiny", "--data", shards, "--output", str(out), "-q",
+                 "--set", "train.max_failures=0", "--set", "train.epochs=30"])
+    killer.join()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("aisd-ray train: error: training failed: worker ") and "train.max_failures" in err[0]
+    assert ckpt.list_checkpoints(str(out / "tiny"))  # what was done is kept for a rerun
