@@ -209,7 +209,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
 
 def _case_figures(cases: dict[str, Any]) -> dict[str, Any]:
     return {"test cases": cases["cases"],
-            "test case Dice (mean / median)": f"{cases['case_dice_mean']:.4f} / {cases['case_dice_median']:.4f}",
+            "test case Dice (mean)": cases["case_dice_mean"], "test case Dice (median)": cases["case_dice_median"],
             "test lesions found (3D)": f"{cases['lesions_found']} of {cases['lesions_true']}, "
                                        f"{cases['lesions_false']} false",
             "test volume correlation": cases["volume_correlation"]}

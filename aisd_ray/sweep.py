@@ -62,6 +62,7 @@ def _run_one(cfg: Config, root: str, backend: str, train_seed: int, synthetic_se
             "global_batch": cfg.train.batch_size * workers, "train_seed": train_seed,
             "synthetic_seed": synthetic_seed, "test_lesion_dice": dice,
             "test_lesion_dice_per_image": figures["test lesion Dice (per image)"],
+            "test_case_dice_mean": figures.get("test case Dice (mean)", float("nan")),
             "best_epoch": figures["best epoch"], "epochs_run": figures["epochs run"],
             "rollbacks": figures.get("rollbacks", 0), "stop_reason": figures.get("stop reason", ""),
             "collapsed": bool(dice < COLLAPSED_BELOW or str(figures.get("stop reason", "")).startswith("diverged")),
@@ -79,6 +80,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[backend] = {"runs": len(mine), "collapses": sum(r["collapsed"] for r in mine),
                         "test_lesion_dice": _spread([r["test_lesion_dice"] for r in mine]),
                         "test_lesion_dice_per_image": _spread([r["test_lesion_dice_per_image"] for r in mine]),
+                        "test_case_dice_mean": _spread([r.get("test_case_dice_mean", float("nan")) for r in mine]),
                         "rollbacks": sum(r["rollbacks"] for r in mine)}
     if {"local", "ray"} <= set(out):
         out["ray_minus_local_median"] = (out["ray"]["test_lesion_dice"]["median"]
@@ -104,19 +106,23 @@ def sweep(cfg: Config, output: str, plan: Plan, progress: bool = False) -> dict[
 
 def table(report: dict[str, Any]) -> str:
     lines = [f"{'backend':<8} {'workers':>7} {'train seed':>10} {'data seed':>9} {'test Dice':>9} "
-             f"{'per image':>9} {'best ep':>7} {'epochs':>6} {'rollbacks':>9}  note"]
+             f"{'per image':>9} {'case Dice':>9} {'best ep':>7} {'epochs':>6} {'rollbacks':>9}  note"]
     for r in report["runs"]:
         lines.append(f"{r['backend']:<8} {r['workers']:>7} {r['train_seed']:>10} {r['synthetic_seed']:>9} "
-                     f"{r['test_lesion_dice']:>9.3f} {r['test_lesion_dice_per_image']:>9.3f} {r['best_epoch']:>7} "
+                     f"{r['test_lesion_dice']:>9.3f} {r['test_lesion_dice_per_image']:>9.3f} "
+                     f"{r.get('test_case_dice_mean', float('nan')):>9.3f} {r['best_epoch']:>7} "
                      f"{r['epochs_run']:>6} {r['rollbacks']:>9}  {'COLLAPSED' if r['collapsed'] else ''}")
     lines.append("")
     for backend, s in report["summary"].items():
         if not isinstance(s, dict):
             continue
         d, p = s["test_lesion_dice"], s["test_lesion_dice_per_image"]
+        c = s.get("test_case_dice_mean")
         lines.append(f"{backend}: {s['runs']} runs, {s['collapses']} collapsed; test lesion Dice pooled "
                      f"min {d['min']:.3f} / median {d['median']:.3f} / max {d['max']:.3f}; per image "
-                     f"min {p['min']:.3f} / median {p['median']:.3f} / max {p['max']:.3f}")
+                     f"min {p['min']:.3f} / median {p['median']:.3f} / max {p['max']:.3f}"
+                     + (f"; case Dice (mean per run) min {c['min']:.3f} / median {c['median']:.3f} / max "
+                        f"{c['max']:.3f}" if c and c["median"] == c["median"] else ""))
     if "ray_minus_local_median" in report["summary"]:
         lines.append(f"ray median - local median: {report['summary']['ray_minus_local_median']:+.3f}")
     return "\n".join(lines)
