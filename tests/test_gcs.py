@@ -109,3 +109,32 @@ def test_unreachable_endpoint_missing_bucket_and_unknown_scheme_fail_fast_with_o
 
     assert main(["prepare", *tiny, "--output", "s3://bucket/data"]) == 2
     assert "s3://bucket/data/manifest.json: storage scheme s3:// is not supported" in capsys.readouterr().err
+
+
+def test_artifacts_reach_the_bucket_incrementally(gcs_emulator, bucket):
+    """Each epoch sends only what is new or changed (not the whole folder again), from a
+    background thread; after close the bucket holds exactly the local files."""
+    from aisd_ray.train.artifacts import Artifacts
+
+    artifacts = Artifacts("gs://aisd/artifacts/run")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    truth = np.zeros((32, 32), np.uint8)
+    truth[8:16, 8:16] = 1
+    history, sent = [], []
+    for epoch in (1, 2, 3):
+        history.append({"epoch": epoch, "loss": 1.0 / epoch, "val_loss": 1.2 / epoch, "val_lesion_dice": 0.2 * epoch,
+                        "lesion_dice": 0.1 * epoch, "val_dice_coef_multiclass": 0.9, "learning_rate": 1e-3})
+        artifacts.epoch_end(history, [("slice", image, truth, truth)])
+        artifacts._wait()
+        sent.append(artifacts.uploaded_files)
+    local = {p.relative_to(artifacts.folder).as_posix(): p.read_bytes() for p in artifacts.folder.rglob("*")
+             if p.is_file()}
+    per_epoch = sent[2] - sent[1]
+    assert per_epoch <= 5 < len(local)  # history, 2 plots, the new gallery, the event file: not the whole folder
+    artifacts.close()
+    remote = {b.name.removeprefix("artifacts/run/"): b.download_as_bytes()
+              for b in bucket.client.list_blobs("aisd", prefix="artifacts/run/") if not b.name.endswith("/")}
+    assert set(remote) >= set(local) and all(remote[k] == v for k, v in local.items() if "tensorboard" not in k)
+    assert sorted(k for k in remote if k.startswith("epoch_change_infer/")) == [
+        f"epoch_change_infer/Epoch_{e}.png" for e in (1, 2, 3)]

@@ -6,7 +6,12 @@ background-inclusive metric in a panel of its own, the learning rate), TensorBoa
 the original's epoch-change images as one labelled grid per epoch,
 ``epoch_change_infer/Epoch_{e}.png`` (each fixed validation slice with the truth outlined in green
 and the prediction in magenta, its lesion Dice in the caption), also in TensorBoard's images.
-Files are written locally and mirrored to the run folder, which may be an object store.
+Files are written locally. When the run folder is on object storage they are mirrored to it
+incrementally (only files that are new or changed since the last upload: an epoch sends its new
+gallery, the CSV, the plots and the TensorBoard event file, not the whole folder again) on a
+background thread, so the chief goes on training while they upload and the other workers never
+wait for it at the next collective. At most one upload is in flight; an upload error surfaces at
+the next epoch's end or at ``close``, which waits for the last one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import csv
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +37,14 @@ class Artifacts:
         self.folder = Path(self._tmp or storage.resolve(run_uri)[1])
         self.folder.mkdir(parents=True, exist_ok=True)
         self._writer = tf.summary.create_file_writer(str(self.folder / "tensorboard"))
+        self._uploaded: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) last sent
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="aisd-artifacts") if self._tmp else None
+        self._pending: Future | None = None
+        self.uploaded_files = 0  # files sent so far (the incremental mirror's work, for tests and logs)
 
     def epoch_end(self, history: list[dict[str, float]], panels: list[tuple]) -> None:
         """``panels``: (name, image, truth labels, predicted labels) of the fixed preview slices."""
+        self._wait()  # the previous epoch's upload reads these files: let it finish first
         row = history[-1]
         epoch = int(row["epoch"])
         grid = self._gallery(panels, epoch) if panels else None
@@ -57,8 +68,25 @@ class Artifacts:
             out = self.folder / "epoch_change_infer"
             out.mkdir(exist_ok=True)
             grid.save(out / f"Epoch_{epoch}.png")
-        if self._tmp:
-            storage.upload_dir(self._tmp, self.run_uri)
+        if self._uploader:
+            self._pending = self._uploader.submit(self._mirror)
+
+    def _mirror(self) -> None:
+        """Upload the files that are new or changed since the last call."""
+        for path in sorted(self.folder.rglob("*")):
+            if not path.is_file():
+                continue
+            stat, rel = path.stat(), path.relative_to(self.folder).as_posix()
+            signature = (stat.st_size, stat.st_mtime_ns)
+            if self._uploaded.get(rel) != signature:
+                storage.write_bytes(storage.join(self.run_uri, rel), path.read_bytes())
+                self._uploaded[rel] = signature
+                self.uploaded_files += 1
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # an upload error is raised here, on the training thread
 
     def _gallery(self, panels, epoch: int):
         tiles = []
@@ -69,10 +97,22 @@ class Artifacts:
         name = self.run_uri.rstrip("/").rsplit("/", 1)[-1]
         return render.gallery(tiles, f"{name}  epoch {epoch}")
 
-    def close(self) -> None:
+    def close(self, strict: bool = True) -> None:
+        """Flush and upload what is left; ``strict=False`` (training already failing) swallows
+        upload errors so that they do not replace the error on its way up."""
         self._writer.close()
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        try:
+            self._wait()
+            if self._uploader:
+                self._mirror()  # what closing the TensorBoard writer flushed
+        except Exception:
+            if strict:
+                raise
+        finally:
+            if self._uploader:
+                self._uploader.shutdown(wait=True)
+            if self._tmp:
+                shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _write_csv(self, history: list[dict[str, float]]) -> None:
         keys = list(dict.fromkeys(k for row in history for k in row))

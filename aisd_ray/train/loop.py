@@ -288,12 +288,14 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                     ckpt.save(tmp, model, optimizer, state)
                 done_reason = state.stop_reason or (f"reached {t.epochs} epochs" if epoch >= t.epochs else "")
                 reporter.report({**row, "stop_reason": done_reason}, tmp if chief else None)
-    except tf.errors.OpError:
-        guard.reraise()
-        raise
-    finally:
+    except BaseException as exc:
         if artifacts:
-            artifacts.close()
+            artifacts.close(strict=False)  # the error already on its way is the one to report
+        if isinstance(exc, tf.errors.OpError):
+            guard.reraise()
+        raise
+    if artifacts:
+        artifacts.close()
     return state
 
 
