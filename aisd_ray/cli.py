@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("prepare", help="shard AISD slices into TFRecord/Parquet + manifest.json")
     _add_config(p)
     p.add_argument("--source", help="folder with {train,valid,test}/{images,masks}, or the raw release "
-                                    "(image.zip + mask.zip, or image/ + mask/) (else data.source_dir)")
+                                    "(image.zip + mask.zip, or image/ + mask/); a local folder or "
+                                    "gs://BUCKET/PREFIX (else data.source_dir)")
     p.add_argument("--output", help="shard store (else data.shards_dir)")
     p.set_defaults(func=cmd_prepare)
 
@@ -314,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_parser("pipeline", help="prepare, train, export, evaluate (and infer) in one go; reruns resume")
     _add_config(p)
-    p.add_argument("--source", help="the original's AISD tree or the raw AISD release (else data.source_dir)")
+    p.add_argument("--source", help="the original's AISD tree or the raw AISD release, a folder or gs://BUCKET/PREFIX "
+                   "(else data.source_dir)")
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
     p.add_argument("--backend", choices=("ray", "local"), help="training backend (default: train.backend, 'ray')")

@@ -138,3 +138,27 @@ def test_artifacts_reach_the_bucket_incrementally(gcs_emulator, bucket):
     assert set(remote) >= set(local) and all(remote[k] == v for k, v in local.items() if "tensorboard" not in k)
     assert sorted(k for k in remote if k.startswith("epoch_change_infer/")) == [
         f"epoch_change_infer/Epoch_{e}.png" for e in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("as_zip", [True, False])
+def test_prepare_reads_a_raw_release_from_the_bucket(gcs_emulator, bucket, tmp_path, as_zip):
+    """The raw release in a bucket (zips or folders) gives the same shards as read locally, and an
+    unchanged source is recognised on the next run (file times survive the copy)."""
+    from aisd_ray.config import AISD_TEST_CASES
+    from aisd_ray.data.synthetic import write_synthetic_raw
+
+    release = tmp_path / "release"
+    write_synthetic_raw(release, tiny_config().synthetic, [AISD_TEST_CASES[0], "1000001", "1000002", "1000003"],
+                        slices=3, as_zip=as_zip, progress=False)
+    prefix = f"sources/release-{'zip' if as_zip else 'dir'}"
+    for path in release.rglob("*"):
+        if path.is_file():
+            bucket.blob(f"{prefix}/{path.relative_to(release).as_posix()}").upload_from_filename(str(path))
+    local = prepare(tiny_config(f"data.source_dir='{release}'"), str(tmp_path / "local"), progress=False)
+    cfg = tiny_config(f"data.source_dir='gs://aisd/{prefix}'")
+    remote = prepare(cfg, f"gs://aisd/data/{prefix}", progress=False)
+    assert remote["source"]["root"] == f"gs://aisd/{prefix}" and remote["source"]["cases"] == local["source"]["cases"]
+    for split in ("train", "valid", "test"):
+        assert (list(shards.iter_records(f"gs://aisd/data/{prefix}", remote, split))
+                == list(shards.iter_records(str(tmp_path / "local"), local, split)))
+    assert prepare(cfg, f"gs://aisd/data/{prefix}", progress=False)["fingerprint"] == remote["fingerprint"]

@@ -2,7 +2,9 @@
 
 Two sources are read: the original's ``{train,valid,test}/{images,masks}`` PNG tree, and the raw
 AISD release (``image.zip``/``mask.zip`` or their extracted folders, one folder per case),
-which is split by patient with the official test cases as the test split.
+which is split by patient with the official test cases as the test split. Either may lie in a
+bucket (``--source gs://bucket/prefix``): it is copied to a local temp folder first (file times
+kept, so an unchanged source is recognised and left alone), read, and the copy removed.
 
 The training split is written in a shuffled order (keyed by ``data.split_seed``), so that every
 shard mixes cases and an epoch's shard permutation mixes them further; validation and test keep
@@ -16,10 +18,12 @@ deleted: a prepare that fails half-way (a bad source file) leaves the existing s
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +115,23 @@ def _remove_stale(out_uri: str, manifest: dict[str, Any]) -> None:
 
 def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
     """Shard every split found; returns the manifest."""
+    source_uri = cfg.data.source_dir
+    if source_uri and not storage.is_local(source_uri):
+        with tempfile.TemporaryDirectory(prefix="aisd-source-") as tmp:
+            log.info("copying %s to a local temp folder", source_uri)
+            files = storage.download_tree(source_uri, tmp, progress=progress)
+            if not files:
+                raise layout.DataError(f"{source_uri}: no files under this prefix")
+            local = copy.deepcopy(cfg)
+            local.data.source_dir = tmp
+            return _prepare(local, out_uri, progress, source_uri)
+    return _prepare(cfg, out_uri, progress)
+
+
+def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None = None) -> dict[str, Any]:
     refs, source = read_source(cfg)
+    if source_uri:
+        source["root"] = source_uri
     fingerprint = _fingerprint(cfg, refs)
     manifest_uri = storage.join(out_uri, shards.MANIFEST)
     if storage.exists(manifest_uri):
