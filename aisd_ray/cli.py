@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if level != logging.DEBUG:  # "Assets written to ..." on every export, and the like
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (ConfigError, DataError, FileNotFoundError, storage.StorageError) as exc:

@@ -1,11 +1,12 @@
 """``aisd-ray infer``: a folder of images in, palette mask PNGs (and overlays) out.
 
-Works from an export folder alone. Each image (PNG/JPG, any size) is resized to the model
-size, segmented, and its class probabilities resized back (bilinear) to the image's own size before
-the most likely class is taken, so masks have smooth edges at any size; each is saved under the
-same base name as a palette PNG in ``rgb_map`` colours, as the original's inferencer did. An
-overlay ``overlays/<name>.png`` shows image | image with the lesion outline, at the image's size. The output folder
-appears only once every image is done: a bad image (named in the error) leaves no partial folder.
+Works from an export folder alone; the images may be a local folder or a gs:// prefix. Each
+image (PNG/JPG, any size) is resized to the model size, segmented, and its class probabilities
+resized back (bilinear) to the image's own size before the most likely class is taken, so masks
+have smooth edges at any size; each is saved under the same base name as a palette PNG in
+``rgb_map`` colours, as the original's inferencer did. An overlay ``overlays/<name>.png`` shows
+image | image with the lesion outline, at the image's size. The output folder appears only once
+every image is done: a bad image (named in the error) leaves no partial folder.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ from aisd_ray.progress import progress_bar
 def infer_folder(export_uri: str, images_dir: str | Path, out_uri: str, batch_size: int = 4,
                  overlays: bool = True, progress: bool = True) -> list[str]:
     """Segment every image of ``images_dir``; return the written mask names."""
-    model = LoadedExport(export_uri)
-    paths = sorted(layout.list_images(images_dir).values())
+    with storage.local_copy(str(images_dir)) as local:  # a gs:// folder is copied first
+        return _infer(LoadedExport(export_uri), images_dir, local, out_uri, batch_size, overlays, progress)
+
+
+def _infer(model: LoadedExport, images_dir, local: Path, out_uri: str, batch_size: int, overlays: bool,
+           progress: bool) -> list[str]:
+    paths = sorted(layout.list_images(local).values())
     if not paths:
         raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...) found")
     written = []

@@ -173,14 +173,17 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     export_uri, best = export(run)
     result.outputs["SavedModel"] = storage.join(export_uri, "saved_model")
 
-    log.info("stage 4/%d: evaluate on the test split", stages)
-    eval_uri = storage.join(run, "eval")
-    report = evaluate_export(export_uri, shards_uri, eval_uri, "test", cfg.eval.batch_size, progress, store=store)
+    on_worker = cfg.train.backend == "ray"  # on a cluster: a (GPU) training node, not the head
+    log.info("stage 4/%d: evaluate on the test split%s", stages, " (a Ray task)" if on_worker else "")
+    eval_uri = storage.absolute(storage.join(run, "eval"))
+    report = _run(cfg, on_worker, evaluate_export, storage.absolute(export_uri), store.uri, eval_uri, "test",
+                  cfg.eval.batch_size, progress and not on_worker, store=store)
     result.outputs["metrics.json"] = storage.join(eval_uri, "metrics.json")
     if cfg.infer.images_dir:
-        log.info("stage 5/5: infer %s", cfg.infer.images_dir)
-        infer_uri = cfg.infer.output_dir or storage.join(run, "infer")
-        infer_folder(export_uri, cfg.infer.images_dir, infer_uri, cfg.eval.batch_size, progress=progress)
+        log.info("stage 5/5: infer %s%s", cfg.infer.images_dir, " (a Ray task)" if on_worker else "")
+        infer_uri = storage.absolute(cfg.infer.output_dir or storage.join(run, "infer"))
+        _run(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(cfg.infer.images_dir),
+             infer_uri, cfg.eval.batch_size, progress=progress and not on_worker)
         result.outputs["test masks + overlays"] = infer_uri
 
     collapsed = report["lesion_dice"] < 0.1 or str(last.get("stop_reason", "")).startswith("diverged")
@@ -205,6 +208,14 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     storage.write_text(storage.join(output, "summary.json"),
                        json.dumps({"outputs": result.outputs, "figures": result.figures}, indent=2))
     return result
+
+
+def _run(cfg: Config, on_worker: bool, fn, *args, **kwargs):
+    if not on_worker:
+        return fn(*args, **kwargs)
+    from aisd_ray.train.ray_train import run_on_worker
+
+    return run_on_worker(cfg, fn, *args, **kwargs)
 
 
 def _case_figures(cases: dict[str, Any]) -> dict[str, Any]:

@@ -92,6 +92,9 @@ def test_pipeline_job_succeeds_and_leaves_a_savedmodel(ray_head, synthetic_root,
     assert "TrainingReport(" not in logs  # Ray Train's per-report dicts stay out of the job log
     assert "Collective all_reduce tensors" not in logs and "CollectiveAllReduceStrategy eagerly" not in logs
     assert "(RayTrainWorker pid=" in logs and "\x1b[36m(RayTrainWorker" not in logs  # no colour codes
+    for chatter in ("oneDNN custom operations", "cudart_stub", "failed call to cuInit", "absl::InitializeLog"):
+        assert chatter not in logs  # TensorFlow's C++ start-up notices, in the driver and every worker
+    assert "evaluate on the test split (a Ray task)" in logs  # on a training node, not the head
     print(f"submission to SUCCEEDED: {seconds:.0f} s")
     model = LoadedExport(str(output / "tiny" / "export"))
     assert model.predict(np.zeros((2, 64, 64, 3), np.uint8))["labels"].shape == (2, 64, 64)

@@ -192,3 +192,27 @@ def _worker_failure(exc: ray.train.WorkerGroupError, max_failures: int) -> Excep
     return TrainingFailed(f"training failed: worker {rank}: {type(cause).__name__}: {text} (after "
                           f"{max_failures} restart{'s' if max_failures != 1 else ''}, train.max_failures); rerun the "
                           "same command to resume from the last checkpoint")
+
+
+def _task(env: dict[str, str], fn, *args, **kwargs):
+    os.environ.update(env)  # where gs:// points, as the driver saw it
+    logging.getLogger("aisd_ray").setLevel(logging.INFO)
+    return fn(*args, **kwargs)
+
+
+def run_on_worker(cfg: Config, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` as a Ray task on a training node (a GPU one when train.use_gpu), not
+    in the driver: on a cluster the driver runs on the CPU-only head. Paths must be absolute or
+    gs:// (the task runs in another directory, maybe on another machine)."""
+    ensure_ray(cfg.train.num_workers + 2)
+    remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0, max_retries=1)(_task)
+    env = {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}
+    try:
+        return ray.get(remote.remote(env, fn, *args, **kwargs))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, (FileNotFoundError, storage.StorageError)) or type(cause).__name__ in (
+                "DataError", "ConfigError"):
+            raise cause from None  # our own one-line errors stay what they are
+        raise
+
