@@ -90,8 +90,13 @@ def cmd_train(args) -> None:
         raise ConfigError("give --data (a shards folder with manifest.json) or data.shards_dir")
     output = args.output or cfg.run.output_dir
     last = stages.train(cfg, data, output)
-    print(f"run folder: {stages.run_uri(cfg, output)}")
-    print(", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+    run = stages.run_uri(cfg, output)
+    print(f"run folder: {run}")
+    if last:
+        nan = float("nan")
+        print(f"epoch {int(last.get('epoch', 0))}: loss {last.get('loss', nan):.4f}, val loss "
+              f"{last.get('val_loss', nan):.4f}, val lesion Dice {last.get('val_lesion_dice', nan):.4f}; "
+              f"{last.get('stop_reason') or 'done'} (every figure: {storage.join(run, 'history.csv')})")
 
 
 def cmd_tune(args) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+import sys
 
 import ray
 import ray.data
@@ -45,6 +47,9 @@ def ensure_ray(num_cpus_wanted: int) -> None:
     """
     if ray.is_initialized():
         return
+    if not sys.stderr.isatty():  # Ray's own driver lines carry colour codes even into files and job logs
+        for handler in logging.getLogger("ray").handlers:
+            handler.addFilter(_strip_colour)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
@@ -64,6 +69,14 @@ def ensure_ray(num_cpus_wanted: int) -> None:
     gcs = ray.get_runtime_context().gcs_address
     if not gcs.endswith(f":{port}"):
         raise RuntimeError(f"local Ray started its GCS at {gcs}, not on port {port}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _strip_colour(record: logging.LogRecord) -> bool:
+    record.msg, record.args = _ANSI.sub("", record.getMessage()), ()
+    return True
 
 
 def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:
