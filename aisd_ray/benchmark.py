@@ -31,6 +31,7 @@ import numpy as np
 
 from aisd_ray import storage
 from aisd_ray.config import Config, builtin_config, load_config
+from aisd_ray.gpu_probe import PEAK_FLOPS, flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,6 @@ ORIGINAL_REFERENCE = {
 ORIGINAL_CONFIG = ["model.image_width=512", "model.image_height=512", "model.base_filters=8",
                    "model.num_layers=5", "model.base_kernels=[9, 9]", "model.dilation=[3, 3]",
                    "model.input_normalize=false", "train.batch_size=2", "train.loss='ce'"]
-# Dense peak tensor throughput (FLOP/s) by GPU name, for the fraction-of-peak figure.
-PEAK_FLOPS = {"H100": {"float32": 67e12, "bf16": 989e12}, "H200": {"float32": 67e12, "bf16": 989e12},
-              "A100": {"float32": 19.5e12, "bf16": 312e12}, "L4": {"float32": 30e12, "bf16": 121e12},
-              "T4": {"float32": 8.1e12, "bf16": 65e12}}
-
-
 @dataclass
 class Sizes:
     slices: int  # training slices for throughput runs
@@ -282,22 +277,6 @@ def inference(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- GPU
-
-
-def flops_per_image(model) -> float:
-    """Forward FLOPs of one image: 2 * MACs of every convolution (transpose included).
-    Training costs about 3x this (forward, and backward for inputs and weights)."""
-    total = 0.0
-    for layer in model.layers:
-        if layer.__class__.__name__ in ("Conv2D", "Conv2DTranspose"):
-            kh, kw, cin, cout = layer.kernel.shape
-            if layer.__class__.__name__ == "Conv2DTranspose":
-                kh, kw, cout, cin = layer.kernel.shape
-                h, w = layer.input.shape[1:3]  # each input pixel scatters a kh x kw kernel
-            else:
-                h, w = layer.output.shape[1:3]
-            total += 2.0 * h * w * kh * kw * cin * cout
-    return total
 
 
 def gpu(root: Path, sizes: Sizes, gpus: list[str], tiny: bool) -> dict[str, Any]:

@@ -184,6 +184,19 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def cmd_gpu_probe(args) -> None:
+    from aisd_ray import gpu_probe
+
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+        from aisd_ray.quiet import import_tensorflow
+
+        import_tensorflow()
+    try:
+        gpu_probe.run(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def cmd_sweep(args) -> None:
     from aisd_ray import sweep
 
@@ -302,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time prepare into this object-store prefix (e.g. the emulator's)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_benchmark)
+
+    p = add_parser("gpu-probe", help="the model's training step under plain Keras on any backend (JAX on a GPU "
+                                     "machine without TensorFlow): images/s and fraction of peak per precision "
+                                     "and batch size")
+    from aisd_ray.gpu_probe import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_gpu_probe)
 
     p = add_parser("sweep", help="train the demo over several seeds on both backends; report the spread "
                                       "of test lesion Dice and the collapses")
