@@ -100,12 +100,14 @@ def _source(cfg: Config, root: Path, slices: int, fmt: str) -> Config:
     return cfg
 
 
-def _dataset(cfg: Config, root: Path, slices: int, fmt: str) -> str:
-    """Synthetic slices at the model size, sharded once per (slices, size, format)."""
+def _dataset(cfg: Config, root: Path, slices: int, fmt: str, encoding: str | None = None) -> str:
+    """Synthetic slices at the model size, sharded once per (slices, size, format, row encoding)."""
     from aisd_ray.data.prepare import prepare
 
-    out = str(root / f"shards-{slices}-{cfg.model.image_height}-{fmt}")
-    prepare(_source(cfg, root, slices, fmt), out, progress=False)
+    src = _source(cfg, root, slices, fmt)
+    src.data.row_encoding = encoding or cfg.data.row_encoding
+    out = str(root / f"shards-{slices}-{cfg.model.image_height}-{fmt}-{src.data.row_encoding}")
+    prepare(src, out, progress=False)
     return out
 
 
@@ -164,21 +166,27 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
     m, batch = cfg.model, cfg.train.batch_size
     ensure_ray(4)
     out = []
-    for fmt in ("tfrecord", "parquet"):
-        store = _dataset(cfg, root, sizes.pipeline_slices, fmt)
+    for fmt, encoding in itertools.product(("tfrecord", "parquet"), ("png", "raw")):
+        store = _dataset(cfg, root, sizes.pipeline_slices, fmt, encoding)
         manifest = shards.read_manifest(store)
+        entry = manifest["splits"]["train"]
+        name = f"{fmt}{'' if encoding == 'png' else '_raw'}"
+        out.append(figure(f"shard_bytes_per_slice_{name}", "bytes",
+                          [sum(sh["bytes"] for sh in entry["shards"]) / entry["records"]], row_encoding=encoding))
         rows = pipeline.ShardRows(store, manifest, "train")
-        direct = functools.partial(pipeline.batches, rows, m.image_channels, m.num_classes, batch)
-        out.append(figure(f"input_{fmt}_direct", "images/s", repeat(lambda f=direct: _throughput(f()), sizes.repeats),
-                          reader="shard files -> tf.data decode (training on every backend, validation)"))
+        kwargs = {"encoding": encoding, "height": m.image_height, "width": m.image_width}
+        direct = functools.partial(pipeline.batches, rows, m.image_channels, m.num_classes, batch, **kwargs)
+        out.append(figure(f"input_{name}_direct", "images/s", repeat(lambda f=direct: _throughput(f()), sizes.repeats),
+                          reader="shard files -> tf.data decode (training on every backend, validation)",
+                          row_encoding=encoding))
         dataset = read_split(store, manifest, "train")
         ray_fed = functools.partial(pipeline.batches, functools.partial(ray_rows, dataset),
-                                    m.image_channels, m.num_classes, batch)
+                                    m.image_channels, m.num_classes, batch, **kwargs)
         first: list[float] = []
         samples = repeat(lambda f=ray_fed, first=first: _throughput(f(), first), sizes.repeats)
-        out.append(figure(f"input_{fmt}_ray_data", "images/s", samples,
+        out.append(figure(f"input_{name}_ray_data", "images/s", samples, row_encoding=encoding,
                           reader="Ray Data read -> worker iterator -> tf.data decode (train.reader = ray_data)"))
-        out.append(figure(f"first_batch_{fmt}_ray_data", "s", first[-sizes.repeats:]))
+        out.append(figure(f"first_batch_{name}_ray_data", "s", first[-sizes.repeats:]))
     source = root / f"source-{sizes.pipeline_slices}-{m.image_height}" / "AISD" / "train"
 
     def naive() -> float:
@@ -216,8 +224,10 @@ def training(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
             last = _train(cfg, store, root, backend, workers)
             samples.append(last["train_images_per_second"])
             waits.append(last["input_wait_fraction"])
+        threads = max(1, (os.cpu_count() or 1) // workers)  # what each Ray worker gets (ray_train._worker)
         out.append(figure(f"train_{backend}_{workers}w", "images/s", samples,
-                          input_wait_fraction=statistics.median(waits)))
+                          input_wait_fraction=statistics.median(waits),
+                          threads_per_worker=threads if backend == "ray" else "TensorFlow's default (all cores)"))
     return out
 
 
@@ -228,19 +238,25 @@ def memory_child(slices: int, workdir: str, tiny: bool) -> None:
     """Run in a subprocess: a short local training run at the demo config; print its peak RSS."""
     cfg = _config(True, []) if tiny else load_config(builtin_config("demo"))
     store = _dataset(cfg, Path(workdir), slices, "parquet")
-    _train(cfg, store, Path(workdir) / f"mem-{slices}", "local", 1)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    last = _train(cfg, store, Path(workdir) / f"mem-{slices}", "local", 1)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "epoch_seconds": last["epoch_seconds"]}))
 
 
 def memory(root: Path, sizes: Sizes, tiny: bool) -> list[dict[str, Any]]:
+    """Peak RSS and (second) epoch time of short local runs on N, 2N and 4N slices, each in a
+    process of its own: memory should stay flat and time grow linearly as the split grows."""
     out = []
-    for n in (sizes.memory_slices, 4 * sizes.memory_slices):
-        samples = []
+    for n in (sizes.memory_slices, 2 * sizes.memory_slices, 4 * sizes.memory_slices):
+        rss, seconds = [], []
         for _ in range(1 if tiny else 2):
             proc = subprocess.run([sys.executable, "-m", "aisd_ray.benchmark", "memory-child", str(n), str(root),
                                    "--tiny" if tiny else "--full"], capture_output=True, text=True, check=True)
-            samples.append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mib"])
-        out.append(figure(f"peak_rss_{n}_slices", "MiB", samples))
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            rss.append(child["peak_rss_mib"])
+            seconds.append(child["epoch_seconds"])
+        out.append(figure(f"peak_rss_{n}_slices", "MiB", rss))
+        out.append(figure(f"epoch_seconds_{n}_slices", "s", seconds))
     return out
 
 
@@ -365,7 +381,8 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     def med(section: str, name: str) -> float:
         return next(f["median"] for f in report[section] if f["name"] == name)
 
-    best_input = max(med("input_pipeline", f"input_{f}_ray_data") for f in ("tfrecord", "parquet"))
+    names = [f"{f}{e}" for f in ("tfrecord", "parquet") for e in ("", "_raw")]
+    best_input = max(med("input_pipeline", f"input_{n}_ray_data") for n in names)
     demo_consumption = report["demo_worker"]["median"]
     n = report["memory"]
     return {
@@ -376,7 +393,15 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
         "input_ray_data_best_over_demo_worker_consumption": best_input / demo_consumption,
         "parquet_over_tfrecord_ray_data": med("input_pipeline", "input_parquet_ray_data")
         / med("input_pipeline", "input_tfrecord_ray_data"),
-        "peak_rss_4n_over_n": n[1]["median"] / n[0]["median"],
+        **{f"ray_data_over_direct_{n}": med("input_pipeline", f"input_{n}_ray_data")
+           / med("input_pipeline", f"input_{n}_direct") for n in names},
+        **{f"raw_over_png_direct_{f}": med("input_pipeline", f"input_{f}_raw_direct")
+           / med("input_pipeline", f"input_{f}_direct") for f in ("tfrecord", "parquet")},
+        **{f"raw_over_png_bytes_{f}": med("input_pipeline", f"shard_bytes_per_slice_{f}_raw")
+           / med("input_pipeline", f"shard_bytes_per_slice_{f}") for f in ("tfrecord", "parquet")},
+        "peak_rss_4n_over_n": n[4]["median"] / n[0]["median"],
+        "epoch_seconds_2n_over_n": n[3]["median"] / n[1]["median"],
+        "epoch_seconds_4n_over_n": n[5]["median"] / n[1]["median"],
         "ray_1_worker_over_local": med("training", "train_ray_1w") / med("training", "train_local_1w"),
         "ray_2_workers_over_local": med("training", "train_ray_2w") / med("training", "train_local_1w"),
 

@@ -68,6 +68,9 @@ class DataConfig:
     # Where shards and manifest.json live (local folder or object-store URI).
     shards_dir: str = ""
     shard_format: str = "parquet"
+    # How a row holds its pixels: "png" (PNG files, decoded by the input pipeline) or "raw" (uint8
+    # arrays, zstd-compressed, grey stored as one channel: no decoding, a few times the bytes).
+    row_encoding: str = "png"
     # tf.data guidance: shards of 100 MB+ (FACTS section 6); capped so every worker gets one.
     shard_target_mb: float = 128.0
     min_shards: int = 2
@@ -269,6 +272,7 @@ class Config:
 CONFIG_DIR = Path(__file__).parent / "configs"
 LOSSES = ("ce", "dice", "ce_dice")
 SHARD_FORMATS = ("parquet", "tfrecord")
+ROW_ENCODINGS = ("png", "raw")
 BACKENDS = ("ray", "local")
 # train.mixed_precision -> Keras dtype policy of the layers (the softmax head stays float32).
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -550,6 +554,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise bad("data.rgb_map", f"colour {colour} is not an (r, g, b) triple in 0..255")
     if d.shard_format not in SHARD_FORMATS:
         raise bad("data.shard_format", f"must be one of {SHARD_FORMATS}, got {d.shard_format!r}")
+    if d.row_encoding not in ROW_ENCODINGS:
+        raise bad("data.row_encoding", f"must be one of {ROW_ENCODINGS}, got {d.row_encoding!r}")
     if d.shard_target_mb <= 0 or d.min_shards < 1:
         raise bad("data.shard_target_mb", "shard size must be > 0 and min_shards >= 1")
     if not d.raw_label_map or not all(0 <= c < m.num_classes for c in d.raw_label_map):

@@ -26,7 +26,11 @@ def synthetic_root(tmp_path_factory):
 
 
 def _make_store(synthetic_root, tmp_path_factory, fmt: str):
-    cfg = tiny_config(f"data.source_dir='{synthetic_root}'", f"data.shard_format='{fmt}'")
+    # TFRecord stores hold raw rows (data.row_encoding): every test run on both stores covers both
+    # encodings, the Ray Data reader included
+    encoding = "raw" if fmt == "tfrecord" else "png"
+    cfg = tiny_config(f"data.source_dir='{synthetic_root}'", f"data.shard_format='{fmt}'",
+                      f"data.row_encoding='{encoding}'")
     out = str(tmp_path_factory.mktemp(f"shards-{fmt}"))
     prepare(cfg, out, progress=False)
     return cfg, out

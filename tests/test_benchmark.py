@@ -19,10 +19,13 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
     report = json.loads(out.read_text())
     names = {f["name"] for section in SECTIONS for f in report[section]}
     assert {"input_tfrecord_direct", "input_parquet_direct", "input_tfrecord_ray_data", "input_parquet_ray_data",
+            "input_tfrecord_raw_direct", "input_parquet_raw_direct", "input_parquet_raw_ray_data",
+            "shard_bytes_per_slice_parquet", "shard_bytes_per_slice_parquet_raw", "first_batch_parquet_raw_ray_data",
             "first_batch_parquet_ray_data", "input_naive_in_memory", "train_local_1w", "train_ray_1w",
             "train_ray_2w", "infer_savedmodel_b1", "infer_keras_predict_b8", "prepare_parquet_local",
             "prepare_tfrecord_local", "prepare_parquet_object_store", "prepare_tfrecord_object_store"} <= names
-    assert any(n.startswith("peak_rss_") for n in names)
+    assert len([n for n in names if n.startswith("peak_rss_")]) == 3  # N, 2N, 4N slices
+    assert len([n for n in names if n.startswith("epoch_seconds_")]) == 3
     for section in SECTIONS:
         for f in report[section]:
             assert f["unit"] and f["min"] <= f["median"] <= f["max"] and f["median"] > 0
@@ -33,7 +36,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
     assert [f["name"] for f in gpu["figures"]] == ["gpu_train_none", "gpu_train_bf16", "gpu_train_bf16_xla"]
     assert all(f["median"] > 0 and 0 <= f["input_wait_fraction"] < 1 for f in gpu["figures"])
     for key in ("input_ray_data_best_over_naive", "prepare_object_store_over_local", "peak_rss_4n_over_n",
-                "ray_1_worker_over_local",
+                "epoch_seconds_4n_over_n", "ray_data_over_direct_parquet_raw", "raw_over_png_direct_parquet",
+                "raw_over_png_bytes_tfrecord", "ray_1_worker_over_local",
                 "savedmodel_over_keras_b1", "savedmodel_over_keras_b8"):
         assert report["ratios"][key] > 0
     # the original's figure, taken elsewhere, is a reference with its source, never a ratio of this run
@@ -44,8 +48,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
 
 
 def test_flops_count_matches_hand_count():
-    from aisd_ray.benchmark import flops_per_image
     from aisd_ray.config import ModelConfig
+    from aisd_ray.gpu_probe import flops_per_image
     from aisd_ray.model import build_flexunet
 
     cfg = ModelConfig(image_width=8, image_height=8, image_channels=1, base_filters=2, num_layers=2,

@@ -1,8 +1,8 @@
 """From streamed shard rows to batched TF tensors, the same for Ray workers and local runs.
 
-Rows arrive as (image PNG, mask PNG) byte pairs from any iterator (a Ray Data shard or the
-direct shard reader); decoding runs in parallel inside tf.data, so only a shuffle buffer
-and a few batches are ever in memory, however large the split.
+Rows arrive as (image, mask) byte pairs (PNG files, or a raw row's uint8 arrays) from any
+iterator (a Ray Data shard or the direct shard reader); decoding runs in parallel inside
+tf.data, so only a shuffle buffer and a few batches are ever in memory, however large the split.
 """
 
 from __future__ import annotations
@@ -17,13 +17,22 @@ from aisd_ray.data import order, shards
 Rows = Iterator[tuple[bytes, bytes]]
 
 
-def decode_fn(channels: int, num_classes: int, augment=None, seed: int = 0):
-    """(index, image PNG, mask PNG) -> (image float32, one-hot); ``augment`` (see
-    data.augment) is keyed by (seed, index), so each example's transform is reproducible."""
+def decode_fn(channels: int, num_classes: int, augment=None, seed: int = 0, encoding: str = "png",
+              height: int = 0, width: int = 0):
+    """(index, image bytes, mask bytes) -> (image float32, one-hot); ``augment`` (see
+    data.augment) is keyed by (seed, index), so each example's transform is reproducible.
+    ``encoding``: the store's row encoding; "raw" rows arrive as uint8 arrays (see
+    ``shards.tensor_bytes``) of ``height`` x ``width`` (an image with one stored channel is
+    expanded to ``channels``)."""
 
-    def decode(index: tf.Tensor, image_png: tf.Tensor, mask_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image = tf.cast(tf.io.decode_png(image_png, channels=channels), tf.float32)
-        labels = tf.io.decode_png(mask_png, channels=1)[..., 0]
+    def decode(index: tf.Tensor, image_bytes: tf.Tensor, mask_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        if encoding == "raw":
+            image = tf.reshape(tf.io.decode_raw(image_bytes, tf.uint8), [height, width, -1])
+            image = tf.cast(tf.broadcast_to(image, [height, width, channels]), tf.float32)
+            labels = tf.reshape(tf.io.decode_raw(mask_bytes, tf.uint8), [height, width])
+        else:
+            image = tf.cast(tf.io.decode_png(image_bytes, channels=channels), tf.float32)
+            labels = tf.io.decode_png(mask_bytes, channels=1)[..., 0]
         if augment is not None:
             image, labels = augment(tf.stack([tf.constant(seed, tf.int64), index]), image, labels)
         return image, tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
@@ -32,14 +41,16 @@ def decode_fn(channels: int, num_classes: int, augment=None, seed: int = 0):
 
 
 def batches(rows: Callable[[], Rows], channels: int, num_classes: int, batch_size: int,
-            drop_remainder: bool = False, augment=None, augment_seed: int = 0) -> tf.data.Dataset:
+            drop_remainder: bool = False, augment=None, augment_seed: int = 0, encoding: str = "png",
+            height: int = 0, width: int = 0) -> tf.data.Dataset:
     """A dataset of (image float32 0..255, one-hot float32) batches of ``rows`` in the order given
     (training rows arrive already shuffled, see ``data.order``). Training drops a partial last
     batch so that every worker runs the same number of synchronised steps; ``augment_seed``
-    keys the augmentation."""
+    keys the augmentation; ``encoding``, ``height`` and ``width`` describe the rows (see
+    ``decode_fn``)."""
     spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string))
     ds = tf.data.Dataset.from_generator(rows, output_signature=spec)
-    decode = decode_fn(channels, num_classes, augment, augment_seed)
+    decode = decode_fn(channels, num_classes, augment, augment_seed, encoding, height, width)
     ds = ds.enumerate().map(lambda i, row: decode(i, *row), num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
@@ -77,7 +88,7 @@ def take_rows(rows: Iterable, limit: int) -> Rows:
 
 
 class ShardRows:
-    """(image PNG, mask PNG) rows read straight from the shards: every backend's training input
+    """(image, mask) byte rows read straight from the shards: every backend's training input
     (``epoch``) and validation input (``__call__``), no Ray."""
 
     def __init__(self, shards_uri: str, manifest: dict, split: str, rank: int = 0, world: int = 1):
@@ -94,7 +105,7 @@ class ShardRows:
     def __call__(self) -> Rows:
         for uri in self.uris:
             for record in shards.iter_shard(uri, self.fmt):
-                yield record["image_png"], record["mask_png"]
+                yield shards.tensor_bytes(record)
 
     def epoch(self, seed: int, epoch: int, rank: int, world: int, buffer: int,
               foreground_fraction: float = 0.0) -> Rows:
@@ -108,7 +119,7 @@ class ShardRows:
             last = max(pick.rows)
             for row, record in enumerate(shards.iter_shard(self.all_uris[pick.shard], self.fmt)):
                 for _ in range(wanted.get(row, 0)):
-                    yield record["image_png"], record["mask_png"]
+                    yield shards.tensor_bytes(record)
                 if row == last:
                     break
 

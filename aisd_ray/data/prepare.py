@@ -73,7 +73,7 @@ def _settings(cfg: Config) -> list[Any]:
     m, d = cfg.model, cfg.data
     return [shards.FORMAT_VERSION, m.image_height, m.image_width, m.image_channels, d.rgb_map, d.shard_format,
             d.shard_target_mb, min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed,
-            d.drop_empty_train, d.mask_colour_tolerance]
+            d.drop_empty_train, d.mask_colour_tolerance, d.row_encoding]
 
 
 def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:
@@ -155,9 +155,10 @@ def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None =
     entries = {}
     for split, split_refs in refs.items():
         entries[split] = shards.write_split((ref.load() for ref in split_refs), len(split_refs), out_uri, split,
-                                            cfg.data.shard_format, plan, progress=bar, generation=fingerprint[:8])
+                                            cfg.data.shard_format, plan, progress=bar, generation=fingerprint[:8],
+                                            encoding=cfg.data.row_encoding)
     bar.close()
-    info = {"fingerprint": fingerprint, "shard_format": cfg.data.shard_format,
+    info = {"fingerprint": fingerprint, "shard_format": cfg.data.shard_format, "row_encoding": cfg.data.row_encoding,
             "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
             "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
             "rgb_map": [list(c) for c in cfg.data.rgb_map], "source": source}

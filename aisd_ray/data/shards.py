@@ -9,6 +9,7 @@ hold lesion pixels, and each split's ``index`` maps a slice name to its (shard, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -30,13 +31,22 @@ from aisd_ray.data.layout import DataError, Sample
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: shuffled training order, per-row lesion flags, name index
+FORMAT_VERSION = 3  # 2: shuffled training order, per-row lesion flags, name index; 3: row encodings
 EXTENSIONS = {"parquet": "parquet", "tfrecord": "tfrecord"}
 SCHEMA = pa.schema([
     ("name", pa.string()), ("case_id", pa.string()), ("slice_index", pa.int64()),
-    ("height", pa.int64()), ("width", pa.int64()), ("channels", pa.int64()),
-    ("lesion_pixels", pa.int64()), ("image_png", pa.binary()), ("mask_png", pa.binary()),
+    ("height", pa.int64()), ("width", pa.int64()), ("channels", pa.int64()), ("stored_channels", pa.int64()),
+    ("lesion_pixels", pa.int64()), ("image", pa.binary()), ("mask", pa.binary()),
 ])
+# How a row holds its pixels (data.row_encoding): "png" (PNG files, decoded on read) or "raw" (the
+# uint8 arrays, zstd-compressed: a grey image whose three channels are equal is stored once and
+# expanded on read; labels as class ids). Each row says which by its first bytes.
+PNG_MAGIC = b"\x89PNG"
+
+
+@functools.lru_cache(maxsize=1)
+def _zstd() -> pa.Codec:
+    return pa.Codec("zstd", compression_level=3)
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -50,19 +60,43 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def sample_to_record(sample: Sample) -> dict[str, Any]:
+def sample_to_record(sample: Sample, encoding: str = "png") -> dict[str, Any]:
     h, w, c = sample.image.shape
+    image = sample.image
+    if encoding == "raw":
+        if c > 1 and (image == image[..., :1]).all():
+            image = image[..., :1]  # grey: one channel stored, expanded on read
+        image_bytes = _zstd().compress(np.ascontiguousarray(image).tobytes(), asbytes=True)
+        mask_bytes = _zstd().compress(np.ascontiguousarray(sample.labels, np.uint8).tobytes(), asbytes=True)
+    else:
+        image_bytes, mask_bytes = encode_png(image), encode_png(sample.labels)
     return {
         "name": sample.name, "case_id": sample.case_id, "slice_index": sample.slice_index,
-        "height": h, "width": w, "channels": c, "lesion_pixels": int(np.count_nonzero(sample.labels)),
-        "image_png": encode_png(sample.image), "mask_png": encode_png(sample.labels),
+        "height": h, "width": w, "channels": c, "stored_channels": image.shape[-1],
+        "lesion_pixels": int(np.count_nonzero(sample.labels)), "image": image_bytes, "mask": mask_bytes,
     }
 
 
+def tensor_bytes(record: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A row's (image, mask) bytes as the input pipeline decodes them: PNG files as stored, raw rows
+    decompressed to their uint8 arrays (H*W*stored_channels and H*W bytes)."""
+    image, mask = record["image"], record["mask"]
+    if image[:4] == PNG_MAGIC:
+        return image, mask
+    h, w = record["height"], record["width"]
+    return (_zstd().decompress(image, decompressed_size=h * w * record["stored_channels"], asbytes=True),
+            _zstd().decompress(mask, decompressed_size=h * w, asbytes=True))
+
+
 def record_to_arrays(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(image (H, W, C) uint8, labels (H, W) uint8) of a record."""
-    image = decode_png(record["image_png"])
-    return (image if image.ndim == 3 else image[..., None]), decode_png(record["mask_png"])
+    """(image (H, W, C) uint8, labels (H, W) uint8) of a record, in either row encoding."""
+    if record["image"][:4] == PNG_MAGIC:
+        image = decode_png(record["image"])
+        return (image if image.ndim == 3 else image[..., None]), decode_png(record["mask"])
+    h, w, c = record["height"], record["width"], record["channels"]
+    image_bytes, mask_bytes = tensor_bytes(record)
+    image = np.frombuffer(image_bytes, np.uint8).reshape(h, w, record["stored_channels"])
+    return np.broadcast_to(image, (h, w, c)).copy(), np.frombuffer(mask_bytes, np.uint8).reshape(h, w).copy()
 
 
 # --------------------------------------------------------------------------- TFRecord framing
@@ -151,7 +185,7 @@ class ShardPlan:
 
 
 def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str, fmt: str,
-                plan: ShardPlan, progress=None, generation: str = "") -> dict[str, Any]:
+                plan: ShardPlan, progress=None, generation: str = "", encoding: str = "png") -> dict[str, Any]:
     """Write one split's shards under ``out_uri/split/``; return its manifest entry. ``generation``
     goes into the file names, so a rewrite never overwrites the shards a current manifest lists."""
     ext = EXTENSIONS[fmt]
@@ -173,9 +207,9 @@ def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str,
         buffer.clear()
 
     for sample in samples:
-        record = sample_to_record(sample)
+        record = sample_to_record(sample, encoding)
         if not per_shard:
-            size = len(record["image_png"]) + len(record["mask_png"])
+            size = len(record["image"]) + len(record["mask"])
             per_shard = plan.records_per_shard(total, size)
         index[record["name"]] = [len(shards), len(buffer)]
         buffer.append(record)

@@ -49,6 +49,7 @@ def shard_feed(cfg: Config, shards_uri: str, manifest: dict, rank: int = 0, worl
         train_count=order.share_size(train.count, world),
         valid_rows=pipeline.ShardRows(shards_uri, manifest, "valid", rank, world),
         preview=preview(cfg, shards_uri, manifest) if rank == 0 else [],
+        row_encoding=manifest.get("row_encoding", "png"),
     )
 
 

@@ -50,6 +50,7 @@ class Feed:
     train_count: int  # rows this worker gets per epoch (equal on every worker)
     valid_rows: Callable[[], Iterator[tuple[bytes, bytes]]]  # this worker's share of validation
     preview: list[tuple[str, np.ndarray, np.ndarray]]  # fixed validation images for panels
+    row_encoding: str = "png"  # the store's (manifest's): how the rows hold their pixels
 
 
 class Reporter(Protocol):
@@ -215,6 +216,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     def batches(rows_fn, batch_size, training, epoch=0):
         return pipeline.batches(guard.wrap(rows_fn), m.image_channels, m.num_classes, batch_size,
                                 drop_remainder=training, augment=augment if training else None,
+                                encoding=feed.row_encoding, height=m.image_height, width=m.image_width,
                                 augment_seed=int(order.rng(t.seed, epoch, rank, 0xA6).integers(2**31)))
 
     artifacts = Artifacts(run_uri) if chief else None

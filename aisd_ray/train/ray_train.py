@@ -32,7 +32,7 @@ from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.local import shard_feed
 
 log = logging.getLogger(__name__)
-COLUMNS = ["image_png", "mask_png"]
+COLUMNS = ["image", "mask", "height", "width", "stored_channels"]
 
 
 def ensure_ray(num_cpus_wanted: int) -> None:
@@ -89,10 +89,12 @@ def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:
 
 
 def ray_rows(iterator):
-    """(image PNG, mask PNG) rows of a Ray Data iterator (a worker's shard or a Dataset)."""
+    """(image, mask) byte rows of a Ray Data iterator (a worker's shard or a Dataset), as the input
+    pipeline decodes them (``shards.tensor_bytes``)."""
     for batch in iterator.iter_batches(batch_size=32, batch_format="numpy", prefetch_batches=2):
-        for image, mask in zip(batch["image_png"], batch["mask_png"]):
-            yield bytes(image), bytes(mask)
+        for i in range(len(batch["image"])):
+            yield shards.tensor_bytes({k: (bytes(v[i]) if k in ("image", "mask") else int(v[i]))
+                                       for k, v in batch.items()})
 
 
 class RayReporter:

@@ -86,11 +86,11 @@ def test_interrupted_prepare_leaves_no_manifest(synthetic_root, tmp_path, monkey
     calls = {"n": 0}
     real = shards.sample_to_record
 
-    def failing(sample):
+    def failing(sample, encoding="png"):
         calls["n"] += 1
         if calls["n"] == 20:
             raise OSError("disk full")
-        return real(sample)
+        return real(sample, encoding)
 
     monkeypatch.setattr(shards, "sample_to_record", failing)
     with pytest.raises(OSError, match="disk full"):
@@ -106,7 +106,7 @@ def test_tfrecord_framing_is_readable_by_tensorflow(tmp_path):
     import tensorflow as tf
 
     record = {"name": "a", "case_id": "", "slice_index": 3, "height": 2, "width": 2, "channels": 1,
-              "lesion_pixels": 1, "image_png": b"\x89PNG", "mask_png": b"xyz"}
+              "stored_channels": 1, "lesion_pixels": 1, "image": b"\x89PNG", "mask": b"xyz"}
     path = tmp_path / "x.tfrecord"
     path.write_bytes(shards.tfrecord_bytes([record, record]))
     raw = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
@@ -122,3 +122,33 @@ def test_shard_plan_respects_target_and_minimum():
     assert plan.records_per_shard(100, 10) == 25  # 4 shards although 100 records fit one
     assert plan.records_per_shard(100, 100) == 10  # 10 shards by size
     assert plan.records_per_shard(2, 10) == 1  # fewer records than workers: one each
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "tfrecord"])
+def test_raw_rows_hold_the_same_pixels_as_png_rows(synthetic_root, tmp_path, fmt):
+    """data.row_encoding = "raw": uint8 arrays (zstd), grey stored once; read back, through the
+    numpy reader and the tf.data pipeline alike, they are the PNG rows' pixels exactly."""
+    from aisd_ray.data import pipeline
+    from aisd_ray.data.prepare import prepare
+    from tests.conftest import tiny_config
+
+    stores = {}
+    for encoding in ("png", "raw"):
+        cfg = tiny_config(f"data.source_dir='{synthetic_root}'", f"data.shard_format='{fmt}'",
+                          f"data.row_encoding='{encoding}'")
+        stores[encoding] = (prepare(cfg, str(tmp_path / encoding), progress=False), str(tmp_path / encoding))
+    png, raw = ([r for r in shards.iter_records(uri, m, "valid")] for m, uri in (stores["png"], stores["raw"]))
+    assert stores["raw"][0]["row_encoding"] == "raw"
+    assert stores["png"][0]["fingerprint"] != stores["raw"][0]["fingerprint"]
+    for a, b in zip(png, raw, strict=True):
+        assert a["name"] == b["name"] and b["stored_channels"] == 1 and a["stored_channels"] == 3  # synthetic is grey
+        for x, y in zip(shards.record_to_arrays(a), shards.record_to_arrays(b)):
+            np.testing.assert_array_equal(x, y)
+    batches = {}
+    for encoding, (manifest, uri) in stores.items():
+        rows = pipeline.ShardRows(uri, manifest, "valid")
+        ds = pipeline.batches(rows, 3, 2, 4, encoding=encoding, height=64, width=64)
+        batches[encoding] = [(x.numpy(), y.numpy()) for x, y in ds]
+    for (xa, ya), (xb, yb) in zip(batches["png"], batches["raw"], strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
