@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= runs/demo
 
-.PHONY: demo tune-demo sweep test install constraints clean
+.PHONY: demo tune-demo sweep test install constraints gpu-wheels clean
 
 # constraints.txt: the exact versions the suite was run with (regenerate with `make constraints`)
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -31,6 +31,15 @@ sweep: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q --durations=10
+
+# The GPU probe on a machine with JAX but no TensorFlow (and no internet): Keras and its
+# pure-Python dependencies as wheels, at the tested versions, for that machine's Python.
+PROBE_PYTHON ?= 3.11
+gpu-wheels: $(BIN)/.installed
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --dest .gpu-wheels \
+	    --python-version $(PROBE_PYTHON) --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	    --platform manylinux_2_17_x86_64 -c constraints.txt \
+	    keras namex optree rich markdown-it-py mdurl pygments absl-py h5py tomli-w packaging
 
 clean:
 	rm -rf runs .pytest_cache
