@@ -161,10 +161,11 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
     """Decoded training batches per second from each shard format through the readers training
     uses, against the original's load-everything approach."""
     from aisd_ray.data import pipeline, shards
-    from aisd_ray.train.ray_train import ensure_ray, ray_rows, read_split
+    from aisd_ray.train.ray_train import ensure_ray, quiet_ray_data, ray_rows, read_split
 
     m, batch = cfg.model, cfg.train.batch_size
     ensure_ray(4)
+    quiet_ray_data()
     out = []
     for fmt, encoding in itertools.product(("tfrecord", "parquet"), ("png", "raw")):
         store = _dataset(cfg, root, sizes.pipeline_slices, fmt, encoding)

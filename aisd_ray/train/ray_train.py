@@ -79,6 +79,15 @@ def _strip_colour(record: logging.LogRecord) -> bool:
     return True
 
 
+def quiet_ray_data() -> ray.data.DataContext:
+    """Ray Data without its progress bars and per-operator progress lines (shown with -v)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return context
+
+
 def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:
     uris = shards.shard_uris(shards_uri, manifest, split)
     fs, _ = storage.resolve(uris[0])
@@ -164,9 +173,8 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
     fs, root = storage.resolve(output_root)
     datasets = {}
     if cfg.train.reader == "ray_data":
-        context = ray.data.DataContext.get_current()
+        context = quiet_ray_data()
         context.execution_options.preserve_order = True  # same rows in the same order for a seed
-        context.enable_progress_bars = False
         train_data = read_split(shards_uri, manifest, "train").randomize_block_order(seed=cfg.train.seed)
         datasets["train"] = train_data.materialize() if cfg.train.cache_train_split else train_data
     trainer = TensorflowTrainer(
