@@ -46,6 +46,8 @@ ORIGINAL_REFERENCE = {
 ORIGINAL_CONFIG = ["model.image_width=512", "model.image_height=512", "model.base_filters=8",
                    "model.num_layers=5", "model.base_kernels=[9, 9]", "model.dilation=[3, 3]",
                    "model.input_normalize=false", "train.batch_size=2", "train.loss='ce'"]
+
+
 @dataclass
 class Sizes:
     slices: int  # training slices for throughput runs
