@@ -17,6 +17,8 @@ import re
 import socket
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.train
@@ -88,12 +90,24 @@ def quiet_ray_data() -> ray.data.DataContext:
     return context
 
 
+def _parquet_shard_rows(batch: pa.Table) -> pa.Table:
+    """The rows of whole Parquet shard files (``read_binary_files`` blocks), parsed in the read task."""
+    return pa.concat_tables([pq.read_table(pa.BufferReader(data), columns=COLUMNS)
+                             for data in batch.column("bytes").to_pylist()])
+
+
 def read_split(shards_uri: str, manifest: dict, split: str) -> ray.data.Dataset:
+    """A split's rows as a Ray Data dataset, one block per shard file.
+
+    Parquet shards are read as files and parsed in the read tasks: measured on 96 slices at
+    512 px (2 shards, 2 cores), Ray Data's own ``read_parquet`` streamed 24..54 rows/s with a first
+    batch after 1.8..4 s, files-and-parse 409..433 rows/s with a first batch after 0.2 s."""
     uris = shards.shard_uris(shards_uri, manifest, split)
     fs, _ = storage.resolve(uris[0])
     paths = [storage.resolve(u)[1] for u in uris]
     if manifest["shard_format"] == "parquet":
-        return ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS)
+        return ray.data.read_binary_files(paths, filesystem=fs).map_batches(
+            _parquet_shard_rows, batch_size=1, batch_format="pyarrow")
     return ray.data.read_tfrecords(paths, filesystem=fs).select_columns(COLUMNS)
 
 

@@ -16,13 +16,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_workers_train_in_sync_and_resume(ray_cluster, shard_store, tmp_path, monkeypatch):
-    """Runs once per shard format, each through one reader: Parquet shards read by the workers
-    directly (the default), TFRecord shards through Ray Data, there with fp16 loss scaling (its
-    finiteness check sees the all-reduced gradient, so both workers take the same decision).
+    """Runs once per shard format, each through one reader: TFRecord shards (raw rows) read by the
+    workers directly (the default reader), Parquet shards (PNG rows) through Ray Data, there with
+    fp16 loss scaling (its finiteness check sees the all-reduced gradient, so both workers take
+    the same decision).
     Paths are given relative to the caller's directory, as users type them; workers run elsewhere."""
     cfg, shards = shard_store
     cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = "ray", 2, 2
-    if cfg.data.shard_format == "tfrecord":
+    if cfg.data.shard_format == "parquet":
         cfg.train.reader, cfg.train.mixed_precision = "ray_data", "fp16"
     monkeypatch.chdir(tmp_path)
     shards, root = os.path.relpath(shards), "runs"
