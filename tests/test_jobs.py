@@ -1,6 +1,7 @@
 """`ray job submit` against a real Ray head started on free ports with its own temp dir and token,
 stopped by PID (never `ray stop`, which would kill every Ray process on the host)."""
 
+import contextlib
 import os
 import re
 import secrets
@@ -23,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
 
 
-@pytest.fixture(scope="module")
-def ray_head():
+def _start_head():
+    """A Ray head on free ports with its own temp dir and token: (process, temp dir, address, env),
+    or the reason it did not come up."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit
     token = Path(temp) / "token"
     token.write_text(secrets.token_hex(32))
@@ -42,10 +44,26 @@ def ray_head():
     deadline = time.time() + 120
     while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
         if head.poll() is not None or time.time() > deadline:
-            os.killpg(head.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # exited already: its stderr says why
+                os.killpg(head.pid, signal.SIGKILL)
             kill_processes_under(temp)
-            pytest.fail(f"ray head did not come up: {head.stderr.read()[-2000:]!r}")
+            shutil.rmtree(temp, ignore_errors=True)
+            return f"exit {head.poll()}: {head.stderr.read()[-3000:]!r}"
         time.sleep(2)
+    return head, temp, address, env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    # A port picked free can be taken before Ray binds it (the suite runs other servers): one
+    # more try on fresh ports, and both reasons if that fails too.
+    started = _start_head()
+    if isinstance(started, str):
+        again = _start_head()
+        if isinstance(again, str):
+            pytest.fail(f"ray head did not come up: {started} / then: {again}")
+        started = again
+    head, temp, address, env = started
     yield address, env
     os.killpg(head.pid, signal.SIGKILL)  # the head's whole process group, then any straggler of its temp dir
     head.wait()
