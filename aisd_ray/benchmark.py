@@ -231,7 +231,47 @@ def training(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
         out.append(figure(f"train_{backend}_{workers}w", "images/s", samples,
                           input_wait_fraction=statistics.median(waits),
                           threads_per_worker=threads if backend == "ray" else "TensorFlow's default (all cores)"))
+    out.append(figure("train_bare_step", "images/s", repeat(functools.partial(bare_step, cfg, sizes.slices), 2),
+                      what="the same model, optimizer and loss in one tf.function on a fixed batch: no input, "
+                           "metrics, checkpoints or artifacts (the loop's ceiling)"))
     return out
+
+
+def bare_step(cfg: Config, slices: int) -> float:
+    """Images/s of the compiled train step alone: the model, optimizer and loss the loop builds, on
+    one fixed random batch, after two untimed steps; as many steps as an epoch of ``slices``."""
+    import tensorflow as tf
+
+    from aisd_ray.losses import get_loss
+    from aisd_ray.model import build_flexunet
+    from aisd_ray.train.loop import set_seed
+    from aisd_ray.train.optim import build_optimizer
+
+    t, m = cfg.train, cfg.model
+    set_seed(t.seed, t.deterministic)
+    model = build_flexunet(m)
+    optimizer = build_optimizer(t)
+    optimizer.build(model.trainable_variables)
+    loss_fn = get_loss(t.loss)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.integers(0, 256, (t.batch_size, m.image_height, m.image_width, m.image_channels)), tf.float32)
+    y = tf.one_hot(rng.integers(0, m.num_classes, (t.batch_size, m.image_height, m.image_width)), m.num_classes)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for _ in range(2):
+        step().numpy()
+    steps = max(1, slices // t.batch_size)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step().numpy()  # the loop reads every step's loss too
+    return steps * t.batch_size / (time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- memory
@@ -406,6 +446,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
         "epoch_seconds_2n_over_n": n[3]["median"] / n[1]["median"],
         "epoch_seconds_4n_over_n": n[5]["median"] / n[1]["median"],
         "ray_1_worker_over_local": med("training", "train_ray_1w") / med("training", "train_local_1w"),
+        "loop_over_bare_step": med("training", "train_local_1w") / med("training", "train_bare_step"),
         "ray_2_workers_over_local": med("training", "train_ray_2w") / med("training", "train_local_1w"),
 
         **{f"savedmodel_over_keras_b{b}": med("inference", f"infer_savedmodel_b{b}")

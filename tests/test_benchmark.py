@@ -22,7 +22,7 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
             "input_tfrecord_raw_direct", "input_parquet_raw_direct", "input_parquet_raw_ray_data",
             "shard_bytes_per_slice_parquet", "shard_bytes_per_slice_parquet_raw", "first_batch_parquet_raw_ray_data",
             "first_batch_parquet_ray_data", "input_naive_in_memory", "train_local_1w", "train_ray_1w",
-            "train_ray_2w", "infer_savedmodel_b1", "infer_keras_predict_b8", "prepare_parquet_local",
+            "train_ray_2w", "train_bare_step", "infer_savedmodel_b1", "infer_keras_predict_b8", "prepare_parquet_local",
             "prepare_tfrecord_local", "prepare_parquet_object_store", "prepare_tfrecord_object_store"} <= names
     assert len([n for n in names if n.startswith("peak_rss_")]) == 3  # N, 2N, 4N slices
     assert len([n for n in names if n.startswith("epoch_seconds_")]) == 3
@@ -37,7 +37,7 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
     assert all(f["median"] > 0 and 0 <= f["input_wait_fraction"] < 1 for f in gpu["figures"])
     for key in ("input_ray_data_best_over_naive", "prepare_object_store_over_local", "peak_rss_4n_over_n",
                 "epoch_seconds_4n_over_n", "ray_data_over_direct_parquet_raw", "raw_over_png_direct_parquet",
-                "raw_over_png_bytes_tfrecord", "ray_1_worker_over_local",
+                "raw_over_png_bytes_tfrecord", "ray_1_worker_over_local", "loop_over_bare_step",
                 "savedmodel_over_keras_b1", "savedmodel_over_keras_b8"):
         assert report["ratios"][key] > 0
     # the original's figure, taken elsewhere, is a reference with its source, never a ratio of this run
