@@ -288,7 +288,7 @@ def staged_dir(uri: str) -> Iterator[Path]:
     Used for outputs that must never look complete when half-written (exports, evaluations,
     inference). A ``.complete`` marker is written last: locally the staged folder (marker
     included) is renamed into place; on object storage the old marker is deleted first and the
-    new one uploaded after every other file, so a reader that checks ``is_complete`` never takes a
+    new one uploaded after every other file, so a reader that requires the marker never takes a
     half-copied folder for a finished one. Staging left by a killed command is removed."""
     fs, path = resolve(uri)
     local = is_local(uri)
@@ -315,7 +315,3 @@ def staged_dir(uri: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def is_complete(uri: str) -> bool:
-    """True when the output folder ``uri`` was written to the end (see ``staged_dir``)."""
-    return exists(join(uri, COMPLETE))

@@ -136,11 +136,9 @@ def latest_local(run_uri: str) -> Iterator[str | None]:
         yield str(folder)
 
 
-def best_checkpoint(run_uri: str) -> tuple[str, dict[str, Any]]:
-    """The checkpoint whose own epoch scored the best validation lesion Dice."""
-    candidates = list_checkpoints(run_uri)
-    if not candidates:
-        raise FileNotFoundError(f"{run_uri}: no checkpoints found; train first")
+def best_of(candidates: list[tuple[str, LoopState]]) -> tuple[str, dict[str, Any]]:
+    """Of ``list_checkpoints``' result, the checkpoint whose own epoch scored the best validation
+    lesion Dice, and that epoch's figures."""
 
     def rank(item):
         score = item[1].history[-1].get(SCORE, -1.0) if item[1].history else -1.0
@@ -149,3 +147,11 @@ def best_checkpoint(run_uri: str) -> tuple[str, dict[str, Any]]:
 
     uri, state = max(candidates, key=rank)
     return uri, state.history[-1]
+
+
+def best_checkpoint(run_uri: str) -> tuple[str, dict[str, Any]]:
+    """The run's checkpoint whose own epoch scored the best validation lesion Dice."""
+    candidates = list_checkpoints(run_uri)
+    if not candidates:
+        raise FileNotFoundError(f"{run_uri}: no checkpoints found; train first")
+    return best_of(candidates)

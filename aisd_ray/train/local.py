@@ -32,10 +32,10 @@ class LocalReporter:
             raise storage.StorageError(f"{uri}: the checkpoint just written cannot be read back{where}; rerun the "
                                        "same command once the storage answers: training resumes from its last "
                                        "checkpoint")
-        best = ckpt.best_checkpoint(self.run_uri)[0]
-        for uri, _ in found[:-1][: max(len(found) - self.keep, 0)]:
-            if uri != best:
-                storage.delete(uri)
+        best = ckpt.best_of(found)[0]  # from this listing: no second pass over the run folder
+        for old, _ in found[:-1][: max(len(found) - self.keep, 0)]:
+            if old != best:
+                storage.delete(old)
 
 
 def shard_feed(cfg: Config, shards_uri: str, manifest: dict, rank: int = 0, world: int = 1) -> Feed:

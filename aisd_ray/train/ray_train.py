@@ -196,7 +196,7 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
         train_loop_config={"config": cfg.to_dict(), "shards": shards_uri, "manifest": manifest,
                            "verbose": log.isEnabledFor(logging.DEBUG),
                            "run": storage.join(output_root, cfg.run.name),
-                           "env": {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}},
+                           "env": _storage_env()},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         datasets=datasets,
         run_config=RunConfig(
@@ -213,22 +213,36 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
         raise _worker_failure(exc, cfg.train.max_failures) from None
 
 
-def _worker_failure(exc: ray.train.WorkerGroupError, max_failures: int) -> Exception:
-    """One line for a run that failed on its workers after its retries. An error of ours (a bad
-    shard, storage gone, a bad setting) keeps its type, so the command exits as it would locally."""
+def _user_error(cause: BaseException) -> Exception | None:
+    """A worker's or task's exception that is one of our one-line errors (a bad shard, storage
+    gone, a bad setting, a missing file), rebuilt with its message so the command exits as it
+    would locally; None for anything else."""
     from aisd_ray.config import ConfigError
     from aisd_ray.data.layout import DataError
 
+    for kind in (DataError, storage.StorageError, ConfigError, FileNotFoundError):
+        if isinstance(cause, kind):
+            return kind(str(cause.args[0]) if cause.args else str(cause))
+    return None
+
+
+def _worker_failure(exc: ray.train.WorkerGroupError, max_failures: int) -> Exception:
+    """One line for a run that failed on its workers after its retries; an error of ours keeps its
+    type (``_user_error``)."""
     rank, first = min(exc.worker_failures.items(), key=lambda item: item[0]) if exc.worker_failures else (0, exc)
     cause = getattr(first, "cause", None) or first  # Ray wraps a worker's exception; this is the original
-    message = str(cause.args[0]) if cause.args else str(cause)
-    for kind in (DataError, storage.StorageError, ConfigError):
-        if isinstance(cause, kind):
-            return kind(message)
-    text = " ".join(message.split())[:300]
+    ours = _user_error(cause)
+    if ours is not None:
+        return ours
+    text = " ".join((str(cause.args[0]) if cause.args else str(cause)).split())[:300]
     return TrainingFailed(f"training failed: worker {rank}: {type(cause).__name__}: {text} (after "
                           f"{max_failures} restart{'s' if max_failures != 1 else ''}, train.max_failures); rerun the "
                           "same command to resume from the last checkpoint")
+
+
+def _storage_env() -> dict[str, str]:
+    """Where gs:// points, as the driver sees it: for workers and tasks."""
+    return {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}
 
 
 def _task(env: dict[str, str], fn, *args, **kwargs):
@@ -243,13 +257,11 @@ def run_on_worker(cfg: Config, fn, *args, **kwargs):
     gs:// (the task runs in another directory, maybe on another machine)."""
     ensure_ray(cfg.train.num_workers + 2)
     remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0, max_retries=1)(_task)
-    env = {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}
     try:
-        return ray.get(remote.remote(env, fn, *args, **kwargs))
+        return ray.get(remote.remote(_storage_env(), fn, *args, **kwargs))
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause
-        if isinstance(cause, (FileNotFoundError, storage.StorageError)) or type(cause).__name__ in (
-                "DataError", "ConfigError"):
-            raise cause from None  # our own one-line errors stay what they are
+        ours = _user_error(exc.cause)
+        if ours is not None:
+            raise ours from None
         raise
 
