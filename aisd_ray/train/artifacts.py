@@ -8,10 +8,11 @@ the original's epoch-change images as one labelled grid per epoch,
 and the prediction in magenta, its lesion Dice in the caption), also in TensorBoard's images.
 Files are written locally. When the run folder is on object storage they are mirrored to it
 incrementally (only files that are new or changed since the last upload: an epoch sends its new
-gallery, the CSV, the plots and the TensorBoard event file, not the whole folder again) on a
-background thread, so the chief goes on training while they upload and the other workers never
-wait for it at the next collective. At most one upload is in flight; an upload error surfaces at
-the next epoch's end or at ``close``, which waits for the last one.
+gallery, the CSV, the plots and the TensorBoard event file, not the whole folder again).
+Drawing, writing and uploading all run on one background thread, so the chief goes straight on
+to the next epoch and the other workers never wait for it at the next collective. At most one
+epoch's artifacts are in flight; an error surfaces at the next epoch's end or at ``close``, which
+waits for the last one.
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ class Artifacts:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._writer = tf.summary.create_file_writer(str(self.folder / "tensorboard"))
         self._uploaded: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) last sent
-        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="aisd-artifacts") if self._tmp else None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="aisd-artifacts")
         self._pending: Future | None = None
         self.uploaded_files = 0  # files sent so far (the incremental mirror's work, for tests and logs)
 
     def epoch_end(self, history: list[dict[str, float]], panels: list[tuple]) -> None:
-        """``panels``: (name, image, truth labels, predicted labels) of the fixed preview slices."""
-        self._wait()  # the previous epoch's upload reads these files: let it finish first
+        """``panels``: (name, image, truth labels, predicted labels) of the fixed preview slices.
+        Returns at once: the files are drawn, written and uploaded on the background thread."""
+        self._wait()  # the previous epoch's work writes the same files: let it finish first
+        self._pending = self._worker.submit(self._write, [dict(row) for row in history], panels)
+
+    def _write(self, history: list[dict[str, float]], panels: list[tuple]) -> None:
         row = history[-1]
         epoch = int(row["epoch"])
         grid = self._gallery(panels, epoch) if panels else None
@@ -68,8 +73,8 @@ class Artifacts:
             out = self.folder / "epoch_change_infer"
             out.mkdir(exist_ok=True)
             grid.save(out / f"Epoch_{epoch}.png")
-        if self._uploader:
-            self._pending = self._uploader.submit(self._mirror)
+        if self._tmp:
+            self._mirror()
 
     def _mirror(self) -> None:
         """Upload the files that are new or changed since the last call."""
@@ -86,7 +91,7 @@ class Artifacts:
     def _wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.result()  # an upload error is raised here, on the training thread
+            pending.result()  # a drawing or upload error is raised here, on the training thread
 
     def _gallery(self, panels, epoch: int):
         tiles = []
@@ -100,17 +105,16 @@ class Artifacts:
     def close(self, strict: bool = True) -> None:
         """Flush and upload what is left; ``strict=False`` (training already failing) swallows
         upload errors so that they do not replace the error on its way up."""
-        self._writer.close()
         try:
             self._wait()
-            if self._uploader:
+            self._writer.close()
+            if self._tmp:
                 self._mirror()  # what closing the TensorBoard writer flushed
         except Exception:
             if strict:
                 raise
         finally:
-            if self._uploader:
-                self._uploader.shutdown(wait=True)
+            self._worker.shutdown(wait=True)
             if self._tmp:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 

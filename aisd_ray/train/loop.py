@@ -190,8 +190,14 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     # step itself (MultiWorkerMirroredStrategy refuses a collective inside a nested function).
     gradients = tf.function(forward_backward, jit_compile=True) if t.jit_compile else forward_backward
 
+    # The epoch's training loss sum and lesion tp, fp, fn, accumulated on the device by the step and
+    # read by the host once per epoch (and at most once a second for the progress line): no
+    # per-step device-to-host copy holds up the next step.
+    totals = tf.Variable(tf.zeros(4, tf.float64), trainable=False, name="epoch_totals")
+    lr_dtype = optimizer.learning_rate.dtype
+
     @tf.function
-    def train_step(x, y):
+    def train_step(x, y, learning_rate):
         def step(x, y):
             loss, grads, counts = gradients(x, y)
             # The global gradient first: the optimizer clips and applies it (optim.GlobalGradientAdam).
@@ -199,9 +205,11 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss, counts
 
+        optimizer.learning_rate.assign(learning_rate)
         loss, counts = strategy.run(step, args=(x, y))
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None))
+        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        counts = strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
+        totals.assign_add(tf.concat([tf.cast(loss, tf.float64)[None], counts], axis=0))
 
     @tf.function
     def eval_step(x, y):
@@ -226,33 +234,37 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             started = time.time()
             _key_dropout(model, t.seed, epoch, rank)
             rows = pipeline.take_rows(feed.train_rows(epoch), steps * t.batch_size)
-            loss_sum, train_counts, done = 0.0, np.zeros(3), 0
+            totals.assign(tf.zeros(4, tf.float64))
+            done = 0
             bar = progress_bar(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief,
                                leave=False)
             # no bar where output is not a terminal: a line every log_every_seconds instead
             quiet_bar = chief and bar.disable and t.log_every_seconds > 0
-            last_line = time.time()
+            last_line = last_postfix = time.time()
             waited, fetch_started = 0.0, time.time()
             for x, y in batches(lambda: rows, t.batch_size, training=True, epoch=epoch):  # noqa: B023
                 if done:  # time this step spent waiting for its batch
                     waited += time.time() - fetch_started
                 state.learning_rate = optim.learning_rate(t, (epoch - 1) * steps + done, steps, state.lr_scale)
-                optimizer.learning_rate.assign(state.learning_rate)
-                loss, counts = train_step(x, y)
-                loss_sum += float(loss)
-                train_counts += counts.numpy()
+                train_step(x, y, tf.constant(state.learning_rate, lr_dtype))
                 done += 1
                 bar.update()
-                bar.set_postfix(loss=f"{loss_sum / done:.4f}")
-                if quiet_bar and time.time() - last_line >= t.log_every_seconds and done < steps:
-                    last_line = time.time()
+                now = time.time()
+                if chief and not bar.disable and now - last_postfix >= 1.0:  # reads the device: at most 1/s
+                    last_postfix = now
+                    bar.set_postfix(loss=f"{float(totals[0]) / done:.4f}")
+                if quiet_bar and now - last_line >= t.log_every_seconds and done < steps:
+                    last_line = now
                     log.info("epoch %d/%d: step %d/%d, loss %.4f, %.2f steps/s", epoch, t.epochs, done, steps,
-                             loss_sum / done, done / max(last_line - started, 1e-9))
-                fetch_started = time.time()
+                             float(totals[0]) / done, done / max(now - started, 1e-9))
                 if done == 1:  # the first step of a process also traces and compiles: not timed
-                    first_step_done = fetch_started
+                    totals.numpy()  # wait for it (a GPU runs ahead of the host)
+                    first_step_done = time.time()
+                fetch_started = time.time()
             bar.close()
+            epoch_totals = totals.numpy()  # the one read per epoch; waits for the last step
             train_seconds = time.time() - first_step_done if done > 1 else float("nan")
+            loss_sum, train_counts = float(epoch_totals[0]), epoch_totals[1:]
             if done != steps:
                 raise RuntimeError(f"worker {rank} ran {done} of {steps} steps: its data share is short")
 
