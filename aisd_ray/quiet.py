@@ -42,5 +42,20 @@ def import_tensorflow(verbose: bool | None = None):
 def quiet_worker() -> None:
     """Ray's ``worker_process_setup_hook`` (see ``ensure_ray`` and jobs/runtime_env.yaml): loads
     TensorFlow quietly in every Ray worker process of the job before Ray Train's TensorFlow
-    backend imports it loudly."""
+    backend imports it loudly, and keeps Ray Data's per-execution INFO lines ("Starting execution
+    of Dataset ...", "... execution finished in ...", from the actor that splits a dataset between
+    the training workers) out of the job's output unless verbose."""
     import_tensorflow()
+    if os.environ.get(VERBOSE_ENV) != "1":
+        import ray.data  # noqa: F401 - configures the "ray.data" logger; quieten it afterwards
+
+        quiet_ray_data_logs()
+
+
+def quiet_ray_data_logs() -> None:
+    """Ray Data's INFO lines per execution, and its one-off warning that progress bars are off
+    (they are off on purpose, see ``ray_train.quiet_ray_data``), out of the output."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -159,3 +159,49 @@ def test_workers_lost_past_max_failures_end_in_one_line(ray_cluster, parquet_sto
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith("aisd-ray train: error: training failed: worker ") and "train.max_failures" in err[0]
     assert ckpt.list_checkpoints(str(out / "tiny"))  # what was done is kept for a rerun
+
+
+def test_ray_data_epochs_read_every_row_once_and_start_the_next_pass_early(ray_cluster, shard_store):
+    """The Ray Data reader (files parsed in the read tasks by our TFRecord and Parquet readers, in
+    blocks of a few rows) gives exactly the direct reader's rows, every epoch, in a shard order
+    fixed by its seed; the next epoch's pass begins as soon as one ends, before the loop asks."""
+    import time
+
+    from aisd_ray.data import pipeline
+    from aisd_ray.data import shards as shard_format
+    from aisd_ray.train.ray_train import RayEpochs, read_split, train_dataset
+
+    cfg, store = shard_store
+    manifest = shard_format.read_manifest(store)
+    direct = list(pipeline.ShardRows(store, manifest, "train")())
+    assert len(manifest["splits"]["train"]["shards"]) > 1 and len(direct) > 10
+
+    def stream(seed, lookahead=64):
+        split = read_split(store, manifest, "train", order_seed=seed, rows_per_block=5)
+        return RayEpochs(split.streaming_split(1, equal=True)[0], lookahead=lookahead)
+
+    epochs = stream(cfg.train.seed, lookahead=4)
+    try:
+        first = list(epochs.epoch())
+        assert sorted(first) == sorted(direct)
+        deadline = time.time() + 30
+        while epochs.passes_started < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert epochs.passes_started == 2  # the second pass began without being asked
+        assert list(epochs.epoch()) == first  # the same shard order every epoch (rows are shuffled later)
+    finally:
+        epochs.close()
+    orders = set()
+    for seed in range(6):  # the shard order is a function of the seed: whole shards, permuted
+        epochs = stream(seed)
+        rows = list(epochs.epoch())
+        epochs.close()
+        orders.add(tuple(rows))
+        assert sorted(rows) == sorted(direct)
+        if seed == cfg.train.seed:
+            assert rows == first
+    assert len(orders) > 1
+    cfg.train.reader = "ray_data"
+    epochs = RayEpochs(train_dataset(cfg, store, manifest))
+    assert sorted(epochs.epoch()) == sorted(direct)
+    epochs.close()
