@@ -52,13 +52,16 @@ ORIGINAL_CONFIG = ["model.image_width=512", "model.image_height=512", "model.bas
 class Sizes:
     slices: int  # training slices for throughput runs
     image: int  # input-pipeline image size
-    pipeline_slices: int
+    pipeline_slices: int  # the input pipeline's training split: steady state, not start-up
+    prepare_slices: int
     repeats: int
     memory_slices: int
+    input_repeats: int  # passes over the input split per reader (seconds each: cheap, and noisy)
+    training_rounds: int  # interleaved rounds of training runs (a minute each at 512 px)
 
     @classmethod
     def for_mode(cls, tiny: bool) -> "Sizes":
-        return cls(8, 64, 16, 1, 8) if tiny else cls(12, 512, 96, 3, 48)
+        return cls(8, 64, 16, 16, 1, 8, 1, 1) if tiny else cls(24, 512, 1024, 96, 3, 48, 5, 3)
 
 
 def figure(name: str, unit: str, samples: list[float], **extra: Any) -> dict[str, Any]:
@@ -121,7 +124,7 @@ def prepare_speed(cfg: Config, root: Path, sizes: Sizes, object_store: str | Non
     targets = {"local": str(root / "prepare-speed")} | ({"object_store": object_store} if object_store else {})
     out, runs = [], itertools.count()
     for fmt in ("parquet", "tfrecord"):
-        src = _source(cfg, root, sizes.pipeline_slices, fmt)
+        src = _source(cfg, root, sizes.prepare_slices, fmt)
         for target, base in targets.items():
             def once(base=base, src=src) -> float:
                 started = time.perf_counter()
@@ -160,10 +163,13 @@ def _naive_load(folder: Path, cfg: Config) -> int:
 
 
 def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
-    """Decoded training batches per second from each shard format through the readers training
-    uses, against the original's load-everything approach."""
+    """Decoded training batches per second from each shard format and row encoding through the
+    readers training uses, against the original's load-everything approach. Ray Data is read as a
+    training worker reads it: the training split's dataset (``train_dataset``), one worker's
+    ``streaming_split`` iterator and its epoch stream (``RayEpochs``), epoch after epoch; the first
+    epoch is the warm-up, the later ones are timed whole, start-up included."""
     from aisd_ray.data import pipeline, shards
-    from aisd_ray.train.ray_train import ensure_ray, quiet_ray_data, ray_rows, read_split
+    from aisd_ray.train.ray_train import RayEpochs, ensure_ray, quiet_ray_data, train_dataset
 
     m, batch = cfg.model, cfg.train.batch_size
     ensure_ray(4)
@@ -179,18 +185,23 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
         rows = pipeline.ShardRows(store, manifest, "train")
         kwargs = {"encoding": encoding, "height": m.image_height, "width": m.image_width}
         direct = functools.partial(pipeline.batches, rows, m.image_channels, m.num_classes, batch, **kwargs)
-        out.append(figure(f"input_{name}_direct", "images/s", repeat(lambda f=direct: _throughput(f()), sizes.repeats),
+        out.append(figure(f"input_{name}_direct", "images/s",
+                          repeat(lambda f=direct: _throughput(f()), sizes.input_repeats),
                           reader="shard files -> tf.data decode (training on every backend, validation)",
-                          row_encoding=encoding))
-        dataset = read_split(store, manifest, "train")
-        ray_fed = functools.partial(pipeline.batches, functools.partial(ray_rows, dataset),
-                                    m.image_channels, m.num_classes, batch, **kwargs)
+                          row_encoding=encoding, slices=entry["records"]))
+        epochs = RayEpochs(train_dataset(cfg, store, manifest).streaming_split(1, equal=True)[0])
+        ray_fed = functools.partial(pipeline.batches, epochs.epoch, m.image_channels, m.num_classes, batch, **kwargs)
         first: list[float] = []
-        samples = repeat(lambda f=ray_fed, first=first: _throughput(f(), first), sizes.repeats)
-        out.append(figure(f"input_{name}_ray_data", "images/s", samples, row_encoding=encoding,
-                          reader="Ray Data read -> worker iterator -> tf.data decode (train.reader = ray_data)"))
-        out.append(figure(f"first_batch_{name}_ray_data", "s", first[-sizes.repeats:]))
-    source = root / f"source-{sizes.pipeline_slices}-{m.image_height}" / "AISD" / "train"
+        samples = repeat(lambda f=ray_fed, first=first: _throughput(f(), first), sizes.input_repeats)
+        epochs.close()
+        out.append(figure(f"input_{name}_ray_data", "images/s", samples, row_encoding=encoding, slices=entry["records"],
+                          reader="Ray Data read tasks -> a worker's streaming_split iterator, read ahead across "
+                                 "epochs -> tf.data decode (train.reader = ray_data); epochs after the first, "
+                                 "start-up included"))
+        out.append(figure(f"first_batch_{name}_ray_data", "s", first[1:], first_epoch_seconds=first[0],
+                          what="time to the first batch of every epoch after the first"))
+    # the original's loader holds the whole split in memory: timed on the smaller prepare split
+    source = Path(_source(cfg, root, sizes.prepare_slices, "parquet").data.source_dir) / "train"
 
     def naive() -> float:
         started = time.perf_counter()
@@ -205,11 +216,13 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
 
 
 def _train(cfg: Config, store: str, root: Path, backend: str, workers: int) -> dict[str, Any]:
-    """A 2-epoch run; the second epoch's steady-state figures (the first one traces)."""
+    """A 3-epoch run; the last epoch's steady-state figures (the first one traces; the second
+    still pays one-off costs: the first epoch's artifacts import and warm up matplotlib on the
+    background thread while it trains)."""
     from aisd_ray import stages
 
     cfg = copy.deepcopy(cfg)
-    cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = backend, workers, 2
+    cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = backend, workers, 3
     cfg.train.epoch_change_infer = False
     cfg.run.name = f"{backend}-{workers}-{cfg.train.mixed_precision}-{int(cfg.train.jit_compile)}"
     out = root / "runs"
@@ -218,20 +231,25 @@ def _train(cfg: Config, store: str, root: Path, backend: str, workers: int) -> d
 
 
 def training(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
-    """Images/s of one config with the local backend, Ray Train with 1 and with 2 workers."""
+    """Images/s of one config with the local backend, Ray Train with 1 and with 2 workers, and the
+    bare compiled step, in interleaved rounds (local, bare, Ray 1 worker; then Ray 2 workers once)
+    so that a slow spell of the machine does not land on one side of a ratio."""
     store = _dataset(cfg, root, sizes.slices, "parquet")
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {("local", 1): [], ("ray", 1): [], ("ray", 2): []}
+    bare = []
+    for _ in range(sizes.training_rounds):
+        runs["local", 1].append(_train(cfg, store, root, "local", 1))
+        bare.append(bare_step(cfg, sizes.slices))
+        runs["ray", 1].append(_train(cfg, store, root, "ray", 1))
+    runs["ray", 2].append(_train(cfg, store, root, "ray", 2))
     out = []
-    for backend, workers in (("local", 1), ("ray", 1), ("ray", 2)):
-        samples, waits = [], []
-        for _ in range(2 if backend == "local" else 1):  # whole training runs: minutes each at 512 px
-            last = _train(cfg, store, root, backend, workers)
-            samples.append(last["train_images_per_second"])
-            waits.append(last["input_wait_fraction"])
+    for (backend, workers), rows in runs.items():
         threads = max(1, (os.cpu_count() or 1) // workers)  # what each Ray worker gets (ray_train._worker)
-        out.append(figure(f"train_{backend}_{workers}w", "images/s", samples,
-                          input_wait_fraction=statistics.median(waits),
+        out.append(figure(f"train_{backend}_{workers}w", "images/s", [r["train_images_per_second"] for r in rows],
+                          input_wait_fraction=statistics.median(r["input_wait_fraction"] for r in rows),
+                          steps_timed=sizes.slices // (cfg.train.batch_size * workers) - 1,
                           threads_per_worker=threads if backend == "ray" else "TensorFlow's default (all cores)"))
-    out.append(figure("train_bare_step", "images/s", repeat(functools.partial(bare_step, cfg, sizes.slices), 2),
+    out.append(figure("train_bare_step", "images/s", bare,
                       what="the same model, optimizer and loss in one tf.function on a fixed batch: no input, "
                            "metrics, checkpoints or artifacts (the loop's ceiling)"))
     return out
@@ -257,7 +275,7 @@ def bare_step(cfg: Config, slices: int) -> float:
     x = tf.constant(rng.integers(0, 256, (t.batch_size, m.image_height, m.image_width, m.image_channels)), tf.float32)
     y = tf.one_hot(rng.integers(0, m.num_classes, (t.batch_size, m.image_height, m.image_width)), m.num_classes)
 
-    @tf.function
+    @tf.function(autograph=False)  # straight-line code: nothing to convert
     def step():
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
@@ -267,10 +285,11 @@ def bare_step(cfg: Config, slices: int) -> float:
 
     for _ in range(2):
         step().numpy()
-    steps = max(1, slices // t.batch_size)
+    steps = max(1, slices // t.batch_size - 1)  # as many as the loop times in an epoch
     started = time.perf_counter()
     for _ in range(steps):
-        step().numpy()  # the loop reads every step's loss too
+        loss = step()
+    loss.numpy()  # the loop reads its totals once, at the end of the epoch
     return steps * t.batch_size / (time.perf_counter() - started)
 
 

@@ -24,6 +24,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
             "first_batch_parquet_ray_data", "input_naive_in_memory", "train_local_1w", "train_ray_1w",
             "train_ray_2w", "train_bare_step", "infer_savedmodel_b1", "infer_keras_predict_b8", "prepare_parquet_local",
             "prepare_tfrecord_local", "prepare_parquet_object_store", "prepare_tfrecord_object_store"} <= names
+    first = next(f for f in report["input_pipeline"] if f["name"] == "first_batch_parquet_ray_data")
+    assert first["first_epoch_seconds"] > 0  # the first epoch apart from the later ones' start-up
     assert len([n for n in names if n.startswith("peak_rss_")]) == 3  # N, 2N, 4N slices
     assert len([n for n in names if n.startswith("epoch_seconds_")]) == 3
     for section in SECTIONS:
