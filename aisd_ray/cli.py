@@ -170,6 +170,9 @@ def cmd_pipeline(args) -> None:
 
 def cmd_benchmark(args) -> None:
     from aisd_ray import benchmark
+    from aisd_ray.quiet import import_tensorflow
+
+    import_tensorflow()  # and its start-up chatter out of the report (-v keeps it)
 
     report = benchmark.run(args.output, tiny=args.tiny, overrides=args.set or (), object_store=args.object_store)
     print(benchmark.table(report))
