@@ -169,11 +169,10 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
     ``streaming_split`` iterator and its epoch stream (``RayEpochs``), epoch after epoch; the first
     epoch is the warm-up, the later ones are timed whole, start-up included."""
     from aisd_ray.data import pipeline, shards
-    from aisd_ray.train.ray_train import RayEpochs, ensure_ray, quiet_ray_data, train_dataset
+    from aisd_ray.train.ray_train import RayEpochs, ensure_ray, train_dataset
 
     m, batch = cfg.model, cfg.train.batch_size
     ensure_ray(4)
-    quiet_ray_data()
     out = []
     for fmt, encoding in itertools.product(("tfrecord", "parquet"), ("png", "raw")):
         store = _dataset(cfg, root, sizes.pipeline_slices, fmt, encoding)
@@ -217,8 +216,8 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
 
 def _train(cfg: Config, store: str, root: Path, backend: str, workers: int) -> dict[str, Any]:
     """A 3-epoch run; the last epoch's steady-state figures (the first one traces; the second
-    still pays one-off costs: the first epoch's artifacts import and warm up matplotlib on the
-    background thread while it trains)."""
+    trains while the first epoch's artifacts, matplotlib's first import among them, are drawn on
+    the background thread)."""
     from aisd_ray import stages
 
     cfg = copy.deepcopy(cfg)

@@ -250,7 +250,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 done += 1
                 bar.update()
                 now = time.time()
-                if chief and not bar.disable and now - last_postfix >= 1.0:  # reads the device: at most 1/s
+                if not bar.disable and now - last_postfix >= 1.0:  # reads the device: at most 1/s
                     last_postfix = now
                     bar.set_postfix(loss=f"{float(totals[0]) / done:.4f}")
                 if quiet_bar and now - last_line >= t.log_every_seconds and done < steps:
