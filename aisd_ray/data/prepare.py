@@ -61,7 +61,9 @@ def read_source(cfg: Config) -> tuple[dict[str, list[layout.SliceRef]], dict[str
     if d.source_dir and not d.split_dirs and raw.is_raw_release(d.source_dir):
         release = raw.read_release(d.source_dir, d, m.image_height, m.image_width, m.image_channels)
         return release.refs, {"layout": "raw", "root": str(Path(d.source_dir).resolve()),
-                              "cases": release.cases, "unpaired_skipped": release.unpaired}
+                              "cases": release.cases, "unpaired_skipped": release.unpaired,
+                              "metadata_skipped": release.metadata_skipped, "padded_ids": release.padded_ids,
+                              "test_cases_missing": release.test_cases_missing}
     dirs = split_dirs(cfg)
     refs = {split: layout.original_refs(*dirs[split], m.image_height, m.image_width, m.image_channels,
                                           d.rgb_map, d.mask_colour_tolerance)
