@@ -108,7 +108,7 @@ def open_image(source: Path | IO[bytes], where: str | Path) -> Image.Image:
     except UnidentifiedImageError:
         raise DataError(f"{where}: cannot read image: not an image format Pillow can identify") from None
     except OSError as exc:
-        reason = str(exc).replace(repr(source), "").replace(str(source), "").strip() or type(exc).__name__
+        reason = str(exc) if isinstance(source, (str, Path)) else str(exc).replace(repr(source), "a stream")
         raise DataError(f"{where}: cannot read image: {reason}") from None
 
 

@@ -5,6 +5,9 @@ case named by its 7-digit ID; image slices are windowed 8-bit PNGs, mask slices 
 0..5. Slices pair by file name within a case; a slice without a partner (some cases have
 more mask slices than images) is reported and skipped. The official 52 test cases form the
 test split; the other cases are split into train and validation by patient, never by slice.
+OS metadata (``__MACOSX/``, ``._*``, ``.DS_Store``: ``layout.is_metadata``) is never a slice; a
+case folder whose ID lost its leading zeros is read as its ID, with a warning; any other folder
+of slices that is not a case is an error naming it, since its patient would otherwise vanish.
 """
 
 from __future__ import annotations
@@ -203,7 +206,10 @@ def split_cases(case_ids: list[str], data: DataConfig) -> dict[str, list[str]]:
 
 
 def read_release(root: str | Path, data: DataConfig, height: int, width: int, channels: int) -> RawSplits:
-    """Slice refs of the raw release under ``root``, split by patient."""
+    """Slice refs of the raw release under ``root``, split by patient. Warns (and records in the
+    result) what it did not take as given: unpaired slices, case folders read as zero-padded IDs,
+    official test cases the release lacks; OS metadata is skipped and counted. A DataError names a
+    folder of slices that is no case, two folders of one case, an unreadable zip."""
     root = Path(root)
     images, masks = _Side(root, "image"), _Side(root, "mask")
     padded = _check_folders((images, masks))
@@ -224,12 +230,13 @@ def read_release(root: str | Path, data: DataConfig, height: int, width: int, ch
     if unpaired:
         log.warning("%d unpaired slice(s) skipped: %s", len(unpaired), _shown(unpaired))
     missing = [c for c in data.test_cases if c not in pairs]
-    if len(missing) == len(data.test_cases):
+    if data.test_cases and len(missing) == len(data.test_cases):
         log.warning("%s: none of the %d official test cases (data.test_cases) is in this release: the store gets "
                     "no test split", root, len(data.test_cases))
     elif missing:  # a release with some official test cases but not all: a partial or damaged copy
         log.warning("%d of the %d official test cases (data.test_cases) are not in this release (as paired "
-                    "slices), so the test split has %d: %s", len(missing), len(data.test_cases),
+                    "slices), so the test split has %d: %s (recorded in the manifest; if the release is meant to "
+                    "hold only these, say so in data.test_cases)", len(missing), len(data.test_cases),
                     len(data.test_cases) - len(missing), _shown(missing))
     cases = split_cases(sorted(pairs), data)
     refs: dict[str, list[SliceRef]] = {}
