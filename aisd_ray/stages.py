@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aisd_ray import provenance, storage
-from aisd_ray.config import Config, load_config
+from aisd_ray.config import AISD_TEST_CASES, Config, load_config
 from aisd_ray.data.prepare import prepare
 from aisd_ray.data.shards import ShardStore
 
@@ -232,6 +232,10 @@ def demo(cfg: Config, output: str, progress: bool = True, source_root: str | Non
     started = time.time()
     source = _synthetic_source(cfg, source_root or output, progress)
     cfg.data.source_dir, cfg.data.split_dirs = str(source), {}
+    if cfg.synthetic.layout == "raw" and cfg.data.test_cases == AISD_TEST_CASES:
+        from aisd_ray.data.synthetic import synthetic_test_cases  # the official test cases it holds, not all 52
+
+        cfg.data.test_cases = tuple(synthetic_test_cases(cfg.synthetic))
     if not cfg.infer.images_dir:  # one test patient's slices (raw layout), or the test images
         from aisd_ray.data.synthetic import synthetic_case_ids
 

@@ -44,6 +44,9 @@ def test_demo_on_raw_cases_reports_per_case_dice(tmp_path, capsys):
     assert masks == [f"{k}.png" for k in range(6)]
     assert Image.open(out / "tiny" / "infer" / "0.png").size == (64, 64)
     assert "test case Dice (median)" in capsys.readouterr().out
+    # the demo told prepare which official test cases its synthetic release holds: none reported missing
+    source = json.loads((out / "shards" / "manifest.json").read_text())["source"]
+    assert source["cases"]["test"] == sorted(AISD_TEST_CASES[:2]) and source["test_cases_missing"] == []
 
 
 def test_synthesize_writes_each_layout(tmp_path, capsys):

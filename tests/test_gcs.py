@@ -162,3 +162,40 @@ def test_prepare_reads_a_raw_release_from_the_bucket(gcs_emulator, bucket, tmp_p
         assert (list(shards.iter_records(f"gs://aisd/data/{prefix}", remote, split))
                 == list(shards.iter_records(str(tmp_path / "local"), local, split)))
     assert prepare(cfg, f"gs://aisd/data/{prefix}", progress=False)["fingerprint"] == remote["fingerprint"]
+
+
+def test_a_manifest_in_the_bucket_pointing_outside_its_store_is_refused(gs_shards, bucket):
+    """A shard name is a name inside the store on gs:// too: '..' into another store, another bucket."""
+    _, uri = gs_shards
+    manifest = json.loads(bucket.blob("data/tiny/manifest.json").download_as_bytes())
+    shard = manifest["splits"]["valid"]["shards"][0]["name"]
+    for name in (f"../tiny/{shard}", "gs://other-bucket/data/tiny/" + shard):
+        manifest["splits"]["valid"]["shards"][0]["name"] = name
+        bucket.blob("data/evil/manifest.json").upload_from_string(json.dumps(manifest))
+        with pytest.raises(DataError) as err:
+            shards.read_manifest("gs://aisd/data/evil")
+        assert str(err.value).startswith(f"gs://aisd/data/evil/manifest.json: split 'valid' lists shard {name!r}, "
+                                         "which is not a name inside the store")
+
+
+def test_prepare_in_the_bucket_repairs_a_damaged_store_and_a_failed_one_leaves_nothing(
+        gcs_emulator, synthetic_root, bucket, tmp_path):
+    import shutil
+
+    cfg = tiny_config(f"data.source_dir='{synthetic_root}'")
+    uri = "gs://aisd/data/repair"
+    manifest = prepare(cfg, uri, progress=False)
+    victim = manifest["splits"]["train"]["shards"][0]["name"]
+    bucket.blob(f"data/repair/{victim}").delete()
+    again = prepare(cfg, uri, progress=False)  # names the missing shard and rewrites the store
+    shards.verify_shards(uri, shards.read_manifest(uri), checksums=True)
+    assert again["splits"]["train"]["records"] == manifest["splits"]["train"]["records"]
+    assert victim not in {s["name"] for s in again["splits"]["train"]["shards"]}
+
+    source = tmp_path / "AISD"
+    shutil.copytree(synthetic_root, source)
+    bad = sorted((source / "test" / "images").iterdir())[-1]
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=str(bad)):
+        prepare(tiny_config(f"data.source_dir='{source}'"), "gs://aisd/data/failed", progress=False)
+    assert [b.name for b in bucket.list_blobs(prefix="data/failed/") if not b.name.endswith("/")] == []

@@ -11,12 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from pathlib import PurePosixPath
 from typing import IO, Callable, Iterator
+
+import logging
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Files and folders an operating system writes beside data, never data themselves: macOS Finder's
+# "Compress" adds __MACOSX/ with an AppleDouble "._<name>" per file, and .DS_Store; Windows
+# Explorer writes Thumbs.db and desktop.ini. Any other dot-file or dot-folder counts as metadata too.
+METADATA_NAMES = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 
 
 class DataError(ValueError):
@@ -42,17 +50,38 @@ class Sample:
     slice_index: int = -1
 
 
+def is_metadata(path: str | Path) -> bool:
+    """True for an entry that is operating-system metadata, never data: anything under ``__MACOSX/``,
+    an AppleDouble ``._*`` file, ``.DS_Store`` and other dot-files or dot-folders, ``Thumbs.db``,
+    ``desktop.ini``. ``path`` is a relative POSIX path (a zip member) or a path; every part counts.
+    The one rule shared by the original tree's listing (``list_images``) and the raw release's."""
+    parts = PurePosixPath(Path(path).as_posix() if isinstance(path, Path) else str(path).replace("\\", "/")).parts
+    return any(p.startswith(".") and p not in (".", "..") or p.lower() in METADATA_NAMES for p in parts)
+
+
+def report_metadata(where: str | Path, skipped: list[str]) -> None:
+    """One log line saying how many metadata entries of ``where`` were skipped, with examples."""
+    if skipped:
+        log.info("%s: %d OS metadata file(s) skipped, never read as slices (e.g. %s)", where, len(skipped),
+                 ", ".join(skipped[:3]))
+
+
 def list_images(folder: str | Path) -> dict[str, Path]:
-    """Image files of a folder keyed by stem; two files with one stem are an error."""
+    """Image files of a folder keyed by stem; two files with one stem are an error. OS metadata
+    (``is_metadata``: ``._1.png``, ``.DS_Store``, ``Thumbs.db``...) is skipped and counted in the log."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
     found: dict[str, Path] = {}
+    skipped: list[str] = []
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        if is_metadata(path.name):
+            skipped.append(path.name)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
             if path.stem in found:
                 raise DataError(f"{path}: two images share the name {path.stem!r} ({found[path.stem].name})")
             found[path.stem] = path
+    report_metadata(folder, skipped)
     return found
 
 
@@ -70,21 +99,26 @@ def pair_by_name(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[st
 
 
 def open_image(source: Path | IO[bytes], where: str | Path) -> Image.Image:
-    """A decoded image; an unreadable one is a DataError naming ``where``."""
+    """A decoded image; an unreadable one is a DataError naming ``where`` (a file, or a zip's
+    ``archive.zip:member``), never the stream object Pillow was handed."""
     try:
         with Image.open(source) as im:
             im.load()
             return im
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{where}: cannot read image: {exc}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: cannot read image: not an image format Pillow can identify") from None
+    except OSError as exc:
+        reason = str(exc) if isinstance(source, (str, Path)) else str(exc).replace(repr(source), "a stream")
+        raise DataError(f"{where}: cannot read image: {reason}") from None
 
 
 def read_image(source: Path | IO[bytes], channels: int, where: str | Path | None = None) -> np.ndarray:
     """An image (file or stream) as (H, W, channels) uint8; grey is replicated to 3 channels if asked.
     A 16-bit (or 32-bit) image is refused: converting it would clip every value above 255."""
-    image = open_image(source, where or source)
+    where = where if where is not None else source if isinstance(source, (str, Path)) else "an image stream"
+    image = open_image(source, where)
     if image.mode.startswith("I") or image.mode == "F":
-        raise DataError(f"{where or source}: {image.mode} image with more than 8 bits per pixel; window it to "
+        raise DataError(f"{where}: {image.mode} image with more than 8 bits per pixel; window it to "
                         "8 bits first (the AISD images are 8-bit, already windowed)")
     array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
     return array if array.ndim == 3 else array[..., None]

@@ -10,10 +10,13 @@ The training split is written in a shuffled order (keyed by ``data.split_seed``)
 shard mixes cases and an epoch's shard permutation mixes them further; validation and test keep
 name order, whole cases together. The manifest's per-split ``index`` maps names to (shard, row).
 
-Resumable and idempotent: a store whose manifest records the same source and settings is
-left alone. Otherwise new shards are written beside the old ones (their names carry the new
-fingerprint), the new manifest replaces the old one last, and only then are the old shards
-deleted: a prepare that fails half-way (a bad source file) leaves the existing store as it was.
+Resumable and idempotent: a store whose manifest records the same source and settings, and
+whose every shard is there with the size and SHA-256 the manifest lists, is left alone; a store
+with a missing or damaged shard is rewritten (the shard is named). Otherwise new shards are
+written beside the old ones (their names carry the new fingerprint), the new manifest replaces
+the old one last, and only then are the old shards deleted. A prepare that fails (a bad source
+file, a failed write) removes what it wrote: the output is as it was before, no folder where
+there was none, an existing store untouched.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import hashlib
 import json
 import logging
 import random
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from aisd_ray import storage
 from aisd_ray.config import Config
@@ -61,7 +67,9 @@ def read_source(cfg: Config) -> tuple[dict[str, list[layout.SliceRef]], dict[str
     if d.source_dir and not d.split_dirs and raw.is_raw_release(d.source_dir):
         release = raw.read_release(d.source_dir, d, m.image_height, m.image_width, m.image_channels)
         return release.refs, {"layout": "raw", "root": str(Path(d.source_dir).resolve()),
-                              "cases": release.cases, "unpaired_skipped": release.unpaired}
+                              "cases": release.cases, "unpaired_skipped": release.unpaired,
+                              "metadata_skipped": release.metadata_skipped, "padded_ids": release.padded_ids,
+                              "test_cases_missing": release.test_cases_missing}
     dirs = split_dirs(cfg)
     refs = {split: layout.original_refs(*dirs[split], m.image_height, m.image_width, m.image_channels,
                                           d.rgb_map, d.mask_colour_tolerance)
@@ -128,11 +136,56 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
     return _prepare(cfg, out_uri, progress)
 
 
+def _store_damage(out_uri: str) -> str | None:
+    """None when the store's manifest reads and every shard it lists is there with its size and
+    SHA-256; else what is wrong, naming the shard (or manifest entry)."""
+    try:
+        shards.verify_shards(out_uri, shards.read_manifest(out_uri), checksums=True)
+    except (layout.DataError, KeyError, TypeError) as exc:
+        return str(exc) if isinstance(exc, layout.DataError) else f"{shards.MANIFEST} entry without {exc}"
+    return None
+
+
+def _entries(out_uri: str) -> set[str] | None:
+    """Relative paths of everything under ``out_uri`` (files and folders); None when it does not exist."""
+    fs, path = storage.resolve(out_uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        return None
+    if kind != pafs.FileType.Directory:
+        return set()
+    return {i.path[len(path):].strip("/") for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
+
+
+def _topmost_missing(out_uri: str) -> str:
+    """The highest folder of a local ``out_uri`` that does not exist yet (what ``ensure_dir`` creates)."""
+    if not storage.is_local(out_uri):
+        return out_uri
+    path = Path(storage.resolve(out_uri)[1])
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return str(path)
+
+
+def _undo(out_uri: str, before: set[str] | None, created: str) -> None:
+    """Put the output back as it was before a failed prepare: remove a folder it created, or what it
+    added to an existing one (new shards, split folders, temp files); what was there stays."""
+    try:
+        if before is None:
+            storage.delete(created)
+            return
+        for entry in sorted((_entries(out_uri) or set()) - before, key=lambda e: -e.count("/")):
+            storage.delete(storage.join(out_uri, entry))
+    except OSError as exc:  # the failure that brought us here is the one to report
+        log.warning("could not remove what the failed prepare wrote under %s: %s", out_uri, exc)
+
+
 def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None = None) -> dict[str, Any]:
     refs, source = read_source(cfg)
     if source_uri:
         source["root"] = source_uri
     fingerprint = _fingerprint(cfg, refs)
+    generation = fingerprint[:8]
     manifest_uri = storage.join(out_uri, shards.MANIFEST)
     if storage.exists(manifest_uri):
         try:
@@ -140,29 +193,42 @@ def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None =
         except ValueError:  # truncated or not JSON: treated as absent, the store is rebuilt
             log.warning("%s is unreadable; rebuilding the store", manifest_uri)
             old = {}
-        if old.get("fingerprint") == fingerprint:
-            log.info("%s is up to date (same source and settings); nothing to do", manifest_uri)
-            return old
+        if isinstance(old, dict) and old.get("fingerprint") == fingerprint:
+            damage = _store_damage(out_uri)
+            if damage is None:
+                log.info("%s is up to date (same source and settings, every shard verified); nothing to do",
+                         manifest_uri)
+                return old
+            log.warning("%s; rewriting the store", damage.removesuffix("; re-run `aisd-ray prepare`"))
+            # new names, so that the damaged store stays as it was until the new manifest replaces it
+            generation = f"{generation}-{secrets.token_hex(3)}"
     if cfg.data.drop_empty_train and "train" in refs:
         refs["train"] = _drop_empty(refs["train"], progress)
     if "train" in refs:  # shards that mix cases (a source lists slices case by case)
         refs["train"] = list(refs["train"])
         random.Random(cfg.data.split_seed).shuffle(refs["train"])
-    storage.ensure_dir(out_uri)
+    before, created = _entries(out_uri), _topmost_missing(out_uri)
     m = cfg.model
     plan = shards.ShardPlan(int(cfg.data.shard_target_mb * 2**20), min_shards(cfg))
     bar = progress_bar(total=sum(len(r) for r in refs.values()), desc="prepare", unit="slice", enabled=progress)
     entries = {}
-    for split, split_refs in refs.items():
-        entries[split] = shards.write_split((ref.load() for ref in split_refs), len(split_refs), out_uri, split,
-                                            cfg.data.shard_format, plan, progress=bar, generation=fingerprint[:8],
-                                            encoding=cfg.data.row_encoding)
-    bar.close()
-    info = {"fingerprint": fingerprint, "shard_format": cfg.data.shard_format, "row_encoding": cfg.data.row_encoding,
-            "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
-            "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
-            "rgb_map": [list(c) for c in cfg.data.rgb_map], "source": source}
-    manifest = shards.write_manifest(out_uri, entries, info)
+    try:  # a slice that fails to load (bad input) or a write that fails leaves the output as it was
+        storage.ensure_dir(out_uri)
+        for split, split_refs in refs.items():
+            entries[split] = shards.write_split((ref.load() for ref in split_refs), len(split_refs), out_uri, split,
+                                                cfg.data.shard_format, plan, progress=bar, generation=generation,
+                                                encoding=cfg.data.row_encoding)
+        bar.close()
+        info = {"fingerprint": fingerprint, "shard_format": cfg.data.shard_format,
+                "row_encoding": cfg.data.row_encoding,
+                "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
+                "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
+                "rgb_map": [list(c) for c in cfg.data.rgb_map], "source": source}
+        manifest = shards.write_manifest(out_uri, entries, info)
+    except BaseException:
+        bar.close()
+        _undo(out_uri, before, created)
+        raise
     _remove_stale(out_uri, manifest)
     log.info("wrote %s: %s", manifest_uri,
              ", ".join(f"{s} {e['records']} slices in {len(e['shards'])} shards" for s, e in entries.items()))

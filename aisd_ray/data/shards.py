@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ SCHEMA = pa.schema([
 # uint8 arrays, zstd-compressed: a grey image whose three channels are equal is stored once and
 # expanded on read; labels as class ids). Each row says which by its first bytes.
 PNG_MAGIC = b"\x89PNG"
+# A shard's name in the manifest is a relative path of plain names inside the store ("train/train-00000-
+# 1a2b3c4d.parquet"): no "..", no absolute path, no URI scheme, no backslash, no empty part.
+SHARD_NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
 @functools.lru_cache(maxsize=1)
@@ -250,18 +254,31 @@ def read_manifest(shards_uri: str) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{uri}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
                         "re-run `aisd-ray prepare` to rewrite the store")
+    for split in manifest["splits"]:  # every entry checked once, before any command reads a shard
+        shard_uris(shards_uri, manifest, split)
     return manifest
+
+
+def shard_uri(shards_uri: str, split: str, shard: Any) -> str:
+    """The URI of one manifest shard entry inside the store. A name that is not a relative path of
+    plain names (``..``, an absolute path, ``gs://other/x``, a backslash) would read a file outside
+    the store: a DataError naming the manifest and the entry, on local folders and gs:// alike."""
+    name = shard.get("name") if isinstance(shard, dict) else None
+    if not isinstance(name, str) or not all(SHARD_NAME_PART.match(part) for part in name.split("/")):
+        raise DataError(f"{storage.join(shards_uri, MANIFEST)}: split {split!r} lists shard {name!r}, which is not a "
+                        "name inside the store (no '..', absolute path, URI or backslash); re-run `aisd-ray prepare`")
+    return storage.join(shards_uri, name)
 
 
 def shard_uris(shards_uri: str, manifest: dict[str, Any], split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise DataError(f"{storage.join(shards_uri, MANIFEST)}: no split {split!r} "
                         f"(has {sorted(manifest['splits'])})")
-    return [storage.join(shards_uri, s["name"]) for s in manifest["splits"][split]["shards"]]
+    return [shard_uri(shards_uri, split, s) for s in manifest["splits"][split]["shards"]]
 
 
-def _check_shard(shards_uri: str, shard: dict[str, Any], checksums: bool) -> None:
-    uri = storage.join(shards_uri, shard["name"])
+def _check_shard(shards_uri: str, split: str, shard: dict[str, Any], checksums: bool) -> None:
+    uri = shard_uri(shards_uri, split, shard)
     fs, path = storage.resolve(uri)
     info = fs.get_file_info(path)
     if info.size is None:
@@ -278,9 +295,9 @@ def verify_shards(shards_uri: str, manifest: dict[str, Any], checksums: bool = F
     parallel; the first bad shard is named."""
     from concurrent.futures import ThreadPoolExecutor
 
-    listed = [shard for entry in manifest["splits"].values() for shard in entry["shards"]]
+    listed = [(split, shard) for split, entry in manifest["splits"].items() for shard in entry["shards"]]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for _ in pool.map(lambda shard: _check_shard(shards_uri, shard, checksums), listed):
+        for _ in pool.map(lambda item: _check_shard(shards_uri, *item, checksums), listed):
             pass
 
 

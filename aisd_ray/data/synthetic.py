@@ -210,12 +210,18 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_case_ids(cfg: SyntheticConfig) -> list[str]:
-    """The raw layout's patients: the first ``num_test_cases`` official test IDs, then made-up IDs."""
+def synthetic_test_cases(cfg: SyntheticConfig) -> list[str]:
+    """The official test IDs the raw layout carries: the first ``num_test_cases`` of the 52. A store
+    prepared from it with these as ``data.test_cases`` has its whole official test split (the demo
+    hands them on); with the default 52, prepare says which are missing, as for any partial release."""
     from aisd_ray.config import AISD_TEST_CASES
 
-    return list(AISD_TEST_CASES[:cfg.num_test_cases]) + [f"{1000000 + i:07d}"
-                                                        for i in range(cfg.num_cases - cfg.num_test_cases)]
+    return list(AISD_TEST_CASES[:cfg.num_test_cases])
+
+
+def synthetic_case_ids(cfg: SyntheticConfig) -> list[str]:
+    """The raw layout's patients: the first ``num_test_cases`` official test IDs, then made-up IDs."""
+    return synthetic_test_cases(cfg) + [f"{1000000 + i:07d}" for i in range(cfg.num_cases - cfg.num_test_cases)]
 
 
 def write_synthetic(out_dir: str | Path, cfg: SyntheticConfig, as_zip: bool = False, progress: bool = True) -> Path:

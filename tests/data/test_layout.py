@@ -70,3 +70,41 @@ def test_size_mismatch_is_named(tmp_path):
     _, samples = iter_split(tmp_path / "images", tmp_path / "masks", 8, 8, 3, ((0, 0, 0), (255, 255, 255)))
     with pytest.raises(DataError, match=r"masks/x.png: mask is 8x9 but its image x.png is 8x8"):
         next(samples)
+
+
+@pytest.mark.parametrize("path, metadata", [
+    ("__MACOSX/image/0072723/._4.png", True), ("image/0072723/._4.png", True), (".DS_Store", True),
+    ("image/0072723/.DS_Store", True), ("mask/Thumbs.db", True), ("Desktop.ini", True), ("image/.hidden/1.png", True),
+    ("image/0072723/4.png", False), ("train/images/10001.png", False), ("a_.png", False),
+])
+def test_os_metadata_is_recognised_by_one_rule(path, metadata):
+    from aisd_ray.data.layout import is_metadata
+
+    assert is_metadata(path) is metadata
+
+
+def test_os_metadata_beside_the_slices_is_skipped_and_counted(tmp_path, caplog):
+    images, masks = make_pair_dirs(tmp_path, ["1.png", "2.png"], ["1.png", "2.png"])
+    for folder in (images, masks):
+        (folder / "._1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    with caplog.at_level("INFO"):
+        n, samples = iter_split(images, masks, 8, 8, 3, ((0, 0, 0), (255, 255, 255)))
+        assert n == 2 and [s.name for s in samples] == ["1", "2"]
+    assert f"{images}: 3 OS metadata file(s) skipped" in caplog.text
+    assert f"{masks}: 3 OS metadata file(s) skipped" in caplog.text
+
+
+def test_an_undecodable_stream_is_named_by_where_not_by_the_stream(tmp_path):
+    import io
+
+    from aisd_ray.data.layout import open_image, read_image
+
+    with pytest.raises(DataError) as err:
+        open_image(io.BytesIO(b"\x00\x05\x16\x07 not an image"), "image.zip:image/0072723/4.png")
+    assert str(err.value).startswith("image.zip:image/0072723/4.png: cannot read image")
+    assert "BytesIO" not in str(err.value)
+    with pytest.raises(DataError) as err:
+        read_image(io.BytesIO(b"junk"), 3)
+    assert "BytesIO" not in str(err.value)

@@ -133,3 +133,88 @@ def test_a_release_without_cases_is_an_error(tmp_path):
     (tmp_path / "mask").mkdir()
     with pytest.raises(DataError, match="no case folders"):
         read_release(tmp_path, tiny_config().data, 64, 64, 3)
+
+
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)  # what Finder's "Compress" adds
+
+
+def _add_members(zip_path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(zip_path, "a") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+@pytest.mark.parametrize("as_zip", [False, True], ids=["folders", "zips"])
+def test_os_metadata_in_a_release_is_skipped_and_counted(tmp_path, caplog, as_zip):
+    cases = OFFICIAL[:1] + OTHERS[:3]
+    write_synthetic_raw(tmp_path / "clean", tiny_config().synthetic, cases, slices=3, as_zip=as_zip, progress=False)
+    write_synthetic_raw(tmp_path / "mac", tiny_config().synthetic, cases, slices=3, as_zip=as_zip, progress=False)
+    added = 0
+    for side in ("image", "mask"):
+        junk = {f"__MACOSX/{side}/{case}/._{k}.png": APPLEDOUBLE for case in cases for k in range(3)}
+        junk |= {f"{side}/{cases[0]}/.DS_Store": b"Bud1", f"{side}/Thumbs.db": b"\xd0\xcf", f"{side}/desktop.ini": b"["}
+        if as_zip:
+            _add_members(tmp_path / "mac" / f"{side}.zip", junk)
+        else:  # extracted on a non-Mac volume: the AppleDouble files lie beside the slices
+            junk = {name.removeprefix("__MACOSX/"): data for name, data in junk.items()}
+            for name, data in junk.items():
+                (tmp_path / "mac" / name).write_bytes(data)
+        added += len(junk)
+    data = tiny_config().data
+    caplog.set_level("INFO", logger="aisd_ray")
+    clean, mac = (read_release(tmp_path / k, data, 64, 64, 3) for k in ("clean", "mac"))
+    assert mac.metadata_skipped == added == 2 * (4 * 3 + 3)
+    assert mac.cases == clean.cases and mac.unpaired == clean.unpaired == [f"{cases[0]}/3 (mask only)"]
+    assert {s: [r.name for r in v] for s, v in mac.refs.items()} == {s: [r.name for r in v] for s, v in clean.refs.items()}
+    assert "15 OS metadata file(s) skipped" in caplog.text
+
+
+# The two official test cases the issue renames, as a spreadsheet writes their IDs
+DAMAGED = {"0072723": "072723", "0226290": "226290"}
+
+
+def _rename_cases(root, renames: dict[str, str]) -> None:
+    for side in ("image", "mask"):
+        for old, new in renames.items():
+            (root / side / old).rename(root / side / new)
+
+
+def test_case_folders_that_lost_leading_zeros_are_read_as_their_ids(tmp_path, caplog):
+    assert set(DAMAGED) <= set(OFFICIAL)
+    write_synthetic_raw(tmp_path, tiny_config().synthetic, OFFICIAL + OTHERS[:3], slices=2, progress=False)
+    _rename_cases(tmp_path, DAMAGED)
+    got = read_release(tmp_path, tiny_config().data, 64, 64, 3)
+    assert got.cases["test"] == sorted(OFFICIAL) and len(got.refs["test"]) == 3 * 2  # every slice paired
+    assert got.padded_ids == {str(tmp_path / side / short): case for side in ("image", "mask")
+                              for case, short in DAMAGED.items()}
+    warning = next(r.getMessage() for r in caplog.records if "fewer than 7 digits" in r.getMessage())
+    assert f"{tmp_path / 'image' / '072723'} -> 0072723" in warning and "226290 -> 0226290" in warning
+
+
+def test_a_padded_id_that_collides_with_an_existing_case_names_both(tmp_path):
+    write_synthetic_raw(tmp_path, tiny_config().synthetic, OFFICIAL + OTHERS[:3], slices=2, progress=False)
+    (tmp_path / "image" / "0072723").rename(tmp_path / "image" / "72723")
+    (tmp_path / "image" / OFFICIAL[0]).rename(tmp_path / "image" / "0072723")  # another case under its ID
+    with pytest.raises(DataError) as err:
+        read_release(tmp_path, tiny_config().data, 64, 64, 3)
+    assert f"{tmp_path / 'image' / '0072723'} and {tmp_path / 'image' / '72723'} are both case 0072723" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["0072723 (copy)", "patient_12", "00072723"])
+def test_a_folder_of_slices_that_is_not_a_case_is_named(tmp_path, name):
+    write_synthetic_raw(tmp_path, tiny_config().synthetic, OFFICIAL + OTHERS[:3], slices=2, progress=False)
+    (tmp_path / "image" / OTHERS[1]).rename(tmp_path / "image" / name)
+    with pytest.raises(DataError) as err:
+        read_release(tmp_path, tiny_config().data, 64, 64, 3)
+    assert f"hold slices but are not named by a 7-digit case ID: {tmp_path / 'image' / name} (2 slices)" in str(err.value)
+
+
+def test_official_test_cases_a_release_lacks_are_reported_and_recorded(release, store, tmp_path, caplog):
+    missing = [c for c in AISD_TEST_CASES if c not in OFFICIAL]
+    assert store[0]["source"]["test_cases_missing"] == missing
+    # told which official test cases the release holds (as the demo tells its synthetic release's), quiet
+    caplog.clear()
+    cfg = raw_config(release, f"data.test_cases={OFFICIAL}")
+    manifest = prepare(cfg, str(tmp_path), progress=False)
+    assert manifest["source"]["test_cases_missing"] == [] and manifest["source"]["cases"]["test"] == sorted(OFFICIAL)
+    assert "official test cases" not in caplog.text

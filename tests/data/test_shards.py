@@ -1,3 +1,5 @@
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -152,3 +154,70 @@ def test_raw_rows_hold_the_same_pixels_as_png_rows(synthetic_root, tmp_path, fmt
     for (xa, ya), (xb, yb) in zip(batches["png"], batches["raw"], strict=True):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
+
+
+@pytest.mark.parametrize("name", ["../other/train/train-00000.parquet", "train/../../other/train-00000.parquet",
+                                  "/tmp/other/train/train-00000.parquet", "gs://other/train/train-00000.parquet",
+                                  "train\\train-00000.parquet", "train//train-00000.parquet", "./train/x.parquet", ""])
+def test_a_shard_name_outside_the_store_is_refused_naming_manifest_and_entry(parquet_store, tmp_path, name):
+    _, src = parquet_store
+    out = copy_store(src, tmp_path / "store")
+    manifest = shards.read_manifest(out)
+    manifest["splits"]["train"]["shards"][1]["name"] = name
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(manifest))
+    expected = f"{out}/manifest.json: split 'train' lists shard {name!r}, which is not a name inside the store"
+    with pytest.raises(DataError) as err:
+        shards.read_manifest(out)
+    assert str(err.value).startswith(expected)
+    for check in (lambda: shards.shard_uris(out, manifest, "train"), lambda: shards.verify_shards(out, manifest)):
+        with pytest.raises(DataError) as err:
+            check()
+        assert str(err.value).startswith(expected)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "tfrecord"])
+@pytest.mark.parametrize("damage", ["flipped byte", "deleted"])
+def test_prepare_rewrites_a_store_whose_shard_is_damaged(synthetic_root, tmp_path, fmt, damage, caplog):
+    cfg = tiny_config(f"data.source_dir='{synthetic_root}'", f"data.shard_format='{fmt}'")
+    out = str(tmp_path / "store")
+    first = prepare(cfg, out, progress=False)
+    victim = tmp_path / "store" / first["splits"]["train"]["shards"][1]["name"]
+    if damage == "deleted":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+    with pytest.raises(DataError):
+        shards.ShardStore.open(out, cfg)
+    again = prepare(cfg, out, progress=False)
+    assert f"{victim}: shard" in caplog.text and "rewriting the store" in caplog.text
+    store = shards.ShardStore.open(out, cfg)  # what train checks first: every shard's size and SHA-256
+    assert again["fingerprint"] == first["fingerprint"]
+    assert {s: e["records"] for s, e in again["splits"].items()} == {s: e["records"] for s, e in first["splits"].items()}
+    assert store.manifest == again
+    listed = {s["name"] for e in again["splits"].values() for s in e["shards"]}
+    assert {p.relative_to(tmp_path / "store").as_posix() for p in (tmp_path / "store").rglob("*.*")} == (
+        listed | {"manifest.json"})  # the damaged generation is gone
+    caplog.clear()
+    assert prepare(cfg, out, progress=False) == again  # and now it is up to date
+
+
+def test_a_failed_prepare_leaves_no_output_or_the_old_store_as_it_was(synthetic_root, tmp_path):
+    source = tmp_path / "AISD"
+    shutil.copytree(synthetic_root, source)
+    cfg = tiny_config(f"data.source_dir='{source}'")
+    bad = sorted((source / "test" / "images").iterdir())[-1]  # the last split written
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "new" / "store"
+    with pytest.raises(DataError, match=str(bad)):
+        prepare(cfg, str(out), progress=False)
+    assert not (tmp_path / "new").exists()
+    bad.write_bytes(good)
+    prepare(cfg, str(out), progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad.write_bytes(b"not a png")  # a changed source: the store is rewritten, train and valid first
+    with pytest.raises(DataError, match=str(bad)):
+        prepare(cfg, str(out), progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
