@@ -164,7 +164,8 @@ def test_a_1_bit_mask_slice_of_the_raw_release_is_read(tmp_path, capsys, content
     assert prepare(release, tmp_path / "shards") == 0, capsys.readouterr().err
     store = manifest(tmp_path / "shards")
     split = next(s for s, cases in store["source"]["cases"].items() if "1000002" in cases)
-    record = next(r for r in shards.iter_records(str(tmp_path / "shards"), store, split) if r["name"] == f"1000002_{victim.stem}")
+    record = next(r for r in shards.iter_records(str(tmp_path / "shards"), store, split)
+                  if r["name"] == f"1000002_{victim.stem}")
     np.testing.assert_array_equal(shards.record_to_arrays(record)[1], bits.astype(np.uint8))
     assert store["splits"][split]["mask_values"] == "raw_labels"
 

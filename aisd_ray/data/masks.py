@@ -24,14 +24,17 @@ a reading when:
 The reading is chosen **per split** (per folder in ``evaluate``), once, from all its masks: with
 ``"auto"`` the first reading in the source's order of preference that every mask of the split
 fits: class ids, raw labels, colours for the original's tree and for folders; raw labels first
-for the raw release, whose masks are documented to hold them. An all-zero mask fits every reading
-(background under each). A mask that fits no reading is an error naming the file and its values;
+for the raw release, whose masks are documented to hold them (so a split of 0/1 masks is read as
+raw labels there and as class ids elsewhere; set ``data.mask_values`` where that matters). An
+all-zero mask fits every reading (background under each, rgb_map's background being black), so a
+split's lesion-free masks never decide its reading. ``prepare`` judges every split this way before
+it writes anything. A mask that fits no reading is an error naming the file and its values;
 so are masks of one split that fit no common reading (e.g. 0/1 masks among 0/255 ones), naming
 the odd file and one that disagrees with it. An explicit ``data.mask_values`` is held to the same
 test: a mask that does not fit it is an error naming the file, its values and what they fit.
 
-Cost: ``prepare`` reads every mask of a split twice (once to choose, once to write); masks are
-small single-channel PNGs next to their images.
+Cost: ``prepare`` decodes every mask twice (once to choose, once to write); a mask is a small
+file beside its image.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The release (FACTS section 4) ships ``image.zip`` and ``mask.zip``, each with one folder per
 case named by its 7-digit ID; image slices are windowed 8-bit PNGs, mask slices hold labels
-0..5 (read by the rule of ``aisd_ray.data.masks``: raw labels first, one reading per split). Slices pair by file name within a case; a slice without a partner (some cases have
-more mask slices than images) is reported and skipped. The official 52 test cases form the
+0..5 (read by the rule of ``aisd_ray.data.masks``: raw labels first, one reading per split).
+Slices pair by file name within a case; a slice without a partner (some cases have more mask
+slices than images) is reported and skipped. The official 52 test cases form the
 test split; the other cases are split into train and validation by patient, never by slice.
 """
 
@@ -30,7 +31,6 @@ from aisd_ray.data.layout import (
     resize_image,
     resize_labels,
 )
-
 from aisd_ray.data.masks import RAW_RELEASE_ORDER, SplitMasks
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from aisd_ray.config import ConfigError
 from aisd_ray.data.layout import DataError
-from aisd_ray.data.masks import RAW_RELEASE_ORDER, MaskRule, SplitMasks, read_pixels
+from aisd_ray.data.masks import FOLDER_ORDER, RAW_RELEASE_ORDER, MaskRule, SplitMasks, read_pixels
 from tests.conftest import tiny_config
 
 RULE = MaskRule()  # black/white, raw_label_map (0, 1, 1, 1, 0, 1), tolerance 64, auto
@@ -14,15 +14,16 @@ LESION = np.zeros((8, 8), bool)
 LESION[2:5, 3:6] = True  # 9 lesion pixels
 
 
-def save(path, array, mode=None):
+def save(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode).save(path) if mode is None else Image.fromarray(array).convert(mode).save(path)
+    Image.fromarray(array).save(path)
     return path
 
 
-def split(tmp_path, arrays, rule=RULE, order=None):
+def split(tmp_path, arrays, rule=RULE, order=FOLDER_ORDER):
+    """The arrays saved as one split's masks: (its SplitMasks, the class ids of each)."""
     paths = [save(tmp_path / f"{i}.png", a) for i, a in enumerate(arrays)]
-    masks = SplitMasks.of_paths(rule, paths, "the test split", *(order and [order] or []))
+    masks = SplitMasks.of_paths(rule, paths, "the test split", order)
     return masks, [masks.labels(p, p) for p in paths]
 
 
@@ -31,7 +32,7 @@ def colour(lesion, white=254):
 
 
 def test_colour_masks_are_read_by_nearest_rgb_map_colour(tmp_path):
-    masks, labels = split(tmp_path, [colour(LESION, 252), colour(LESION, 255), colour(~LESION & False)])
+    masks, labels = split(tmp_path, [colour(LESION, 252), colour(LESION, 255), colour(np.zeros((8, 8), bool))])
     assert masks.reading == "colours"
     assert [int(x.sum()) for x in labels] == [9, 9, 0]
     np.testing.assert_array_equal(labels[0], LESION.astype(np.uint8))
