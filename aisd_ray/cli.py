@@ -128,7 +128,7 @@ def cmd_evaluate(args) -> None:
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
         cfg = _config(args)
-        report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data.rgb_map, args.output)
+        report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data, args.output)
     else:
         if not (args.model and args.data):
             raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")

@@ -79,6 +79,12 @@ class DataConfig:
     # A mask pixel farther than this (Euclidean, RGB units) from every rgb_map colour is an error
     # naming the file: a mask in another palette must not turn silently into background.
     mask_colour_tolerance: float = 64.0
+    # How mask files become class ids (the rule: aisd_ray/data/masks.py): "colours" (nearest rgb_map
+    # colour), "class_ids" (values 0..num_classes-1, nnU-Net's convention), "raw_labels" (the raw AISD
+    # release's 0..5, mapped by raw_label_map) or "auto": per split (per folder for `evaluate
+    # --predictions/--masks`), the first reading every mask of it fits; none, or masks that disagree,
+    # are an error naming a file and its values.
+    mask_values: str = "auto"
     class_names: tuple[str, ...] = ("background", "lesion")
     # Raw AISD release only: class id of each raw label value 0..5 (1 remote infarct, 2 clear acute,
     # 3 blurred acute, 4 invisible acute, 5 infarct); lesion = {1, 2, 3, 5}, label 4 is background.
@@ -94,6 +100,9 @@ class DataConfig:
     # worker's training rows per epoch contain lesion; lesion slices are drawn again in place of
     # lesion-free ones until it holds. 0 trains on the split as it is.
     foreground_fraction: float = 0.0
+    # A train or valid split without a single lesion pixel is almost always a mask-reading mistake:
+    # prepare warns and train (and tune) refuse such a store (exit 2) unless this says it is intended.
+    allow_lesion_free_splits: bool = False
 
 
 SYNTHETIC_LAYOUTS = ("original", "raw")
@@ -273,6 +282,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 LOSSES = ("ce", "dice", "ce_dice")
 SHARD_FORMATS = ("parquet", "tfrecord")
 ROW_ENCODINGS = ("png", "raw")
+MASK_VALUES = ("auto", "colours", "class_ids", "raw_labels")  # data.mask_values (aisd_ray/data/masks.py)
 BACKENDS = ("ray", "local")
 # train.mixed_precision -> Keras dtype policy of the layers (the softmax head stays float32).
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -560,6 +570,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("data.shard_target_mb", "shard size must be > 0 and min_shards >= 1")
     if not d.raw_label_map or not all(0 <= c < m.num_classes for c in d.raw_label_map):
         raise bad("data.raw_label_map", f"class ids must lie in 0..{m.num_classes - 1}, got {d.raw_label_map}")
+    if d.mask_values not in MASK_VALUES:
+        raise bad("data.mask_values", f"must be one of {', '.join(MASK_VALUES)}, got {d.mask_values!r}")
     if d.mask_colour_tolerance < 0:
         raise bad("data.mask_colour_tolerance", f"must be >= 0, got {d.mask_colour_tolerance}")
     if not 0 <= d.foreground_fraction <= 1:

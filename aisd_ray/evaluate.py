@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from aisd_ray import metrics, plots, render, storage
-from aisd_ray.data import layout, shards
+from aisd_ray.data import layout, masks, shards
 from aisd_ray.export import LoadedExport
 from aisd_ray.losses import categorical_crossentropy
 from aisd_ray.progress import progress_bar
@@ -183,15 +183,21 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
     return report
 
 
-def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rgb_map, out_uri: str,
+def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rule, out_uri: str,
                      progress: bool = True) -> dict[str, Any]:
-    """Score existing mask PNGs against ground truth by file name, without a model."""
+    """Score existing mask PNGs against ground truth by file name, without a model. ``rule``: how
+    masks are read, a ``masks.MaskRule`` or the config's ``DataConfig`` (a bare rgb_map takes the
+    other keys' defaults); each folder is read one way, chosen from all its files
+    (``aisd_ray.data.masks``), so 0/1 predictions score against colour or raw-label ground truth."""
     pairs = layout.pair_by_name(predictions_dir, masks_dir)
     names, counts, seed_dice = [], [], []
-    num_classes = len(rgb_map)
+    rule = masks.MaskRule.of(rule)
+    num_classes = rule.num_classes
+    predicted = masks.SplitMasks.of_paths(rule, [p for _, p, _ in pairs], f"the predictions ({predictions_dir})")
+    truths = masks.SplitMasks.of_paths(rule, [m for _, _, m in pairs], f"the ground truth ({masks_dir})")
     for name, pred_path, mask_path in progress_bar(pairs, desc="evaluate", unit="mask", enabled=progress):
-        pred = layout.categorize(layout.read_image(pred_path, 3), rgb_map, pred_path)
-        truth = layout.categorize(layout.read_image(mask_path, 3), rgb_map, mask_path)
+        pred = predicted.labels(pred_path, pred_path)
+        truth = truths.labels(mask_path, mask_path)
         if pred.shape != truth.shape:
             raise layout.DataError(f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
                                    f"ground truth {mask_path.name} is {truth.shape[1]}x{truth.shape[0]}")

@@ -2,19 +2,18 @@
 
 Images and masks are paired by file stem (the original paired two unsorted listings, which
 worked by luck); a file without a partner, or one that cannot be decoded, is an error
-that names it. Mask colours become class ids by nearest ``rgb_map`` colour, as the original's
-"categorized" masks did, so near-white lesion pixels (252..255) map to the lesion class.
+that names it. Masks become class ids by the rule of ``aisd_ray.data.masks`` (one reading per
+split: rgb_map colours as the original's "categorized" masks, where near-white lesion pixels
+252..255 map to the lesion class; class ids; or raw AISD labels).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from pathlib import PurePosixPath
-from typing import IO, Callable, Iterator
-
-import logging
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -39,6 +38,7 @@ class SliceRef:
     stamp: str  # changes whenever the source files change (size and mtime, or a zip member's CRC)
     load: Callable[[], "Sample"]
     load_labels: Callable[[], np.ndarray]
+    masks: Any = None  # the split's masks.SplitMasks: how its masks are read (None where unknown)
 
 
 @dataclass(frozen=True)
@@ -176,9 +176,10 @@ def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def load_pair(name: str, image_path: Path, mask_path: Path, height: int, width: int, channels: int,
-              rgb_map: tuple[tuple[int, int, int], ...], tolerance: float = MASK_COLOUR_TOLERANCE) -> Sample:
+              masks: Any) -> Sample:
+    """One slice at model size; ``masks``: the split's ``masks.SplitMasks``."""
     image = read_image(image_path, channels)
-    labels = categorize(read_image(mask_path, 3), rgb_map, mask_path, tolerance)
+    labels = masks.labels(mask_path, mask_path)
     if image.shape[:2] != labels.shape:
         raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                         f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
@@ -189,22 +190,28 @@ def _stamp(*paths: Path) -> str:
     return "/".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
 
 
-def _load_labels(mask_path: Path, height: int, width: int, rgb_map, tolerance: float) -> np.ndarray:
-    return resize_labels(categorize(read_image(mask_path, 3), rgb_map, mask_path, tolerance), height, width)
+def _load_labels(mask_path: Path, height: int, width: int, masks: Any) -> np.ndarray:
+    return resize_labels(masks.labels(mask_path, mask_path), height, width)
 
 
 def original_refs(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
-                  rgb_map: tuple[tuple[int, int, int], ...],
-                  tolerance: float = MASK_COLOUR_TOLERANCE) -> list[SliceRef]:
-    """The slices of one split of the original's tree, paired by name."""
-    return [SliceRef(name, _stamp(image, mask),
-                     partial(load_pair, name, image, mask, height, width, channels, rgb_map, tolerance),
-                     partial(_load_labels, mask, height, width, rgb_map, tolerance))
-            for name, image, mask in pair_by_name(images_dir, masks_dir)]
+                  rule: Any, split: str = "") -> list[SliceRef]:
+    """The slices of one split of the original's tree, paired by name. ``rule``: a
+    ``masks.MaskRule`` (or the config's ``DataConfig``, or a bare rgb_map); the split's masks are
+    read one way, chosen from all of them at the first load (``aisd_ray.data.masks``)."""
+    from aisd_ray.data.masks import FOLDER_ORDER, SplitMasks
+
+    pairs = pair_by_name(images_dir, masks_dir)
+    name = f"the {split} split ({masks_dir})" if split else str(masks_dir)
+    masks = SplitMasks.of_paths(rule, [mask for _, _, mask in pairs], name, FOLDER_ORDER)
+    return [SliceRef(name, _stamp(image, mask), partial(load_pair, name, image, mask, height, width, channels, masks),
+                     partial(_load_labels, mask, height, width, masks), masks)
+            for name, image, mask in pairs]
 
 
 def iter_split(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
-               rgb_map: tuple[tuple[int, int, int], ...]) -> tuple[int, Iterator[Sample]]:
-    """The number of pairs of a split and a lazy iterator over them (one pair in memory at once)."""
-    pairs = pair_by_name(images_dir, masks_dir)
-    return len(pairs), (load_pair(n, i, m, height, width, channels, rgb_map) for n, i, m in pairs)
+               rule: Any) -> tuple[int, Iterator[Sample]]:
+    """The number of pairs of a split and a lazy iterator over them (one pair in memory at once).
+    ``rule`` as for ``original_refs``."""
+    refs = original_refs(images_dir, masks_dir, height, width, channels, rule)
+    return len(refs), (ref.load() for ref in refs)

@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 
 from aisd_ray import storage
 from aisd_ray.config import Config
-from aisd_ray.data import layout, raw, shards
+from aisd_ray.data import layout, masks, raw, shards
 from aisd_ray.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def read_source(cfg: Config) -> tuple[dict[str, list[layout.SliceRef]], dict[str
                               "metadata_skipped": release.metadata_skipped, "padded_ids": release.padded_ids,
                               "test_cases_missing": release.test_cases_missing}
     dirs = split_dirs(cfg)
-    refs = {split: layout.original_refs(*dirs[split], m.image_height, m.image_width, m.image_channels,
-                                          d.rgb_map, d.mask_colour_tolerance)
+    refs = {split: layout.original_refs(*dirs[split], m.image_height, m.image_width, m.image_channels, d, split)
             for split in dirs}
     return refs, {"layout": "original", "splits": {s: list(v) for s, v in dirs.items()}}
 
@@ -81,7 +80,7 @@ def _settings(cfg: Config) -> list[Any]:
     m, d = cfg.model, cfg.data
     return [shards.FORMAT_VERSION, m.image_height, m.image_width, m.image_channels, d.rgb_map, d.shard_format,
             d.shard_target_mb, min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed,
-            d.drop_empty_train, d.mask_colour_tolerance, d.row_encoding]
+            d.drop_empty_train, d.mask_colour_tolerance, d.row_encoding, d.mask_values]
 
 
 def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:
@@ -104,6 +103,31 @@ def _drop_empty(refs: list[layout.SliceRef], progress: bool) -> list[layout.Slic
     kept = [ref for ref in bar if ref.load_labels().any()]
     log.info("drop_empty_train: kept %d of %d train slices (the others have no lesion)", len(kept), len(refs))
     return kept
+
+
+def _mask_readings(refs: dict[str, list[layout.SliceRef]]) -> dict[str, str]:
+    """How each split's masks are read ("colours", "class_ids", "raw_labels"; aisd_ray.data.masks),
+    chosen from all of its masks; a mask that fits no reading, or masks that disagree, are a
+    DataError naming the file."""
+    return {split: split_refs[0].masks.reading for split, split_refs in refs.items()
+            if split_refs and split_refs[0].masks is not None}
+
+
+def _warn_lesion_free(entries: dict[str, Any], cfg: Config) -> None:
+    """A train or valid split without a lesion pixel: a loud warning (train refuses such a store
+    unless data.allow_lesion_free_splits)."""
+    for split in ("train", "valid"):
+        entry = entries.get(split)
+        if not entry or not entry["records"] or entry["lesion_fraction"] > 0:
+            continue
+        if cfg.data.allow_lesion_free_splits:
+            log.info("the %s split has no lesion pixel (allowed by data.allow_lesion_free_splits)", split)
+            continue
+        log.warning("\n%s\nTHE %s SPLIT HAS NO LESION PIXEL in its %d slices (masks read as %s). A model cannot learn "
+                    "or be selected on it, and `aisd-ray train` refuses this store. Check the masks "
+                    "(data.mask_values, data.rgb_map, data.raw_label_map), or set data.allow_lesion_free_splits = "
+                    "true if this is intended.\n%s", "!" * 78, split.upper(), entry["records"],
+                    masks.describe(entry.get("mask_values")), "!" * 78)
 
 
 def _remove_stale(out_uri: str, manifest: dict[str, Any]) -> None:
@@ -202,6 +226,7 @@ def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None =
             log.warning("%s; rewriting the store", damage.removesuffix("; re-run `aisd-ray prepare`"))
             # new names, so that the damaged store stays as it was until the new manifest replaces it
             generation = f"{generation}-{secrets.token_hex(3)}"
+    readings = _mask_readings(refs)  # every split's masks judged whole before anything is written
     if cfg.data.drop_empty_train and "train" in refs:
         refs["train"] = _drop_empty(refs["train"], progress)
     if "train" in refs:  # shards that mix cases (a source lists slices case by case)
@@ -218,7 +243,12 @@ def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None =
             entries[split] = shards.write_split((ref.load() for ref in split_refs), len(split_refs), out_uri, split,
                                                 cfg.data.shard_format, plan, progress=bar, generation=generation,
                                                 encoding=cfg.data.row_encoding)
+            entries[split]["mask_values"] = readings.get(split)
         bar.close()
+        for split, entry in entries.items():
+            log.info("%s: %d slices, masks read as %s, lesion fraction %.4f", split, entry["records"],
+                     masks.describe(entry["mask_values"]), entry["lesion_fraction"])
+        _warn_lesion_free(entries, cfg)
         info = {"fingerprint": fingerprint, "shard_format": cfg.data.shard_format,
                 "row_encoding": cfg.data.row_encoding,
                 "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},

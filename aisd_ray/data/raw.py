@@ -2,8 +2,9 @@
 
 The release (FACTS section 4) ships ``image.zip`` and ``mask.zip``, each with one folder per
 case named by its 7-digit ID; image slices are windowed 8-bit PNGs, mask slices hold labels
-0..5. Slices pair by file name within a case; a slice without a partner (some cases have
-more mask slices than images) is reported and skipped. The official 52 test cases form the
+0..5 (read by the rule of ``aisd_ray.data.masks``: raw labels first, one reading per split).
+Slices pair by file name within a case; a slice without a partner (some cases have more mask
+slices than images) is reported and skipped. The official 52 test cases form the
 test split; the other cases are split into train and validation by patient, never by slice.
 OS metadata (``__MACOSX/``, ``._*``, ``.DS_Store``: ``layout.is_metadata``) is never a slice; a
 case folder whose ID lost its leading zeros is read as its ID, with a warning; any other folder
@@ -30,12 +31,14 @@ from aisd_ray.data.layout import (
     Sample,
     SliceRef,
     is_metadata,
-    open_image,
-    report_metadata as layout_report_metadata,
     read_image,
     resize_image,
     resize_labels,
 )
+from aisd_ray.data.layout import (
+    report_metadata as layout_report_metadata,
+)
+from aisd_ray.data.masks import RAW_RELEASE_ORDER, SplitMasks
 
 log = logging.getLogger(__name__)
 CASE_ID = re.compile(r"^\d{7}$")
@@ -168,30 +171,31 @@ def _check_folders(sides: tuple[_Side, ...]) -> dict[str, str]:
     return padded
 
 
-def read_labels(side: _Side, member: str, label_map: np.ndarray) -> np.ndarray:
-    """Class ids of a raw label PNG (values 0..5 -> ``raw_label_map``)."""
-    im = open_image(side.open(member), side.name(member))
-    raw = np.asarray(im)
-    if raw.ndim == 3:
-        raw = raw[..., 0]
-    if raw.size and int(raw.max()) >= len(label_map):
-        raise DataError(f"{side.name(member)}: label value {int(raw.max())} is outside 0..{len(label_map) - 1} "
-                        "(data.raw_label_map)")
-    return label_map[raw].astype(np.uint8)
+def split_masks(side: _Side, members: list[str], data: DataConfig, split: str) -> SplitMasks:
+    """One split's mask slices, read one way (``aisd_ray.data.masks``; raw labels first, as the
+    release holds them)."""
+    return SplitMasks(data, [(side.name(m), partial(side.open, m)) for m in members],
+                      f"the {split} split ({side.where})", RAW_RELEASE_ORDER)
+
+
+def read_labels(side: _Side, member: str, masks: SplitMasks) -> np.ndarray:
+    """(H, W) uint8 class ids of a mask slice, read as its split's masks are (raw labels 0..5 ->
+    ``raw_label_map`` in the release; 1-bit, 16-bit, class-id and colour slices by the same rule)."""
+    return masks.labels(side.open(member), side.name(member))
 
 
 def _load(images: _Side, masks: _Side, name: str, case: str, index: int, image_member: str,
-          mask_member: str, height: int, width: int, channels: int, label_map: np.ndarray) -> Sample:
+          mask_member: str, height: int, width: int, channels: int, reading: SplitMasks) -> Sample:
     image = read_image(images.open(image_member), channels, images.name(image_member))
-    labels = read_labels(masks, mask_member, label_map)
+    labels = read_labels(masks, mask_member, reading)
     if image.shape[:2] != labels.shape:
         raise DataError(f"{masks.name(mask_member)}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                         f"is {image.shape[1]}x{image.shape[0]}")
     return Sample(name, resize_image(image, height, width), resize_labels(labels, height, width), case, index)
 
 
-def _load_labels(masks: _Side, member: str, height: int, width: int, label_map: np.ndarray) -> np.ndarray:
-    return resize_labels(read_labels(masks, member, label_map), height, width)
+def _load_labels(masks: _Side, member: str, height: int, width: int, reading: SplitMasks) -> np.ndarray:
+    return resize_labels(read_labels(masks, member, reading), height, width)
 
 
 def split_cases(case_ids: list[str], data: DataConfig) -> dict[str, list[str]]:
@@ -213,7 +217,6 @@ def read_release(root: str | Path, data: DataConfig, height: int, width: int, ch
     root = Path(root)
     images, masks = _Side(root, "image"), _Side(root, "mask")
     padded = _check_folders((images, masks))
-    label_map = np.asarray(data.raw_label_map, np.uint8)
     unpaired: list[str] = []
     pairs: dict[str, list[tuple[str, str, str, int]]] = {}
     for case in sorted(images.cases.keys() | masks.cases.keys()):
@@ -241,11 +244,12 @@ def read_release(root: str | Path, data: DataConfig, height: int, width: int, ch
     cases = split_cases(sorted(pairs), data)
     refs: dict[str, list[SliceRef]] = {}
     for split, split_cases_ in cases.items():
+        reading = split_masks(masks, [mk for case in split_cases_ for _, _, mk, _ in pairs[case]], data, split)
         refs[split] = [
             SliceRef(f"{case}_{stem}", f"{images.stamps[im]}/{masks.stamps[mk]}",
                      partial(_load, images, masks, f"{case}_{stem}", case, k, im, mk, height, width, channels,
-                             label_map),
-                     partial(_load_labels, masks, mk, height, width, label_map))
+                             reading),
+                     partial(_load_labels, masks, mk, height, width, reading), reading)
             for case in split_cases_ for stem, im, mk, k in pairs[case]]
     return RawSplits({s: r for s, r in refs.items() if r}, cases, unpaired,
                      len(images.skipped) + len(masks.skipped), padded, missing)

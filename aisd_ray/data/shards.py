@@ -302,7 +302,9 @@ def verify_shards(shards_uri: str, manifest: dict[str, Any], checksums: bool = F
 
 
 def check_matches_config(shards_uri: str, manifest: dict[str, Any], cfg) -> None:
-    """The shards were made for this config's input: size, channels, classes and mask colours."""
+    """The shards were made for this config's input: size, channels, classes and mask colours; and
+    they can be trained on: the train and valid splits hold lesion pixels (unless
+    ``data.allow_lesion_free_splits``). DataError naming the manifest otherwise."""
     m, where = cfg.model, storage.join(shards_uri, MANIFEST)
     image = manifest.get("image", {})
     have = (image.get("height"), image.get("width"), image.get("channels"))
@@ -318,6 +320,15 @@ def check_matches_config(shards_uri: str, manifest: dict[str, Any], cfg) -> None
     if manifest.get("rgb_map") is not None and manifest["rgb_map"] != colours:
         raise DataError(f"{where}: the shards were categorised with rgb_map {manifest['rgb_map']} but "
                         f"[data] rgb_map is {colours}")
+    if not cfg.data.allow_lesion_free_splits:
+        for split in ("train", "valid"):
+            entry = manifest["splits"].get(split) or {}
+            if entry.get("records") and entry.get("lesion_fraction") == 0:
+                reading = f", masks read as {entry['mask_values']}" if entry.get("mask_values") else ""
+                raise DataError(f"{where}: the {split} split has no lesion pixel in its {entry['records']} slices"
+                                f"{reading}; a model cannot learn or be selected without one: check the masks and "
+                                "re-run `aisd-ray prepare`, or set data.allow_lesion_free_splits = true if this "
+                                "is intended")
 
 
 @dataclass
