@@ -128,7 +128,8 @@ def cmd_evaluate(args) -> None:
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
         cfg = _config(args)
-        report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data.rgb_map, args.output)
+        report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data.rgb_map, args.output,
+                                           class_names=cfg.data.class_names)
     else:
         if not (args.model and args.data):
             raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
@@ -136,6 +137,8 @@ def cmd_evaluate(args) -> None:
                                           overlays=not args.no_overlays)
     print(f"lesion Dice {report['lesion_dice']:.4f} (pooled), "
           f"{report['lesion_dice_per_image']:.4f} (per image) over {report['images']} images")
+    for name in report.get("classes", []):
+        print(f"{name} Dice {report[f'{name}_dice']:.4f} (pooled), {report[f'{name}_dice_per_image']:.4f} (per image)")
     print(f"metrics: {storage.join(args.output, 'metrics.json')}")
 
 

@@ -27,7 +27,9 @@ WEIGHTS = "model.weights.h5"
 OPTIMIZER = "optimizer.npz"
 STATE = "state.json"
 COMPLETE = "checkpoint.json"
-SCORE = "val_lesion_dice"
+# The row key that ranks epochs and checkpoints (and Tune's trials): metrics.selection_score, the
+# mean val Dice over the foreground classes (= val_lesion_dice with one lesion class).
+SCORE = "val_score"
 
 
 @dataclass
