@@ -112,7 +112,8 @@ def _write_overlay(out_uri: str, name: str, image, truth, pred, foreground_names
     own = metrics.own_classes(foreground_names)
     if len(own) > 1:
         per_class = metrics.class_counts(truth[None], pred[None], len(own) + 1)[0]
-        caption += "   " + "  ".join(f"{c} {metrics.scores_from_counts(*n)['dice']:.3f}" for c, n in zip(own, per_class))
+        dice_of = [metrics.scores_from_counts(*n)["dice"] for n in per_class]
+        caption += "   " + "  ".join(f"{c} {d:.3f}" for c, d in zip(own, dice_of))
     buf = io.BytesIO()
     render.error_panel(name, image, truth, pred, caption).save(buf, format="PNG")
     storage.write_bytes(storage.join(out_uri, "overlays", f"{name}.png"), buf.getvalue())

@@ -4,8 +4,9 @@ Ray 2.60 drives Train V2 runs from Tune as function trainables (FACTS section 7)
 calls ``TensorflowTrainer.fit()`` (through ``stages.train``) and a ``TuneReportCallback``
 passes every epoch's metrics up, so ASHA can stop weak trials at its rungs of the validation
 score that also picks each run's best checkpoint (``checkpoint.SCORE``: the mean val Dice over
-the foreground classes, the lesion Dice with one lesion class). The experiment lives in the configured storage (folder or ``gs://``); running
-the same command again restores it and runs only what is unfinished. When the search ends the
+the foreground classes, the lesion Dice with one lesion class). The experiment lives in the
+configured storage (folder or ``gs://``); running the same command again restores it and runs
+only what is unfinished. When the search ends the
 best trial is exported like a single run, and ``best_config.toml`` (which ``aisd-ray train``
 accepts), ``leaderboard.csv``, ``search.png`` and ``curves.png`` are written beside it.
 """

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from aisd_ray import metrics, plots, render, storage
-from aisd_ray.train.checkpoint import SCORE
+from aisd_ray.train.checkpoint import row_score
 
 LOSS_KEYS = ("loss", "val_loss")
 
@@ -66,8 +66,7 @@ class Artifacts:
         self._write_csv(history)
         name = self.run_uri.rstrip("/").rsplit("/", 1)[-1]
         epochs = [r["epoch"] for r in history]
-        scores = [(r.get(SCORE, r["val_lesion_dice"]), r["epoch"]) for r in history]  # older rows: lesion Dice
-        scored = [(s, e) for s, e in scores if s == s]  # NaN: no lesion anywhere
+        scored = [(row_score(r), r["epoch"]) for r in history if row_score(r) == row_score(r)]  # NaN: no lesion
         plots.lines([(k, epochs, [r[k] for r in history]) for k in LOSS_KEYS], "epoch", "loss",
                     str(self.folder / "train_losses.png"), title=f"{name}: losses",
                     mark_x=max(scored)[1] if scored else None)

@@ -380,7 +380,7 @@ def _after_epoch(state: ckpt.LoopState, row: dict, t) -> ckpt.LoopState:
     """Best-model bookkeeping, reduce-LR-on-plateau and early stopping on validation loss."""
     state.epoch = int(row["epoch"])
     state.history.append(row)
-    score = row[ckpt.SCORE]
+    score = ckpt.row_score(row)
     if not math.isnan(score) and score > state.best_score:
         state.best_score, state.best_epoch = score, state.epoch
     if state.reducer.update(row["val_loss"]) and t.lr_schedule == "plateau":
