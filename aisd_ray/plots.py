@@ -71,7 +71,7 @@ def training_metrics(history: Sequence[dict], title: str, uri: str, classes: Seq
     if scores:
         best, at = max(scores)
         top.axvline(at, color="k", ls=":", lw=1)
-        what = "best mean class Dice" if several else "best"
+        what = "best class mean" if several else "best"
         top.annotate(f"{what} {best:.3f} @ epoch {at:g}", (at, best), textcoords="offset points", xytext=(4, -14),
                      fontsize=8)
     top.set_ylim(0, 1)
