@@ -136,6 +136,8 @@ def cmd_evaluate(args) -> None:
                                           overlays=not args.no_overlays)
     print(f"lesion Dice {report['lesion_dice']:.4f} (pooled), "
           f"{report['lesion_dice_per_image']:.4f} (per image) over {report['images']} images")
+    for name in report.get("classes", []):
+        print(f"{name} Dice {report[f'{name}_dice']:.4f} (pooled), {report[f'{name}_dice_per_image']:.4f} (per image)")
     print(f"metrics: {storage.join(args.output, 'metrics.json')}")
 
 

@@ -11,6 +11,7 @@ import ast
 import configparser
 import copy
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -233,7 +234,7 @@ class TuneConfig:
     max_concurrent_trials: int = 1
     space: dict[str, dict[str, tuple[float, ...]]] = field(default_factory=_default_space)
     searcher: str = "random"  # "random", or "optuna" (TPE; needs the optuna package)
-    scheduler: str = "asha"  # "asha" stops weak trials at rungs of val_lesion_dice; "fifo" runs all to the end
+    scheduler: str = "asha"  # "asha" stops weak trials at rungs of val_score; "fifo" runs all to the end
     grace_period: int = 1  # epochs every trial runs before ASHA may stop it
     reduction_factor: int = 2
     seed: int = 0
@@ -559,6 +560,15 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             d.class_names = ("background",) + tuple(f"class_{i}" for i in range(1, m.num_classes))
         else:
             raise bad("data.class_names", f"has {len(d.class_names)} names for {m.num_classes} classes")
+    if len(set(d.class_names)) != len(d.class_names):
+        raise bad("data.class_names", f"names a class twice: {list(d.class_names)}")
+    if m.num_classes > 2 and "lesion" in d.class_names[1:]:
+        raise bad("data.class_names", "'lesion' names every foreground class together in the metrics; "
+                                      "with several foreground classes give each another name")
+    for name in d.class_names:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
+            raise bad("data.class_names", f"{name!r}: a name is a metric key and a file name part "
+                                          "(letters, digits, '_', '.', '-')")
     for colour in d.rgb_map:
         if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
             raise bad("data.rgb_map", f"colour {colour} is not an (r, g, b) triple in 0..255")

@@ -7,6 +7,11 @@ beside them for comparison, and a ``per_image`` list. Scoring an export also wri
 seed's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines), and, where
 the shards know each slice's case (the raw release), per-case volume scores:
 ``per_case.csv``, a ``cases`` block in metrics.json and ``volume_agreement.png``.
+
+With several foreground classes, each has every figure too under its ``class_names`` name
+(``metrics``): ``core_dice`` beside ``lesion_dice``, ``core_tp`` etc. beside ``tp`` in each
+``per_image`` row, ``core_case_dice_mean`` in ``cases``, a ``core`` series in the volume plot
+and ``per_case_dice_core.png``; ``class_dice_mean`` is the mean of the classes' pooled Dice.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from aisd_ray import metrics, plots, render, storage
+from aisd_ray.config import DataConfig
 from aisd_ray.data import layout, masks, shards
 from aisd_ray.export import LoadedExport
 from aisd_ray.losses import categorical_crossentropy
@@ -36,6 +42,14 @@ DEFINITIONS = {
     "cases": "each case scored as a volume of its slices in order: case Dice; lesions are 26-connected "
              "3D components, found when a prediction overlaps them, false when a predicted one overlaps "
              "none; volumes in voxels at model resolution",
+}
+# added where foreground classes have keys of their own (not for the two-class default)
+CLASS_DEFINITIONS = {
+    "<class>_*": "one foreground class alone (listed in 'classes', from data.class_names): its pixels are "
+                 "those labelled with its id in truth and prediction, so a pixel of one class predicted as "
+                 "another is a miss of the first and a false one of the second (but lesion all the same)",
+    "class_dice_mean": "mean of the foreground classes' pooled Dice over those where it is defined "
+                       "(the rule that picks the best checkpoint, as val_score)",
 }
 
 
@@ -58,61 +72,93 @@ def _write_csv(uri: str, rows: list[dict[str, Any]]) -> None:
 
 
 class CaseVolumes:
-    """Each case's true and predicted lesion masks (bit-packed) gathered as slices stream by."""
+    """Each case's true and predicted label maps gathered as slices stream by, bit-packed: one bit
+    plane per foreground class (``foreground_names``; one plane, the lesion, by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, foreground_names=("lesion",)) -> None:
+        self.names = list(foreground_names)
         self._slices: dict[str, list[tuple[int, tuple[int, int], np.ndarray, np.ndarray]]] = {}
+
+    def _pack(self, labels: np.ndarray) -> np.ndarray:
+        if len(self.names) == 1:
+            return np.packbits(labels > 0)
+        return np.packbits(labels[None] == np.arange(1, len(self.names) + 1)[:, None, None])
+
+    def _unpack(self, packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        planes = np.unpackbits(packed, count=len(self.names) * shape[0] * shape[1])
+        planes = planes.reshape(len(self.names), *shape).astype(np.uint8)
+        return np.tensordot(np.arange(1, len(self.names) + 1, dtype=np.uint8), planes, axes=1).astype(np.uint8)
 
     def add(self, case_id: str, slice_index: int, truth: np.ndarray, pred: np.ndarray) -> None:
         if case_id:
-            self._slices.setdefault(case_id, []).append(
-                (slice_index, truth.shape, np.packbits(truth > 0), np.packbits(pred > 0)))
+            self._slices.setdefault(case_id, []).append((slice_index, truth.shape, self._pack(truth),
+                                                         self._pack(pred)))
 
     def scores(self) -> list[dict[str, Any]]:
         rows = []
         for case in sorted(self._slices):
             slices = sorted(self._slices[case], key=lambda s: s[0])
-            shape = slices[0][1]
-            size = shape[0] * shape[1]
-            truth = np.stack([np.unpackbits(t, count=size).reshape(shape) for _, _, t, _ in slices])
-            pred = np.stack([np.unpackbits(p, count=size).reshape(shape) for _, _, _, p in slices])
-            rows.append({"case_id": case, **metrics.case_scores(truth, pred)})
+            truth = np.stack([self._unpack(t, shape) for _, shape, t, _ in slices])
+            pred = np.stack([self._unpack(p, shape) for _, shape, _, p in slices])
+            rows.append({"case_id": case, **metrics.case_scores(truth, pred),
+                         **metrics.class_case_scores(truth, pred, self.names)})
         return rows
 
 
-def _write_overlay(out_uri: str, name: str, image, truth, pred) -> None:
+def _write_overlay(out_uri: str, name: str, image, truth, pred, foreground_names=()) -> None:
     tp, fp, fn = metrics.lesion_counts(truth[None], pred[None])[0]
     dice = metrics.scores_from_counts(tp, fp, fn)["dice"]
     caption = (f"lesion Dice {dice:.3f}" if dice == dice else "no lesion, none predicted") + \
         f"   TP {tp}  FP {fp}  FN {fn} px"
+    own = metrics.own_classes(foreground_names)
+    if len(own) > 1:
+        per_class = metrics.class_counts(truth[None], pred[None], len(own) + 1)[0]
+        dice_of = [metrics.scores_from_counts(*n)["dice"] for n in per_class]
+        caption += "   " + "  ".join(f"{c} {d:.3f}" for c, d in zip(own, dice_of))
     buf = io.BytesIO()
     render.error_panel(name, image, truth, pred, caption).save(buf, format="PNG")
     storage.write_bytes(storage.join(out_uri, "overlays", f"{name}.png"), buf.getvalue())
 
 
-def _write_cases(out_uri: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _write_cases(out_uri: str, rows: list[dict[str, Any]], foreground_names=()) -> dict[str, Any]:
     _write_csv(storage.join(out_uri, "per_case.csv"), rows)
-    summary = metrics.summarize_cases(rows)
-    plots.scatter([("case", [r["true_volume"] for r in rows], [r["pred_volume"] for r in rows])],
-                  "true lesion volume (voxels)", "predicted lesion volume (voxels)",
+    summary = metrics.summarize_cases(rows, foreground_names)
+    own = metrics.own_classes(foreground_names)
+    series = [("case" if not own else "lesion", [r["true_volume"] for r in rows], [r["pred_volume"] for r in rows])]
+    series += [(c, [r[f"{c}_true_volume"] for r in rows], [r[f"{c}_pred_volume"] for r in rows]) for c in own]
+    plots.scatter(series, "true lesion volume (voxels)", "predicted lesion volume (voxels)",
                   storage.join(out_uri, "volume_agreement.png"), identity=True,
                   title=f"{len(rows)} cases, r = {summary['volume_correlation']:.3f}")
     plots.case_bars(rows, storage.join(out_uri, "per_case_dice.png"),
                     title=f"per-case lesion Dice (3D, each case's slices as one volume), {len(rows)} cases")
+    for c in own:
+        plots.case_bars([{"case_id": r["case_id"], "dice": r[f"{c}_dice"]} for r in rows],
+                        storage.join(out_uri, f"per_case_dice_{c}.png"),
+                        title=f"per-case {c} Dice (3D, each case's slices as one volume), {len(rows)} cases")
     return summary
 
 
 def _write_report(out_uri: str, names: list[str], counts: np.ndarray, extra: dict[str, Any],
-                  per_image_extra: dict[str, list[float]]) -> dict[str, Any]:
-    summary = {**metrics.summarize(counts), **extra}
+                  per_image_extra: dict[str, list[float]], per_class: np.ndarray | None = None,
+                  foreground_names=()) -> dict[str, Any]:
+    """``per_class``: (N, K, 3) ``metrics.class_counts`` of the images, ``foreground_names`` their names."""
+    summary = {**metrics.summarize(counts, per_class, foreground_names), **extra}
+    own = metrics.own_classes(foreground_names)
+    if own:
+        summary["classes"] = own
     per_image = []
     for i, name in enumerate(names):
         scores = metrics.scores_from_counts(*counts[i])
         row = {"name": name, **{f"lesion_{k}": v for k, v in scores.items()},
-               "tp": int(counts[i][0]), "fp": int(counts[i][1]), "fn": int(counts[i][2]),
-               **{k: v[i] for k, v in per_image_extra.items()}}
+               "tp": int(counts[i][0]), "fp": int(counts[i][1]), "fn": int(counts[i][2])}
+        for k, c in enumerate(foreground_names if own else ()):
+            tp, fp, fn = (int(v) for v in per_class[i][k])
+            row.update({**{f"{c}_{key}": v for key, v in metrics.scores_from_counts(tp, fp, fn).items()},
+                        f"{c}_tp": tp, f"{c}_fp": fp, f"{c}_fn": fn})
+        row.update({k: v[i] for k, v in per_image_extra.items()})
         per_image.append(row)
-    report = {**summary, "definitions": DEFINITIONS, "per_image": per_image}
+    definitions = {**DEFINITIONS, **CLASS_DEFINITIONS} if own else DEFINITIONS
+    report = {**summary, "definitions": definitions, "per_image": per_image}
     storage.write_text(storage.join(out_uri, "metrics.json"), json.dumps(_json_safe(report), indent=2))
     _write_csv(storage.join(out_uri, "per_image.csv"), per_image)
     return report
@@ -149,8 +195,10 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
 def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: str, out: str, batch_size: int,
                  progress: bool, overlays: bool) -> dict[str, Any]:
     total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
-    names, counts, losses, seed_dice = [], [], [], []
-    volumes = CaseVolumes()
+    names, counts, class_counts, losses, seed_dice = [], [], [], [], []
+    num_classes = len(model.rgb_map)
+    foreground = metrics.foreground_names(model.info.get("class_names"), num_classes)
+    volumes = CaseVolumes(foreground)
     bar = progress_bar(total=total, desc=f"evaluate {split}", unit="slice", enabled=progress)
     for batch in _batched(shards.iter_records(shards_uri, manifest, split), batch_size):
         arrays = [shards.record_to_arrays(r) for r in batch]
@@ -162,37 +210,44 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
         seed_dice += [metrics.dice_coef_multiclass(onehot[i:i + 1], probs[i:i + 1]) for i in range(len(batch))]
         pred = np.argmax(probs, axis=-1)
         counts.append(metrics.lesion_counts(labels, pred))
+        class_counts.append(metrics.class_counts(labels, pred, num_classes))
         for record, image_i, truth_i, pred_i in zip(batch, images, labels, pred):
             volumes.add(record["case_id"], record["slice_index"], truth_i, pred_i)
             if overlays:
-                _write_overlay(out, record["name"], image_i, truth_i, pred_i)
+                _write_overlay(out, record["name"], image_i, truth_i, pred_i, foreground)
         names += [r["name"] for r in batch]
         bar.update(len(batch))
     bar.close()
     counts_arr = np.concatenate(counts) if counts else np.zeros((0, 3), np.int64)
+    class_arr = np.concatenate(class_counts) if class_counts else np.zeros((0, num_classes - 1, 3), np.int64)
     loss, seed = float(np.mean(losses)), float(np.mean(seed_dice))
     extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed}
     case_rows = volumes.scores()
     if case_rows:
-        extra["cases"] = {**_write_cases(out, case_rows), "per_case": case_rows}
+        extra["cases"] = {**_write_cases(out, case_rows, foreground), "per_case": case_rows}
     report = _write_report(out, names, counts_arr, extra,
                            {"categorical_crossentropy": [float(v) for v in losses],
-                            "dice_coef_multiclass": seed_dice})
+                            "dice_coef_multiclass": seed_dice}, class_arr, foreground)
     storage.write_text(storage.join(out, "evaluation.csv"),
                        f"categorical_crossentropy,{loss:.4f}\ndice_coef_multiclass,{seed:.4f}\n")
     return report
 
 
 def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rule, out_uri: str,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, class_names=None) -> dict[str, Any]:
     """Score existing mask PNGs against ground truth by file name, without a model. ``rule``: how
     masks are read, a ``masks.MaskRule`` or the config's ``DataConfig`` (a bare rgb_map takes the
     other keys' defaults); each folder is read one way, chosen from all its files
-    (``aisd_ray.data.masks``), so 0/1 predictions score against colour or raw-label ground truth."""
+    (``aisd_ray.data.masks``), so 0/1 predictions score against colour or raw-label ground truth.
+    ``class_names``: one per class (default: a ``DataConfig``'s, else ``background``, ``class_1``,
+    ...); with several foreground classes each is scored on its own too."""
+    if class_names is None and isinstance(rule, DataConfig):
+        class_names = rule.class_names
     pairs = layout.pair_by_name(predictions_dir, masks_dir)
-    names, counts, seed_dice = [], [], []
+    names, counts, class_counts, seed_dice = [], [], [], []
     rule = masks.MaskRule.of(rule)
     num_classes = rule.num_classes
+    foreground = metrics.foreground_names(class_names, num_classes)
     predicted = masks.SplitMasks.of_paths(rule, [p for _, p, _ in pairs], f"the predictions ({predictions_dir})")
     truths = masks.SplitMasks.of_paths(rule, [m for _, _, m in pairs], f"the ground truth ({masks_dir})")
     for name, pred_path, mask_path in progress_bar(pairs, desc="evaluate", unit="mask", enabled=progress):
@@ -204,8 +259,10 @@ def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rule, o
         eye = np.eye(num_classes, dtype=np.float32)
         seed_dice.append(metrics.dice_coef_multiclass(eye[truth][None], eye[pred][None]))
         counts.append(metrics.lesion_counts(truth[None], pred[None])[0])
+        class_counts.append(metrics.class_counts(truth[None], pred[None], num_classes)[0])
         names.append(name)
     with storage.staged_dir(out_uri) as folder:
         return _write_report(str(folder), names, np.array(counts).reshape(-1, 3),
                              {"source": str(predictions_dir), "dice_coef_multiclass": float(np.mean(seed_dice))},
-                             {"dice_coef_multiclass": seed_dice})
+                             {"dice_coef_multiclass": seed_dice},
+                             np.array(class_counts).reshape(len(names), num_classes - 1, 3), foreground)

@@ -46,10 +46,12 @@ def lines(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, dashed: 
     _save(fig, ax, xlabel, ylabel, uri)
 
 
-def training_metrics(history: Sequence[dict], title: str, uri: str) -> None:
+def training_metrics(history: Sequence[dict], title: str, uri: str, classes: Sequence[str] = ()) -> None:
     """The run's metrics in three panels sharing the epoch axis: lesion scores on their own 0..1
-    axis with the best epoch marked; the original's background-inclusive metric apart (it sits
-    near 1 and would squash the lesion curves); the learning rate (log scale), rollbacks marked."""
+    axis with the best epoch marked (by ``val_score``, else ``val_lesion_dice``); the original's
+    background-inclusive metric apart (it sits near 1 and would squash the lesion curves); the
+    learning rate (log scale), rollbacks marked. ``classes``: foreground class names whose
+    ``val_<name>_dice`` is drawn too (dashed), with the mean of them as the best-epoch score."""
     epochs = [row["epoch"] for row in history]
 
     def col(key):
@@ -61,11 +63,16 @@ def training_metrics(history: Sequence[dict], title: str, uri: str) -> None:
                        ("val_lesion_iou", "val lesion IoU")):
         if key in history[0]:
             top.plot(epochs, col(key), marker="o", ms=3, label=label)
-    scores = [(s, e) for s, e in zip(col("val_lesion_dice"), epochs) if s == s]
+    for name in classes:
+        top.plot(epochs, col(f"val_{name}_dice"), "--", marker="o", ms=3, label=f"val {name} Dice")
+    several = len(classes) > 1
+    score_key = "val_score" if "val_score" in history[0] else "val_lesion_dice"
+    scores = [(s, e) for s, e in zip(col(score_key), epochs) if s == s]
     if scores:
         best, at = max(scores)
         top.axvline(at, color="k", ls=":", lw=1)
-        top.annotate(f"best {best:.3f} @ epoch {at:g}", (at, best), textcoords="offset points", xytext=(4, -14),
+        what = "best class mean" if several else "best"
+        top.annotate(f"{what} {best:.3f} @ epoch {at:g}", (at, best), textcoords="offset points", xytext=(4, -14),
                      fontsize=8)
     top.set_ylim(0, 1)
     top.set_ylabel("lesion score")

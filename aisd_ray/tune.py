@@ -2,9 +2,11 @@
 
 Ray 2.60 drives Train V2 runs from Tune as function trainables (FACTS section 7): each trial
 calls ``TensorflowTrainer.fit()`` (through ``stages.train``) and a ``TuneReportCallback``
-passes every epoch's metrics up, so ASHA can stop weak trials at its rungs of validation
-lesion Dice. The experiment lives in the configured storage (folder or ``gs://``); running
-the same command again restores it and runs only what is unfinished. When the search ends the
+passes every epoch's metrics up, so ASHA can stop weak trials at its rungs of the validation
+score that also picks each run's best checkpoint (``checkpoint.SCORE``: the mean val Dice over
+the foreground classes, the lesion Dice with one lesion class). The experiment lives in the
+configured storage (folder or ``gs://``); running the same command again restores it and runs
+only what is unfinished. When the search ends the
 best trial is exported like a single run, and ``best_config.toml`` (which ``aisd-ray train``
 accepts), ``leaderboard.csv``, ``search.png`` and ``curves.png`` are written beside it.
 """
@@ -105,11 +107,13 @@ def _row(result, cfg: Config, trials_root: str) -> dict[str, Any]:
     row.update({k: result.config.get(k) for k in cfg.tune.space})
     scores = history[SCORE].astype(float) if history is not None and SCORE in history else None
     if scores is None or scores.isna().all():
-        row.update({f"best_{SCORE}": math.nan, "best_epoch": 0, "epochs_run": 0})
+        row.update({f"best_{SCORE}": math.nan, "best_val_lesion_dice": math.nan, "best_epoch": 0, "epochs_run": 0})
     else:
         best = scores[scores == scores.max()].index[-1]  # the latest of equal epochs, as export picks
-        row.update({f"best_{SCORE}": float(scores[best]), "best_epoch": int(history["epoch"][best]),
-                    "epochs_run": int(history["epoch"].max())})
+        # the best epoch's lesion Dice beside its score (equal with one lesion class)
+        row.update({f"best_{SCORE}": float(scores[best]),
+                    "best_val_lesion_dice": float(history["val_lesion_dice"][best]),
+                    "best_epoch": int(history["epoch"][best]), "epochs_run": int(history["epoch"].max())})
     reason = history["stop_reason"].iloc[-1] if history is not None and "stop_reason" in history else ""
     reason = reason if isinstance(reason, str) else ""
     if result.error is not None:

@@ -356,3 +356,19 @@ def test_evaluate_a_split_the_store_does_not_have(trained_run, tmp_path, capsys)
                  "--output", str(out)]) == 2
     assert "tset" in one_error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("names, culprit", [
+    ("['background', 'lesion', 'core']", "'lesion' names every foreground class together"),
+    ("['background', 'core', 'core']", "names a class twice"),
+    ("['background', 'penumbra', 'core infarct']", "'core infarct': a name is a metric key"),
+])
+def test_class_names_that_cannot_key_per_class_metrics_are_refused(names, culprit, tmp_path, capsys):
+    """With several foreground classes every metric is reported per class under its name: a name
+    that would collide with the combined 'lesion' keys, another class's, or a file name is refused."""
+    code = main(["prepare", "--config", TINY, "--source", str(tmp_path), "--output", str(tmp_path / "out"),
+                 "--set", "model.num_classes=3", "--set", "data.rgb_map=[[0,0,0],[0,255,0],[255,0,0]]",
+                 "--set", f"data.class_names={names}"])
+    line = one_error_line(capsys)
+    assert code == 2 and "class_names" in line and culprit in line, line
+    assert not (tmp_path / "out").exists()

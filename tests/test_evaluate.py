@@ -101,3 +101,22 @@ def test_export_evaluation_writes_one_overlay_per_slice(trained_run, tmp_path):
     assert panel.width >= 2 * 256 and panel.height >= 256 + 44  # 64 px slices shown at 256 px
     evaluate_export(export_uri, shards, str(tmp_path / "plain"), "test", 4, progress=False, overlays=False)
     assert not (tmp_path / "plain" / "overlays").exists()
+
+
+def test_case_volumes_keep_each_class_of_a_case():
+    """Bit planes per class come back as the labels they were made of, in slice order."""
+    from aisd_ray.evaluate import CaseVolumes
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 3, (4, 5, 7)).astype(np.uint8)
+    pred = rng.integers(0, 3, (4, 5, 7)).astype(np.uint8)
+    volumes = CaseVolumes(["penumbra", "core"])
+    for i in (2, 0, 3, 1):  # slices arrive out of order
+        volumes.add("case", i, truth[i], pred[i])
+    row = volumes.scores()[0]
+    assert row["slices"] == 4
+    for k, name in ((1, "penumbra"), (2, "core")):
+        t, p = truth == k, pred == k
+        assert row[f"{name}_true_volume"] == t.sum() and row[f"{name}_pred_volume"] == p.sum()
+        assert row[f"{name}_dice"] == pytest.approx(2 * (t & p).sum() / (t.sum() + p.sum()))
+    assert row["true_volume"] == (truth > 0).sum() and row["pred_volume"] == (pred > 0).sum()

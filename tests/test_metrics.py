@@ -110,3 +110,106 @@ def test_summarize_cases_pools_detection_and_volumes():
     assert out["false_lesions_per_case"] == pytest.approx(1 / 3)
     assert out["volume_abs_error_mean"] == pytest.approx(2 / 3)
     assert out["volume_correlation"] == pytest.approx(np.corrcoef([10, 0, 4], [8, 0, 4])[0, 1])
+
+
+def _class_reference(t, p, k):
+    """tp, fp, fn of class k counted pixel by pixel (no vectorised shortcut)."""
+    tp = fp = fn = 0
+    for a, b in zip(np.ravel(t), np.ravel(p)):
+        tp += int(a == k and b == k)
+        fp += int(a != k and b == k)
+        fn += int(a == k and b != k)
+    return tp, fp, fn
+
+
+def test_class_counts_by_hand():
+    """Core (2) predicted as penumbra (1) is a miss of core, a false penumbra, and lesion all the same."""
+    truth = np.array([[[0, 1, 1, 2],
+                       [0, 2, 2, 0]]])
+    pred = np.array([[[1, 1, 0, 1],
+                      [0, 2, 0, 0]]])
+    counts = metrics.class_counts(truth, pred, 3)
+    assert counts.shape == (1, 2, 3) and counts.dtype == np.int64
+    assert counts[0].tolist() == [[1, 2, 1],   # penumbra: (0,1) found; (0,0), (0,3) false; (0,2) missed
+                                  [1, 0, 2]]   # core: (1,1) found; (0,3), (1,2) missed
+    assert metrics.lesion_counts(truth, pred)[0].tolist() == [3, 1, 2]
+    summary = metrics.summarize(metrics.lesion_counts(truth, pred), counts, ["penumbra", "core"])
+    assert summary["penumbra_dice"] == pytest.approx(2 / 5) and summary["core_dice"] == pytest.approx(2 / 4)
+    assert summary["lesion_dice"] == pytest.approx(6 / 9)
+    assert summary["core_recall"] == pytest.approx(1 / 3) and summary["penumbra_precision"] == pytest.approx(1 / 3)
+    assert summary["class_dice_mean"] == pytest.approx((2 / 5 + 2 / 4) / 2)
+    assert summary["images_with_core"] == 1 and summary["images_with_penumbra"] == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_class_counts_and_summary_match_a_pixel_by_pixel_count(seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.choice(4, size=(5, 8, 8), p=[0.7, 0.1, 0.1, 0.1])
+    pred = rng.choice(4, size=(5, 8, 8), p=[0.7, 0.1, 0.1, 0.1])
+    truth[0] = 0
+    pred[0] = 0  # an empty slice: every class undefined there
+    pred[1][pred[1] == 3] = 0  # class 3 never predicted on slice 1
+    names = ["a", "b", "c"]
+    counts = metrics.class_counts(truth, pred, 4)
+    for i in range(5):
+        for k in (1, 2, 3):
+            assert tuple(counts[i, k - 1]) == _class_reference(truth[i], pred[i], k)
+    summary = metrics.summarize(metrics.lesion_counts(truth, pred), counts, names)
+    for k, name in enumerate(names, start=1):
+        tp, fp, fn = _class_reference(truth, pred, k)
+        assert summary[f"{name}_dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+        assert summary[f"{name}_iou"] == pytest.approx(tp / (tp + fp + fn))
+        per_image = [reference_dice(truth[i] == k, pred[i] == k) for i in range(5)]
+        assert summary[f"{name}_dice_per_image"] == pytest.approx(np.nanmean(per_image))
+    assert summary["class_dice_mean"] == pytest.approx(np.mean([summary[f"{n}_dice"] for n in names]))
+    assert summary["lesion_dice"] == pytest.approx(reference_dice(truth, pred))
+
+
+def test_one_lesion_class_adds_nothing_and_selection_score_is_the_lesion_dice():
+    rng = np.random.default_rng(7)
+    truth = (rng.random((4, 8, 8)) < 0.3).astype(np.uint8)
+    pred = (rng.random((4, 8, 8)) < 0.3).astype(np.uint8)
+    lesion = metrics.lesion_counts(truth, pred)
+    per_class = metrics.class_counts(truth, pred, 2)
+    assert np.array_equal(per_class[:, 0], lesion)
+    plain = metrics.summarize(lesion)
+    assert metrics.summarize(lesion, per_class, ["lesion"]) == plain  # the two-class default: no new key
+    named = metrics.summarize(lesion, per_class, ["infarct"])  # one class named otherwise: equal copies
+    assert {k: named[k] for k in plain} == plain and "class_dice_mean" not in named
+    assert named["infarct_dice"] == plain["lesion_dice"]
+    assert named["infarct_iou_per_image"] == plain["lesion_iou_per_image"]
+    dice = metrics.scores_from_counts(*per_class.sum(axis=0)[0])["dice"]
+    assert metrics.selection_score([dice]) == plain["lesion_dice"]  # exactly: picks the same checkpoint
+
+
+def test_selection_score_is_the_mean_over_classes_with_a_dice():
+    assert metrics.selection_score([0.2, 0.6]) == pytest.approx(0.4)
+    assert metrics.selection_score([math.nan, 0.6]) == pytest.approx(0.6)  # a class absent everywhere
+    assert math.isnan(metrics.selection_score([math.nan, math.nan]))
+    assert metrics.foreground_names(None, 2) == ["lesion"]
+    assert metrics.foreground_names(["bg", "penumbra", "core"], 3) == ["penumbra", "core"]
+    assert metrics.foreground_names(None, 3) == ["class_1", "class_2"]
+
+
+def test_case_scores_per_class_and_their_summary():
+    truth = np.zeros((3, 6, 6), np.uint8)
+    pred = np.zeros((3, 6, 6), np.uint8)
+    truth[0:2, 1:3, 1:3] = 1  # one penumbra lesion over two slices, found
+    pred[1, 1:3, 1:3] = 1
+    truth[2, 4:6, 4:6] = 2  # one core lesion, predicted as penumbra: missed as core
+    pred[2, 4:6, 4:6] = 1
+    pred[0, 5, 0] = 2  # a false core voxel
+    rows = [{"case_id": "a", **metrics.case_scores(truth, pred),
+             **metrics.class_case_scores(truth, pred, ["penumbra", "core"])}]
+    row = rows[0]
+    assert row["true_lesions"] == 2 and row["found_lesions"] == 2  # lesion-wise both are found
+    assert row["penumbra_true_lesions"] == 1 and row["penumbra_found_lesions"] == 1
+    assert row["penumbra_false_lesions"] == 1  # the core lesion's voxels predicted as penumbra
+    assert row["penumbra_dice"] == pytest.approx(2 * 4 / (8 + 8))
+    assert row["core_true_lesions"] == 1 and row["core_missed_lesions"] == 1 and row["core_false_lesions"] == 1
+    assert row["core_dice"] == 0.0 and row["core_true_volume"] == 4 and row["core_pred_volume"] == 1
+    summary = metrics.summarize_cases(rows, ["penumbra", "core"])
+    assert summary["core_case_dice_mean"] == 0.0 and summary["core_lesions_missed"] == 1
+    assert summary["penumbra_case_dice_mean"] == pytest.approx(0.5) and summary["penumbra_lesions_false"] == 1
+    assert summary["case_dice_mean"] == row["dice"] and "cases" in summary and "core_cases" not in summary
+    assert metrics.summarize_cases(rows, ["lesion"]) == metrics.summarize_cases(rows)

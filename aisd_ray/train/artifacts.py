@@ -1,7 +1,8 @@
 """What the chief worker leaves beside the checkpoints after every epoch.
 
 ``history.csv`` (all losses and metrics), ``train_losses.png`` (losses, best epoch marked) and
-``train_metrics.png`` (lesion scores on their own axis with the best epoch, the original's
+``train_metrics.png`` (lesion scores, and each foreground class's val Dice where there are several,
+on their own axis with the best epoch, the original's
 background-inclusive metric in a panel of its own, the learning rate), TensorBoard scalars, and
 the original's epoch-change images as one labelled grid per epoch,
 ``epoch_change_infer/Epoch_{e}.png`` (each fixed validation slice with the truth outlined in green
@@ -27,13 +28,15 @@ import numpy as np
 import tensorflow as tf
 
 from aisd_ray import metrics, plots, render, storage
+from aisd_ray.train.checkpoint import row_score
 
 LOSS_KEYS = ("loss", "val_loss")
 
 
 class Artifacts:
-    def __init__(self, run_uri: str):
+    def __init__(self, run_uri: str, foreground_names=()):
         self.run_uri = run_uri
+        self.foreground_names = list(foreground_names)  # for per-class curves
         self._tmp = None if storage.is_local(run_uri) else tempfile.mkdtemp(prefix="aisd-artifacts-")
         self.folder = Path(self._tmp or storage.resolve(run_uri)[1])
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -63,12 +66,12 @@ class Artifacts:
         self._write_csv(history)
         name = self.run_uri.rstrip("/").rsplit("/", 1)[-1]
         epochs = [r["epoch"] for r in history]
-        scored = [(r["val_lesion_dice"], r["epoch"]) for r in history
-                  if r["val_lesion_dice"] == r["val_lesion_dice"]]  # NaN: no lesion anywhere
+        scored = [(row_score(r), r["epoch"]) for r in history if row_score(r) == row_score(r)]  # NaN: no lesion
         plots.lines([(k, epochs, [r[k] for r in history]) for k in LOSS_KEYS], "epoch", "loss",
                     str(self.folder / "train_losses.png"), title=f"{name}: losses",
                     mark_x=max(scored)[1] if scored else None)
-        plots.training_metrics(history, name, str(self.folder / "train_metrics.png"))
+        plots.training_metrics(history, name, str(self.folder / "train_metrics.png"),
+                               metrics.own_classes(self.foreground_names))
         if grid is not None:
             out = self.folder / "epoch_change_infer"
             out.mkdir(exist_ok=True)

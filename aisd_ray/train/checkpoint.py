@@ -27,7 +27,10 @@ WEIGHTS = "model.weights.h5"
 OPTIMIZER = "optimizer.npz"
 STATE = "state.json"
 COMPLETE = "checkpoint.json"
-SCORE = "val_lesion_dice"
+# The row key that ranks epochs and checkpoints (and Tune's trials): metrics.selection_score, the
+# mean val Dice over the foreground classes (= val_lesion_dice with one lesion class).
+SCORE = "val_score"
+LEGACY_SCORE = "val_lesion_dice"  # rows written before val_score existed (one lesion class: the same figure)
 
 
 @dataclass
@@ -136,12 +139,18 @@ def latest_local(run_uri: str) -> Iterator[str | None]:
         yield str(folder)
 
 
+def row_score(row: dict[str, Any]) -> float:
+    """An epoch row's ``SCORE``, or for a row written before it existed, its ``LEGACY_SCORE``
+    (NaN when neither is there)."""
+    return float(row.get(SCORE, row.get(LEGACY_SCORE, float("nan"))))
+
+
 def best_of(candidates: list[tuple[str, LoopState]]) -> tuple[str, dict[str, Any]]:
-    """Of ``list_checkpoints``' result, the checkpoint whose own epoch scored the best validation
-    lesion Dice, and that epoch's figures."""
+    """Of ``list_checkpoints``' result, the checkpoint whose own epoch scored the best ``row_score``
+    (the validation lesion Dice with one lesion class), and that epoch's figures."""
 
     def rank(item):
-        score = item[1].history[-1].get(SCORE, -1.0) if item[1].history else -1.0
+        score = row_score(item[1].history[-1]) if item[1].history else -1.0
         score = -1.0 if score != score else score  # an undefined (NaN) Dice ranks last
         return score, item[1].epoch  # ties go to the later, longer-trained checkpoint
 

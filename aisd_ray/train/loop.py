@@ -96,13 +96,28 @@ def seed_dice(y_true: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
     return tf.cast((2 * inter + 1) / (total + 1), tf.float64)
 
 
-def _counts(y_true: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
-    """tp, fp, fn lesion pixels of a batch (lesion = any non-background class)."""
-    t = tf.argmax(y_true, axis=-1) > 0
-    p = tf.argmax(probs, axis=-1) > 0
+def _counts(y_true: tf.Tensor, probs: tf.Tensor, num_classes: int = 2) -> tf.Tensor:
+    """tp, fp, fn lesion pixels of a batch (lesion = any non-background class), float64; with
+    several foreground classes (``num_classes`` > 2), then tp, fp, fn of each class 1..num_classes-1:
+    shape (3,), or (3 * num_classes,)."""
+    t_labels, p_labels = tf.argmax(y_true, axis=-1), tf.argmax(probs, axis=-1)
     def n(mask):
         return tf.reduce_sum(tf.cast(mask, tf.float64))
-    return tf.stack([n(t & p), n(~t & p), n(t & ~p)])
+    def tp_fp_fn(t, p):
+        return [n(t & p), n(~t & p), n(t & ~p)]
+    counts = tp_fp_fn(t_labels > 0, p_labels > 0)
+    if num_classes > 2:
+        for k in range(1, num_classes):
+            counts += tp_fp_fn(tf.equal(t_labels, k), tf.equal(p_labels, k))
+    return tf.stack(counts)
+
+
+def _class_scores(train_counts: np.ndarray, val_counts: np.ndarray, names: list[str]) -> dict[str, float]:
+    """The row's per-class figures from ``_counts``' summed vectors (with one foreground class its
+    counts are the lesion's) and ``ckpt.SCORE``, ``metrics.selection_score`` of the val Dice."""
+    train_classes, val_classes = ((c[3:] if len(c) > 3 else c[:3]).reshape(-1, 3) for c in (train_counts, val_counts))
+    val_dice = [metrics.scores_from_counts(*c)["dice"] for c in val_classes]
+    return {**metrics.class_figures(train_classes, val_classes, names), ckpt.SCORE: metrics.selection_score(val_dice)}
 
 
 class _Snapshot:
@@ -184,16 +199,19 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             probs = model(x, training=True)
             loss = tf.nn.compute_average_loss(loss_fn(y, probs), global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)  # identity unless fp16 loss scaling is on
-        return loss, tape.gradient(scaled, model.trainable_variables), _counts(y, probs)
+        return loss, tape.gradient(scaled, model.trainable_variables), _counts(y, probs, m.num_classes)
 
     # A nested tf.function only for XLA: synchronised BatchNorm's all-reduce must be traced in the
     # step itself (MultiWorkerMirroredStrategy refuses a collective inside a nested function).
     gradients = tf.function(forward_backward, jit_compile=True) if t.jit_compile else forward_backward
 
-    # The epoch's training loss sum and lesion tp, fp, fn, accumulated on the device by the step and
-    # read by the host once per epoch (and at most once a second for the progress line): no
-    # per-step device-to-host copy holds up the next step.
-    totals = tf.Variable(tf.zeros(4, tf.float64), trainable=False, name="epoch_totals")
+    # The epoch's training loss sum and lesion (and per-class) tp, fp, fn, accumulated on the device
+    # by the step and read by the host once per epoch (and at most once a second for the progress
+    # line): no per-step device-to-host copy holds up the next step.
+    n_counts = 3 * m.num_classes if m.num_classes > 2 else 3  # _counts' length
+    n_totals = 1 + n_counts
+    foreground = metrics.foreground_names(cfg.data.class_names, m.num_classes)
+    totals = tf.Variable(tf.zeros(n_totals, tf.float64), trainable=False, name="epoch_totals")
     lr_dtype = optimizer.learning_rate.dtype
 
     @tf.function
@@ -215,7 +233,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     def eval_step(x, y):
         probs = model(x, training=False)
         loss_sum = tf.reduce_sum(tf.cast(loss_fn(y, probs), tf.float64))
-        return loss_sum, tf.reduce_sum(seed_dice(y, probs)), _counts(y, probs)
+        return loss_sum, tf.reduce_sum(seed_dice(y, probs)), _counts(y, probs, m.num_classes)
 
     augment = augment_fn(cfg.augment, m.image_height, m.image_width) if cfg.augment.enabled else None
 
@@ -227,14 +245,14 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                                 encoding=feed.row_encoding, height=m.image_height, width=m.image_width,
                                 augment_seed=int(order.rng(t.seed, epoch, rank, 0xA6).integers(2**31)))
 
-    artifacts = Artifacts(run_uri) if chief else None
+    artifacts = Artifacts(run_uri, foreground) if chief else None
     try:
         while state.epoch < t.epochs and not state.stop_reason:
             epoch = state.epoch + 1
             started = time.time()
             _key_dropout(model, t.seed, epoch, rank)
             rows = pipeline.take_rows(feed.train_rows(epoch), steps * t.batch_size)
-            totals.assign(tf.zeros(4, tf.float64))
+            totals.assign(tf.zeros(n_totals, tf.float64))
             done = 0
             bar = progress_bar(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief,
                                leave=False)
@@ -268,7 +286,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             if done != steps:
                 raise RuntimeError(f"worker {rank} ran {done} of {steps} steps: its data share is short")
 
-            val = np.zeros(6)  # loss sum, seed dice sum, images, tp, fp, fn
+            val = np.zeros(3 + n_counts)  # loss sum, seed dice sum, images, _counts
             for step, (x, y) in enumerate(batches(feed.valid_rows, cfg.eval.batch_size, training=False)):
                 if t.validation_steps and step >= t.validation_steps:  # the original's cap, per worker
                     break
@@ -276,18 +294,20 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 val += np.concatenate([[loss.numpy(), seed_sum.numpy(), x.shape[0]], counts.numpy()])
             val = _all_reduce_sum(strategy, val)
             spread = _replica_spread(strategy, model, rank, world)
-            pooled = metrics.scores_from_counts(*val[3:])
+            pooled = metrics.scores_from_counts(*val[3:6])
+            per_class = _class_scores(train_counts, val[3:], foreground)
             row = {"epoch": epoch, "loss": loss_sum / steps,
-                   "lesion_dice": metrics.scores_from_counts(*train_counts)["dice"],
+                   "lesion_dice": metrics.scores_from_counts(*train_counts[:3])["dice"],
                    "val_loss": float(val[0] / max(val[2], 1)),
                    **{f"val_lesion_{k}": v for k, v in pooled.items()},
                    "val_dice_coef_multiclass": float(val[1] / max(val[2], 1)),
+                   **per_class,
                    "learning_rate": state.learning_rate,
                    "replica_weight_spread": spread,
                    "train_images_per_second": (done - 1) * global_batch / train_seconds,
                    "input_wait_fraction": waited / train_seconds,
                    "epoch_seconds": time.time() - started}
-            trouble = _divergence(state, row, train_counts, val[3:], t)
+            trouble = _divergence(state, row, train_counts[:3], val[3:6], t)
             state = _after_epoch(state, row, t)
             if trouble:
                 _on_divergence(state, trouble, best, model, optimizer, t)
@@ -296,7 +316,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             row["rollbacks"] = state.rollbacks
             if chief:
                 artifacts.epoch_end(state.history, _panels(model, feed.preview))
-                log.info("%s", epoch_line(row, state, t.epochs))
+                log.info("%s", epoch_line(row, state, t.epochs, foreground))
             with tempfile.TemporaryDirectory(prefix="aisd-ckpt-") as tmp:
                 if chief:
                     ckpt.save(tmp, model, optimizer, state)
@@ -313,9 +333,11 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
     return state
 
 
-def epoch_line(row: dict, state: ckpt.LoopState, epochs: int) -> str:
+def epoch_line(row: dict, state: ckpt.LoopState, epochs: int, foreground_names=()) -> str:
     """One compact line per epoch, as nnU-Net prints: losses, lesion Dice, best so far, learning
-    rate, epoch time and an ETA from the epochs run so far (every figure is in history.csv)."""
+    rate, epoch time and an ETA from the epochs run so far (every figure is in history.csv).
+    With several foreground classes, each class's val Dice and their mean (the score that picks
+    the best epoch) follow the lesion Dice."""
     epoch = int(row["epoch"])
     best = "new best" if state.best_epoch == epoch else f"best {state.best_score:.3f} @ {state.best_epoch}"
     seconds = [r["epoch_seconds"] for r in state.history]
@@ -323,8 +345,17 @@ def epoch_line(row: dict, state: ckpt.LoopState, epochs: int) -> str:
     eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s" if epoch < epochs and not state.stop_reason else ""
     rollbacks = f"  rollbacks {state.rollbacks}" if state.rollbacks else ""
     return (f"epoch {epoch}/{epochs}  loss {row['loss']:.4f}  val loss {row['val_loss']:.4f}  "
-            f"val lesion Dice {row['val_lesion_dice']:.3f} ({best})  train lesion Dice {row['lesion_dice']:.3f}  "
+            f"val lesion Dice {row['val_lesion_dice']:.3f}{_class_part(row, foreground_names)} ({best})  "
+            f"train lesion Dice {row['lesion_dice']:.3f}  "
             f"lr {row['learning_rate']:.2e}  {row['epoch_seconds']:.1f} s{eta}{rollbacks}")
+
+
+def _class_part(row: dict, foreground_names) -> str:
+    own = metrics.own_classes(foreground_names)
+    if len(own) < 2:
+        return ""
+    return "  val Dice " + " ".join(f"{c} {row[f'val_{c}_dice']:.3f}" for c in own) + \
+        f" mean {row[ckpt.SCORE]:.3f}"
 
 
 def _on_divergence(state: ckpt.LoopState, trouble: str, best: _Snapshot, model, optimizer, t) -> None:
@@ -349,7 +380,7 @@ def _after_epoch(state: ckpt.LoopState, row: dict, t) -> ckpt.LoopState:
     """Best-model bookkeeping, reduce-LR-on-plateau and early stopping on validation loss."""
     state.epoch = int(row["epoch"])
     state.history.append(row)
-    score = row["val_lesion_dice"]
+    score = ckpt.row_score(row)
     if not math.isnan(score) and score > state.best_score:
         state.best_score, state.best_epoch = score, state.epoch
     if state.reducer.update(row["val_loss"]) and t.lr_schedule == "plateau":

@@ -107,3 +107,19 @@ def test_log_has_one_line_per_epoch_and_progress_lines_where_no_bar_is_drawn(par
     assert "ETA" not in epochs[1]  # the last epoch
     steps = 32 // cfg.train.batch_size
     assert "epoch 1/2: step 1/%d, loss" % steps in "\n".join(lines)
+
+
+def test_one_lesion_class_rows_add_only_val_score_equal_to_the_lesion_dice(trained_run):
+    """The two-class default: no per-class keys, and the selection score is the lesion Dice itself."""
+    import csv
+    from pathlib import Path
+
+    _, _, run, _ = trained_run
+    history = ckpt.list_checkpoints(run)[-1][1].history
+    for row in history:
+        assert row[ckpt.SCORE] == row["val_lesion_dice"] or row["val_lesion_dice"] != row["val_lesion_dice"]
+        assert not any(k.startswith(("val_class", "val_background")) for k in row)
+    columns = next(csv.reader(open(Path(run) / "history.csv")))
+    assert [c for c in columns if "lesion" not in c and c not in (
+        "epoch", "loss", "val_loss", "val_dice_coef_multiclass", "learning_rate", "replica_weight_spread",
+        "train_images_per_second", "input_wait_fraction", "epoch_seconds", "rollbacks")] == ["val_score"]
