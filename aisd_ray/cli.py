@@ -14,6 +14,7 @@ from aisd_ray import storage  # noqa: E402
 from aisd_ray.config import BACKENDS, SYNTHETIC_LAYOUTS, ConfigError, builtin_config, load_config  # noqa: E402
 from aisd_ray.data.layout import DataError  # noqa: E402
 from aisd_ray.flags import flag_overrides, refuse, synthetic_test_cases  # noqa: E402
+from aisd_ray.quiet import quiet_tensorflow_import  # noqa: E402
 from aisd_ray.train import TrainingFailed  # noqa: E402
 
 log = logging.getLogger("aisd_ray")
@@ -31,12 +32,7 @@ def _config(args) -> "Config":  # noqa: F821
     flags = flag_overrides(args)
     if args.command == "synthesize" and args.cases:
         flags += synthetic_test_cases(args, load_config(path, sets), sets)
-    cfg = load_config(path, sets + flags)
-    if args.command not in ("synthesize", "prepare", "configs"):  # the commands that run TensorFlow
-        from aisd_ray.quiet import import_tensorflow
-
-        import_tensorflow()  # once the config is known to be good
-    return cfg
+    return load_config(path, sets + flags)
 
 
 def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -365,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     if level == logging.DEBUG and "tensorflow" not in sys.modules:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         os.environ["AISD_RAY_VERBOSE"] = "1"  # TensorFlow's start-up lines, here and in local Ray workers
+    # whichever module loads TensorFlow (Keras, export, the TFRecord writer...), it loads quietly
+    quiet_tensorflow_import(quiet=level != logging.DEBUG)
     if not sys.stdout.isatty():  # job logs, files, kubectl logs: Ray's worker-line prefixes without colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.basicConfig(level=level,
