@@ -123,14 +123,14 @@ def cmd_evaluate(args) -> None:
 
     if args.predictions:
         refuse(args, "with --predictions (mask PNGs are scored as they are)",
-                "model", "data", "split", "batch_size", "no_overlays")
+               "model", "data", "split", "batch_size", "no_overlays")
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
         cfg = _config(args)
         report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data.rgb_map, args.output)
     else:
         refuse(args, "with --model (the export holds its own config; the batch size is --batch-size)",
-                "config", "set", "masks")
+               "config", "set", "masks")
         if not (args.model and args.data):
             raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
         cfg = _config(args)  # the defaults and --batch-size, validated
