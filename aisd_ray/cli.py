@@ -11,25 +11,28 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from aisd_ray import storage  # noqa: E402
-from aisd_ray.config import ConfigError, builtin_config, load_config  # noqa: E402
+from aisd_ray.config import BACKENDS, SYNTHETIC_LAYOUTS, ConfigError, builtin_config, load_config  # noqa: E402
 from aisd_ray.data.layout import DataError  # noqa: E402
+from aisd_ray.flags import flag_overrides, refuse, synthetic_test_cases  # noqa: E402
+from aisd_ray.quiet import quiet_tensorflow_import  # noqa: E402
 from aisd_ray.train import TrainingFailed  # noqa: E402
 
 log = logging.getLogger("aisd_ray")
 
 
 def _config(args) -> "Config":  # noqa: F821
-    """The command's config: a file, a shipped config's name (``--config aisd512``), or the default."""
-    path = args.config
+    """The command's config: a file, a shipped config's name (``--config aisd512``), or the default,
+    with --set's overrides and then the flags' (``flag_overrides``), validated once."""
+    path = getattr(args, "config", None)
     if path and not os.path.exists(path) and os.sep not in path and not path.endswith((".toml", ".config")):
         path = builtin_config(path)  # a shipped name; an unknown one is an error listing them
-    path = path or (builtin_config(args.default_config) if args.default_config else None)
-    cfg = load_config(path, args.set or ())
-    if args.command not in ("synthesize", "prepare", "configs"):  # the commands that run TensorFlow
-        from aisd_ray.quiet import import_tensorflow
-
-        import_tensorflow()  # once the config is known to be good
-    return cfg
+    default = getattr(args, "default_config", None)
+    path = path or (builtin_config(default) if default else None)
+    sets = list(getattr(args, "set", None) or ())
+    flags = flag_overrides(args)
+    if args.command == "synthesize" and args.cases:
+        flags += synthetic_test_cases(args, load_config(path, sets), sets)
+    return load_config(path, sets + flags)
 
 
 def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -54,11 +57,9 @@ def cmd_synthesize(args) -> None:
 
     cfg = _config(args)
     s = cfg.synthetic
-    s.layout = {"raw-zip": "raw"}.get(args.layout, args.layout) if args.layout else s.layout
-    s.num_cases = args.cases or s.num_cases
-    s.slices_per_case = args.slices or s.slices_per_case
-    if s.layout == "raw" and s.num_test_cases >= s.num_cases:
-        s.num_test_cases = max(1, s.num_cases // 5)  # about the release's share of official test cases
+    if s.layout != "raw" and (args.cases or args.slices):
+        raise ConfigError(f"{'--cases' if args.cases else '--slices'}: the raw layouts only; layout "
+                          f"{s.layout!r} writes synthetic.num_train/num_valid/num_test slices")
     root = write_synthetic(args.output, s, as_zip=args.layout == "raw-zip")
     print(f"synthetic AISD-like data ({args.layout or s.layout} layout) written to {root}")
 
@@ -67,9 +68,7 @@ def cmd_prepare(args) -> None:
     from aisd_ray.data.prepare import prepare
 
     cfg = _config(args)
-    if args.source:
-        cfg.data.source_dir, cfg.data.split_dirs = args.source, {}
-    out = args.output or cfg.data.shards_dir
+    out = cfg.data.shards_dir
     if not out:
         raise ConfigError("give --output or data.shards_dir")
     manifest = prepare(cfg, out)
@@ -83,12 +82,10 @@ def cmd_train(args) -> None:
     from aisd_ray import stages
 
     cfg = _config(args)
-    if args.backend:
-        cfg.train.backend = args.backend
-    data = args.data or cfg.data.shards_dir
+    data = cfg.data.shards_dir
     if not data:
         raise ConfigError("give --data (a shards folder with manifest.json) or data.shards_dir")
-    output = args.output or cfg.run.output_dir
+    output = cfg.run.output_dir
     last = stages.train(cfg, data, output)
     run = stages.run_uri(cfg, output)
     print(f"run folder: {run}")
@@ -103,7 +100,7 @@ def cmd_tune(args) -> None:
     cfg = _config(args)  # a bad config is reported before Ray loads
     from aisd_ray.tune import search
 
-    data = args.data or cfg.data.shards_dir
+    data = cfg.data.shards_dir
     if not data:
         raise ConfigError("give --data or data.shards_dir (a shard store from `aisd-ray prepare`)")
     result = search(cfg, data, args.output)
@@ -125,15 +122,20 @@ def cmd_evaluate(args) -> None:
     from aisd_ray import evaluate
 
     if args.predictions:
+        refuse(args, "with --predictions (mask PNGs are scored as they are)",
+               "model", "data", "split", "batch_size", "no_overlays")
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
         cfg = _config(args)
         report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data, args.output)
     else:
+        refuse(args, "with --model (the export holds its own config; the batch size is --batch-size)",
+               "config", "set", "masks")
         if not (args.model and args.data):
             raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
-        report = evaluate.evaluate_export(args.model, args.data, args.output, args.split, args.batch_size,
-                                          overlays=not args.no_overlays)
+        cfg = _config(args)  # the defaults and --batch-size, validated
+        report = evaluate.evaluate_export(args.model, args.data, args.output, args.split or "test",
+                                          cfg.eval.batch_size, overlays=not args.no_overlays)
     print(f"lesion Dice {report['lesion_dice']:.4f} (pooled), "
           f"{report['lesion_dice_per_image']:.4f} (per image) over {report['images']} images")
     for name in report.get("classes", []):
@@ -144,13 +146,11 @@ def cmd_evaluate(args) -> None:
 def cmd_infer(args) -> None:
     from aisd_ray.infer import infer_folder
 
-    cfg = load_config(args.config) if args.config else None  # the original's [infer] section, if given
-    images = args.images or (cfg and cfg.infer.images_dir)
-    output = args.output or (cfg and cfg.infer.output_dir)
+    cfg = _config(args)  # --images, --output, --batch-size, --no-overlays over the config's [infer] section
+    images, output = cfg.infer.images_dir, cfg.infer.output_dir
     if not (images and output):
         raise ConfigError("give --images and --output (or a config whose [infer] section names them)")
-    overlays = not args.no_overlays and (cfg.infer.overlays if cfg else True)
-    written = infer_folder(args.model, images, output, args.batch_size, overlays=overlays)
+    written = infer_folder(args.model, images, output, cfg.eval.batch_size, overlays=cfg.infer.overlays)
     print(f"{len(written)} masks written to {output}")
 
 
@@ -159,12 +159,6 @@ def cmd_pipeline(args) -> None:
     from aisd_ray import stages
 
     cfg = _config(args)
-    if getattr(args, "source", None):
-        cfg.data.source_dir, cfg.data.split_dirs = args.source, {}
-    if getattr(args, "images", None):
-        cfg.infer.images_dir = args.images
-    if args.backend:
-        cfg.train.backend = args.backend
     result = (stages.demo if args.command == "demo" else stages.pipeline)(cfg, args.output)
     print()
     print(result.table())
@@ -255,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("synthesize", help="write synthetic AISD-like data (the original's tree or the raw release)")
     _add_config(p, "demo")
     p.add_argument("--output", required=True, help="folder to write (AISD/... inside)")
-    p.add_argument("--layout", choices=("original", "raw", "raw-zip"),
+    p.add_argument("--layout", choices=(*SYNTHETIC_LAYOUTS, "raw-zip"),
                    help="original: the original FlexUNet's {train,valid,test}/{images,masks}; raw: the raw "
                         "release's image/ and mask/ per-case folders; raw-zip: image.zip and mask.zip "
                         "(default: synthetic.layout)")
@@ -275,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
     p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name (else run.output_dir)")
-    p.add_argument("--backend", choices=("ray", "local"), help="ray: Ray Train workers; local: this process, "
-                   "no Ray (default: train.backend, 'ray')")
+    p.add_argument("--backend", choices=BACKENDS, help="ray: Ray Train workers; local: this process, "
+                   "no Ray (else train.backend, 'ray')")
     p.set_defaults(func=cmd_train)
 
     p = add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
@@ -295,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--model", help="export folder")
     p.add_argument("--data", help="shard store")
-    p.add_argument("--split", default="test", help="split of the shard store to score (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per prediction batch (default: %(default)s)")
+    p.add_argument("--split", help="split of the shard store to score (default: test)")
+    p.add_argument("--batch-size", type=int, help="images per prediction batch (else eval.batch_size, 4)")
     p.add_argument("--predictions", help="folder of predicted mask PNGs (no model needed)")
     p.add_argument("--masks", help="folder of ground-truth mask PNGs")
     p.add_argument("--no-overlays", action="store_true", help="no overlays/ folder (found, false and missed "
@@ -306,11 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_parser("infer", help="segment a folder of images with an export")
     p.add_argument("--model", required=True, help="export folder")
-    p.add_argument("--images", help="folder of images (else [infer] images_dir of --config)")
-    p.add_argument("--output", help="mask folder (else [infer] output_dir of --config)")
-    p.add_argument("--config", help="a config whose [infer] section gives the folders")
-    p.add_argument("--batch-size", type=int, default=4, help="images per prediction batch (default: %(default)s)")
-    p.add_argument("--no-overlays", action="store_true", help="masks only, no overlays/ folder")
+    p.add_argument("--images", help="folder of images (else infer.images_dir)")
+    p.add_argument("--output", help="mask folder (else infer.output_dir)")
+    _add_config(p)
+    p.add_argument("--batch-size", type=int, help="images per prediction batch (else eval.batch_size, 4)")
+    p.add_argument("--no-overlays", action="store_true", help="masks only, no overlays/ folder (else "
+                                                               "infer.overlays)")
     p.set_defaults(func=cmd_infer)
 
     p = add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")
@@ -350,13 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(else data.source_dir)")
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
-    p.add_argument("--backend", choices=("ray", "local"), help="training backend (default: train.backend, 'ray')")
+    p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
     p.set_defaults(func=cmd_pipeline)
 
     p = add_parser("demo", help="the whole pipeline on synthetic data, end to end")
     _add_config(p, "demo")
     p.add_argument("--output", default="runs/demo", help="output root (default: %(default)s)")
-    p.add_argument("--backend", choices=("ray", "local"), help="training backend (default: train.backend, 'ray')")
+    p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
     p.set_defaults(func=cmd_pipeline)
     return parser
 
@@ -368,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     if level == logging.DEBUG and "tensorflow" not in sys.modules:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         os.environ["AISD_RAY_VERBOSE"] = "1"  # TensorFlow's start-up lines, here and in local Ray workers
+    # whichever module loads TensorFlow (Keras, export, the TFRecord writer...), it loads quietly
+    quiet_tensorflow_import(quiet=level != logging.DEBUG)
     if not sys.stdout.isatty():  # job logs, files, kubectl logs: Ray's worker-line prefixes without colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.basicConfig(level=level,

@@ -295,8 +295,13 @@ READERS = ("shards", "ray_data")
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a TOML or seed-INI file (or the defaults), apply ``section.key=value`` overrides, validate."""
+Override = str | tuple[str, str]  # "section.key=value", or (that, how the user gave it: "--backend ray")
+
+
+def load_config(path: str | Path | None = None, overrides: list[Override] | tuple[Override, ...] = ()) -> Config:
+    """Load a TOML or seed-INI file (or the defaults), apply ``section.key=value`` overrides in
+    order, validate. An override is ``--set``'s text, or a pair (that text, how the user gave it,
+    e.g. a CLI flag ``--backend ray``): errors name the override as the user gave it."""
     cfg = Config()
     source = "<defaults>"
     if path is not None:
@@ -310,20 +315,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         else:
             _apply_ini(cfg, text, source, base_dir=path.parent)
     base = copy.deepcopy(cfg) if overrides else None
-    for item in overrides:
-        _apply_override(cfg, item)
+    pairs = [(o, f"--set {o}") if isinstance(o, str) else tuple(o) for o in overrides]
+    for item, shown in pairs:
+        _apply_override(cfg, item, shown)
     try:
         validate(cfg, source)
     except ConfigError:
         if base is None:
             raise
-        try:  # valid without the overrides: the overrides are at fault, so name them
-            validate(base, source)
-        except ConfigError:
-            raise
-        shown = " ".join(f"--set {item}" for item in overrides)
-        validate(cfg, f"{shown} (on {source})")
+        validate(copy.deepcopy(base), source)  # the file itself is invalid: that error names it
+        # the overrides are at fault: name those without which the config is valid (all if none is)
+        shown_all = list(dict.fromkeys(shown for _, shown in pairs))  # a flag may set several keys
+        culprits = [s for s in shown_all if _valid_with(base, [p for p in pairs if p[1] != s])] or shown_all
+        validate(cfg, f"{' '.join(culprits)} (on {source})")
     return cfg
+
+
+def _valid_with(base: Config, pairs: list[tuple[str, str]]) -> bool:
+    cfg = copy.deepcopy(base)
+    try:
+        for item, shown in pairs:
+            _apply_override(cfg, item, shown)
+        validate(cfg)
+    except ConfigError:
+        return False
+    return True
 
 
 def builtin_config(name: str) -> Path:
@@ -358,7 +374,8 @@ def _apply_toml(cfg: Config, text: str, source: str) -> None:
             _set(cfg, section, key, value, source)
 
 
-def _apply_override(cfg: Config, item: str) -> None:
+def _apply_override(cfg: Config, item: str, shown: str | None = None) -> None:
+    shown = shown or f"--set {item}"
     dotted, sep, raw = item.partition("=")
     section, dot, key = dotted.strip().partition(".")
     if not sep or not dot:
@@ -375,7 +392,7 @@ def _apply_override(cfg: Config, item: str) -> None:
         if not isinstance(current, dict):
             raise ConfigError(f"override {item!r}: [{section}] {key} is not a table")
         value = {**current, entry: value}
-    _set(cfg, section, key, value, f"--set {item}")
+    _set(cfg, section, key, value, shown)
 
 
 # The original's INI keys and where they land in our tree. Keys mapped to None are accepted for
@@ -651,11 +668,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("train.mixed_precision", f"must be one of {tuple(PRECISIONS)}, got {t.mixed_precision!r}")
     if t.backend not in BACKENDS:
         raise bad("train.backend", f"must be one of {BACKENDS}, got {t.backend!r}")
-    _validate_tune(cfg, bad)
     if cfg.eval.batch_size < 1:
         raise bad("eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
     if not cfg.run.name or "/" in cfg.run.name:
         raise bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+    _validate_tune(cfg, bad)  # last: it validates the config with each candidate value
 
 
 def _validate_tune(cfg: Config, bad) -> None:

@@ -2,18 +2,90 @@
 
 TensorFlow 2.21 logs through absl before absl's logging is initialised, which ignores
 ``TF_CPP_MIN_LOG_LEVEL``: every process that imports it prints a "WARNING: All log messages
-before absl::InitializeLog()..." line, oneDNN and CUDA-stub notices and, on a machine without a
-GPU, "failed call to cuInit" - in every command's output and every Ray worker's job log.
-``import_tensorflow`` sends the process's stderr to /dev/null while TensorFlow loads and probes
-its devices, then restores it; Python-level errors still surface. ``verbose`` keeps the chatter.
+before absl::InitializeLog()..." line, oneDNN and CUDA-stub notices, the cpu_feature_guard line
+and, on a machine without a GPU, "failed call to cuInit" - in every command's output and every
+Ray worker's job log. The only way to keep them out is to send the process's stderr (file
+descriptor 2) to /dev/null while TensorFlow loads and probes its devices, then restore it;
+Python-level errors still surface.
+
+Which module imports TensorFlow first differs by command and by config (Keras through the model,
+``export``, ``evaluate``, ``infer``, the TFRecord writer of ``prepare``...), so the quieting is tied
+to the import itself, not to a list of commands: ``quiet_tensorflow_import`` puts a finder on
+``sys.meta_path`` that loads ``tensorflow`` with stderr silenced whenever, and by whomever, it is
+first imported. ``import_tensorflow`` loads it now, the same way. ``verbose`` keeps the chatter.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import os
 import sys
 
 VERBOSE_ENV = "AISD_RAY_VERBOSE"  # "1": keep the chatter (set by -v; Ray workers inherit it)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 goes to /dev/null inside the block (C++ writes there directly)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Runs TensorFlow's own loader with stderr silenced, probes the devices (CUDA probing
+    happens there, once per process), then hands the module back to its own loader."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        with _stderr_silenced():
+            self.loader.exec_module(module)
+            module.config.list_physical_devices()
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` as the other finders do and loads it with ``_QuietLoader``; any
+    other name is left to them. Removes itself once it has found TensorFlow."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "tensorflow":
+            return None
+        _remove_finder()
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _QuietLoader(spec.loader)
+                return spec
+        return None
+
+
+def _remove_finder() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _QuietTensorFlowFinder)]
+
+
+def quiet_tensorflow_import(quiet: bool = True) -> None:
+    """From now on in this process, the first ``import tensorflow`` (direct, or through Keras or
+    any submodule) is silent; ``quiet=False`` takes that back (``-v``). Does nothing once
+    TensorFlow is loaded: its start-up lines are printed once, at load."""
+    _remove_finder()
+    if quiet and "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _QuietTensorFlowFinder())
 
 
 def import_tensorflow(verbose: bool | None = None):
@@ -21,21 +93,10 @@ def import_tensorflow(verbose: bool | None = None):
     ``AISD_RAY_VERBOSE`` environment variable); returns the module."""
     if verbose is None:
         verbose = os.environ.get(VERBOSE_ENV) == "1"
-    if verbose or "tensorflow" in sys.modules:
-        import tensorflow as tf
+    if not verbose:
+        quiet_tensorflow_import()
+    import tensorflow as tf
 
-        return tf
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # CUDA probing happens here, once per process
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
     return tf
 
 

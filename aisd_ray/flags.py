@@ -1,0 +1,82 @@
+"""Flags are overrides: the CLI's flags that set a config value, as ``--set``'s overrides.
+
+A flag such as ``train --backend ray`` does not write into a config that was already validated:
+it becomes the override ``train.backend="ray"``, appended after the user's ``--set`` ones and
+applied, typed and validated with them by ``config.load_config`` - one path. So a value the
+config refuses is refused the same way (exit 2, one line) whether it came from a flag or from
+``--set``, before anything is written; the error names the flag as the user gave it
+(``--backend ray (on tiny.toml): [train] jit_compile: ...``).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import tomli_w
+
+from aisd_ray.config import Config, ConfigError
+
+
+def _source(folder: str) -> dict:
+    return {"data.source_dir": folder, "data.split_dirs": {}}  # the folder replaces any per-split folders
+
+
+# Every flag that sets a config value, per command: argparse dest -> the config key it sets, or a
+# function of the flag's value giving {key: value}. A flag that is not given sets nothing.
+FLAG_KEYS = {
+    "synthesize": {"layout": lambda layout: {"synthetic.layout": {"raw-zip": "raw"}.get(layout, layout)},
+                   "cases": "synthetic.num_cases", "slices": "synthetic.slices_per_case"},
+    "prepare": {"source": _source, "output": "data.shards_dir"},
+    "train": {"data": "data.shards_dir", "output": "run.output_dir", "backend": "train.backend"},
+    "tune": {"data": "data.shards_dir"},
+    "evaluate": {"batch_size": "eval.batch_size"},
+    "infer": {"images": "infer.images_dir", "output": "infer.output_dir", "batch_size": "eval.batch_size",
+              "no_overlays": lambda _: {"infer.overlays": False}},
+    "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend"},
+    "demo": {"backend": "train.backend"},
+}
+
+
+def _toml_value(value) -> str:
+    """``value`` as TOML text that --set's parser reads back exactly (any path, quotes, spaces, gs://)."""
+    if value == {}:
+        return "{}"
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
+def flag_overrides(args) -> list[tuple[str, str]]:
+    """The command's flags as overrides: ("section.key=value", "--flag value") pairs, for
+    ``load_config``, whose errors then name the flag. A key set by both a flag and --set is refused."""
+    overrides = []
+    for dest, target in FLAG_KEYS.get(args.command, {}).items():
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        shown = flag if value is True else f"{flag} {shlex.quote(str(value))}"
+        for key, setting in (target(value) if callable(target) else {target: value}).items():
+            overrides.append((f"{key}={_toml_value(setting)}", shown))
+    set_keys = {item.partition("=")[0].strip(): item for item in getattr(args, "set", None) or ()}
+    for item, shown in overrides:
+        key = item.partition("=")[0]
+        if key in set_keys:
+            raise ConfigError(f"{shown} and --set {set_keys[key]} both set [{key.replace('.', '] ', 1)}: give one")
+    return overrides
+
+
+def synthetic_test_cases(args, base: Config, sets: list[str]) -> list[tuple[str, str]]:
+    """``synthesize --cases N`` on the raw layout, where the config has at least N official test
+    cases and no --set gives their number: the override for about the release's share of test
+    cases (a fifth, at least 1, fewer than N). ``base``: the config without the flags."""
+    layout = {"raw-zip": "raw"}.get(args.layout, args.layout) or base.synthetic.layout
+    if (layout != "raw" or base.synthetic.num_test_cases < args.cases
+            or any(item.partition("=")[0].strip() == "synthetic.num_test_cases" for item in sets)):
+        return []
+    return [(f"synthetic.num_test_cases={min(max(1, args.cases // 5), args.cases - 1)}", f"--cases {args.cases}")]
+
+
+def refuse(args, why: str, *dests: str) -> None:
+    """Options the command would ignore in this mode are an error, never silently dropped."""
+    given = ["--" + d.replace("_", "-") for d in dests if getattr(args, d, None) not in (None, False, [])]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not used {why}")
