@@ -46,10 +46,11 @@ def lines(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, dashed: 
     _save(fig, ax, xlabel, ylabel, uri)
 
 
-def training_metrics(history: Sequence[dict], title: str, uri: str) -> None:
+def training_metrics(history: Sequence[dict], title: str, uri: str, best_epoch: int | None = None) -> None:
     """The run's metrics in three panels sharing the epoch axis: lesion scores on their own 0..1
-    axis with the best epoch marked; the original's background-inclusive metric apart (it sits
-    near 1 and would squash the lesion curves); the learning rate (log scale), rollbacks marked."""
+    axis with ``best_epoch`` marked (the caller's choice: ``checkpoint.best_row``); the original's
+    background-inclusive metric apart (it sits near 1 and would squash the lesion curves); the
+    learning rate (log scale), rollbacks marked."""
     epochs = [row["epoch"] for row in history]
 
     def col(key):
@@ -61,9 +62,9 @@ def training_metrics(history: Sequence[dict], title: str, uri: str) -> None:
                        ("val_lesion_iou", "val lesion IoU")):
         if key in history[0]:
             top.plot(epochs, col(key), marker="o", ms=3, label=label)
-    scores = [(s, e) for s, e in zip(col("val_lesion_dice"), epochs) if s == s]
-    if scores:
-        best, at = max(scores)
+    if best_epoch is not None:
+        at = best_epoch
+        best = col("val_lesion_dice")[epochs.index(at)]
         top.axvline(at, color="k", ls=":", lw=1)
         top.annotate(f"best {best:.3f} @ epoch {at:g}", (at, best), textcoords="offset points", xytext=(4, -14),
                      fontsize=8)

@@ -27,7 +27,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from aisd_ray import plots, stages, storage
 from aisd_ray.config import WHOLE_NUMBER_KEYS, Config, apply_params, config_from_dict
 from aisd_ray.data import shards
-from aisd_ray.train.checkpoint import SCORE
+from aisd_ray.train.checkpoint import SCORE, best_row
 from aisd_ray.train.ray_train import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ def _trial(params: dict[str, Any], base: dict[str, Any], shards_uri: str, trials
     cfg = apply_params(config_from_dict(base), params)
     cfg.run.name = tune.get_context().get_trial_id()
     # the search verified the store's checksums once; a trial checks sizes and the config
-    stages.train(cfg, shards_uri, trials_root, callbacks=(TuneReportCallback(),), verify_checksums=False)
+    # a diverged trial is a result of the search (its stop reason in the leaderboard), not an error
+    stages.train(cfg, shards_uri, trials_root, callbacks=(TuneReportCallback(),), verify_checksums=False,
+                 allow_divergence=True)
 
 
 @dataclass
@@ -103,13 +105,11 @@ def _row(result, cfg: Config, trials_root: str) -> dict[str, Any]:
     trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
     row: dict[str, Any] = {"trial_id": trial_id}
     row.update({k: result.config.get(k) for k in cfg.tune.space})
-    scores = history[SCORE].astype(float) if history is not None and SCORE in history else None
-    if scores is None or scores.isna().all():
-        row.update({f"best_{SCORE}": math.nan, "best_epoch": 0, "epochs_run": 0})
-    else:
-        best = scores[scores == scores.max()].index[-1]  # the latest of equal epochs, as export picks
-        row.update({f"best_{SCORE}": float(scores[best]), "best_epoch": int(history["epoch"][best]),
-                    "epochs_run": int(history["epoch"].max())})
+    rows = history.to_dict("records") if history is not None and SCORE in history else []
+    best = best_row(rows)  # the epoch export takes: the same rule, the same tie-break
+    row.update({f"best_{SCORE}": float(best[SCORE]) if best else math.nan,
+                "best_epoch": int(best["epoch"]) if best else 0,
+                "epochs_run": int(history["epoch"].max()) if rows else 0})
     reason = history["stop_reason"].iloc[-1] if history is not None and "stop_reason" in history else ""
     reason = reason if isinstance(reason, str) else ""
     if result.error is not None:
