@@ -234,3 +234,36 @@ def test_each_unloadable_file_is_named_and_resume_falls_back(run_copy, model_and
     assert (uri, state.epoch) == (str(run / "checkpoint_000001"), 1), damage
     named = skipped + warnings(caplog)  # an unreadable state.json is left out of the listing, with a warning
     assert len(named) == 1 and named[0].startswith(f"{latest / culprit}: {expect}"), named
+
+
+def test_nan_in_the_optimizer_state_or_weights_is_a_divergence(model_and_optimizer):
+    """Finite losses do not make an epoch a candidate: a NaN in an Adam moment (the next step's
+    NaN) or an Inf weight counts as diverged, so the guard rolls back and ``score_of`` skips it."""
+    model, optimizer = model_and_optimizer
+    assert loop._all_finite(model, optimizer)
+    slot = optimizer.variables[-1]
+    kept = np.array(slot.numpy())
+    slot.assign(np.full(kept.shape, np.nan, kept.dtype))
+    try:
+        assert not loop._all_finite(model, optimizer)
+    finally:
+        slot.assign(kept)
+    weights = model.get_weights()
+    model.set_weights([np.full_like(weights[0], np.inf)] + weights[1:])
+    try:
+        assert not loop._all_finite(model, optimizer)
+    finally:
+        model.set_weights(weights)
+    r = row(3, 0.4, finite=0.0)
+    trouble = loop._divergence(ckpt.LoopState(), r, np.zeros(3), np.zeros(3), TrainConfig())
+    assert trouble == "non-finite weights or optimizer state (NaN or Inf)" and ckpt.score_of(r) is None
+
+
+def test_pipeline_stops_at_a_diverged_run(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["pipeline", "--config", TINY, "--source", str(synthetic_root), "--output", str(out), "--backend",
+                 "local", "--set", "train.learning_rate=1e9", "--set", "train.clipvalue=0", "--set",
+                 "train.on_collapse='stop'", "--set", "train.epoch_change_infer=false"])
+    assert code == 1
+    assert f"{out / 'tiny'}: training stopped: diverged at epoch 1: non-finite loss" in one_error_line(capsys)
+    assert not (out / "tiny" / "export").exists() and not (out / "summary.json").exists()
