@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, storage.StorageError) as exc:
         print(f"aisd-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingFailed as exc:  # Ray Train workers failed past train.max_failures
+    except TrainingFailed as exc:  # a diverged run; Ray Train workers failed past train.max_failures
         print(f"aisd-ray {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # storage gone, or a path that cannot be written (a file in the way, disk full)

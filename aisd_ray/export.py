@@ -16,7 +16,7 @@ Layout of an export folder:
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import logging
 from typing import Any
 
 import keras
@@ -27,6 +27,7 @@ from aisd_ray.config import Config
 from aisd_ray.model import build_flexunet
 from aisd_ray.train import checkpoint as ckpt
 
+log = logging.getLogger(__name__)
 SAVED_MODEL = "saved_model"
 KERAS_FILE = "model.keras"
 INFO = "export.json"
@@ -35,9 +36,12 @@ FLOAT_SIGNATURE = "serving_float32"
 
 
 def model_from_checkpoint(cfg: Config, checkpoint_uri: str) -> keras.Model:
-    model = build_flexunet(cfg.model)  # float32, also for a mixed-precision run's weights
+    """The float32 FlexUNet of ``cfg.model`` with the checkpoint's weights (also a mixed-precision
+    run's). ``checkpoint.CheckpointError`` naming the weights file when it does not load or holds
+    a non-finite value."""
+    model = build_flexunet(cfg.model)
     with storage.local_copy(checkpoint_uri) as folder:
-        model.load_weights(Path(folder) / ckpt.WEIGHTS)
+        ckpt.load_weights(model, folder, checkpoint_uri)
     return model
 
 
@@ -76,11 +80,31 @@ def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str,
 
 
 def export_best(cfg: Config, run_uri: str, out_uri: str) -> tuple[str, dict[str, Any]]:
-    """Export the run's checkpoint with the best validation lesion Dice."""
-    checkpoint_uri, metrics = ckpt.best_checkpoint(run_uri)
-    model = model_from_checkpoint(cfg, checkpoint_uri)
-    export_model(cfg, model, out_uri, {"checkpoint": checkpoint_uri, "validation": metrics})
-    return checkpoint_uri, metrics
+    """Export the run's best candidate checkpoint (``checkpoint.ranked``: the best validation lesion
+    Dice of an epoch with finite losses and weights, the earlier epoch on a tie) that loads; the
+    checkpoint's uri and its epoch's figures. A better one whose weights do not load is skipped
+    with one warning naming it. FileNotFoundError for a run without checkpoints;
+    ``checkpoint.CheckpointError`` naming the run when none is a candidate or none loads."""
+    found = ckpt.list_checkpoints(run_uri)
+    if not found:
+        raise FileNotFoundError(f"{run_uri}: no checkpoints found; train first")
+    candidates = ckpt.ranked(found)
+    if not candidates:
+        raise ckpt.no_candidate(run_uri, found)
+    skipped = []
+    for checkpoint_uri, state in candidates:
+        try:
+            model = model_from_checkpoint(cfg, checkpoint_uri)
+        except ckpt.CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        metrics = state.history[-1]
+        if skipped:
+            log.warning("%s; exporting %s (epoch %d, the best that loads) instead", "; ".join(skipped),
+                        checkpoint_uri, state.epoch)
+        export_model(cfg, model, out_uri, {"checkpoint": checkpoint_uri, "validation": metrics})
+        return checkpoint_uri, metrics
+    raise ckpt.CheckpointError(f"{run_uri}: no candidate checkpoint loads: {'; '.join(skipped)}")
 
 
 class LoadedExport:

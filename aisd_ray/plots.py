@@ -46,12 +46,14 @@ def lines(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, dashed: 
     _save(fig, ax, xlabel, ylabel, uri)
 
 
-def training_metrics(history: Sequence[dict], title: str, uri: str, classes: Sequence[str] = ()) -> None:
+def training_metrics(history: Sequence[dict], title: str, uri: str, best_epoch: int | None = None,
+                     classes: Sequence[str] = ()) -> None:
     """The run's metrics in three panels sharing the epoch axis: lesion scores on their own 0..1
-    axis with the best epoch marked (by ``val_score``, else ``val_lesion_dice``); the original's
-    background-inclusive metric apart (it sits near 1 and would squash the lesion curves); the
-    learning rate (log scale), rollbacks marked. ``classes``: foreground class names whose
-    ``val_<name>_dice`` is drawn too (dashed), with the mean of them as the best-epoch score."""
+    axis with ``best_epoch`` marked (the caller's choice: ``checkpoint.best_row``) at its
+    ``val_score`` (else ``val_lesion_dice``); the original's background-inclusive metric apart (it
+    sits near 1 and would squash the lesion curves); the learning rate (log scale), rollbacks
+    marked. ``classes``: foreground class names whose ``val_<name>_dice`` is drawn too (dashed),
+    the mean of them being the best-epoch score."""
     epochs = [row["epoch"] for row in history]
 
     def col(key):
@@ -67,9 +69,9 @@ def training_metrics(history: Sequence[dict], title: str, uri: str, classes: Seq
         top.plot(epochs, col(f"val_{name}_dice"), "--", marker="o", ms=3, label=f"val {name} Dice")
     several = len(classes) > 1
     score_key = "val_score" if "val_score" in history[0] else "val_lesion_dice"
-    scores = [(s, e) for s, e in zip(col(score_key), epochs) if s == s]
-    if scores:
-        best, at = max(scores)
+    if best_epoch is not None:
+        at = best_epoch
+        best = col(score_key)[epochs.index(at)]
         top.axvline(at, color="k", ls=":", lw=1)
         what = "best class mean" if several else "best"
         top.annotate(f"{what} {best:.3f} @ epoch {at:g}", (at, best), textcoords="offset points", xytext=(4, -14),

@@ -47,9 +47,13 @@ def _check_resume(cfg: Config, run: str) -> None:
 
 
 def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
-          verify_checksums: bool = True, store=None) -> dict[str, Any]:
+          verify_checksums: bool = True, store=None, allow_divergence: bool = False) -> dict[str, Any]:
     """Train (or resume) the run ``output_root/run.name``; return its last reported metrics.
     ``callbacks`` go to Ray Train (the ray backend only).
+
+    A run that the divergence guard stopped (``train.on_collapse``) raises ``TrainingFailed``
+    (the CLI exits 1) with the reason, on either backend, unless ``allow_divergence`` (a Tune
+    trial: the search records it and goes on); its diverged epochs are never export candidates.
 
     Everything is checked before anything is written: the shard store (manifest against the
     config, every shard's size and SHA-256, once per command), that a worker's share fills a
@@ -82,10 +86,28 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
         if not state.history:
             return {}
         reason = state.stop_reason or f"reached {cfg.train.epochs} epochs"
-        return {**state.history[-1], "stop_reason": reason}
-    from aisd_ray.train.ray_train import train_ray
+        last = {**state.history[-1], "stop_reason": reason}
+    else:
+        from aisd_ray.train.ray_train import train_ray
 
-    return dict(train_ray(cfg, store, output_root, callbacks).metrics or {})
+        last = dict(train_ray(cfg, store, output_root, callbacks).metrics or {})
+    if not allow_divergence:
+        _fail_if_diverged(run, last)
+    return last
+
+
+def _fail_if_diverged(run: str, last: dict[str, Any]) -> None:
+    from aisd_ray.train import TrainingFailed
+    from aisd_ray.train import checkpoint as ckpt
+
+    reason = str(last.get("stop_reason", ""))
+    if not ckpt.diverged(reason):
+        return
+    best = ckpt.best_of(ckpt.list_checkpoints(run))
+    kept = (f"export takes its best epoch before that ({best[1].get('epoch')})" if best else
+            "no checkpoint is left to export")
+    raise TrainingFailed(f"{run}: training stopped: {reason}; {kept}. A rerun of this run stays stopped: "
+                         "train a new run (run.name or --output) with a lower train.learning_rate")
 
 
 def run_config(run: str) -> Config:
@@ -186,7 +208,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
              infer_uri, cfg.eval.batch_size, progress=progress and not on_worker)
         result.outputs["test masks + overlays"] = infer_uri
 
-    collapsed = report["lesion_dice"] < 0.1 or str(last.get("stop_reason", "")).startswith("diverged")
+    collapsed = report["lesion_dice"] < 0.1  # a diverged run stopped at train() (TrainingFailed)
     if collapsed:
         log.warning("\n%s\nTHIS RUN ENDED COLLAPSED: test lesion Dice %.3f (pooled); %s.\nIts model predicts (next "
                     "to) no lesion. See %s/history.csv; try another train.seed, a lower train.learning_rate or "

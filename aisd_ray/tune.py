@@ -29,7 +29,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from aisd_ray import plots, stages, storage
 from aisd_ray.config import WHOLE_NUMBER_KEYS, Config, apply_params, config_from_dict
 from aisd_ray.data import shards
-from aisd_ray.train.checkpoint import SCORE
+from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, score_of
 from aisd_ray.train.ray_train import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def _trial(params: dict[str, Any], base: dict[str, Any], shards_uri: str, trials
     cfg = apply_params(config_from_dict(base), params)
     cfg.run.name = tune.get_context().get_trial_id()
     # the search verified the store's checksums once; a trial checks sizes and the config
-    stages.train(cfg, shards_uri, trials_root, callbacks=(TuneReportCallback(),), verify_checksums=False)
+    # a diverged trial is a result of the search (its stop reason in the leaderboard), not an error
+    stages.train(cfg, shards_uri, trials_root, callbacks=(TuneReportCallback(),), verify_checksums=False,
+                 allow_divergence=True)
 
 
 @dataclass
@@ -105,15 +107,13 @@ def _row(result, cfg: Config, trials_root: str) -> dict[str, Any]:
     trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
     row: dict[str, Any] = {"trial_id": trial_id}
     row.update({k: result.config.get(k) for k in cfg.tune.space})
-    scores = history[SCORE].astype(float) if history is not None and SCORE in history else None
-    if scores is None or scores.isna().all():
-        row.update({f"best_{SCORE}": math.nan, "best_val_lesion_dice": math.nan, "best_epoch": 0, "epochs_run": 0})
-    else:
-        best = scores[scores == scores.max()].index[-1]  # the latest of equal epochs, as export picks
-        # the best epoch's lesion Dice beside its score (equal with one lesion class)
-        row.update({f"best_{SCORE}": float(scores[best]),
-                    "best_val_lesion_dice": float(history["val_lesion_dice"][best]),
-                    "best_epoch": int(history["epoch"][best]), "epochs_run": int(history["epoch"].max())})
+    rows = history.to_dict("records") if history is not None and {SCORE, LEGACY_SCORE} & set(history) else []
+    best = best_row(rows)  # the epoch export takes: the same rule, the same tie-break
+    row.update({f"best_{SCORE}": score_of(best) if best else math.nan,
+                # the best epoch's lesion Dice beside its score (equal with one lesion class)
+                "best_val_lesion_dice": float(best.get("val_lesion_dice", math.nan)) if best else math.nan,
+                "best_epoch": int(best["epoch"]) if best else 0,
+                "epochs_run": int(history["epoch"].max()) if rows else 0})
     reason = history["stop_reason"].iloc[-1] if history is not None and "stop_reason" in history else ""
     reason = reason if isinstance(reason, str) else ""
     if result.error is not None:

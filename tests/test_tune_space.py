@@ -32,3 +32,29 @@ def test_optuna_refuses_grid_values():
     cfg = load_config(builtin_config("tune-demo"), ["tune.searcher='optuna'", "tune.space.dilation={grid=[1, 2]}"])
     with pytest.raises(ValueError, match="cannot take grid values"):
         _searcher(cfg)
+
+
+def test_the_leaderboard_names_the_epoch_export_takes():
+    """Issue 22, case 7: a tie keeps the earlier epoch (as the training log and export do); a trial
+    whose every epoch diverged has no best."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from aisd_ray.tune import _row
+
+    cfg = load_config(builtin_config("tiny"), ["tune.space={learning_rate={grid=[1e-7, 0.05]}}"])
+
+    def result(rows):
+        return SimpleNamespace(metrics_dataframe=pd.DataFrame(rows), metrics={"trial_id": "t"},
+                               config={"learning_rate": 1e-7}, error=None, path="/trials/t")
+
+    tie = [{"epoch": e, "loss": 0.5, "val_loss": 0.5, "val_lesion_dice": 0.25, "stop_reason": ""} for e in (1, 2)]
+    row = _row(result(tie), cfg, "/trials")
+    assert (row["best_epoch"], row["best_val_lesion_dice"], row["epochs_run"]) == (1, 0.25, 2)
+    nan = float("nan")
+    diverged = [{"epoch": 1, "loss": nan, "val_loss": nan, "val_lesion_dice": 0.0,
+                 "stop_reason": "diverged at epoch 1: non-finite loss"}]
+    row = _row(result(diverged), cfg, "/trials")
+    assert row["best_epoch"] == 0 and row["best_val_lesion_dice"] != row["best_val_lesion_dice"]
+    assert row["stop_reason"].startswith("diverged at epoch 1")

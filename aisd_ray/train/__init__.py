@@ -2,5 +2,6 @@
 
 
 class TrainingFailed(RuntimeError):
-    """Training stopped for good: Ray Train's workers failed more often than ``train.max_failures``
-    allows. The message is one line: the first worker's error and what to do."""
+    """Training stopped for good: the divergence guard stopped the run (``train.on_collapse``), or
+    Ray Train's workers failed more often than ``train.max_failures`` allows. The message is one
+    line: the reason and what to do. The CLI exits 1."""

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from aisd_ray import metrics, plots, render, storage
-from aisd_ray.train.checkpoint import row_score
+from aisd_ray.train import checkpoint as ckpt
 
 LOSS_KEYS = ("loss", "val_loss")
 
@@ -66,11 +66,11 @@ class Artifacts:
         self._write_csv(history)
         name = self.run_uri.rstrip("/").rsplit("/", 1)[-1]
         epochs = [r["epoch"] for r in history]
-        scored = [(row_score(r), r["epoch"]) for r in history if row_score(r) == row_score(r)]  # NaN: no lesion
+        best = ckpt.best_row(history)  # the epoch the log names and export takes
+        best_epoch = best["epoch"] if best else None
         plots.lines([(k, epochs, [r[k] for r in history]) for k in LOSS_KEYS], "epoch", "loss",
-                    str(self.folder / "train_losses.png"), title=f"{name}: losses",
-                    mark_x=max(scored)[1] if scored else None)
-        plots.training_metrics(history, name, str(self.folder / "train_metrics.png"),
+                    str(self.folder / "train_losses.png"), title=f"{name}: losses", mark_x=best_epoch)
+        plots.training_metrics(history, name, str(self.folder / "train_metrics.png"), best_epoch,
                                metrics.own_classes(self.foreground_names))
         if grid is not None:
             out = self.folder / "epoch_change_infer"

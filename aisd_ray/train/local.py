@@ -12,13 +12,14 @@ from aisd_ray.train.loop import Feed, run_training
 
 
 class LocalReporter:
-    """Keeps checkpoints as Ray does: ``checkpoint_*`` folders, the latest and the best."""
+    """Keeps checkpoints as Ray does: ``checkpoint_*`` folders, the latest and the best candidate
+    (``checkpoint.ranked``)."""
 
     def __init__(self, run_uri: str, keep: int = 2):
         self.run_uri, self.keep = run_uri, keep
 
-    def resume_checkpoint(self):
-        return ckpt.latest_local(self.run_uri)
+    def resume(self, model, optimizer):
+        return ckpt.restore_latest(self.run_uri, model, optimizer)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:
@@ -32,9 +33,9 @@ class LocalReporter:
             raise storage.StorageError(f"{uri}: the checkpoint just written cannot be read back{where}; rerun the "
                                        "same command once the storage answers: training resumes from its last "
                                        "checkpoint")
-        best = ckpt.best_of(found)[0]  # from this listing: no second pass over the run folder
+        best = ckpt.best_of(found)  # from this listing: no second pass over the run folder
         for old, _ in found[:-1][: max(len(found) - self.keep, 0)]:
-            if old != best:
+            if best is None or old != best[0]:
                 storage.delete(old)
 
 

@@ -20,7 +20,6 @@ import logging
 import math
 import tempfile
 import time
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -56,8 +55,9 @@ class Feed:
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
-    def resume_checkpoint(self) -> AbstractContextManager[str | None]:
-        """The latest complete checkpoint as a local folder (None: start afresh), for the block."""
+    def resume(self, model: keras.Model, optimizer) -> tuple[str, ckpt.LoopState, list[str]] | None:
+        """Restore the latest checkpoint that loads: (its uri, its state, why later ones were
+        skipped), or None to start afresh (see ``checkpoint.restore_latest``)."""
 
 
 def set_seed(seed: int, deterministic: bool) -> None:
@@ -143,12 +143,21 @@ def _key_dropout(model: keras.Model, seed: int, epoch: int, rank: int) -> None:
         generator.state.assign(np.array([key, 0], dtype=generator.state.dtype))
 
 
+def _all_finite(model: keras.Model, optimizer) -> bool:
+    """True when every weight (moving statistics included) and optimizer variable is finite."""
+    return (all(np.isfinite(w).all() for w in model.get_weights())
+            and all(np.isfinite(np.asarray(v.numpy())).all() for v in optimizer.variables))
+
+
 def _divergence(state: ckpt.LoopState, row: dict, train_counts: np.ndarray, val_counts: np.ndarray,
                 t) -> str:
-    """Why this epoch counts as diverged ('' if it does not): a non-finite loss, or, after an epoch
-    that found lesions, ``collapse_patience`` epochs predicting no lesion pixel anywhere."""
+    """Why this epoch counts as diverged ('' if it does not): a non-finite loss, non-finite weights
+    or optimizer state (``row[checkpoint.FINITE]`` 0), or, after an epoch that found lesions,
+    ``collapse_patience`` epochs predicting no lesion pixel anywhere."""
     if not (math.isfinite(row["loss"]) and math.isfinite(row["val_loss"])):
         return f"non-finite loss (train {row['loss']:.4g}, validation {row['val_loss']:.4g})"
+    if not row.get(ckpt.FINITE, 1.0):
+        return "non-finite weights or optimizer state (NaN or Inf)"
     tp, fp, fn = val_counts
     nothing_predicted = tp + fp == 0 and train_counts[0] + train_counts[1] == 0 and tp + fn > 0
     if state.best_score > 0 and nothing_predicted:
@@ -185,12 +194,14 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
         optimizer.build(model.trainable_variables)
     state = ckpt.LoopState(learning_rate=t.learning_rate, early_stop=ckpt.Plateau(t.patience),
                            reducer=ckpt.Plateau(t.reducer_patience if t.learning_rate_reducer else 0))
-    with reporter.resume_checkpoint() as resume_dir:
-        if resume_dir:
-            state = ckpt.restore(resume_dir, model, optimizer)
-            state.resumes.append(state.epoch)
-            if chief:
-                log.info("resumed from %s after epoch %d", resume_dir, state.epoch)
+    resumed = reporter.resume(model, optimizer)
+    if resumed:
+        resume_uri, state, skipped = resumed
+        state.resumes.append(state.epoch)
+        if chief:
+            for why in skipped:
+                log.warning("%s; resuming from %s (epoch %d) instead", why, resume_uri, state.epoch)
+            log.info("resumed from %s after epoch %d", resume_uri, state.epoch)
     best = _Snapshot(model, optimizer, state.epoch)  # rollback point until an epoch scores better
 
     def forward_backward(x, y):
@@ -306,7 +317,8 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                    "replica_weight_spread": spread,
                    "train_images_per_second": (done - 1) * global_batch / train_seconds,
                    "input_wait_fraction": waited / train_seconds,
-                   "epoch_seconds": time.time() - started}
+                   "epoch_seconds": time.time() - started,
+                   ckpt.FINITE: float(_all_finite(model, optimizer))}
             trouble = _divergence(state, row, train_counts[:3], val[3:6], t)
             state = _after_epoch(state, row, t)
             if trouble:
@@ -321,7 +333,8 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 if chief:
                     ckpt.save(tmp, model, optimizer, state)
                 done_reason = state.stop_reason or (f"reached {t.epochs} epochs" if epoch >= t.epochs else "")
-                reporter.report({**row, "stop_reason": done_reason}, tmp if chief else None)
+                reporter.report({**row, "stop_reason": done_reason, ckpt.RANK: ckpt.rank(state)},
+                                tmp if chief else None)
     except BaseException as exc:
         if artifacts:
             artifacts.close(strict=False)  # the error already on its way is the one to report
@@ -339,7 +352,8 @@ def epoch_line(row: dict, state: ckpt.LoopState, epochs: int, foreground_names=(
     With several foreground classes, each class's val Dice and their mean (the score that picks
     the best epoch) follow the lesion Dice."""
     epoch = int(row["epoch"])
-    best = "new best" if state.best_epoch == epoch else f"best {state.best_score:.3f} @ {state.best_epoch}"
+    best = ("new best" if state.best_epoch == epoch else
+            f"best {state.best_score:.3f} @ {state.best_epoch}" if state.best_epoch else "no best yet")
     seconds = [r["epoch_seconds"] for r in state.history]
     left = (epochs - epoch) * sum(seconds) / max(len(seconds), 1)
     eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s" if epoch < epochs and not state.stop_reason else ""
@@ -377,11 +391,12 @@ def _on_divergence(state: ckpt.LoopState, trouble: str, best: _Snapshot, model, 
 
 
 def _after_epoch(state: ckpt.LoopState, row: dict, t) -> ckpt.LoopState:
-    """Best-model bookkeeping, reduce-LR-on-plateau and early stopping on validation loss."""
+    """Best-model bookkeeping (``checkpoint.score_of`` and ``better``: the rule ``export`` follows),
+    reduce-LR-on-plateau and early stopping on validation loss."""
     state.epoch = int(row["epoch"])
     state.history.append(row)
-    score = ckpt.row_score(row)
-    if not math.isnan(score) and score > state.best_score:
+    score = ckpt.score_of(row)
+    if ckpt.better(score, state.best_score if state.best_epoch else None):
         state.best_score, state.best_epoch = score, state.epoch
     if state.reducer.update(row["val_loss"]) and t.lr_schedule == "plateau":
         state.lr_scale *= t.reducer_factor

@@ -229,11 +229,12 @@ class RayReporter:
     def __init__(self, run_uri: str):
         self.run_uri = run_uri
 
-    def resume_checkpoint(self):
-        """The run's latest complete checkpoint, not only the latest Ray recorded: a worker killed
-        right after uploading one can take the group down before the controller records it, and
-        Ray's own ``get_checkpoint()`` would then restart the run from an older one, or from scratch."""
-        return ckpt.latest_local(self.run_uri)
+    def resume(self, model, optimizer):
+        """The run's latest complete checkpoint that loads, not only the latest Ray recorded: a
+        worker killed right after uploading one can take the group down before the controller
+        records it, and Ray's own ``get_checkpoint()`` would then restart the run from an older
+        one, or from scratch."""
+        return ckpt.restore_latest(self.run_uri, model, optimizer)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -305,7 +306,7 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
         datasets=datasets,
         run_config=RunConfig(
             name=cfg.run.name, storage_path=root, storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ckpt.SCORE,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ckpt.RANK,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),

@@ -42,7 +42,8 @@ def test_rerun_resumes_from_the_latest_checkpoint(parquet_store, tmp_path):
     latest = second[-1][1]
     assert latest.epoch == 3 and [row["epoch"] for row in latest.history] == [1, 2, 3]
     assert latest.history[0] == first[0][1].history[0]  # epoch 1 was not run again
-    assert len(second) <= 2  # latest and best kept, older ones pruned
+    # the latest two (a fallback if the latest does not load) and the best (a tie: the earlier) kept
+    assert {s.epoch for _, s in second} == {2, 3, latest.best_epoch}
 
 
 def test_outputs_of_a_run(trained_run):
@@ -110,7 +111,8 @@ def test_log_has_one_line_per_epoch_and_progress_lines_where_no_bar_is_drawn(par
 
 
 def test_one_lesion_class_rows_add_only_val_score_equal_to_the_lesion_dice(trained_run):
-    """The two-class default: no per-class keys, and the selection score is the lesion Dice itself."""
+    """The two-class default: no per-class keys, and the selection score is the lesion Dice itself
+    (the one other new column, weights_finite, is the divergence guard's)."""
     import csv
     from pathlib import Path
 
@@ -122,4 +124,5 @@ def test_one_lesion_class_rows_add_only_val_score_equal_to_the_lesion_dice(train
     columns = next(csv.reader(open(Path(run) / "history.csv")))
     assert [c for c in columns if "lesion" not in c and c not in (
         "epoch", "loss", "val_loss", "val_dice_coef_multiclass", "learning_rate", "replica_weight_spread",
-        "train_images_per_second", "input_wait_fraction", "epoch_seconds", "rollbacks")] == ["val_score"]
+        "train_images_per_second", "input_wait_fraction", "epoch_seconds", "rollbacks",
+        ckpt.FINITE)] == ["val_score"]

@@ -205,3 +205,22 @@ def test_ray_data_epochs_read_every_row_once_and_start_the_next_pass_early(ray_c
     epochs = RayEpochs(train_dataset(cfg, store, manifest))
     assert sorted(epochs.epoch()) == sorted(direct)
     epochs.close()
+
+
+def test_a_diverged_ray_run_exits_1_and_ray_keeps_the_loops_best(ray_cluster, parquet_store, tmp_path, capsys):
+    """Issue 22, case 6 on the Ray backend: the same exit and line as the local backend; Ray keeps
+    checkpoints by ``checkpoint_rank``, so nothing diverged is a candidate and export refuses."""
+    from aisd_ray.cli import main
+
+    out = tmp_path / "runs"
+    code = main(["train", "--config", "tiny", "--data", parquet_store[1], "--output", str(out), "-q",
+                 "--backend", "ray", "--set", "train.num_workers=1", "--set", "train.epochs=3",
+                 "--set", "train.learning_rate=1e9", "--set", "train.clipvalue=0", "--set", "train.on_collapse='stop'",
+                 "--set", "train.epoch_change_infer=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"aisd-ray train: error: {out / 'tiny'}: training stopped: diverged at epoch 1: "
+                             "non-finite loss")
+    assert ckpt.ranked(ckpt.list_checkpoints(str(out / "tiny"))) == []
+    assert main(["export", "--run", str(out / "tiny")]) == 2
+    assert f"{out / 'tiny'}: no checkpoint to export" in capsys.readouterr().err

@@ -7,15 +7,19 @@ import pytest
 
 from aisd_ray import stages
 from aisd_ray.config import TrainConfig
+from aisd_ray.train import TrainingFailed, loop
 from aisd_ray.train import checkpoint as ckpt
-from aisd_ray.train import loop
 
 
-def run(cfg, shards, root, **train):
+def run(cfg, shards, root, diverges=False, **train):
     cfg.train.backend = "local"
     for key, value in train.items():
         setattr(cfg.train, key, value)
-    stages.train(cfg, shards, root)
+    if diverges:  # a run the divergence guard stops fails (the CLI exits 1), with the reason
+        with pytest.raises(TrainingFailed, match="training stopped: diverged at epoch"):
+            stages.train(cfg, shards, root)
+    else:
+        stages.train(cfg, shards, root)
     return ckpt.list_checkpoints(stages.run_uri(cfg, root))[-1]
 
 
@@ -51,16 +55,16 @@ def test_one_epoch_plus_resume_is_bit_identical_to_three_epochs(noisy, tmp_path,
     # the comparison is sharp: a restore that skips the optimizer state, or the weights, differs
     real_restore = ckpt.restore
 
-    def without_optimizer(folder, model, optimizer):
+    def without_optimizer(folder, model, optimizer, *uri):
         fresh = [np.array(v.numpy()) for v in optimizer.variables]
-        state = real_restore(folder, model, optimizer)
+        state = real_restore(folder, model, optimizer, *uri)
         for var, value in zip(optimizer.variables, fresh):
             var.assign(value)
         return state
 
-    def without_weights(folder, model, optimizer):
+    def without_weights(folder, model, optimizer, *uri):
         fresh = model.get_weights()
-        state = real_restore(folder, model, optimizer)
+        state = real_restore(folder, model, optimizer, *uri)
         model.set_weights(fresh)
         return state
 
@@ -76,7 +80,7 @@ def test_one_epoch_plus_resume_is_bit_identical_to_three_epochs(noisy, tmp_path,
 def test_absurd_learning_rate_rolls_back_then_stops(parquet_store, tmp_path):
     cfg, shards = parquet_store
     cfg.train.epoch_change_infer = False
-    _, state = run(cfg, shards, str(tmp_path / "r"), epochs=6, learning_rate=1e30, max_rollbacks=2)
+    _, state = run(cfg, shards, str(tmp_path / "r"), True, epochs=6, learning_rate=1e30, max_rollbacks=2)
     rows = state.history
     assert [r["rollbacks"] for r in rows] == [1, 2, 2]
     assert state.stop_reason.startswith("diverged at epoch 3 after 2 rollbacks: non-finite loss")
@@ -95,7 +99,7 @@ def test_rollback_with_a_lower_learning_rate_recovers(parquet_store, tmp_path):
 def test_stop_policy_ends_the_run_with_the_reason(parquet_store, tmp_path):
     cfg, shards = parquet_store
     cfg.train.epoch_change_infer = False
-    _, state = run(cfg, shards, str(tmp_path / "s"), epochs=4, learning_rate=1e30, on_collapse="stop")
+    _, state = run(cfg, shards, str(tmp_path / "s"), True, epochs=4, learning_rate=1e30, on_collapse="stop")
     assert len(state.history) == 1 and state.stop_reason.startswith("diverged at epoch 1: non-finite loss")
 
 
