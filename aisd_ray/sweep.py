@@ -22,6 +22,8 @@ from typing import Any
 
 from aisd_ray import provenance, stages, storage
 from aisd_ray.config import Config
+from aisd_ray.train import TrainingFailed
+from aisd_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 # A run counts as collapsed when its test lesion Dice (pooled) is below this (it predicts next
@@ -56,7 +58,13 @@ def _run_one(cfg: Config, root: str, backend: str, train_seed: int, synthetic_se
             run_cfg.train.batch_size = cfg.train.batch_size * workers
         run_cfg.data.shards_dir = storage.join(data_root, "shards")  # one store per synthetic seed
         log.info("sweep: %s on synthetic seed %d", name, synthetic_seed)
-        figures = stages.demo(run_cfg, output, progress=progress, source_root=data_root).figures
+        try:
+            figures = stages.demo(run_cfg, output, progress=progress, source_root=data_root).figures
+        except TrainingFailed as exc:  # a diverged run is a result of the sweep, not its end
+            if ckpt.DIVERGED not in str(exc):
+                raise
+            log.warning("sweep: %s diverged; counted as collapsed, with no test figures: %s", name, exc)
+            figures = _diverged_figures(stages.run_uri(run_cfg, output), str(exc))
     dice = figures["test lesion Dice (pooled)"]
     return {"backend": backend, "workers": workers if backend == "ray" else 1,
             "global_batch": cfg.train.batch_size * workers, "train_seed": train_seed,
@@ -65,11 +73,28 @@ def _run_one(cfg: Config, root: str, backend: str, train_seed: int, synthetic_se
             "test_case_dice_mean": figures.get("test case Dice (mean)", float("nan")),
             "best_epoch": figures["best epoch"], "epochs_run": figures["epochs run"],
             "rollbacks": figures.get("rollbacks", 0), "stop_reason": figures.get("stop reason", ""),
-            "collapsed": bool(dice < COLLAPSED_BELOW or str(figures.get("stop reason", "")).startswith("diverged")),
+            "collapsed": bool(not dice >= COLLAPSED_BELOW or ckpt.DIVERGED in str(figures.get("stop reason", ""))),
             "wall_seconds": figures["wall time (s)"], "output": output}
 
 
+def _diverged_figures(run: str, reason: str) -> dict[str, Any]:
+    """The figures of a run the divergence guard stopped: its epochs from the run's history, no
+    test figures (NaN: the pipeline stopped before export, so nothing was scored)."""
+    state = ckpt.list_checkpoints(run)
+    history = state[-1][1].history if state else []
+    best = ckpt.best_row(history)
+    nan = float("nan")
+    return {"test lesion Dice (pooled)": nan, "test lesion Dice (per image)": nan, "test case Dice (mean)": nan,
+            "best epoch": best["epoch"] if best else 0, "epochs run": len(history),
+            "rollbacks": history[-1].get("rollbacks", 0) if history else 0,
+            "stop reason": reason, "wall time (s)": nan}
+
+
 def _spread(values: list[float]) -> dict[str, float]:
+    """min / median / max of the defined values (a diverged run has none); NaN when none is."""
+    values = [v for v in values if v == v]
+    if not values:
+        return {"min": float("nan"), "median": float("nan"), "max": float("nan")}
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 

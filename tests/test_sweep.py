@@ -40,3 +40,17 @@ def test_summary_counts_collapses_and_the_backend_gap():
     assert summary["local"]["collapses"] == 1 and summary["local"]["test_lesion_dice"]["median"] == 0.85
     assert summary["ray"]["rollbacks"] == 1
     assert abs(summary["ray_minus_local_median"] - (-0.05)) < 1e-12
+
+
+def test_a_diverged_run_is_a_collapsed_row_and_the_sweep_goes_on(tmp_path, capsys):
+    """A run the divergence guard stops (exit 1 on its own) is a result of the sweep: counted as
+    collapsed with no test figures, and the sweep carries on and reports the rest."""
+    args = ["sweep", "--config", str(builtin_config("tiny")), "--set", "train.epochs=3",
+            "--set", "train.learning_rate=1e9", "--set", "train.clipvalue=0", "--set", "train.max_rollbacks=0",
+            "--train-seeds", "1", "--synthetic-seeds", "5", "--ray-train-seeds", "", "--output", str(tmp_path)]
+    assert main(args) == 0
+    (run,) = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    assert run["collapsed"] and run["stop_reason"].count("diverged at epoch") == 1
+    assert run["test_lesion_dice"] != run["test_lesion_dice"]  # NaN: nothing was exported or scored
+    assert run["epochs_run"] >= 1
+    assert "local: 1 runs, 1 collapsed" in capsys.readouterr().out
