@@ -250,11 +250,12 @@ def _write_outputs(rows: list[dict[str, Any]], curves: dict[str, Any], cfg: Conf
         xs.append(row[x_key] if x_key else i + 1)
         ys.append(0.0 if math.isnan(row[score]) else row[score])
     outputs["search plot"] = storage.join(output, "search.png")
-    named = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in STATUSES[1:]
-                      if any(r["status"] == s for r in rows))
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    notes = ([f"{counts['below floor']} below tune.min_score {cfg.tune.min_score:g}"] if counts["below floor"] else []) \
+        + ([", ".join(f"{counts[s]} {s}" for s in apart) + ": crosses"] if apart else [])
     plots.scatter([(k, *series[k]) for k in sorted(k for k in series if k not in apart) + apart],
                   x_key or "trial (by rank)", f"best {SCORE}", outputs["search plot"], logx=x_key == "learning_rate",
-                  title=f"{len(rows)} trials" + (f" ({named}: crosses)" if named else ""), crossed=apart)
+                  title=f"{len(rows)} trials" + (f" ({'; '.join(notes)})" if notes else ""), crossed=apart)
     outputs["curves plot"] = storage.join(output, "curves.png")
     status = {row["trial_id"]: row["status"] for row in rows}
     labels = {t: t if status[t] == "ok" else f"{t} ({status[t]})" for t in curves}
