@@ -106,6 +106,9 @@ def cmd_tune(args) -> None:
     result = search(cfg, data, args.output)
     print(result.table())
     print()
+    if result.judged:
+        print(result.verdict())
+        print()
     for name, where in result.outputs.items():
         print(f"{name:<16} {where}")
 

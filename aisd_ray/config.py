@@ -238,6 +238,16 @@ class TuneConfig:
     grace_period: int = 1  # epochs every trial runs before ASHA may stop it
     reduction_factor: int = 2
     seed: int = 0
+    # The floor a trial's best val_score must reach to be exported: below it a trial is "collapsed"
+    # (below 0.1, the line under which the pipeline calls a model collapsed: next to no lesion found)
+    # or "below floor", never the search's answer; a search whose best trial is below it exits 1 and
+    # exports nothing. 0.1 by default, as what is good enough depends on the data: set it to what
+    # the data's default run reaches (tune-demo: 0.5).
+    min_score: float = 0.1
+    # Run the base config's own values of the searched keys as the first trial (Tune's
+    # points_to_evaluate; it takes one of num_samples), exported and scored on the test split beside
+    # the best trial, so the summary says whether the search beat the default. Not with grid values.
+    include_default: bool = True
 
 
 @dataclass
@@ -680,6 +690,8 @@ def _validate_tune(cfg: Config, bad) -> None:
     for key in ("num_samples", "max_concurrent_trials", "grace_period"):
         if getattr(tc, key) < 1:
             raise bad(f"tune.{key}", f"must be >= 1, got {getattr(tc, key)}")
+    if not 0 <= tc.min_score <= 1:
+        raise bad("tune.min_score", f"must lie in [0, 1] (a Dice), got {tc.min_score}")
     if tc.reduction_factor < 2:
         raise bad("tune.reduction_factor", f"must be >= 2, got {tc.reduction_factor}")
     if tc.searcher not in ("random", "optuna"):

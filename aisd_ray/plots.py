@@ -124,11 +124,12 @@ def case_bars(rows: Sequence[dict], uri: str, title: str = "") -> None:
 
 
 def scatter(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, logx: bool = False,
-            identity: bool = False, title: str = "") -> None:
-    """Points per series; ``identity`` adds the y = x line (agreement plots)."""
+            identity: bool = False, title: str = "", crossed: Sequence[str] = ()) -> None:
+    """Points per series; ``identity`` adds the y = x line (agreement plots); series whose labels
+    are in ``crossed`` are drawn as crosses (points set apart: a search's collapsed trials)."""
     fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
     for label, x, y in series:
-        ax.scatter(x, y, s=18, label=label)
+        ax.scatter(x, y, s=40 if label in crossed else 18, marker="x" if label in crossed else "o", label=label)
     if identity:
         top = max([max(list(x) + list(y), default=0) for _, x, y in series], default=0) or 1
         ax.plot([0, top], [0, top], "k:", lw=1, label="y = x")

@@ -6,15 +6,23 @@ passes every epoch's metrics up, so ASHA can stop weak trials at its rungs of th
 score that also picks each run's best checkpoint (``checkpoint.SCORE``: the mean val Dice over
 the foreground classes, the lesion Dice with one lesion class). The experiment lives in the
 configured storage (folder or ``gs://``); running the same command again restores it and runs
-only what is unfinished. When the search ends the
-best trial is exported like a single run, and ``best_config.toml`` (which ``aisd-ray train``
-accepts), ``leaderboard.csv``, ``search.png`` and ``curves.png`` are written beside it.
+only what is unfinished.
+
+Every trial gets a status (``trial_status``): ``ok``, ``below floor`` or ``collapsed`` (its best
+val_score under ``tune.min_score``), ``diverged`` (the training loop's divergence guard stopped
+it), ``error``. ``leaderboard.csv``, the log and the plots (``search.png``, ``curves.png``) name
+it; only an ``ok`` trial can rank first. When the search ends the best trial is exported like a
+single run and scored on the test split, beside the trial of the base config's own values
+(``tune.include_default``), in ``summary.json``; ``best_config.toml`` (which ``aisd-ray train``
+accepts) is written beside it. A search whose best trial is not ``ok`` raises ``TrainingFailed``
+(the CLI exits 1) naming the trials, and exports nothing.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -29,11 +37,19 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from aisd_ray import plots, stages, storage
 from aisd_ray.config import WHOLE_NUMBER_KEYS, Config, apply_params, config_from_dict
 from aisd_ray.data import shards
-from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, score_of
-from aisd_ray.train.ray_train import ensure_ray
+from aisd_ray.data.layout import DataError
+from aisd_ray.evaluate import evaluate_export
+from aisd_ray.train import TrainingFailed
+from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, diverged, score_of
+from aisd_ray.train.ray_train import ensure_ray, run_on_worker
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # the trial function only waits on its Train run; zero is refused
+# A best val_score below this means the model finds next to no lesion: the line stages.pipeline
+# draws for a collapsed model on the test split.
+COLLAPSED_BELOW = 0.1
+STATUSES = ("ok", "below floor", "collapsed", "diverged", "error")
+DEFAULT, SAMPLED = "base config", "sampled"  # the leaderboard's origin column
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
@@ -48,10 +64,29 @@ def param_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
+def default_point(cfg: Config) -> dict[str, Any] | None:
+    """The base config's own values of the searched keys (the default configuration as a trial), or
+    None: ``tune.include_default`` off, grid values in the space (a grid is its own list of points),
+    or a kernel or dilation that is not square (a trial's values are)."""
+    if not cfg.tune.include_default or any("grid" in spec for spec in cfg.tune.space.values()):
+        return None
+    point: dict[str, Any] = {}
+    for key in cfg.tune.space:
+        value = getattr(getattr(cfg, "model" if key != "learning_rate" else "train"), key)
+        if isinstance(value, (tuple, list)):
+            if len(set(value)) != 1:
+                return None
+            value = value[0]
+        point[key] = int(value) if key in WHOLE_NUMBER_KEYS else float(value)
+    return point
+
+
 def _searcher(cfg: Config):
-    """The search algorithm, limited to ``max_concurrent_trials`` at once."""
+    """The search algorithm, limited to ``max_concurrent_trials`` at once; the default point first."""
+    points = [p for p in [default_point(cfg)] if p]
     if cfg.tune.searcher == "random":  # a generator, which TuneConfig.max_concurrent_trials would not limit
-        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials)
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.tune.seed,
+                                     max_concurrent=cfg.tune.max_concurrent_trials)
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
@@ -59,7 +94,8 @@ def _searcher(cfg: Config):
         raise ImportError("tune.searcher = 'optuna' needs the optuna package: pip install 'aisd-ray[optuna]'") from None
     if any("grid" in spec for spec in cfg.tune.space.values()):
         raise ValueError("tune.searcher = 'optuna' cannot take grid values; use choice")
-    return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=cfg.tune.max_concurrent_trials)
+    return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=points or None, seed=cfg.tune.seed),
+                              max_concurrent=cfg.tune.max_concurrent_trials)
 
 
 def _scheduler(cfg: Config):
@@ -86,6 +122,27 @@ def _trial(params: dict[str, Any], base: dict[str, Any], shards_uri: str, trials
 class SearchResult:
     rows: list[dict[str, Any]]
     outputs: dict[str, str] = field(default_factory=dict)
+    judged: dict[str, Any] = field(default_factory=dict)  # _judge: best and default on the test split
+
+    def verdict(self) -> str:
+        """The best trial beside the default configuration, on validation and the test split."""
+        lines = []
+        for role in ("best", "default"):
+            f = self.judged.get(role)
+            if f:
+                test = f.get("test") or (f"test lesion Dice {_cell(f.get('test lesion Dice', math.nan))}, test case "
+                                         f"Dice (mean) {_cell(f.get('test case Dice (mean)', math.nan))}")
+                lines.append(f"{role + ' trial':<14} {f['trial_id']} ({f['status']}, {f['epochs_run']} epochs): "
+                             f"val lesion Dice {_cell(f['val lesion Dice'])}, {test}")
+        if self.judged.get("best", {}).get("trial_id") == self.judged.get("default", {}).get("trial_id"):
+            lines.append("the default configuration is the best trial: the search did not beat it")
+        elif "beat_default" in self.judged:
+            lines.append("the search " + ("beat" if self.judged["beat_default"] else "did not beat")
+                         + " the default configuration on the test split")
+        elif self.judged.get("best") and not self.judged.get("default"):
+            lines.append("no default trial to compare with (tune.include_default off, grid values, or a "
+                         "non-square kernel or dilation)")
+        return "\n".join(lines)
 
     def table(self) -> str:
         keys = [k for k in self.rows[0] if k != "run"] if self.rows else []
@@ -121,13 +178,53 @@ def _row(result, cfg: Config, trials_root: str) -> dict[str, Any]:
     elif not reason:
         reason = f"stopped by ASHA after epoch {row['epochs_run']}"
     row["stop_reason"] = reason
+    status = trial_status(row, cfg.tune.min_score, errored=result.error is not None)
+    row = {"trial_id": trial_id, "status": status, "origin": SAMPLED, **row}
     row["run"] = storage.join(trials_root, trial_id)
     return row
 
 
+def trial_status(row: dict[str, Any], min_score: float, errored: bool = False) -> str:
+    """One of ``STATUSES`` for a leaderboard row (its ``best_val_score``, NaN when no epoch was a
+    candidate, and ``stop_reason``):
+
+    - ``error``: the trial raised (``errored``);
+    - ``diverged``: the divergence guard stopped it (``checkpoint.diverged``: a non-finite loss,
+      weights or optimizer state, or a collapse past ``train.max_rollbacks``), whatever it scored
+      before;
+    - ``collapsed``: no epoch was a candidate, or its best val_score is below ``min_score`` and
+      below ``COLLAPSED_BELOW`` (0.1): its model finds next to no lesion;
+    - ``below floor``: its best val_score lies in [0.1, ``min_score``);
+    - ``ok``: otherwise. Only an ``ok`` trial is ever the search's answer."""
+    if errored or str(row.get("stop_reason", "")).startswith("error:"):
+        return "error"
+    if diverged(row.get("stop_reason", "")):
+        return "diverged"
+    score = float(row.get(f"best_{SCORE}", math.nan))
+    if math.isnan(score) or score < min_score:
+        return "collapsed" if math.isnan(score) or score < COLLAPSED_BELOW else "below floor"
+    return "ok"
+
+
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first: trials that ended normally by score (collapsed ones fall to the end by their
+    score), then diverged and failed ones; ties by trial id."""
     key = f"best_{SCORE}"
-    return sorted(rows, key=lambda r: (math.isnan(r[key]), -r[key] if not math.isnan(r[key]) else 0, r["trial_id"]))
+    return sorted(rows, key=lambda r: (r["status"] in ("diverged", "error"), math.isnan(r[key]),
+                                       -r[key] if not math.isnan(r[key]) else 0, r["trial_id"]))
+
+
+def _mark_default(rows: list[dict[str, Any]], point: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Mark (origin) and return the trial of the default point: the first trial id with its values."""
+    matches = sorted((r for r in rows if point and all(_same(r.get(k), v) for k, v in point.items())),
+                     key=lambda r: r["trial_id"])
+    if matches:
+        matches[0]["origin"] = DEFAULT
+    return matches[0] if matches else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is not None and math.isclose(float(a), float(b), rel_tol=1e-9)
 
 
 def _write_outputs(rows: list[dict[str, Any]], curves: dict[str, Any], cfg: Config, output: str) -> dict[str, str]:
@@ -143,25 +240,36 @@ def _write_outputs(rows: list[dict[str, Any]], curves: dict[str, Any], cfg: Conf
     x_key = "learning_rate" if "learning_rate" in cfg.tune.space else None
     group = next((k for k in ("base_kernels", "dilation") if k in cfg.tune.space), None)
     series: dict[str, tuple[list, list]] = {}
+    apart = []  # collapsed, diverged, failed trials: crosses of their own (at 0 when they have no score)
     for i, row in enumerate(rows):
-        label = f"{group} {row[group]}" if group else "trial"
+        usable = row["status"] in ("ok", "below floor")
+        label = (f"{group} {row[group]}" if group else "trial") if usable else row["status"]
+        if not usable and label not in apart:
+            apart.append(label)
         xs, ys = series.setdefault(label, ([], []))
         xs.append(row[x_key] if x_key else i + 1)
-        ys.append(row[score])
+        ys.append(0.0 if math.isnan(row[score]) else row[score])
     outputs["search plot"] = storage.join(output, "search.png")
-    plots.scatter([(k, xs, ys) for k, (xs, ys) in sorted(series.items())], x_key or "trial (by rank)",
-                  f"best {SCORE}", outputs["search plot"], logx=x_key == "learning_rate",
-                  title=f"{len(rows)} trials")
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    notes = ([f"{counts['below floor']} below tune.min_score {cfg.tune.min_score:g}"] if counts["below floor"] else []) \
+        + ([", ".join(f"{counts[s]} {s}" for s in apart) + ": crosses"] if apart else [])
+    plots.scatter([(k, *series[k]) for k in sorted(k for k in series if k not in apart) + apart],
+                  x_key or "trial (by rank)", f"best {SCORE}", outputs["search plot"], logx=x_key == "learning_rate",
+                  title=f"{len(rows)} trials" + (f" ({'; '.join(notes)})" if notes else ""), crossed=apart)
     outputs["curves plot"] = storage.join(output, "curves.png")
-    plots.lines([(trial_id, list(h["epoch"]), list(h[SCORE].astype(float))) for trial_id, h in curves.items()],
-                "epoch", SCORE, outputs["curves plot"])
+    status = {row["trial_id"]: row["status"] for row in rows}
+    labels = {t: t if status[t] == "ok" else f"{t} ({status[t]})" for t in curves}
+    plots.lines([(labels[t], list(h["epoch"]), list(h[SCORE].astype(float))) for t, h in curves.items()],
+                "epoch", SCORE, outputs["curves plot"], dashed=[labels[t] for t in curves if status[t] != "ok"],
+                title="dashed: not ok (" + ", ".join(sorted({s for s in status.values() if s != "ok"})) + ")"
+                if any(s != "ok" for s in status.values()) else "")
     return outputs
 
 
 def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     """Run (or resume) the search under ``output``; export the best trial and write the summaries."""
     output, shards_uri = storage.absolute(output), storage.absolute(shards_uri)
-    shards.ShardStore.open(shards_uri, cfg)
+    store = shards.ShardStore.open(shards_uri, cfg)
     t, tc = cfg.train, cfg.tune
     # a local cluster: each concurrent trial's workers plus a CPU for its Ray Data reads
     ensure_ray(tc.max_concurrent_trials * (t.num_workers + 1) + 1)
@@ -186,20 +294,87 @@ def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     grid = tuner.fit()
     results = [grid[i] for i in range(len(grid))]
     rows = _order([_row(r, cfg, trials_root) for r in results])
+    if not rows:
+        raise TrainingFailed(f"search {tc.name}: no trial ran; nothing exported")
+    default = _mark_default(rows, default_point(cfg))
     histories = {(r.metrics or {}).get("trial_id"): r.metrics_dataframe for r in results}
     curves = {row["trial_id"]: histories[row["trial_id"]] for row in rows  # in leaderboard order
               if histories.get(row["trial_id"]) is not None and SCORE in histories[row["trial_id"]]}
-    if not rows or math.isnan(rows[0][f"best_{SCORE}"]):
-        raise RuntimeError(f"no trial of {experiment} reported {SCORE}; see the trial errors above")
+    for row in rows:
+        (log.info if row["status"] == "ok" else log.warning)(
+            "trial %s: %s (best %s %s at epoch %d of %d; %s)%s", row["trial_id"], row["status"].upper()
+            if row["status"] != "ok" else "ok", SCORE, _cell(row[f"best_{SCORE}"]), row["best_epoch"],
+            row["epochs_run"], row["stop_reason"], " [the base config's values]" if row is default else "")
     result = SearchResult(rows, _write_outputs(rows, curves, cfg, output))
     best = rows[0]
+    if best["status"] != "ok":
+        raise TrainingFailed(_no_answer(rows, tc, storage.join(output, "leaderboard.csv")))
     export_uri, _ = stages.export(best["run"], storage.join(output, "best_export"))
     best_cfg = stages.run_config(best["run"])
     best_cfg.run.name = f"{tc.name}-best"
     result.outputs["best config"] = storage.join(output, "best_config.toml")
     storage.write_text(result.outputs["best config"], best_cfg.to_toml())
     result.outputs["best SavedModel"] = storage.join(export_uri, "saved_model")
-    result.outputs["experiment"] = storage.join(output, "tune", tc.name)
     log.info("best trial %s: %s %.4f", best["trial_id"], SCORE, best[f"best_{SCORE}"])
+    result.judged = _judge(cfg, store, output, export_uri, best, default)
+    result.outputs["summary"] = storage.join(output, "summary.json")
+    storage.write_text(result.outputs["summary"], json.dumps(_json_safe(
+        {"best": result.judged.get("best"), "default": result.judged.get("default"),
+         "beat_default": result.judged.get("beat_default"), "leaderboard": rows}), indent=2))
+    result.outputs["experiment"] = storage.join(output, "tune", tc.name)
     return result
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (an undefined figure) as null; numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _no_answer(rows: list[dict[str, Any]], tc, leaderboard: str) -> str:
+    """The one line a search with no ``ok`` trial ends with: every trial and its status."""
+    named = "; ".join(f"{r['trial_id']} {r['status']} ({SCORE} {_cell(r[f'best_{SCORE}'])})" for r in rows)
+    return (f"search {tc.name}: no trial reached tune.min_score = {tc.min_score:g} without collapsing or diverging "
+            f"({named}); nothing exported (see {leaderboard})")
+
+
+def _judge(cfg: Config, store: shards.ShardStore, output: str, best_export: str, best: dict[str, Any],
+           default: dict[str, Any] | None) -> dict[str, Any]:
+    """The best trial's export, and the default trial's (exported to ``default_export``), scored on
+    the test split as the pipeline does (a Ray task on a training node): for each its val lesion
+    Dice, test lesion Dice (pooled over the split) and mean case Dice (raw layout: per patient), and
+    whether the best beat the default on the test split. Empty figures where the store has no test
+    split or the default trial left no checkpoint to export (it diverged)."""
+    judged: dict[str, Any] = {}
+    if "test" not in store.manifest["splits"]:
+        log.warning("the shard store has no test split: the best trial is not scored on one")
+        return judged
+    for role, row, export_uri in (("best", best, best_export), ("default", default, None)):
+        if row is None:
+            continue
+        figures = {"trial_id": row["trial_id"], "status": row["status"], "epochs_run": row["epochs_run"],
+                   "stop_reason": row["stop_reason"], "val lesion Dice": row["best_val_lesion_dice"]}
+        judged[role] = figures
+        if row is best and role == "default":  # the default won: scored once
+            figures.update({k: v for k, v in judged["best"].items() if k.startswith("test")})
+            continue
+        if export_uri is None:
+            try:
+                export_uri, _ = stages.export(row["run"], storage.join(output, "default_export"))
+            except DataError as exc:  # a default trial with no checkpoint to export (it diverged) is a finding
+                figures["test"] = f"not scored: {str(exc).splitlines()[0][:200]}"
+                continue
+        report = run_on_worker(cfg, evaluate_export, storage.absolute(export_uri), store.uri,
+                               storage.absolute(storage.join(output, f"{role}_eval")), "test", cfg.eval.batch_size,
+                               False, role == "best", store=store)
+        figures["test lesion Dice"] = report["lesion_dice"]
+        figures["test case Dice (mean)"] = report.get("cases", {}).get("case_dice_mean", math.nan)
+    if "test lesion Dice" in judged.get("default", {}):
+        judged["beat_default"] = judged["best"]["test lesion Dice"] > judged["default"]["test lesion Dice"]
+    return judged
 

@@ -26,7 +26,10 @@ pytestmark = pytest.mark.slow
 # below the rung's cutoff, so the last trial stops after epoch 1 of 2. The search is interrupted after
 # the first trial, and Tune does not keep ASHA's rungs across a restore, so the second trial (run after
 # the resume) sets the cutoff.
+# The tiny model reaches no real Dice in 2 epochs: this test is about ASHA, resume and export, so its
+# floor (tune.min_score) is 0 and its trials count as ok.
 SEARCH = ["tune.name='tiny-search'", "tune.num_samples=1", "tune.grace_period=1", "tune.reduction_factor=2",
+          "tune.min_score=0",
           "tune.space={learning_rate={grid=[1e-7, 1e-7, 0.05]}}", "train.epochs=2", "train.num_workers=1"]
 
 
@@ -102,3 +105,33 @@ def test_search_resumes_stops_weak_trials_and_exports_the_best(parquet_store, tm
     assert best.train.learning_rate == pytest.approx(1e-7)
     stages.train(best, shards, str(tmp_path / "retrain"))
     assert (tmp_path / "retrain" / best.run.name / "history.csv").exists()
+
+
+def test_a_search_whose_every_trial_collapses_or_diverges_exits_1_naming_them_and_exports_nothing(
+        parquet_store, ray_cluster, tmp_path, capsys):
+    """Issue 23: an absurd learning rate makes every trial collapse (all background) or diverge (a
+    non-finite loss, train.on_collapse = 'stop'); the leaderboard and the one error line name each
+    trial and its status, and no export, best config or summary is written."""
+    from aisd_ray import cli
+
+    cfg, shards = parquet_store
+    config = tmp_path / "base.toml"
+    config.write_text(cfg.to_toml())
+    output = tmp_path / "search"
+    sets = ["tune.name='absurd'", "tune.num_samples=1", "tune.max_concurrent_trials=2", "tune.scheduler='fifo'",
+            "tune.space={learning_rate={grid=[1000.0, 10000.0]}}", "train.epochs=1", "train.num_workers=1",
+            "train.on_collapse='stop'"]
+    rc = cli.main(["tune", "--config", str(config), "--data", shards, "--output", str(output),
+                   *[arg for item in sets for arg in ("--set", item)]])
+    err = capsys.readouterr().err
+    assert rc == 1, err[-3000:]
+    rows = list(csv.DictReader(open(output / "leaderboard.csv")))
+    assert len(rows) == 2 and all(r["status"] in ("collapsed", "diverged") for r in rows), rows
+    lines = [line for line in err.splitlines() if line.startswith("aisd-ray tune: error:")]
+    assert len(lines) == 1, err[-3000:]
+    for row in rows:
+        assert f"{row['trial_id']} {row['status']}" in lines[0]
+    assert "nothing exported" in lines[0]
+    for name in ("best_export", "best_config.toml", "summary.json", "best_eval", "default_export"):
+        assert not (output / name).exists(), name
+    assert (output / "search.png").stat().st_size > 1000  # the plots show why
