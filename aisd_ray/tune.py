@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-from aisd_ray import plots, stages, storage
+from aisd_ray import plots, stages, storage, track
 from aisd_ray.config import WHOLE_NUMBER_KEYS, Config, apply_params, config_from_dict
 from aisd_ray.data import shards
 from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, score_of
@@ -162,6 +162,7 @@ def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     """Run (or resume) the search under ``output``; export the best trial and write the summaries."""
     output, shards_uri = storage.absolute(output), storage.absolute(shards_uri)
     shards.ShardStore.open(shards_uri, cfg)
+    search_run = track.start_search(cfg, output)  # MLflow: the search's run, its trials' parent (None: off)
     t, tc = cfg.train, cfg.tune
     # a local cluster: each concurrent trial's workers plus a CPU for its Ray Data reads
     ensure_ray(tc.max_concurrent_trials * (t.num_workers + 1) + 1)
@@ -169,6 +170,7 @@ def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     fs, tune_root = storage.resolve(storage.join(output, "tune"))
     experiment = f"{tune_root}/{tc.name}"
     env = {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}
+    env.update({track.PARENT_ENV: search_run.run_id} if search_run else {})  # each trial's run: a child
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), shards_uri=shards_uri, trials_root=trials_root, env=env),
         {"cpu": TRIAL_CPU})
@@ -200,6 +202,8 @@ def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     storage.write_text(result.outputs["best config"], best_cfg.to_toml())
     result.outputs["best SavedModel"] = storage.join(export_uri, "saved_model")
     result.outputs["experiment"] = storage.join(output, "tune", tc.name)
+    if search_run:
+        track.end_search(search_run, cfg, rows, output)
     log.info("best trial %s: %s %.4f", best["trial_id"], SCORE, best[f"best_{SCORE}"])
     return result
 
