@@ -1,35 +1,29 @@
 """Experiment tracking in MLflow, opt in: ``run.mlflow_tracking_uri`` (``--mlflow URI``).
 
-With no URI (the default) nothing here runs and MLflow is never imported: the run folder is the
-whole record. With one, each training run is also an MLflow run, so that many runs and searches
-can be compared side by side in the tracker:
+With no URI (the default) MLflow is never imported: the run folder is the whole record. With one,
+each training run is also an MLflow run, so that runs and searches compare side by side:
 
-- ``check`` (before anything is written): MLflow's client is installed and the tracker answers,
+- ``check``, before anything is written: MLflow's client is installed and the tracker answers,
   else ``ConfigError`` (exit 2), one line naming the URI.
-- ``start`` (the process that starts training, ``stages.train``): creates the MLflow run, or on a
-  rerun of the same run folder reopens it, with the resolved config as parameters
-  (``section.key``) and ``provenance.json`` as tags (``provenance.*``, and MLflow's own
-  ``mlflow.source.git.commit``), and writes ``mlflow.json`` (tracking URI, experiment and run id)
-  into the run folder. A Tune trial's run is a child of the search's run (``PARENT_ENV``).
-- ``EpochLog`` (the chief, rank 0, alone): each epoch's history row as metrics, the epoch as
-  step, sent from a background thread once the epoch's checkpoint is reported, so the training
-  step never waits for the tracker.
-- ``Tracker``: after training, the run folder's plots, ``history.csv``, ``config.toml`` and
-  ``provenance.json`` as artifacts and the run's end status; the pipeline adds the test split's
-  figures (``test_*`` metrics), ``eval/metrics.json`` (and the evaluation's tables and plots) and
-  the export (``export/``).
+- ``Tracker.start`` (``stages.train``): creates the MLflow run, or reopens it on a rerun of the
+  same run folder, with the resolved config as parameters (``section.key``) and
+  ``provenance.json`` as tags (``provenance.*``, ``mlflow.source.git.commit``), and writes
+  ``mlflow.json`` (URI, experiment, run id) into the run folder. A Tune trial's run is a child of
+  the search's (``start_search``; the search's id reaches the trials as ``PARENT_ENV``).
+- ``train.epoch_log.EpochLog`` (the chief, rank 0, alone): each epoch's history row as metrics,
+  the epoch as step, sent by a background thread once the epoch's checkpoint is reported.
+- after training, the run folder's plots, history, config and provenance as artifacts and the
+  end status; the pipeline adds the test figures (``test_*``), ``eval/`` (metrics.json, tables,
+  plots) and ``export/``. A tracker that stops answering mid-run costs the run nothing: one
+  warning naming the URI; the run folder has every figure.
 
-A tracker that stops answering once the run has started costs the run nothing: one warning
-naming the URI, and the figures stay in the run folder.
-
-Why MLflow's client (``mlflow.tracking.MlflowClient``, from the ``mlflow-skinny`` package): it is
-the tracker the people who train on Ray clusters use (Ray's guides log to it from rank 0), and its
-client speaks every store MLflow has (an HTTP tracking server with its auth from
-``MLFLOW_TRACKING_TOKEN`` / ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, a SQL
-database, a local folder, Databricks) and every artifact store (the server's proxied
-``mlflow-artifacts:``, gs://, s3://), with its own retries. The explicit client, not the fluent
-``mlflow.start_run``, because it keeps no process-wide active run: a Ray worker or a Tune trial's
-process logs to exactly the run it was handed.
+Why MLflow's client (``mlflow.tracking.MlflowClient``, package ``mlflow-skinny``): it is the
+tracker people who train on Ray clusters use (Ray's guides log to it from rank 0), and the client
+speaks every MLflow store (an HTTP server with auth from ``MLFLOW_TRACKING_TOKEN`` or
+``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``, SQL, a folder, Databricks) and artifact store (the
+server's proxied ``mlflow-artifacts:``, gs://, s3://), with its own retries. The explicit client,
+not the fluent ``mlflow.start_run``: it keeps no process-wide active run, so a Ray worker or a
+Tune trial's process logs to exactly the run it was handed.
 """
 
 from __future__ import annotations
@@ -38,10 +32,8 @@ import json
 import logging
 import math
 import os
-import queue
 import re
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +51,8 @@ EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"  # MLflow's own variable; read where t
 DEFAULT_EXPERIMENT = "aisd-ray"
 PROBE_SECONDS = 10  # the start-up check's HTTP timeout (one try: a tracker that is down fails fast)
 RUN_FOLDER_FILES = ("config.toml", "provenance.json", "history.csv", "train_losses.png", "train_metrics.png")
+RUN_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # MLflow's variables, where unset
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 BATCH = 100  # MLflow's limit on parameters per log_batch call
 
@@ -68,10 +62,13 @@ def _client(uri: str):
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
-        raise ConfigError(f"run.mlflow_tracking_uri {uri}: tracking needs MLflow's client, which is not "
+        raise ConfigError(f"run.mlflow_tracking_uri {shown(uri)}: tracking needs MLflow's client, which is not "
                           "installed: pip install 'aisd-ray[mlflow]'") from None
-    # the client would print "View run ... at: URL" to stdout when a run ends: ``start`` logs that link
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # unless set: the client would print "View run ... at: URL" to stdout when a run ends (``start``
+    # logs that link), and retry a call for minutes (7 tries, 120 s timeouts) where a run's own calls
+    # get 4 tries of at most 30 s (then ``Tracker``/``EpochLog`` stop calling a tracker that is down)
+    for key, value in RUN_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -92,7 +89,7 @@ def shown(uri: str) -> str:
                                      + (f":{parts.port}" if parts.port else "")))
 
 
-def _reason(exc: BaseException) -> str:
+def short_reason(exc: BaseException) -> str:
     """An MLflow or HTTP error as a short phrase ('Connection refused', 'HTTP 404 ...')."""
     text = str(exc)
     errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
@@ -104,16 +101,19 @@ def _reason(exc: BaseException) -> str:
 
 @contextmanager
 def _fail_fast():
-    """MLflow's HTTP calls in this block try once, for at most ``PROBE_SECONDS`` (unless the
-    user set MLflow's own variables)."""
+    """MLflow's HTTP calls in this block try once, for at most ``PROBE_SECONDS``; MLflow's
+    variables are put back as they were after it."""
     wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_SECONDS)}
-    added = [k for k in wanted if k not in os.environ]
-    os.environ.update({k: wanted[k] for k in added})
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
-        for k in added:
-            os.environ.pop(k, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 _answered: set[str] = set()  # tracking URIs this process has checked
@@ -131,7 +131,7 @@ def check(cfg: Config) -> None:
             client.search_experiments(max_results=1)
     except Exception as exc:  # any failure of the client: refused, DNS, timeout, HTTP error, bad store
         raise ConfigError(f"run.mlflow_tracking_uri {shown(uri)}: the MLflow tracker does not answer "
-                          f"({_reason(exc)}); start it, give another --mlflow URI, or leave "
+                          f"({short_reason(exc)}); start it, give another --mlflow URI, or leave "
                           "run.mlflow_tracking_uri empty to run without tracking") from None
     _answered.add(uri)
 
@@ -193,6 +193,7 @@ class Tracker:
 
     def __init__(self, client, uri: str, run_id: str):
         self.client, self.uri, self.run_id = client, uri, run_id
+        self._down = False  # a call failed: the rest are skipped
 
     @classmethod
     def start(cls, cfg: Config, folder: str, facts: dict[str, Any], parent: str | None = None,
@@ -223,7 +224,7 @@ class Tracker:
             raise
         except Exception as exc:
             raise ConfigError(f"run.mlflow_tracking_uri {shown(uri)}: the MLflow tracker refused the run "
-                              f"({_reason(exc)})") from None
+                              f"({short_reason(exc)})") from None
         link = (f"{shown(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{tracker.run_id}"
                 if uri.startswith(("http://", "https://")) else f"{shown(uri)}, run {tracker.run_id}")
         log.info("tracking in MLflow: %s", link)
@@ -266,11 +267,16 @@ class Tracker:
         return cls(_client(record["tracking_uri"]), record["tracking_uri"], record["run_id"])
 
     def _best_effort(self, what: str, fn, *args) -> None:
+        """``fn(*args)``; a failure is one warning, and after it nothing more is tried (a tracker
+        that is down costs MLflow's retries once, not once per call)."""
+        if self._down:
+            return
         try:
             fn(*args)
         except Exception as exc:
-            log.warning("MLflow %s: could not log %s to run %s (%s); the run folder has it", shown(self.uri), what,
-                        self.run_id, _reason(exc))
+            self._down = True
+            log.warning("MLflow %s: could not log %s to run %s (%s); nothing more is sent to it, the run folder "
+                        "has every figure", shown(self.uri), what, self.run_id, short_reason(exc))
 
     def log_run_folder(self, folder: str) -> None:
         """The run folder's plots, history, config and provenance, and the epoch galleries
@@ -295,7 +301,7 @@ class Tracker:
         the export (``export/``) as artifacts."""
         figures = {**report, **report.get("cases", {})}
         self._best_effort("the test metrics", self.log_metrics,
-                          {f"test_{k}": v for k, v in figures.items() if _number(v)}, epoch)
+                          {f"test_{k}": v for k, v in figures.items() if is_number(v)}, epoch)
         files = [n for n in storage.list_dir(eval_uri) if n.endswith((".json", ".csv", ".png"))]
         self._best_effort("the evaluation's files", self._upload, eval_uri, files, "eval")
         self._best_effort("the export", self._upload_dir, export_uri, "export")
@@ -308,7 +314,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, _storable(float(v)), now, step)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, storable(float(v)), now, step)
                                                     for k, v in figures.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -360,74 +366,10 @@ def _run_tags(tags: dict[str, str]):
     return [RunTag(k, v) for k, v in tags.items()]
 
 
-def _storable(value: float) -> float:
+def storable(value: float) -> float:
     """NaN as it is (MLflow keeps it); +-Inf as the largest float, as MLflow's own stores write it."""
     return value if math.isfinite(value) or math.isnan(value) else math.copysign(1.7976931348623157e308, value)
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class EpochLog:
-    """The chief's epoch figures to the tracker: ``log(row)`` queues a history row and returns at
-    once; a daemon thread sends each row as metrics with the epoch as step. The first failure is
-    one warning and later rows are dropped (they are in history.csv); ``close`` waits at most
-    ``timeout`` seconds for the queue to drain."""
-
-    def __init__(self, client, uri: str, run_id: str):
-        self.client, self.uri, self.run_id = client, uri, run_id
-        self._queue: queue.Queue = queue.Queue()
-        self._failed = False
-        self.sent = 0  # rows sent (for tests and logs)
-        self._thread = threading.Thread(target=self._send, name="aisd-mlflow", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def for_run(cls, cfg: Config, run_uri: str) -> EpochLog | None:
-        """The epoch log of the MLflow run ``stages.train`` opened for ``run_uri`` (its
-        ``mlflow.json``); None with tracking off, or (with a warning) when that run is unknown or
-        MLflow's client is missing on this node."""
-        if not cfg.run.mlflow_tracking_uri:
-            return None
-        try:
-            tracker = Tracker.of_run(cfg, run_uri)
-        except (ConfigError, OSError) as exc:
-            log.warning("MLflow: epochs are not tracked: %s", exc)
-            return None
-        if tracker is None:
-            log.warning("MLflow: epochs are not tracked: %s has no %s (the run was not started by "
-                        "stages.train)", run_uri, RECORD)
-            return None
-        return cls(tracker.client, tracker.uri, tracker.run_id)
-
-    def log(self, row: dict[str, Any]) -> None:
-        step = int(row["epoch"])
-        figures = {k: float(v) for k, v in row.items() if k != "epoch" and _number(v)}
-        self._queue.put((step, figures, int(time.time() * 1000)))
-
-    def _send(self) -> None:
-        from mlflow.entities import Metric
-
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._failed:
-                continue
-            step, figures, stamp = item
-            try:
-                self.client.log_batch(self.run_id, metrics=[Metric(k, _storable(v), stamp, step)
-                                                            for k, v in figures.items()])
-                self.sent += 1
-            except Exception as exc:
-                self._failed = True
-                log.warning("MLflow %s: could not log epoch %d to run %s (%s); later epochs are not sent "
-                            "either, history.csv has them all", shown(self.uri), step, self.run_id, _reason(exc))
-
-    def close(self, timeout: float = 60.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("MLflow %s: epochs still unsent after %g s; history.csv has them all", shown(self.uri),
-                        timeout)

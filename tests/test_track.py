@@ -95,15 +95,42 @@ def test_unreachable_tracker_is_refused_before_anything_is_written(command, parq
 
 
 def test_tracker_check_tries_once(monkeypatch):
-    """The start-up check tries once (MLflow's client alone retries for minutes), and leaves
-    MLflow's retry settings as they were for the run's own calls."""
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    """The start-up check tries once, whatever MLflow's retry settings (its client alone would
+    retry for minutes), and leaves those settings as they were for the run's own calls."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # would back off 2+4+8+16+32 s
     cfg = tiny_config(f"run.mlflow_tracking_uri='http://127.0.0.1:{_free_port()}'")
     started = time.time()
     with pytest.raises(ConfigError, match="does not answer"):
         track.check(cfg)
-    assert time.time() - started < 60  # the default retries would wait 2+4+...+120 s
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert time.time() - started < 60
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+
+
+def test_tracker_gone_mid_run_costs_one_warning(mlflow_uri, tmp_path, monkeypatch, caplog):
+    """A tracker that goes away after the run started: one warning naming it, no error, and no
+    further call (the driver's files and end status, the chief's later epochs)."""
+    from aisd_ray.train.epoch_log import EpochLog
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = tiny_config(f"run.mlflow_tracking_uri='{mlflow_uri}'")
+    run = track.Tracker.start(cfg, str(tmp_path / "run"), provenance.facts(cfg.to_toml()))
+    gone = f"http://127.0.0.1:{_free_port()}"
+    record = json.loads((tmp_path / "run" / track.RECORD).read_text())
+    (tmp_path / "run" / track.RECORD).write_text(json.dumps({**record, "tracking_uri": gone}))
+    (tmp_path / "run" / "history.csv").write_text("epoch,loss\n1,0.5\n")
+    caplog.clear()
+    later = track.Tracker.of_run(cfg, str(tmp_path / "run"))
+    later.log_run_folder(str(tmp_path / "run"))
+    later.end("FINISHED", "reached 2 epochs")
+    epochs = EpochLog.for_run(cfg, str(tmp_path / "run"))
+    for epoch in (1, 2):
+        epochs.log({"epoch": epoch, "loss": 0.5})
+    epochs.close(timeout=30)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all(gone in w and "Connection refused" in w for w in warnings), warnings
+    assert "could not log the run folder's plots and history" in warnings[0]
+    assert "could not log epoch 1" in warnings[1]
+    assert _client(mlflow_uri).get_run(run.run_id).info.status == "RUNNING"  # nothing reached it
 
 
 def test_missing_mlflow_names_the_extra(parquet_store, tmp_path, capsys, monkeypatch):
@@ -125,7 +152,7 @@ def test_tracking_off_imports_no_mlflow():
     """No URI: nothing is tracked and MLflow is never imported (users without it are unaffected)."""
     code = ("import sys; from aisd_ray import track, stages; from aisd_ray.config import Config; "
             "cfg = Config(); track.check(cfg); assert track.Tracker.start(cfg, '/nonexistent', {}) is None; "
-            "assert track.EpochLog.for_run(cfg, '/nonexistent') is None; "
+            "from aisd_ray.train.epoch_log import EpochLog; assert EpochLog.for_run(cfg, '/nonexistent') is None; "
             "assert not [m for m in sys.modules if m.startswith('mlflow')], 'mlflow imported'")
     here = str(Path(track.__file__).parents[1])  # this tree's aisd_ray
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": here})

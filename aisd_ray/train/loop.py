@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from aisd_ray import metrics, track
+from aisd_ray import metrics
 from aisd_ray.config import PRECISIONS, Config
 from aisd_ray.data import order, pipeline
 from aisd_ray.data.augment import augment_fn
@@ -37,6 +37,7 @@ from aisd_ray.progress import progress_bar
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train import optim
 from aisd_ray.train.artifacts import Artifacts
+from aisd_ray.train.epoch_log import EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                                 augment_seed=int(order.rng(t.seed, epoch, rank, 0xA6).integers(2**31)))
 
     artifacts = Artifacts(run_uri, foreground) if chief else None
-    tracker = track.EpochLog.for_run(cfg, run_uri) if chief else None  # None unless run.mlflow_tracking_uri
+    tracker = EpochLog.for_run(cfg, run_uri) if chief else None  # None unless run.mlflow_tracking_uri
     try:
         while state.epoch < t.epochs and not state.stop_reason:
             epoch = state.epoch + 1
