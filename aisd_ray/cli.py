@@ -43,6 +43,12 @@ def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.set_defaults(default_config=default)
 
 
+def _add_mlflow(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mlflow", metavar="URI", help="also log the run to this MLflow tracking server, e.g. "
+                   "http://mlflow:5000: parameters, per-epoch metrics, artifacts (else run.mlflow_tracking_uri; "
+                   "default: no tracking)")
+
+
 def cmd_inspect(args) -> None:
     cfg = _config(args)  # a bad config is reported before TensorFlow loads
     from aisd_ray.model import build_flexunet
@@ -98,6 +104,9 @@ def cmd_train(args) -> None:
 
 def cmd_tune(args) -> None:
     cfg = _config(args)  # a bad config is reported before Ray loads
+    from aisd_ray import track
+
+    track.check(cfg)  # so is an MLflow tracker that does not answer
     from aisd_ray.tune import search
 
     data = cfg.data.shards_dir
@@ -274,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name (else run.output_dir)")
     p.add_argument("--backend", choices=BACKENDS, help="ray: Ray Train workers; local: this process, "
                    "no Ray (else train.backend, 'ray')")
+    _add_mlflow(p)
     p.set_defaults(func=cmd_train)
 
     p = add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
@@ -281,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
     p.add_argument("--output", required=True,
                    help="search folder (or gs://): leaderboard.csv, best_config.toml, best_export/, trials/")
+    _add_mlflow(p)
     p.set_defaults(func=cmd_tune)
 
     p = add_parser("export", help="export a run's best checkpoint as a SavedModel")
@@ -349,12 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
+    _add_mlflow(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = add_parser("demo", help="the whole pipeline on synthetic data, end to end")
     _add_config(p, "demo")
     p.add_argument("--output", default="runs/demo", help="output root (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
+    _add_mlflow(p)
     p.set_defaults(func=cmd_pipeline)
     return parser
 

@@ -268,6 +268,9 @@ class RunConfig:
 
     name: str = "flexunet"
     output_dir: str = "runs/flexunet"
+    # MLflow tracking server (or store) URI the run is also logged to, e.g. http://mlflow:5000;
+    # "" (default): no tracking, the run folder alone (see aisd_ray/track.py)
+    mlflow_tracking_uri: str = ""
 
 
 @dataclass
@@ -682,6 +685,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
     if not cfg.run.name or "/" in cfg.run.name:
         raise bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+    if any(c.isspace() for c in cfg.run.mlflow_tracking_uri):
+        raise bad("run.mlflow_tracking_uri", f"a URI has no spaces, got {cfg.run.mlflow_tracking_uri!r}")
     _validate_tune(cfg, bad)  # last: it validates the config with each candidate value
 
 

@@ -27,13 +27,15 @@ FLAG_KEYS = {
     "synthesize": {"layout": lambda layout: {"synthetic.layout": {"raw-zip": "raw"}.get(layout, layout)},
                    "cases": "synthetic.num_cases", "slices": "synthetic.slices_per_case"},
     "prepare": {"source": _source, "output": "data.shards_dir"},
-    "train": {"data": "data.shards_dir", "output": "run.output_dir", "backend": "train.backend"},
-    "tune": {"data": "data.shards_dir"},
+    "train": {"data": "data.shards_dir", "output": "run.output_dir", "backend": "train.backend",
+              "mlflow": "run.mlflow_tracking_uri"},
+    "tune": {"data": "data.shards_dir", "mlflow": "run.mlflow_tracking_uri"},
     "evaluate": {"batch_size": "eval.batch_size"},
     "infer": {"images": "infer.images_dir", "output": "infer.output_dir", "batch_size": "eval.batch_size",
               "no_overlays": lambda _: {"infer.overlays": False}},
-    "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend"},
-    "demo": {"backend": "train.backend"},
+    "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend",
+                 "mlflow": "run.mlflow_tracking_uri"},
+    "demo": {"backend": "train.backend", "mlflow": "run.mlflow_tracking_uri"},
 }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aisd_ray import provenance, storage
+from aisd_ray import provenance, storage, track
 from aisd_ray.config import AISD_TEST_CASES, Config, load_config
 from aisd_ray.data.prepare import prepare
 from aisd_ray.data.shards import ShardStore
@@ -63,6 +63,7 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
     from aisd_ray.config import ConfigError
     from aisd_ray.data import order, shards
 
+    track.check(cfg)  # an MLflow tracker that does not answer, before anything is read or written
     shards_uri, output_root = storage.absolute(shards_uri), storage.absolute(output_root)
     store = store or shards.ShardStore.open(shards_uri, cfg, checksums=verify_checksums)
     workers = cfg.train.num_workers if cfg.train.backend == "ray" else 1
@@ -76,24 +77,46 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
     storage.ensure_dir(run)
     toml = cfg.to_toml()
     storage.write_text(storage.join(run, "config.toml"), toml)
-    storage.write_text(storage.join(run, "provenance.json"), json.dumps(provenance.facts(toml), indent=2))
+    facts = provenance.facts(toml)
+    storage.write_text(storage.join(run, "provenance.json"), json.dumps(facts, indent=2))
+    tracker = track.Tracker.start(cfg, run, facts)  # None unless run.mlflow_tracking_uri
     log.info("training run %s with the %s backend (%d worker%s)", run, cfg.train.backend, workers,
              "s" if workers > 1 else "")
+    try:
+        last = _train_on_backend(cfg, store, run, output_root, callbacks)
+    except BaseException as exc:
+        if tracker:
+            if not isinstance(exc, KeyboardInterrupt):
+                tracker.log_run_folder(run)
+            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    if tracker:
+        tracker.log_run_folder(run)
+        reason = str(last.get("stop_reason", ""))
+        tracker.end("FAILED" if _diverged(reason) else "FINISHED", reason)
+    if not allow_divergence:
+        _fail_if_diverged(run, last)
+    return last
+
+
+def _train_on_backend(cfg: Config, store, run: str, output_root: str, callbacks: tuple) -> dict[str, Any]:
+    """Train on ``train.backend``; the last epoch's row with its stop reason ({} if no epoch ran)."""
     if cfg.train.backend == "local":
         from aisd_ray.train.local import train_local
 
         state = train_local(cfg, store, run)
         if not state.history:
             return {}
-        reason = state.stop_reason or f"reached {cfg.train.epochs} epochs"
-        last = {**state.history[-1], "stop_reason": reason}
-    else:
-        from aisd_ray.train.ray_train import train_ray
+        return {**state.history[-1], "stop_reason": state.stop_reason or f"reached {cfg.train.epochs} epochs"}
+    from aisd_ray.train.ray_train import train_ray
 
-        last = dict(train_ray(cfg, store, output_root, callbacks).metrics or {})
-    if not allow_divergence:
-        _fail_if_diverged(run, last)
-    return last
+    return dict(train_ray(cfg, store, output_root, callbacks).metrics or {})
+
+
+def _diverged(reason: str) -> bool:
+    from aisd_ray.train import checkpoint as ckpt
+
+    return ckpt.diverged(reason)
 
 
 def _fail_if_diverged(run: str, last: dict[str, Any]) -> None:
@@ -175,6 +198,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     checkpoint, so a failed submission is simply submitted again. ``result`` and ``started``
     carry what a caller did before (the demo's synthetic source) into the summary.
     """
+    track.check(cfg)  # before prepare writes anything (and before TensorFlow loads)
     from aisd_ray.evaluate import evaluate_export
     from aisd_ray.infer import infer_folder
 
@@ -201,6 +225,9 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     report = _run(cfg, on_worker, evaluate_export, storage.absolute(export_uri), store.uri, eval_uri, "test",
                   cfg.eval.batch_size, progress and not on_worker, store=store)
     result.outputs["metrics.json"] = storage.join(eval_uri, "metrics.json")
+    tracker = track.Tracker.of_run(cfg, run)
+    if tracker:
+        tracker.log_test(report, eval_uri, export_uri, int(best.get("epoch", 0)))
     if cfg.infer.images_dir:
         log.info("stage 5/5: infer %s%s", cfg.infer.images_dir, " (a Ray task)" if on_worker else "")
         infer_uri = storage.absolute(cfg.infer.output_dir or storage.join(run, "infer"))
@@ -252,6 +279,7 @@ def demo(cfg: Config, output: str, progress: bool = True, source_root: str | Non
     """The pipeline on synthetic AISD-like data: the README's first command. The synthetic source
     goes to ``source_root/source`` (default: beside the outputs)."""
     started = time.time()
+    track.check(cfg)  # before the synthetic source is written
     source = _synthetic_source(cfg, source_root or output, progress)
     cfg.data.source_dir, cfg.data.split_dirs = str(source), {}
     if cfg.synthetic.layout == "raw" and cfg.data.test_cases == AISD_TEST_CASES:

@@ -34,7 +34,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-from aisd_ray import plots, stages, storage
+from aisd_ray import plots, stages, storage, track
 from aisd_ray.config import WHOLE_NUMBER_KEYS, Config, apply_params, config_from_dict
 from aisd_ray.data import shards
 from aisd_ray.data.layout import DataError
@@ -270,6 +270,20 @@ def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     """Run (or resume) the search under ``output``; export the best trial and write the summaries."""
     output, shards_uri = storage.absolute(output), storage.absolute(shards_uri)
     store = shards.ShardStore.open(shards_uri, cfg)
+    search_run = track.start_search(cfg, output)  # MLflow: the search's run, its trials' parent (None: off)
+    try:
+        result = _search(cfg, store, shards_uri, output, search_run)
+    except BaseException as exc:  # a search with no answer, or an error: its tracked run ends FAILED
+        if search_run:
+            search_run.end("FAILED", (str(exc).splitlines() or [type(exc).__name__])[0])
+        raise
+    if search_run:
+        track.end_search(search_run, cfg, result.rows, output)
+    return result
+
+
+def _search(cfg: Config, store: shards.ShardStore, shards_uri: str, output: str, search_run) -> SearchResult:
+    """The search itself (``search``'s body, between its tracked run's start and end)."""
     t, tc = cfg.train, cfg.tune
     # a local cluster: each concurrent trial's workers plus a CPU for its Ray Data reads
     ensure_ray(tc.max_concurrent_trials * (t.num_workers + 1) + 1)
@@ -277,6 +291,7 @@ def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     fs, tune_root = storage.resolve(storage.join(output, "tune"))
     experiment = f"{tune_root}/{tc.name}"
     env = {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}
+    env.update({track.PARENT_ENV: search_run.run_id} if search_run else {})  # each trial's run: a child
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), shards_uri=shards_uri, trials_root=trials_root, env=env),
         {"cpu": TRIAL_CPU})

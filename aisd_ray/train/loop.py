@@ -37,6 +37,7 @@ from aisd_ray.progress import progress_bar
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train import optim
 from aisd_ray.train.artifacts import Artifacts
+from aisd_ray.train.epoch_log import EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                                 augment_seed=int(order.rng(t.seed, epoch, rank, 0xA6).integers(2**31)))
 
     artifacts = Artifacts(run_uri, foreground) if chief else None
+    tracker = EpochLog.for_run(cfg, run_uri) if chief else None  # None unless run.mlflow_tracking_uri
     try:
         while state.epoch < t.epochs and not state.stop_reason:
             epoch = state.epoch + 1
@@ -335,14 +337,20 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
                 done_reason = state.stop_reason or (f"reached {t.epochs} epochs" if epoch >= t.epochs else "")
                 reporter.report({**row, "stop_reason": done_reason, ckpt.RANK: ckpt.rank(state)},
                                 tmp if chief else None)
+            if tracker:  # once its checkpoint is reported: a resumed run sends each epoch once
+                tracker.log(row)
     except BaseException as exc:
         if artifacts:
             artifacts.close(strict=False)  # the error already on its way is the one to report
+        if tracker:
+            tracker.close(timeout=5)
         if isinstance(exc, tf.errors.OpError):
             guard.reraise()
         raise
     if artifacts:
         artifacts.close()
+    if tracker:
+        tracker.close()
     return state
 
 
