@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name (else run.output_dir)")
     p.add_argument("--backend", choices=BACKENDS, help="ray: Ray Train workers; local: this process, "
                    "no Ray (else train.backend, 'ray')")
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
     p.set_defaults(func=cmd_train)
 
     p = add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
     p.add_argument("--output", required=True,
                    help="search folder (or gs://): leaderboard.csv, best_config.toml, best_export/, trials/")
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
     p.set_defaults(func=cmd_tune)
 
     p = add_parser("export", help="export a run's best checkpoint as a SavedModel")
@@ -346,12 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
     p.set_defaults(func=cmd_pipeline)
 
     p = add_parser("demo", help="the whole pipeline on synthetic data, end to end")
     _add_config(p, "demo")
     p.add_argument("--output", default="runs/demo", help="output root (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

@@ -30,7 +30,7 @@ from aisd_ray import plots, stages, storage
 from aisd_ray.config import WHOLE_NUMBER_KEYS, Config, apply_params, config_from_dict
 from aisd_ray.data import shards
 from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, score_of
-from aisd_ray.train.ray_train import ensure_ray
+from aisd_ray.train.ray_train import ensure_ray, require_shared_storage
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # the trial function only waits on its Train run; zero is refused
@@ -165,6 +165,7 @@ def search(cfg: Config, shards_uri: str, output: str) -> SearchResult:
     t, tc = cfg.train, cfg.tune
     # a local cluster: each concurrent trial's workers plus a CPU for its Ray Data reads
     ensure_ray(tc.max_concurrent_trials * (t.num_workers + 1) + 1)
+    require_shared_storage(cfg, {"the search folder": output, "the shard store": shards_uri})
     trials_root = storage.join(output, "trials")
     fs, tune_root = storage.resolve(storage.join(output, "tune"))
     experiment = f"{tune_root}/{tc.name}"
