@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help="ray: Ray Train workers; local: this process, "
                    "no Ray (else train.backend, 'ray')")
     _add_mlflow(p)
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
     p.set_defaults(func=cmd_train)
 
     p = add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
@@ -292,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True,
                    help="search folder (or gs://): leaderboard.csv, best_config.toml, best_export/, trials/")
     _add_mlflow(p)
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
     p.set_defaults(func=cmd_tune)
 
     p = add_parser("export", help="export a run's best checkpoint as a SavedModel")
@@ -361,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
     _add_mlflow(p)
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
     p.set_defaults(func=cmd_pipeline)
 
     p = add_parser("demo", help="the whole pipeline on synthetic data, end to end")
@@ -368,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="output root (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
     _add_mlflow(p)
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

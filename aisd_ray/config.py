@@ -189,6 +189,9 @@ class TrainConfig:
     backend: str = "ray"
     num_workers: int = 2
     use_gpu: bool = False
+    # How Ray places the workers (its placement group strategy): "PACK" (Ray's default: as few
+    # nodes as fit), "SPREAD", "STRICT_PACK" (one node) or "STRICT_SPREAD" (each on its own node).
+    placement_strategy: str = "PACK"
     # Ray FailureConfig: a lost or failed worker group restarts from the latest checkpoint this many
     # times (spot VMs get preempted); 0 ends the run at the first failure.
     max_failures: int = 2
@@ -271,6 +274,9 @@ class RunConfig:
     # MLflow tracking server (or store) URI the run is also logged to, e.g. http://mlflow:5000;
     # "" (default): no tracking, the run folder alone (see aisd_ray/track.py)
     mlflow_tracking_uri: str = ""
+    # On a Ray cluster of more than one node a local path (output, shards) is refused unless it is
+    # declared mounted at the same path on every node (NFS, Filestore): true, or --shared-fs.
+    shared_filesystem: bool = False
 
 
 @dataclass
@@ -303,6 +309,7 @@ PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float1
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 ON_COLLAPSE = ("rollback", "stop", "ignore")
 READERS = ("shards", "ray_data")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
 
 # --------------------------------------------------------------------------- loading
@@ -673,6 +680,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                                        "across workers: turn one of them off, or train on one worker")
     if t.reader not in READERS:
         raise bad("train.reader", f"must be one of {READERS}, got {t.reader!r}")
+    if t.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise bad("train.placement_strategy", f"must be one of {PLACEMENT_STRATEGIES}, got {t.placement_strategy!r}")
     if not 0 < t.reducer_factor < 1:
         raise bad("train.reducer_factor", f"must lie in (0, 1), got {t.reducer_factor}")
     if t.loss not in LOSSES:

@@ -23,19 +23,20 @@ def _source(folder: str) -> dict:
 
 # Every flag that sets a config value, per command: argparse dest -> the config key it sets, or a
 # function of the flag's value giving {key: value}. A flag that is not given sets nothing.
+_SHARED = {"shared_fs": lambda _: {"run.shared_filesystem": True}}
 FLAG_KEYS = {
     "synthesize": {"layout": lambda layout: {"synthetic.layout": {"raw-zip": "raw"}.get(layout, layout)},
                    "cases": "synthetic.num_cases", "slices": "synthetic.slices_per_case"},
     "prepare": {"source": _source, "output": "data.shards_dir"},
     "train": {"data": "data.shards_dir", "output": "run.output_dir", "backend": "train.backend",
-              "mlflow": "run.mlflow_tracking_uri"},
-    "tune": {"data": "data.shards_dir", "mlflow": "run.mlflow_tracking_uri"},
+              "mlflow": "run.mlflow_tracking_uri", **_SHARED},
+    "tune": {"data": "data.shards_dir", "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "evaluate": {"batch_size": "eval.batch_size"},
     "infer": {"images": "infer.images_dir", "output": "infer.output_dir", "batch_size": "eval.batch_size",
               "no_overlays": lambda _: {"infer.overlays": False}},
     "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend",
-                 "mlflow": "run.mlflow_tracking_uri"},
-    "demo": {"backend": "train.backend", "mlflow": "run.mlflow_tracking_uri"},
+                 "mlflow": "run.mlflow_tracking_uri", **_SHARED},
+    "demo": {"backend": "train.backend", "mlflow": "run.mlflow_tracking_uri", **_SHARED},
 }
 
 

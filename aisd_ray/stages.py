@@ -73,6 +73,8 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
                           f"{store.records('train')} training slices in {shards_uri} ({share} each on {workers} "
                           f"worker{'s' if workers > 1 else ''}); lower train.batch_size or train.num_workers")
     run = run_uri(cfg, output_root)
+    if cfg.train.backend == "ray":
+        _require_shared_storage(cfg, {"the output root": output_root, "the shard store": shards_uri})
     _check_resume(cfg, run)
     storage.ensure_dir(run)
     toml = cfg.to_toml()
@@ -117,6 +119,12 @@ def _diverged(reason: str) -> bool:
     from aisd_ray.train import checkpoint as ckpt
 
     return ckpt.diverged(reason)
+
+
+def _require_shared_storage(cfg: Config, paths: dict[str, str]) -> None:
+    from aisd_ray.train.ray_train import require_shared_storage
+
+    require_shared_storage(cfg, paths)
 
 
 def _fail_if_diverged(run: str, last: dict[str, Any]) -> None:
@@ -206,6 +214,9 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     result = result or DemoResult()
     stages = 5 if cfg.infer.images_dir else 4
     shards_uri = cfg.data.shards_dir or storage.join(output, "shards")
+    if cfg.train.backend == "ray":  # before prepare writes anything; evaluate and infer run on a training node
+        _require_shared_storage(cfg, {"the output root": output, "the shard store": shards_uri,
+                                      "infer.images_dir": cfg.infer.images_dir, "infer.output_dir": cfg.infer.output_dir})
     log.info("stage 1/%d: prepare %s -> %s", stages, cfg.data.source_dir or "data.split_dirs", shards_uri)
     prepare(cfg, shards_uri, progress=progress)
     result.outputs["shards + manifest"] = shards_uri

@@ -41,7 +41,7 @@ from aisd_ray.data.layout import DataError
 from aisd_ray.evaluate import evaluate_export
 from aisd_ray.train import TrainingFailed
 from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, diverged, score_of
-from aisd_ray.train.ray_train import ensure_ray, run_on_worker
+from aisd_ray.train.ray_train import ensure_ray, require_shared_storage, run_on_worker
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # the trial function only waits on its Train run; zero is refused
@@ -287,6 +287,7 @@ def _search(cfg: Config, store: shards.ShardStore, shards_uri: str, output: str,
     t, tc = cfg.train, cfg.tune
     # a local cluster: each concurrent trial's workers plus a CPU for its Ray Data reads
     ensure_ray(tc.max_concurrent_trials * (t.num_workers + 1) + 1)
+    require_shared_storage(cfg, {"the search folder": output, "the shard store": shards_uri})
     trials_root = storage.join(output, "trials")
     fs, tune_root = storage.resolve(storage.join(output, "tune"))
     experiment = f"{tune_root}/{tc.name}"

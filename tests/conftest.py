@@ -57,12 +57,19 @@ def parquet_store(_parquet_store):
     return copy.deepcopy(_parquet_store[0]), _parquet_store[1]
 
 
+def start_local_ray() -> None:
+    """The session's in-process local Ray (also restarted by a module that needed Ray elsewhere)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One in-process local Ray cluster for the session (stopped with ray.shutdown, never `ray stop`)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

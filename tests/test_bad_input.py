@@ -372,3 +372,15 @@ def test_class_names_that_cannot_key_per_class_metrics_are_refused(names, culpri
     line = one_error_line(capsys)
     assert code == 2 and "class_names" in line and culprit in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("train.placement_strategy='PACKED'", "[train] placement_strategy: must be one of ('PACK', 'SPREAD', 'STRICT_PACK', "
+                                          "'STRICT_SPREAD'), got 'PACKED'"),
+    ("run.shared_filesystem='yes'", "run.shared_filesystem"),
+])
+def test_a_bad_placement_strategy_or_shared_filesystem_value_is_named(store, tmp_path, capsys, setting, named):
+    """Issue 20's two keys are checked with the config, before Ray or TensorFlow load."""
+    assert train(store, tmp_path / "runs", setting) == 2
+    assert named in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()

@@ -78,6 +78,26 @@ def ensure_ray(num_cpus_wanted: int) -> None:
         raise RuntimeError(f"local Ray started its GCS at {gcs}, not on port {port}")
 
 
+def require_shared_storage(cfg: Config, paths: dict[str, str]) -> None:
+    """Refuse a local path (``paths``: what it is -> path or URI) on a Ray cluster of more than
+    one alive node, before anything is written: every node would read and write its own disk (the
+    driver's config and history on one, checkpoints and shards on others), and a run resumed on
+    another node would not find them. gs:// passes; so does a local path when the config declares
+    it mounted on every node (``run.shared_filesystem``, ``--shared-fs``). Connects to (or
+    starts) Ray first. StorageError naming the first local path."""
+    local = [(what, uri) for what, uri in paths.items() if uri and storage.is_local(uri)]
+    if not local or cfg.run.shared_filesystem:
+        return
+    ensure_ray(cfg.train.num_workers + 2)
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        what, uri = local[0]
+        raise storage.StorageError(
+            f"{uri}: {what} is a local path, and this Ray cluster has {nodes} nodes, each with its own disk; "
+            "use gs://BUCKET/PREFIX, or a folder mounted at this path on every node (NFS) declared with "
+            "run.shared_filesystem = true (--shared-fs)")
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -302,7 +322,8 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
                            "verbose": log.isEnabledFor(logging.DEBUG),
                            "run": storage.join(output_root, cfg.run.name),
                            "env": _storage_env()},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     placement_strategy=cfg.train.placement_strategy),
         datasets=datasets,
         run_config=RunConfig(
             name=cfg.run.name, storage_path=root, storage_filesystem=fs,
