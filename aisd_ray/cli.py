@@ -131,14 +131,14 @@ def cmd_export(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from aisd_ray import evaluate
-
     if args.predictions:
         refuse(args, "with --predictions (mask PNGs are scored as they are)",
                "model", "data", "split", "batch_size", "no_overlays")
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
         cfg = _config(args)
+        from aisd_ray import evaluate  # TensorFlow: after the config is known to be good
+
         report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data, args.output)
     else:
         refuse(args, "with --model (the export holds its own config; the batch size is --batch-size)",
@@ -146,6 +146,8 @@ def cmd_evaluate(args) -> None:
         if not (args.model and args.data):
             raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
         cfg = _config(args)  # the defaults and --batch-size, validated
+        from aisd_ray import evaluate
+
         report = evaluate.evaluate_export(args.model, args.data, args.output, args.split or "test",
                                           cfg.eval.batch_size, overlays=not args.no_overlays)
     print(f"lesion Dice {report['lesion_dice']:.4f} (pooled), "
@@ -156,12 +158,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_infer(args) -> None:
-    from aisd_ray.infer import infer_folder
-
     cfg = _config(args)  # --images, --output, --batch-size, --no-overlays over the config's [infer] section
     images, output = cfg.infer.images_dir, cfg.infer.output_dir
     if not (images and output):
         raise ConfigError("give --images and --output (or a config whose [infer] section names them)")
+    from aisd_ray.infer import infer_folder  # TensorFlow: after the config is known to be good
+
     written = infer_folder(args.model, images, output, cfg.eval.batch_size, overlays=cfg.infer.overlays)
     print(f"{len(written)} masks written to {output}")
 

@@ -116,3 +116,22 @@ def test_infer_takes_a_shipped_config_name_and_set(trained_run, synthetic_root, 
     assert main(["infer", "--model", trained_run[3], "--config", "tiny", "--set", "infer.overlays=false",
                  "--images", str(synthetic_root / "test" / "images"), "--output", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 8 and not (out / "overlays").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--predictions", "P", "--masks", "M", "--output", "E", "--set", "model.num_classes=0"],
+    ["evaluate", "--model", "X", "--data", "D", "--output", "E", "--batch-size", "0"],
+    ["infer", "--model", "X", "--images", "I", "--output", "O", "--set", "eval.batch_size=0"],
+    ["train", "--config", "tiny", "--data", "D", "--output", "R", "--set", "train.epochs=0"],
+])
+def test_a_config_error_is_reported_before_tensorflow_loads(argv):
+    """The README's promise: a bad config ends in one line before TensorFlow or Ray load (a fraction
+    of a second), for evaluate and infer too (they imported TensorFlow before validating)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aisd_ray.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'tensorflow' in sys.modules, 'ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], (done.stdout, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1

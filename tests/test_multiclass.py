@@ -86,10 +86,10 @@ def test_training_rows_and_history_have_each_class(real_run):
         assert "val_lesion_dice" in row and "lesion_dice" in row  # the combined lesion is kept
     columns = next(csv.reader(open(Path(run) / "history.csv")))
     assert {"val_penumbra_dice", "val_core_dice", "penumbra_dice", "core_dice", "val_score"} <= set(columns)
-    # the export's epoch is the one with the best val_score (ties: the later)
-    scored = [(r["val_score"], r["epoch"]) for r in history if r["val_score"] == r["val_score"]]
+    # the export's epoch is the one with the best val_score (ties: the earlier epoch)
+    scored = [(r["val_score"], -r["epoch"]) for r in history if r["val_score"] == r["val_score"]]
     if scored:
-        assert best["epoch"] == max(scored)[1]
+        assert best["epoch"] == -max(scored)[1]
 
     # the best epoch's validation figures against a count of the export's predictions on the valid split
     truth, pred = _split_labels(LoadedExport(export_uri), shards, "valid")
