@@ -216,7 +216,8 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     shards_uri = cfg.data.shards_dir or storage.join(output, "shards")
     if cfg.train.backend == "ray":  # before prepare writes anything; evaluate and infer run on a training node
         _require_shared_storage(cfg, {"the output root": output, "the shard store": shards_uri,
-                                      "infer.images_dir": cfg.infer.images_dir, "infer.output_dir": cfg.infer.output_dir})
+                                      "infer.images_dir": cfg.infer.images_dir,
+                                      "infer.output_dir": cfg.infer.output_dir})
     log.info("stage 1/%d: prepare %s -> %s", stages, cfg.data.source_dir or "data.split_dirs", shards_uri)
     prepare(cfg, shards_uri, progress=progress)
     result.outputs["shards + manifest"] = shards_uri

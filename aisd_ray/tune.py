@@ -251,7 +251,8 @@ def _write_outputs(rows: list[dict[str, Any]], curves: dict[str, Any], cfg: Conf
         ys.append(0.0 if math.isnan(row[score]) else row[score])
     outputs["search plot"] = storage.join(output, "search.png")
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-    notes = ([f"{counts['below floor']} below tune.min_score {cfg.tune.min_score:g}"] if counts["below floor"] else []) \
+    below = counts["below floor"]
+    notes = ([f"{below} below tune.min_score {cfg.tune.min_score:g}"] if below else []) \
         + ([", ".join(f"{counts[s]} {s}" for s in apart) + ": crosses"] if apart else [])
     plots.scatter([(k, *series[k]) for k in sorted(k for k in series if k not in apart) + apart],
                   x_key or "trial (by rank)", f"best {SCORE}", outputs["search plot"], logx=x_key == "learning_rate",

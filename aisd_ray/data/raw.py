@@ -162,8 +162,8 @@ def _check_folders(sides: tuple[_Side, ...]) -> dict[str, str]:
     strays = [f"{side.name(folder) if folder else side.where + ' (top level)'} ({n} slices)"
               for side in sides for folder, n in sorted(side.strays.items())]
     if strays:
-        raise DataError(f"{len(strays)} folder(s) hold slices but are not named by a 7-digit case ID: {_shown(strays)}; "
-                        "rename each to its case's ID, or move it out of the release")
+        raise DataError(f"{len(strays)} folder(s) hold slices but are not named by a 7-digit case ID: "
+                        f"{_shown(strays)}; rename each to its case's ID, or move it out of the release")
     padded = {side.name(folder): case for side in sides for folder, case in sorted(side.padded.items())}
     if padded:
         log.warning("%d case folder(s) named with fewer than 7 digits (leading zeros lost) read as their 7-digit "

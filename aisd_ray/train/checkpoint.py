@@ -4,9 +4,11 @@
 - ``optimizer.npz``: the optimizer's variables, in ``optimizer.variables`` order;
 - ``state.json``: epoch, learning rate, plateau counters, best metric and the history,
   so a resumed run carries on exactly where it stopped;
-- ``checkpoint.json``, written last: each other file's size. A checkpoint counts as complete only
-  when it is present and every file has its size, whatever order a copy (Ray Train's upload,
-  ours to gs://) wrote the files in: an interrupted copy is never resumed from or exported.
+- ``checkpoint.json``, written last: each other file's size and SHA-256. A checkpoint counts as
+  complete only when it is present and every file has its size, whatever order a copy (Ray
+  Train's upload, ours to gs://) wrote the files in: an interrupted copy is never resumed from or
+  exported, and a listing names it. The digests are checked when a checkpoint is loaded (resume,
+  export): a file whose bytes changed after it was written, its size kept, is named and skipped.
 
 Which checkpoints compete for "best", and how, is decided here and nowhere else (the loop's log
 and rollback point, ``export``, the local reporter's retention, the rank Ray Train keeps by, Tune's
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -164,7 +167,33 @@ def save(folder: str | Path, model, optimizer, state: LoopState) -> None:
     np.savez(folder / OPTIMIZER, *[np.asarray(v.numpy()) for v in optimizer.variables])
     (folder / STATE).write_text(state.to_json())
     sizes = {name: (folder / name).stat().st_size for name in (WEIGHTS, OPTIMIZER, STATE)}
-    (folder / COMPLETE).write_text(json.dumps({"epoch": state.epoch, "files": sizes}, indent=2))
+    digests = {name: _sha256(folder / name) for name in (WEIGHTS, OPTIMIZER, STATE)}
+    (folder / COMPLETE).write_text(json.dumps({"epoch": state.epoch, "files": sizes, "sha256": digests}, indent=2))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_digests(folder: str | Path, uri: str | None = None) -> None:
+    """Check the local checkpoint ``folder``'s files against the SHA-256 digests its
+    ``checkpoint.json`` lists (checkpoints written before digests were recorded have none: sizes
+    only). CheckpointError naming the file whose bytes changed after it was written (a flipped
+    or overwritten block keeps the size, so ``is_complete`` cannot see it)."""
+    folder = Path(folder)
+    uri = uri or str(folder)
+    try:
+        digests = json.loads((folder / COMPLETE).read_text()).get("sha256", {})
+    except (OSError, ValueError, AttributeError):
+        digests = {}
+    for name, digest in digests.items():
+        if _sha256(folder / name) != digest:
+            raise CheckpointError(f"{storage.join(uri, name)}: does not match the SHA-256 that {COMPLETE} lists "
+                                  "(damaged after it was written)")
 
 
 def is_complete(uri: str) -> bool:
@@ -207,6 +236,7 @@ def load_weights(model, folder: str | Path, uri: str | None = None) -> None:
     _load_weights(model, Path(folder), uri)
     if not all(np.isfinite(w).all() for w in model.get_weights()):
         raise CheckpointError(f"{storage.join(uri, WEIGHTS)}: holds non-finite weights (NaN or Inf)")
+    verify_digests(folder, uri)  # last: a file that loads but whose bytes changed since it was written
 
 
 def restore(folder: str | Path, model, optimizer, uri: str | None = None) -> LoopState:
@@ -229,9 +259,11 @@ def restore(folder: str | Path, model, optimizer, uri: str | None = None) -> Loo
                                   f"the model's {tuple(var.shape)} (another model's checkpoint?)")
         var.assign(value)
     try:
-        return LoopState.from_json((folder / STATE).read_text())
+        state = LoopState.from_json((folder / STATE).read_text())
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise _unreadable(uri, STATE, exc) from None
+    verify_digests(folder, uri)  # last: files that load but whose bytes changed since they were written
+    return state
 
 
 _warned: set[str] = set()  # unreadable state files already reported by this process
@@ -246,13 +278,20 @@ def list_checkpoints(run_uri: str) -> list[tuple[str, LoopState]]:
     found = []
     for name in storage.list_dir(run_uri):
         uri = storage.join(run_uri, name)
-        if name.startswith("checkpoint_") and is_complete(uri):
-            try:
-                found.append((uri, read_state(uri)))
-            except CheckpointError as exc:
-                if uri not in _warned:
-                    _warned.add(uri)
-                    log.warning("%s; checkpoint left out", exc)
+        if not name.startswith("checkpoint_"):
+            continue
+        if not is_complete(uri):
+            if uri not in _warned:
+                _warned.add(uri)
+                log.warning("%s: incomplete checkpoint (no %s, or a file not at the size it lists: an "
+                            "interrupted copy or a damaged file); left out", uri, COMPLETE)
+            continue
+        try:
+            found.append((uri, read_state(uri)))
+        except CheckpointError as exc:
+            if uri not in _warned:
+                _warned.add(uri)
+                log.warning("%s; checkpoint left out", exc)
     return sorted(found, key=lambda item: item[1].epoch)
 
 

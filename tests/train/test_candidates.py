@@ -267,3 +267,30 @@ def test_pipeline_stops_at_a_diverged_run(synthetic_root, tmp_path, capsys):
     assert code == 1
     assert f"{out / 'tiny'}: training stopped: diverged at epoch 1: non-finite loss" in one_error_line(capsys)
     assert not (out / "tiny" / "export").exists() and not (out / "summary.json").exists()
+
+
+def test_export_names_a_truncated_or_overwritten_best_checkpoint_and_takes_the_next(run_copy, capsys, caplog):
+    """Two neighbours of a garbled file: a best checkpoint whose weights file is cut short (no
+    longer complete: named in a warning, not silently dropped) and one whose bytes were overwritten
+    with values that still load (the SHA-256 in checkpoint.json names it)."""
+    _, _, run = run_copy
+    best, _ = ckpt.best_checkpoint(str(run))
+    other = next(str(f) for f in sorted(run.glob("checkpoint_*")) if str(f) != best)
+    weights = Path(best, ckpt.WEIGHTS)
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-100])
+    assert main(["export", "--run", str(run), "--output", str(run / "cut")]) == 0
+    assert any(f"{best}: incomplete checkpoint" in w for w in warnings(caplog))
+    assert json.loads((run / "cut" / "export.json").read_text())["checkpoint"] == other
+
+    weights.write_bytes(original)
+    with h5py.File(weights, "r+") as f:  # a finite value in one kernel, the file's size kept
+        kernels = []
+        f.visititems(lambda n, o: kernels.append(o) if isinstance(o, h5py.Dataset) and o.ndim == 4 else None)
+        kernels[0][0, 0, 0, 0] = 37.0
+    assert Path(best, ckpt.WEIGHTS).stat().st_size == len(original)
+    caplog.clear()
+    assert main(["export", "--run", str(run), "--output", str(run / "overwritten")]) == 0
+    assert any(f"{best}/{ckpt.WEIGHTS}: does not match the SHA-256 that checkpoint.json lists" in w
+               for w in warnings(caplog))
+    assert json.loads((run / "overwritten" / "export.json").read_text())["checkpoint"] == other
