@@ -259,7 +259,9 @@ def _write_outputs(rows: list[dict[str, Any]], curves: dict[str, Any], cfg: Conf
                   title=f"{len(rows)} trials" + (f" ({'; '.join(notes)})" if notes else ""), crossed=apart)
     outputs["curves plot"] = storage.join(output, "curves.png")
     status = {row["trial_id"]: row["status"] for row in rows}
-    labels = {t: t if status[t] == "ok" else f"{t} ({status[t]})" for t in curves}
+    default = {row["trial_id"] for row in rows if row["origin"] == DEFAULT}
+    labels = {t: t + "".join(f" ({n})" for n in (DEFAULT if t in default else "", "" if status[t] == "ok" else status[t])
+                             if n) for t in curves}
     plots.lines([(labels[t], list(h["epoch"]), list(h[SCORE].astype(float))) for t, h in curves.items()],
                 "epoch", SCORE, outputs["curves plot"], dashed=[labels[t] for t in curves if status[t] != "ok"],
                 title="dashed: not ok (" + ", ".join(sorted({s for s in status.values() if s != "ok"})) + ")"
