@@ -128,7 +128,8 @@ def test_image_and_versions_agree_with_pyproject():
     dockerfile = (REPO / "infra" / "Dockerfile").read_text()
     assert f"ARG RAY_VERSION={ray_pin}" in dockerfile and "FROM rayproject/ray:${RAY_VERSION}-" in dockerfile
     # the dependency layer: the tested versions, the CUDA build, before the code is copied in
-    deps = dockerfile.index('pip install --no-cache-dir -c constraints.txt ".[gpu]"')
+    # (and MLflow's client: a run on the cluster can log to a tracker, --mlflow)
+    deps = dockerfile.index('pip install --no-cache-dir -c constraints.txt ".[gpu,mlflow]"')
     assert deps < dockerfile.index("COPY --chown=ray:users aisd_ray ./aisd_ray")
     assert 'pip install --no-cache-dir --no-deps .' in dockerfile
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}$", dockerfile, re.M)  # no -gpu
