@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from aisd_ray import storage  # noqa: E402
 from aisd_ray.config import BACKENDS, SYNTHETIC_LAYOUTS, ConfigError, builtin_config, load_config  # noqa: E402
 from aisd_ray.data.layout import DataError  # noqa: E402
-from aisd_ray.flags import flag_overrides, refuse, synthetic_test_cases  # noqa: E402
+from aisd_ray.flags import add_config, add_run_options, flag_overrides, refuse, seeds, synthetic_test_cases  # noqa: E402
 from aisd_ray.quiet import quiet_tensorflow_import  # noqa: E402
 from aisd_ray.train import TrainingFailed  # noqa: E402
 
@@ -33,20 +33,6 @@ def _config(args) -> "Config":  # noqa: F821
     if args.command == "synthesize" and args.cases:
         flags += synthetic_test_cases(args, load_config(path, sets), sets)
     return load_config(path, sets + flags)
-
-
-def _add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--config", help="TOML file, the original's train_eval_infer.config (INI), or a shipped "
-                   "config's name (see `aisd-ray configs`)" + (f"; default: '{default}'" if default else ""))
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable), e.g. --set train.epochs=3")
-    p.set_defaults(default_config=default)
-
-
-def _add_mlflow(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mlflow", metavar="URI", help="also log the run to this MLflow tracking server, e.g. "
-                   "http://mlflow:5000: parameters, per-epoch metrics, artifacts (else run.mlflow_tracking_uri; "
-                   "default: no tracking)")
 
 
 def cmd_inspect(args) -> None:
@@ -189,14 +175,6 @@ def cmd_benchmark(args) -> None:
     print(f"figures: {args.output}")
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    return seeds
-
-
 def cmd_gpu_probe(args) -> None:
     from aisd_ray import gpu_probe
 
@@ -257,11 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_configs)
 
     p = add_parser("inspect", help="print the model summary and its parameter count")
-    _add_config(p, "demo")
+    add_config(p, "demo")
     p.set_defaults(func=cmd_inspect)
 
     p = add_parser("synthesize", help="write synthetic AISD-like data (the original's tree or the raw release)")
-    _add_config(p, "demo")
+    add_config(p, "demo")
     p.add_argument("--output", required=True, help="folder to write (AISD/... inside)")
     p.add_argument("--layout", choices=(*SYNTHETIC_LAYOUTS, "raw-zip"),
                    help="original: the original FlexUNet's {train,valid,test}/{images,masks}; raw: the raw "
@@ -272,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synthesize)
 
     p = add_parser("prepare", help="shard AISD slices into TFRecord/Parquet + manifest.json")
-    _add_config(p)
+    add_config(p)
     p.add_argument("--source", help="folder with {train,valid,test}/{images,masks}, or the raw release "
                                     "(image.zip + mask.zip, or image/ + mask/); a local folder or "
                                     "gs://BUCKET/PREFIX (else data.source_dir)")
@@ -280,24 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = add_parser("train", help="train a FlexUNet (Ray Train, or --backend local)")
-    _add_config(p)
+    add_config(p)
     p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
     p.add_argument("--output", help="output root; the run folder is OUTPUT/run.name (else run.output_dir)")
     p.add_argument("--backend", choices=BACKENDS, help="ray: Ray Train workers; local: this process, "
                    "no Ray (else train.backend, 'ray')")
-    _add_mlflow(p)
-    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
-                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
+    add_run_options(p)
     p.set_defaults(func=cmd_train)
 
     p = add_parser("tune", help="Ray Tune search ([tune] section); exports the best trial")
-    _add_config(p, "tune-demo")
+    add_config(p, "tune-demo")
     p.add_argument("--data", help="shard store with manifest.json (else data.shards_dir)")
     p.add_argument("--output", required=True,
                    help="search folder (or gs://): leaderboard.csv, best_config.toml, best_export/, trials/")
-    _add_mlflow(p)
-    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
-                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
+    add_run_options(p)
     p.set_defaults(func=cmd_tune)
 
     p = add_parser("export", help="export a run's best checkpoint as a SavedModel")
@@ -306,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = add_parser("evaluate", help="score an export on a split, or mask PNGs against ground truth")
-    _add_config(p)
+    add_config(p)
     p.add_argument("--model", help="export folder")
     p.add_argument("--data", help="shard store")
     p.add_argument("--split", help="split of the shard store to score (default: test)")
@@ -322,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="export folder")
     p.add_argument("--images", help="folder of images (else infer.images_dir)")
     p.add_argument("--output", help="mask folder (else infer.output_dir)")
-    _add_config(p)
+    add_config(p)
     p.add_argument("--batch-size", type=int, help="images per prediction batch (else eval.batch_size, 4)")
     p.add_argument("--no-overlays", action="store_true", help="masks only, no overlays/ folder (else "
                                                                "infer.overlays)")
@@ -346,38 +320,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_parser("sweep", help="train the demo over several seeds on both backends; report the spread "
                                       "of test lesion Dice and the collapses")
-    _add_config(p, "demo")
+    add_config(p, "demo")
     p.add_argument("--output", default="runs/sweep", help="sweep folder: one output folder per run, sweep.json "
                                                           "(default: %(default)s)")
-    p.add_argument("--train-seeds", type=_seeds, default=(1, 2, 3), metavar="N,N,...",
+    p.add_argument("--train-seeds", type=seeds, default=(1, 2, 3), metavar="N,N,...",
                    help="train.seed values on the local backend (default: 1,2,3)")
-    p.add_argument("--synthetic-seeds", type=_seeds, default=(2024, 7), metavar="N,N,...",
+    p.add_argument("--synthetic-seeds", type=seeds, default=(2024, 7), metavar="N,N,...",
                    help="synthetic.seed values (data sets) for the local runs; the Ray runs use the first "
                         "(default: 2024,7)")
-    p.add_argument("--ray-train-seeds", type=_seeds, default=(1, 2, 3), metavar="N,N,...",
+    p.add_argument("--ray-train-seeds", type=seeds, default=(1, 2, 3), metavar="N,N,...",
                    help="train.seed values on the Ray backend; empty to skip it (default: 1,2,3)")
     p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers per Ray run (default: 2)")
     p.set_defaults(func=cmd_sweep)
 
     p = add_parser("pipeline", help="prepare, train, export, evaluate (and infer) in one go; reruns resume")
-    _add_config(p)
+    add_config(p)
     p.add_argument("--source", help="the original's AISD tree or the raw AISD release, a folder or gs://BUCKET/PREFIX "
                    "(else data.source_dir)")
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
-    _add_mlflow(p)
-    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
-                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
+    add_run_options(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = add_parser("demo", help="the whole pipeline on synthetic data, end to end")
-    _add_config(p, "demo")
+    add_config(p, "demo")
     p.add_argument("--output", default="runs/demo", help="output root (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
-    _add_mlflow(p)
-    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
-                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
+    add_run_options(p)
     p.set_defaults(func=cmd_pipeline)
     return parser
 

@@ -10,6 +10,7 @@ config refuses is refused the same way (exit 2, one line) whether it came from a
 
 from __future__ import annotations
 
+import argparse
 import shlex
 
 import tomli_w
@@ -83,3 +84,29 @@ def refuse(args, why: str, *dests: str) -> None:
     given = ["--" + d.replace("_", "-") for d in dests if getattr(args, d, None) not in (None, False, [])]
     if given:
         raise ConfigError(f"{', '.join(given)}: not used {why}")
+
+
+def add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--config and --set, the two ways every command takes its config."""
+    p.add_argument("--config", help="TOML file, the original's train_eval_infer.config (INI), or a shipped "
+                   "config's name (see `aisd-ray configs`)" + (f"; default: '{default}'" if default else ""))
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train.epochs=3")
+    p.set_defaults(default_config=default)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that run training on a cluster: --mlflow and --shared-fs."""
+    p.add_argument("--mlflow", metavar="URI", help="also log the run to this MLflow tracking server, e.g. "
+                   "http://mlflow:5000: parameters, per-epoch metrics, artifacts (else run.mlflow_tracking_uri; "
+                   "default: no tracking)")
+    p.add_argument("--shared-fs", action="store_true", help="the local paths given are mounted on every node of "
+                   "the Ray cluster (NFS): allow them on a multi-node cluster (run.shared_filesystem)")
+
+
+def seeds(text: str) -> tuple[int, ...]:
+    """An argparse type: "1,2,3" -> (1, 2, 3)."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None

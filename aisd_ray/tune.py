@@ -260,7 +260,8 @@ def _write_outputs(rows: list[dict[str, Any]], curves: dict[str, Any], cfg: Conf
     outputs["curves plot"] = storage.join(output, "curves.png")
     status = {row["trial_id"]: row["status"] for row in rows}
     default = {row["trial_id"] for row in rows if row["origin"] == DEFAULT}
-    labels = {t: t + "".join(f" ({n})" for n in (DEFAULT if t in default else "", "" if status[t] == "ok" else status[t])
+    labels = {t: t + "".join(f" ({n})" for n in (DEFAULT if t in default else "",
+                                                   "" if status[t] == "ok" else status[t])
                              if n) for t in curves}
     plots.lines([(labels[t], list(h["epoch"]), list(h[SCORE].astype(float))) for t, h in curves.items()],
                 "epoch", SCORE, outputs["curves plot"], dashed=[labels[t] for t in curves if status[t] != "ok"],
