@@ -1,0 +1,212 @@
+"""Config validation: every value the model or pipeline cannot use is refused, naming the key.
+
+Pure (it changes nothing) and run once per load by ``config.load_config``; kept apart from the
+schema and the loading code in ``aisd_ray.config``, whose dataclasses and constants it reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from aisd_ray.config import (
+    AISD_TEST_CASES,
+    BACKENDS,
+    DISTRIBUTIONS,
+    LOSSES,
+    LR_SCHEDULES,
+    MASK_VALUES,
+    ON_COLLAPSE,
+    PLACEMENT_STRATEGIES,
+    PRECISIONS,
+    READERS,
+    ROW_ENCODINGS,
+    SEARCHABLE,
+    SHARD_FORMATS,
+    SYNTHETIC_LAYOUTS,
+    WHOLE_NUMBER_KEYS,
+    Config,
+    ConfigError,
+    DataConfig,
+    apply_params,
+)
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Reject values the model or pipeline cannot use, naming the key."""
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: [{key.split('.')[0]}] {key.split('.')[1]}: {why}")
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    for key in ("image_width", "image_height", "image_channels", "base_filters", "num_layers"):
+        if getattr(m, key) < 1:
+            raise bad(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    if m.num_classes < 2:
+        raise bad("model.num_classes", f"must be >= 2 (background is a class), got {m.num_classes}")
+    if min(m.base_kernels) < 1:
+        raise bad("model.base_kernels", f"kernel sizes must be >= 1, got {m.base_kernels}")
+    if min(m.dilation) < 1:
+        raise bad("model.dilation", f"dilation must be >= 1, got {m.dilation}")
+    if not 0.0 <= m.dropout_rate * max(m.num_layers - 1, 1) < 1.0:
+        raise bad("model.dropout_rate", f"dropout_rate * (num_layers-1) must lie in [0, 1), "
+                                        f"got {m.dropout_rate} with {m.num_layers} layers")
+    step = 2 ** (m.num_layers - 1)
+    for key in ("image_width", "image_height"):
+        if getattr(m, key) % step:
+            raise bad(f"model.{key}", f"{getattr(m, key)} is not divisible by 2**(num_layers-1) = {step}")
+    if not 0 <= m.bn_momentum < 1:
+        raise bad("model.bn_momentum", f"must lie in [0, 1), got {m.bn_momentum}")
+    if m.image_channels not in (1, 3):
+        raise bad("model.image_channels", f"must be 1 or 3, got {m.image_channels}")
+    if len(d.rgb_map) != m.num_classes:
+        raise bad("data.rgb_map", f"has {len(d.rgb_map)} colours but model.num_classes is {m.num_classes}")
+    if len(d.class_names) != m.num_classes:
+        if d.class_names == DataConfig().class_names:
+            d.class_names = ("background",) + tuple(f"class_{i}" for i in range(1, m.num_classes))
+        else:
+            raise bad("data.class_names", f"has {len(d.class_names)} names for {m.num_classes} classes")
+    if len(set(d.class_names)) != len(d.class_names):
+        raise bad("data.class_names", f"names a class twice: {list(d.class_names)}")
+    if m.num_classes > 2 and "lesion" in d.class_names[1:]:
+        raise bad("data.class_names", "'lesion' names every foreground class together in the metrics; "
+                                      "with several foreground classes give each another name")
+    for name in d.class_names:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
+            raise bad("data.class_names", f"{name!r}: a name is a metric key and a file name part "
+                                          "(letters, digits, '_', '.', '-')")
+    for colour in d.rgb_map:
+        if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+            raise bad("data.rgb_map", f"colour {colour} is not an (r, g, b) triple in 0..255")
+    if d.shard_format not in SHARD_FORMATS:
+        raise bad("data.shard_format", f"must be one of {SHARD_FORMATS}, got {d.shard_format!r}")
+    if d.row_encoding not in ROW_ENCODINGS:
+        raise bad("data.row_encoding", f"must be one of {ROW_ENCODINGS}, got {d.row_encoding!r}")
+    if d.shard_target_mb <= 0 or d.min_shards < 1:
+        raise bad("data.shard_target_mb", "shard size must be > 0 and min_shards >= 1")
+    if not d.raw_label_map or not all(0 <= c < m.num_classes for c in d.raw_label_map):
+        raise bad("data.raw_label_map", f"class ids must lie in 0..{m.num_classes - 1}, got {d.raw_label_map}")
+    if d.mask_values not in MASK_VALUES:
+        raise bad("data.mask_values", f"must be one of {', '.join(MASK_VALUES)}, got {d.mask_values!r}")
+    if d.mask_colour_tolerance < 0:
+        raise bad("data.mask_colour_tolerance", f"must be >= 0, got {d.mask_colour_tolerance}")
+    if not 0 <= d.foreground_fraction <= 1:
+        raise bad("data.foreground_fraction", f"must lie in [0, 1], got {d.foreground_fraction}")
+    if not 0 <= d.valid_fraction < 1:
+        raise bad("data.valid_fraction", f"must lie in [0, 1), got {d.valid_fraction}")
+    for split in d.split_dirs:
+        if split not in ("train", "valid", "test"):
+            raise bad("data.split_dirs", f"unknown split {split!r}")
+    s = cfg.synthetic
+    if s.layout not in SYNTHETIC_LAYOUTS:
+        raise bad("synthetic.layout", f"must be one of {', '.join(SYNTHETIC_LAYOUTS)}, got {s.layout!r}")
+    for key in ("num_train", "num_valid", "num_test", "size", "num_cases", "slices_per_case"):
+        if getattr(s, key) < 1:
+            raise bad(f"synthetic.{key}", f"must be >= 1, got {getattr(s, key)}")
+    if not 0 <= s.num_test_cases <= min(s.num_cases - 1, len(AISD_TEST_CASES)):
+        raise bad("synthetic.num_test_cases", f"must lie in [0, {min(s.num_cases - 1, len(AISD_TEST_CASES))}] "
+                  f"(fewer than synthetic.num_cases), got {s.num_test_cases}")
+    a = cfg.augment
+    for key in ("rotation_deg", "shear_deg"):
+        if not 0 <= getattr(a, key) < 45:
+            raise bad(f"augment.{key}", f"must lie in [0, 45), got {getattr(a, key)}")
+    for key in ("scale", "contrast"):
+        low, high = getattr(a, key)
+        if not 0 < low <= high:
+            raise bad(f"augment.{key}", f"must be [low, high] with 0 < low <= high, got {list(getattr(a, key))}")
+    if not 0 <= a.brightness < 1:
+        raise bad("augment.brightness", f"must lie in [0, 1), got {a.brightness}")
+    for key in ("epochs", "batch_size", "num_workers"):
+        if getattr(t, key) < 1:
+            raise bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("patience", "reducer_patience", "steps_per_epoch", "validation_steps",
+                "num_infer_images", "shuffle_buffer", "max_failures", "warmup_epochs", "max_rollbacks"):
+        if getattr(t, key) < 0:
+            raise bad(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.log_every_seconds < 0:
+        raise bad("train.log_every_seconds", f"must be >= 0 (0: off), got {t.log_every_seconds}")
+    if t.learning_rate <= 0:
+        raise bad("train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    if t.adam_epsilon <= 0:
+        raise bad("train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
+    if t.clipvalue < 0 or t.clipnorm < 0:
+        raise bad("train.clipnorm" if t.clipnorm < 0 else "train.clipvalue", "must be >= 0 (0: off)")
+    if t.clipvalue and t.clipnorm:
+        raise bad("train.clipnorm", f"clips by global norm; set train.clipvalue = 0 to use it "
+                                    f"(both set: clipvalue {t.clipvalue}, clipnorm {t.clipnorm})")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise bad("train.lr_schedule", f"must be one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
+    if t.warmup_epochs >= t.epochs:
+        raise bad("train.warmup_epochs", f"must be below train.epochs ({t.epochs}), got {t.warmup_epochs}")
+    if t.on_collapse not in ON_COLLAPSE:
+        raise bad("train.on_collapse", f"must be one of {ON_COLLAPSE}, got {t.on_collapse!r}")
+    if t.collapse_patience < 1:
+        raise bad("train.collapse_patience", f"must be >= 1, got {t.collapse_patience}")
+    if not 0 < t.rollback_factor <= 1:
+        raise bad("train.rollback_factor", f"must lie in (0, 1], got {t.rollback_factor}")
+    if t.jit_compile and m.normalization and t.backend == "ray" and t.num_workers > 1:
+        raise bad("train.jit_compile", "XLA cannot compile the synchronised BatchNorm of model.normalization "
+                                       "across workers: turn one of them off, or train on one worker")
+    if t.reader not in READERS:
+        raise bad("train.reader", f"must be one of {READERS}, got {t.reader!r}")
+    if t.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise bad("train.placement_strategy", f"must be one of {PLACEMENT_STRATEGIES}, got {t.placement_strategy!r}")
+    if not 0 < t.reducer_factor < 1:
+        raise bad("train.reducer_factor", f"must lie in (0, 1), got {t.reducer_factor}")
+    if t.loss not in LOSSES:
+        raise bad("train.loss", f"must be one of {LOSSES}, got {t.loss!r}")
+    if t.mixed_precision not in PRECISIONS:
+        raise bad("train.mixed_precision", f"must be one of {tuple(PRECISIONS)}, got {t.mixed_precision!r}")
+    if t.backend not in BACKENDS:
+        raise bad("train.backend", f"must be one of {BACKENDS}, got {t.backend!r}")
+    if cfg.eval.batch_size < 1:
+        raise bad("eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+    if any(c.isspace() for c in cfg.run.mlflow_tracking_uri):
+        raise bad("run.mlflow_tracking_uri", f"a URI has no spaces, got {cfg.run.mlflow_tracking_uri!r}")
+    _validate_tune(cfg, bad)  # last: it validates the config with each candidate value
+
+
+def _validate_tune(cfg: Config, bad) -> None:
+    tc = cfg.tune
+    for key in ("num_samples", "max_concurrent_trials", "grace_period"):
+        if getattr(tc, key) < 1:
+            raise bad(f"tune.{key}", f"must be >= 1, got {getattr(tc, key)}")
+    if not 0 <= tc.min_score <= 1:
+        raise bad("tune.min_score", f"must lie in [0, 1] (a Dice), got {tc.min_score}")
+    if tc.reduction_factor < 2:
+        raise bad("tune.reduction_factor", f"must be >= 2, got {tc.reduction_factor}")
+    if tc.searcher not in ("random", "optuna"):
+        raise bad("tune.searcher", f"must be 'random' or 'optuna', got {tc.searcher!r}")
+    if tc.scheduler not in ("asha", "fifo"):
+        raise bad("tune.scheduler", f"must be 'asha' or 'fifo', got {tc.scheduler!r}")
+    if not tc.name or "/" in tc.name:
+        raise bad("tune.name", f"must be a non-empty name without '/', got {tc.name!r}")
+    for key, spec in tc.space.items():
+        where = f"tune.space.{key}"
+        if key not in SEARCHABLE:
+            raise bad("tune.space", f"cannot search {key!r} (searchable: {', '.join(SEARCHABLE)})")
+        if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise bad("tune.space", f"{key} needs exactly one of {DISTRIBUTIONS}, got {sorted(spec)}")
+        (kind, values), = spec.items()
+        if not values:
+            raise bad("tune.space", f"{key}: {kind} needs values")
+        if kind in ("loguniform", "uniform"):
+            if key in WHOLE_NUMBER_KEYS:
+                raise bad("tune.space", f"{key} takes whole numbers: use choice or grid, not {kind}")
+            if len(values) != 2 or not 0 <= values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
+                relation = "<" if kind == "loguniform" else "<="
+                raise bad("tune.space", f"{key}: {kind} needs [low, high] with 0 {relation} low < high, "
+                                        f"got {list(values)}")
+        candidates = values if kind in ("choice", "grid") else ()
+        for value in candidates:
+            trial = copy.deepcopy(cfg)
+            trial.tune.space = {}  # check the model/train keys this value lands on, not the space again
+            try:
+                apply_params(trial, {key: value})
+                validate(trial, f"{where} = {value:g}")
+            except (ConfigError, TypeError) as exc:
+                raise bad("tune.space", f"{key} = {value:g} would not give a valid config: {exc}") from None
+
+
