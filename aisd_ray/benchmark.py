@@ -10,6 +10,7 @@ float32, bf16 and bf16+XLA.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -58,10 +59,11 @@ class Sizes:
     memory_slices: int
     input_repeats: int  # passes over the input split per reader (seconds each: cheap, and noisy)
     training_rounds: int  # interleaved rounds of training runs (a minute each at 512 px)
+    epochs: int = 3  # per training run: the last one's steady-state figures (the first traces)
 
     @classmethod
     def for_mode(cls, tiny: bool) -> "Sizes":
-        return cls(8, 64, 16, 16, 1, 8, 1, 1) if tiny else cls(24, 512, 1024, 96, 3, 48, 5, 3)
+        return cls(8, 64, 16, 16, 1, 8, 1, 1, epochs=2) if tiny else cls(24, 512, 1024, 96, 3, 48, 5, 3)
 
 
 def figure(name: str, unit: str, samples: list[float], **extra: Any) -> dict[str, Any]:
@@ -214,14 +216,14 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
 # --------------------------------------------------------------------------- training
 
 
-def _train(cfg: Config, store: str, root: Path, backend: str, workers: int) -> dict[str, Any]:
-    """A 3-epoch run; the last epoch's steady-state figures (the first one traces; the second
-    trains while the first epoch's artifacts, matplotlib's first import among them, are drawn on
-    the background thread)."""
+def _train(cfg: Config, store: str, root: Path, backend: str, workers: int, epochs: int = 3) -> dict[str, Any]:
+    """A 3-epoch run (2 in the tiny mode); the last epoch's steady-state figures (the first one
+    traces; the second trains while the first epoch's artifacts, matplotlib's first import among
+    them, are drawn on the background thread)."""
     from aisd_ray import stages
 
     cfg = copy.deepcopy(cfg)
-    cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = backend, workers, 3
+    cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = backend, workers, epochs
     cfg.train.epoch_change_infer = False
     cfg.run.name = f"{backend}-{workers}-{cfg.train.mixed_precision}-{int(cfg.train.jit_compile)}"
     out = root / "runs"
@@ -237,10 +239,10 @@ def training(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {("local", 1): [], ("ray", 1): [], ("ray", 2): []}
     bare = []
     for _ in range(sizes.training_rounds):
-        runs["local", 1].append(_train(cfg, store, root, "local", 1))
+        runs["local", 1].append(_train(cfg, store, root, "local", 1, sizes.epochs))
         bare.append(bare_step(cfg, sizes.slices))
-        runs["ray", 1].append(_train(cfg, store, root, "ray", 1))
-    runs["ray", 2].append(_train(cfg, store, root, "ray", 2))
+        runs["ray", 1].append(_train(cfg, store, root, "ray", 1, sizes.epochs))
+    runs["ray", 2].append(_train(cfg, store, root, "ray", 2, sizes.epochs))
     out = []
     for (backend, workers), rows in runs.items():
         threads = max(1, (os.cpu_count() or 1) // workers)  # what each Ray worker gets (ray_train._worker)
@@ -299,7 +301,7 @@ def memory_child(slices: int, workdir: str, tiny: bool) -> None:
     """Run in a subprocess: a short local training run at the demo config; print its peak RSS."""
     cfg = _config(True, []) if tiny else load_config(builtin_config("demo"))
     store = _dataset(cfg, Path(workdir), slices, "parquet")
-    last = _train(cfg, store, Path(workdir) / f"mem-{slices}", "local", 1)
+    last = _train(cfg, store, Path(workdir) / f"mem-{slices}", "local", 1, Sizes.for_mode(tiny).epochs)
     print(json.dumps({"peak_rss_mib": _peak_rss_mib(), "epoch_seconds": last["epoch_seconds"]}))
 
 
@@ -316,18 +318,34 @@ def _peak_rss_mib() -> float:
 
 def memory(root: Path, sizes: Sizes, tiny: bool) -> list[dict[str, Any]]:
     """Peak RSS and (second) epoch time of short local runs on N, 2N and 4N slices, each in a
-    process of its own: memory should stay flat and time grow linearly as the split grows."""
+    process of its own: memory should stay flat and time grow linearly as the split grows. The
+    full mode runs them one at a time, twice; the tiny mode (a check that the section works) runs
+    the three side by side, once, so its epoch times are not comparable."""
+    counts = (sizes.memory_slices, 2 * sizes.memory_slices, 4 * sizes.memory_slices)
+    samples: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+
+    def child(n: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "aisd_ray.benchmark", "memory-child", str(n), str(root),
+                                 "--tiny" if tiny else "--full"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    def collect(n: int, proc: subprocess.Popen) -> None:
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"memory child on {n} slices failed (exit {proc.returncode}): {err[-2000:]}")
+        samples[n].append(json.loads(out.strip().splitlines()[-1]))
+
+    if tiny:
+        for n, proc in [(n, child(n)) for n in counts]:
+            collect(n, proc)
+    else:
+        for n in counts:
+            for _ in range(2):
+                collect(n, child(n))
     out = []
-    for n in (sizes.memory_slices, 2 * sizes.memory_slices, 4 * sizes.memory_slices):
-        rss, seconds = [], []
-        for _ in range(1 if tiny else 2):
-            proc = subprocess.run([sys.executable, "-m", "aisd_ray.benchmark", "memory-child", str(n), str(root),
-                                   "--tiny" if tiny else "--full"], capture_output=True, text=True, check=True)
-            child = json.loads(proc.stdout.strip().splitlines()[-1])
-            rss.append(child["peak_rss_mib"])
-            seconds.append(child["epoch_seconds"])
-        out.append(figure(f"peak_rss_{n}_slices", "MiB", rss))
-        out.append(figure(f"epoch_seconds_{n}_slices", "s", seconds))
+    for n in counts:
+        out.append(figure(f"peak_rss_{n}_slices", "MiB", [c["peak_rss_mib"] for c in samples[n]]))
+        out.append(figure(f"epoch_seconds_{n}_slices", "s", [c["epoch_seconds"] for c in samples[n]]))
     return out
 
 
@@ -388,7 +406,7 @@ def gpu(root: Path, sizes: Sizes, gpus: list[str], tiny: bool) -> dict[str, Any]
         run = copy.deepcopy(cfg)
         run.train.mixed_precision, run.train.jit_compile, run.train.use_gpu = precision, jit, bool(gpus)
         run.train.deterministic = False
-        last = _train(run, store, root, "local", 1)
+        last = _train(run, store, root, "local", 1, sizes.epochs)
         ips = last["train_images_per_second"]
         entry = figure(f"gpu_train_{precision}{'_xla' if jit else ''}", "images/s", [ips],
                        input_wait_fraction=last["input_wait_fraction"])
@@ -425,23 +443,37 @@ def run(output: str, tiny: bool = False, overrides: list[str] = (), object_store
     info = machine()
     report: dict[str, Any] = {"mode": "tiny" if tiny else "full", "machine": info,
                               "training_config": cfg.to_dict()["model"] | {"batch_size": cfg.train.batch_size}}
+    seconds: dict[str, float] = {}
+    report["section_seconds"] = seconds  # where the benchmark's own time goes
+
+    @contextlib.contextmanager
+    def section(name: str, what: str):
+        log.info("%s", what)
+        started = time.perf_counter()
+        yield
+        seconds[name] = round(time.perf_counter() - started, 1)
+
     with tempfile.TemporaryDirectory(prefix="aisd-bench-") as tmp:
         root = Path(tmp)
-        log.info("input pipeline at %d px", sizes.image)
-        report["input_pipeline"] = input_pipeline(_at_size(demo, sizes.image), root, sizes)
-        log.info("prepare throughput")
-        report["prepare"] = prepare_speed(_at_size(demo, sizes.image), root, sizes, object_store)
-        log.info("memory: peak RSS of short runs on N and 4N slices")
-        report["memory"] = memory(root, sizes, tiny)
-        log.info("training throughput")
-        report["training"] = training(cfg, root, sizes)
-        demo_store = _dataset(demo, root, sizes.slices * 2, "parquet")
-        report["demo_worker"] = figure("train_demo_local_1w", "images/s",
-                                       [_train(demo, demo_store, root, "local", 1)["train_images_per_second"]])
-        log.info("inference")
-        report["inference"] = inference(cfg, root, sizes)
-        log.info("GPU")
-        report["gpu"] = gpu(root, sizes, info["gpus"], tiny)
+        with section("input_pipeline", f"input pipeline at {sizes.image} px"):
+            report["input_pipeline"] = input_pipeline(_at_size(demo, sizes.image), root, sizes)
+        with section("prepare", "prepare throughput"):
+            report["prepare"] = prepare_speed(_at_size(demo, sizes.image), root, sizes, object_store)
+        with section("memory", "memory: peak RSS of short runs on N, 2N and 4N slices"):
+            report["memory"] = memory(root, sizes, tiny)
+        with section("training", "training throughput"):
+            report["training"] = training(cfg, root, sizes)
+            if tiny:  # the demo config is the training config: its local run's figure
+                local = next(f for f in report["training"] if f["name"] == "train_local_1w")
+                report["demo_worker"] = figure("train_demo_local_1w", "images/s", local["samples"])
+            else:
+                demo_store = _dataset(demo, root, sizes.slices * 2, "parquet")
+                report["demo_worker"] = figure("train_demo_local_1w", "images/s",
+                                               [_train(demo, demo_store, root, "local", 1)["train_images_per_second"]])
+        with section("inference", "inference"):
+            report["inference"] = inference(cfg, root, sizes)
+        with section("gpu", "GPU"):
+            report["gpu"] = gpu(root, sizes, info["gpus"], tiny)
     report["ratios"] = ratios(report)
     report["original_reference"] = ORIGINAL_REFERENCE
     storage.write_text(output, json.dumps(report, indent=2))

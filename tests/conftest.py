@@ -58,17 +58,24 @@ def parquet_store(_parquet_store):
 
 
 def start_local_ray() -> None:
-    """The session's in-process local Ray (also restarted by a module that needed Ray elsewhere)."""
+    """The session's in-process local Ray (also restarted by a module that needed Ray elsewhere),
+    with the environment the CLI gives a local Ray (``local_ray_env``)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    from aisd_ray.train.ray_train import local_ray_env
+
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": local_ray_env()})
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One in-process local Ray cluster for the session (stopped with ray.shutdown, never `ray stop`)."""
+    """One in-process local Ray cluster for the session (stopped with ray.shutdown, never `ray stop`).
+    A Ray an earlier test started through the CLI in this process is stopped first."""
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
     start_local_ray()
     yield
     ray.shutdown()

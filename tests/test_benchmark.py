@@ -32,6 +32,7 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
         for f in report[section]:
             assert f["unit"] and f["min"] <= f["median"] <= f["max"] and f["median"] > 0
     assert {"cpu_count", "gpus", "tensorflow", "ray"} <= set(report["machine"])
+    assert set(report["section_seconds"]) == {*SECTIONS, "gpu"}
     gpu = report["gpu"]
     assert gpu["forward_flops_per_image"] > 0
     # the float32 / bf16 / bf16+XLA variants run (on a tiny model when there is no GPU)

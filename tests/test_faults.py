@@ -149,7 +149,7 @@ def test_storage_going_away_mid_run_fails_with_one_line_and_a_rerun_resumes(gcs_
                              "gs://aisd/outage/shards", "-q", env=env))
     assert code == 0, err
     args = ["train", "--config", TINY, "--data", "gs://aisd/outage/shards", "--output", "gs://aisd/outage/runs",
-            "--backend", "local", "-q", "--set", "train.epochs=5"]
+            "--backend", "local", "-q", "--set", "train.epochs=3"]
     proc = start(*args, env=env)
     deadline = time.time() + 180
     while not _gcs_checkpoints(gcs_emulator, "outage/runs/tiny/"):
@@ -166,4 +166,4 @@ def test_storage_going_away_mid_run_fails_with_one_line_and_a_rerun_resumes(gcs_
     outage.restore()  # the storage is back: the same command resumes
     code, err = finish(start(*args, env=env))
     assert code == 0, err[-3000:]
-    assert _gcs_checkpoints(gcs_emulator, "outage/runs/tiny/")[-1] == 5
+    assert _gcs_checkpoints(gcs_emulator, "outage/runs/tiny/")[-1] == 3

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from aisd_ray.export import LoadedExport
+from aisd_ray.train.ray_train import local_ray_env
 from tests.conftest import _free_port, kill_processes_under
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,8 @@ def _start_head():
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit
     token = Path(temp) / "token"
     token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    # one host: Ray Train's preemption watcher off, as for any local Ray (local_ray_env)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), **local_ray_env()}
     dashboard = _free_port()
     ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": _free_port(),
              "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),

@@ -1,5 +1,5 @@
-"""A tiny search end to end: interrupted after its first trial, resumed, ASHA stopping the weak trials,
-the best trial exported and its config retrained."""
+"""A tiny search end to end: interrupted after its first trial, resumed, the best trial exported
+and its config retrained. (ASHA stopping a trial: tests/train/test_multinode.py, across nodes.)"""
 
 import csv
 import glob
@@ -21,16 +21,13 @@ from tests.conftest import kill_processes_under
 
 pytestmark = pytest.mark.slow
 
-# A case built for ASHA: at lr 1e-7 a trial keeps its initial weights, whose scattered lesion guesses
-# score a small non-zero validation Dice; lr 0.05 collapses to all-background after one epoch (Dice 0),
-# below the rung's cutoff, so the last trial stops after epoch 1 of 2. The search is interrupted after
-# the first trial, and Tune does not keep ASHA's rungs across a restore, so the second trial (run after
-# the resume) sets the cutoff.
-# The tiny model reaches no real Dice in 2 epochs: this test is about ASHA, resume and export, so its
+# Two trials, one after the other: at lr 1e-7 a trial keeps its initial weights, whose scattered
+# lesion guesses score a small non-zero validation Dice; lr 0.05 collapses to all-background (Dice 0).
+# The search is interrupted after the first trial and resumed.
+# The tiny model reaches no real Dice in 2 epochs: this test is about resume and export, so its
 # floor (tune.min_score) is 0 and its trials count as ok.
-SEARCH = ["tune.name='tiny-search'", "tune.num_samples=1", "tune.grace_period=1", "tune.reduction_factor=2",
-          "tune.min_score=0",
-          "tune.space={learning_rate={grid=[1e-7, 1e-7, 0.05]}}", "train.epochs=2", "train.num_workers=1"]
+SEARCH = ["tune.name='tiny-search'", "tune.num_samples=1", "tune.scheduler='fifo'", "tune.min_score=0",
+          "tune.space={learning_rate={grid=[1e-7, 0.05]}}", "train.epochs=2", "train.num_workers=1"]
 
 
 def _tune(config, shards, output, env):
@@ -52,7 +49,7 @@ def _terminated_trials(output) -> int:
     return text.count('\\"status\\": \\"TERMINATED\\"') + text.count('"status": "TERMINATED"')
 
 
-def test_search_resumes_stops_weak_trials_and_exports_the_best(parquet_store, tmp_path):
+def test_search_resumes_and_exports_the_best(parquet_store, tmp_path):
     cfg, shards = parquet_store
     config = tmp_path / "base.toml"
     config.write_text(cfg.to_toml())
@@ -85,12 +82,11 @@ def test_search_resumes_stops_weak_trials_and_exports_the_best(parquet_store, tm
     assert open(os.path.join(finished[0], "history.csv")).read() == history_before  # not re-trained
 
     rows = list(csv.DictReader(open(output / "leaderboard.csv")))
-    assert len(rows) == 3 and [r["rank"] for r in rows] == ["1", "2", "3"]
+    assert len(rows) == 2 and [r["rank"] for r in rows] == ["1", "2"]
     scores = [float(r["best_val_lesion_dice"]) for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    assert scores[0] > scores[1]
     assert float(rows[0]["learning_rate"]) == pytest.approx(1e-7) and rows[0]["epochs_run"] == "2"
-    assert float(rows[2]["learning_rate"]) == pytest.approx(0.05)
-    assert rows[2]["stop_reason"] == "stopped by ASHA after epoch 1" and rows[2]["epochs_run"] == "1"
+    assert float(rows[1]["learning_rate"]) == pytest.approx(0.05) and rows[1]["epochs_run"] == "2"
     assert "best_val_lesion_dice" in out and rows[0]["trial_id"] in out  # the leaderboard is printed
     for name in ("search.png", "curves.png"):
         assert (output / name).stat().st_size > 1000

@@ -22,6 +22,7 @@ import pytest
 from aisd_ray import stages
 from aisd_ray.data.prepare import prepare
 from aisd_ray.train import checkpoint as ckpt
+from aisd_ray.train.ray_train import local_ray_env
 from tests.conftest import _free_port, kill_processes_under, start_local_ray, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -98,8 +99,11 @@ def multinode(gcs_emulator):
     cluster = None
     try:
         cluster, nodes = _start_cluster(temp)
+        # one host: Ray Train's preemption watcher is off as for any local Ray (local_ray_env); no
+        # test here drains a node, which is all it watches for
         ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address, "TF_CPP_MIN_LOG_LEVEL": "2", TRACKING: "1"},
+                 runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address, "TF_CPP_MIN_LOG_LEVEL": "2", TRACKING: "1",
+                                           **local_ray_env()},
                               "worker_process_setup_hook": "aisd_ray.quiet.quiet_worker"})
         yield nodes
     finally:

@@ -19,7 +19,7 @@ def test_two_workers_train_in_sync_and_resume(ray_cluster, shard_store, tmp_path
     """Runs once per shard format, each through one reader: TFRecord shards (raw rows) read by the
     workers directly (the default reader), Parquet shards (PNG rows) through Ray Data, there with
     fp16 loss scaling (its finiteness check sees the all-reduced gradient, so both workers take
-    the same decision).
+    the same decision). The Parquet run is then rerun with more epochs: Ray resumes it.
     Paths are given relative to the caller's directory, as users type them; workers run elsewhere."""
     cfg, shards = shard_store
     cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = "ray", 2, 2
@@ -34,6 +34,8 @@ def test_two_workers_train_in_sync_and_resume(ray_cluster, shard_store, tmp_path
     # the all-reduce kept both workers' weights identical after every epoch
     assert all(row["replica_weight_spread"] == 0.0 for row in history)
     assert last["epoch"] == 2
+    if cfg.data.shard_format != "parquet":
+        return  # resuming does not depend on the shard format: one run of it is enough on 2 cores
 
     cfg.train.epochs = 3  # same name and storage: Ray resumes from the latest checkpoint
     stages.train(cfg, shards, root)
