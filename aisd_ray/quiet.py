@@ -13,6 +13,7 @@ Which module imports TensorFlow first differs by command and by config (Keras th
 to the import itself, not to a list of commands: ``quiet_tensorflow_import`` puts a finder on
 ``sys.meta_path`` that loads ``tensorflow`` with stderr silenced whenever, and by whomever, it is
 first imported. ``import_tensorflow`` loads it now, the same way. ``verbose`` keeps the chatter.
+Ray worker processes get the finder from ``quiet_worker`` and import TensorFlow only if they use it.
 """
 
 from __future__ import annotations
@@ -100,17 +101,53 @@ def import_tensorflow(verbose: bool | None = None):
     return tf
 
 
-def quiet_worker() -> None:
-    """Ray's ``worker_process_setup_hook`` (see ``ensure_ray`` and jobs/runtime_env.yaml): loads
-    TensorFlow quietly in every Ray worker process of the job before Ray Train's TensorFlow
-    backend imports it loudly, and keeps Ray Data's per-execution INFO lines ("Starting execution
-    of Dataset ...", "... execution finished in ...", from the actor that splits a dataset between
-    the training workers) out of the job's output unless verbose."""
-    import_tensorflow()
-    if os.environ.get(VERBOSE_ENV) != "1":
-        import ray.data  # noqa: F401 - configures the "ray.data" logger; quieten it afterwards
+class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds module ``name`` as the other finders do and runs ``then()`` once it has loaded (for a
+    setting its import would reset). Removes itself once it has found the module."""
 
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then, self.loader = name, then, None
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    self.loader, spec.loader = spec.loader, self
+                return spec
+        return None
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        self.then()
+
+
+def quiet_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` (see ``ensure_ray`` and jobs/runtime_env.yaml), run in
+    every Ray worker process of the job: TensorFlow, when the process imports it (Ray Train's
+    TensorFlow backend, our training loop), loads quietly; Ray Data's per-execution INFO lines
+    ("Starting execution of Dataset ...", "... execution finished in ...", from the actor that
+    splits a dataset between the training workers) stay out of the job's output, once Ray Data is
+    imported. Both unless verbose. Nothing is imported here: most of a job's worker processes
+    (Ray Train's controller helpers, Ray Data's read tasks) never need TensorFlow, whose import
+    costs each about 6 CPU seconds and a few hundred MB (Nov 2026, 2-core machine)."""
+    verbose = os.environ.get(VERBOSE_ENV) == "1"
+    quiet_tensorflow_import(quiet=not verbose)
+    if verbose:
+        return
+    if "ray.data" in sys.modules:
         quiet_ray_data_logs()
+    else:
+        sys.meta_path.insert(0, _AfterImport("ray.data", quiet_ray_data_logs))
 
 
 def quiet_ray_data_logs() -> None:
