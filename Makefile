@@ -29,8 +29,10 @@ tune-demo: $(BIN)/.installed
 sweep: $(BIN)/.installed
 	$(BIN)/aisd-ray sweep --output runs/sweep
 
+# Two test processes, each given whole modules (one Ray cluster per module), the slow ones first
+# (tests/conftest.py orders them): on 2 cores one computes while the other waits on Ray.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
 
 # The GPU probe on a machine with JAX but no TensorFlow (and no internet): Keras and its
 # pure-Python dependencies as wheels, at the tested versions, for that machine's Python.
