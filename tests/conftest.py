@@ -67,13 +67,11 @@ def parquet_store(_parquet_store):
 
 def start_local_ray() -> None:
     """The session's in-process local Ray (also restarted by a module that needed Ray elsewhere),
-    with the environment the CLI gives a local Ray (``local_ray_env``)."""
-    import ray
+    started as the CLI starts a local Ray: its processes know its address, which matters here, where
+    `make test`'s other test process runs its own Ray on the same host."""
+    from aisd_ray.train.ray_train import start_local_ray as start
 
-    from aisd_ray.train.ray_train import local_ray_env
-
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": local_ray_env()})
+    start(4, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")

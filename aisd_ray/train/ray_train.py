@@ -56,15 +56,9 @@ def local_ray_env() -> dict[str, str]:
 
 
 def ensure_ray(num_cpus_wanted: int) -> None:
-    """Join the cluster in RAY_ADDRESS (as ``ray job submit`` sets it) or start a local one.
-
-    A local cluster gets spare logical CPUs beyond the training workers so Ray Data's read
-    tasks can always be scheduled next to them, and a dashboard (127.0.0.1:8265): besides
-    showing the run, its state API is how Ray Train notices a controller that a Tune
-    scheduler stopped, and frees that trial's workers for the next one. Its own processes are
-    told its address: with other Ray instances on the host, Ray's address auto-detection fails
-    there, and a stopped trial's workers would then never be freed.
-    """
+    """Join the cluster in RAY_ADDRESS (as ``ray job submit`` sets it) or start a local one
+    (``start_local_ray``) with spare logical CPUs beyond the training workers, so Ray Data's read
+    tasks can always be scheduled next to them."""
     if ray.is_initialized():
         return
     if not sys.stderr.isatty():  # Ray's own driver lines carry colour codes even into files and job logs
@@ -73,6 +67,18 @@ def ensure_ray(num_cpus_wanted: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    start_local_ray(max(num_cpus_wanted, os.cpu_count() or 1))
+
+
+def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
+    """Start a Ray instance on this machine alone and connect to it, with a dashboard
+    (127.0.0.1:8265 or the next free port): besides showing the run, its state API is how Ray
+    Train notices a controller that a Tune scheduler stopped, and frees that trial's workers for
+    the next one. Its own processes are told its address (RAY_ADDRESS): with other Ray instances
+    on the host, Ray's address auto-detection (the last-started cluster's file in /tmp/ray) would
+    find another cluster, and a stopped trial's workers would then never be freed. They also get
+    ``local_ray_env()`` and the quiet TensorFlow import (``quiet.quiet_worker``). RuntimeError if
+    the GCS did not start on the port chosen for it."""
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
@@ -81,8 +87,7 @@ def ensure_ray(num_cpus_wanted: int) -> None:
            # TensorFlow's C++ start-up chatter: as the CLI set it (-v shows it)
            **{k: os.environ[k] for k in ("TF_CPP_MIN_LOG_LEVEL", VERBOSE_ENV) if k in os.environ}}
     try:
-        ray.init(num_cpus=max(num_cpus_wanted, os.cpu_count() or 1), include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True,
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": "aisd_ray.quiet.quiet_worker"})
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]

@@ -15,6 +15,17 @@ from tests.conftest import tiny_config
 pytestmark = pytest.mark.slow
 
 
+TRAIN_WORKERS = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+
+
+def ray_address() -> str:
+    """The connected cluster's address, for Ray's state API: without one it asks the cluster
+    named in /tmp/ray (the host's last started), which may be another test process's."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.mark.parametrize("_shard_store", ["tfrecord"], indirect=True)
 def test_two_workers_train_in_sync(ray_cluster, shard_store, tmp_path, monkeypatch):
     """TFRecord shards (raw rows) read by the workers directly (the default reader, "shards"); Parquet
@@ -108,7 +119,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_then_a_rerun_resumes(r
         deadline, pids = time.time() + 300, []
         while time.time() < deadline:
             if len(pids) < 2:  # found once, ahead of time: asking Ray takes longer than an epoch here
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                workers = list_actors(address=ray_address(), filters=TRAIN_WORKERS)
                 pids = [w.pid for w in workers]
             done = [state.epoch for _, state in ckpt.list_checkpoints(run)] if os.path.isdir(run) else []
             if len(pids) == 2 and done and max(done) >= 2:
@@ -151,7 +162,7 @@ def test_workers_lost_past_max_failures_end_in_one_line(ray_cluster, parquet_sto
         deadline = time.time() + 300
         while time.time() < deadline:
             if os.path.isdir(out / "tiny") and ckpt.list_checkpoints(str(out / "tiny")):
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                workers = list_actors(address=ray_address(), filters=TRAIN_WORKERS)
                 if workers:
                     os.kill(workers[0].pid, signal.SIGKILL)
                     return
