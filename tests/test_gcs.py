@@ -7,12 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from aisd_ray import stages
 from aisd_ray.data import shards
 from aisd_ray.data.layout import DataError
 from aisd_ray.data.prepare import prepare
-from aisd_ray.export import LoadedExport
-from aisd_ray.train import checkpoint as ckpt
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -60,30 +57,6 @@ def test_missing_or_corrupt_shard_in_the_bucket_is_named(gcs_emulator, synthetic
     blob.delete()
     with pytest.raises(DataError, match=f"gs://aisd/data/broken/{victim}: shard listed in the manifest is missing"):
         shards.verify_shards(uri, manifest)
-
-
-def test_ray_train_reads_and_checkpoints_in_the_bucket_then_exports_there(ray_cluster, gs_shards, bucket):
-    cfg, uri = gs_shards
-    cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = "ray", 2, 2
-    root = "gs://aisd/runs"
-    stages.train(cfg, uri, root)
-    run = stages.run_uri(cfg, root)
-    found = ckpt.list_checkpoints(run)
-    assert found and found[-1][1].epoch == 2
-    assert bucket.blob("runs/tiny/history.csv").exists() and bucket.blob("runs/tiny/train_losses.png").exists()
-
-    export_uri, _ = stages.export(run)
-    assert export_uri == "gs://aisd/runs/tiny/export"
-    assert bucket.blob("runs/tiny/export/export.json").exists()
-    model = LoadedExport(export_uri)
-    out = model.predict(np.zeros((2, 64, 64, 3), np.uint8))
-    assert out["labels"].shape == (2, 64, 64)
-
-    from aisd_ray.evaluate import evaluate_export
-
-    report = evaluate_export(export_uri, uri, "gs://aisd/runs/tiny/eval", progress=False)
-    saved = json.loads(bucket.blob("runs/tiny/eval/metrics.json").download_as_bytes())
-    assert saved["images"] == report["images"] == 8
 
 
 def test_unreachable_endpoint_missing_bucket_and_unknown_scheme_fail_fast_with_one_line(

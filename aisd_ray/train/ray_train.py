@@ -43,8 +43,8 @@ COLUMNS = ["image", "mask", "height", "width", "stored_channels"]
 
 
 # Ray Train's preemption watcher (an extra actor per run that turns a node drain notice into an
-# early checkpoint) has nothing to watch on one machine; there it cost about 15 s of a 50 s two-worker
-# run on 2 cores (Nov 2026). A local Ray started here turns it off unless the environment says
+# early checkpoint) has nothing to watch on one machine; there a two-worker tiny `train` took 65 s
+# with it and 48 s without (2 cores, Nov 2026). A local Ray started here turns it off unless the environment says
 # otherwise; on a cluster (RAY_ADDRESS) Ray's default stands.
 LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 

@@ -10,6 +10,7 @@ between nodes, an autoscaler) is listed in infra/README.md.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,10 +18,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
-from aisd_ray import stages
+from aisd_ray import stages, storage
 from aisd_ray.data.prepare import prepare
+from aisd_ray.evaluate import evaluate_export
+from aisd_ray.export import LoadedExport
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.ray_train import local_ray_env
 from tests.conftest import _free_port, kill_processes_under, start_local_ray, tiny_config
@@ -188,8 +192,9 @@ ONE_NODE: dict = {}  # the one-node run's figures, for the later tests
 
 def test_two_workers_on_one_node_read_and_checkpoint_through_the_bucket(multinode, gs_store):
     """The reference run: both workers on one node (STRICT_PACK), shards read from and checkpoints
-    written to the bucket. The same run placed across two nodes is the next test's (its first
-    attempt spans node_a and node_b), compared with these figures: one run fewer on 2 cores."""
+    written to the bucket; then exported into the bucket, reloaded and evaluated from there. The
+    same run placed across two nodes is the next test's (its first attempt spans node_a and
+    node_b), compared with these figures: one run fewer on 2 cores."""
     base, shards_uri = gs_store
     one = _config(base, "one-node", "STRICT_PACK")
     stages.train(one, shards_uri, f"{ROOT}/runs")
@@ -204,6 +209,15 @@ def test_two_workers_on_one_node_read_and_checkpoint_through_the_bucket(multinod
     rows = _rows(run_one)
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] < rows[0]["loss"]
     ONE_NODE["rows"] = rows
+    assert storage.exists(f"{run_one}/history.csv") and storage.exists(f"{run_one}/train_losses.png")
+
+    # the run's best checkpoint exported into the bucket, reloaded from there, evaluated there
+    export_uri, _ = stages.export(run_one)
+    assert export_uri == f"{ROOT}/runs/one-node/export" and storage.exists(f"{export_uri}/export.json")
+    assert LoadedExport(export_uri).predict(np.zeros((2, 64, 64, 3), np.uint8))["labels"].shape == (2, 64, 64)
+    report = evaluate_export(export_uri, shards_uri, f"{run_one}/eval", progress=False)
+    saved = json.loads(storage.read_bytes(f"{run_one}/eval/metrics.json"))
+    assert saved["images"] == report["images"] == 8
 
 
 def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(multinode, gs_store):
