@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import re
 
+from aisd_ray import config_load  # the module: it is still loading when this one is
 from aisd_ray.config import (
     AISD_TEST_CASES,
     BACKENDS,
@@ -28,7 +29,6 @@ from aisd_ray.config import (
     Config,
     ConfigError,
     DataConfig,
-    apply_params,
 )
 
 
@@ -204,7 +204,7 @@ def _validate_tune(cfg: Config, bad) -> None:
             trial = copy.deepcopy(cfg)
             trial.tune.space = {}  # check the model/train keys this value lands on, not the space again
             try:
-                apply_params(trial, {key: value})
+                config_load.apply_params(trial, {key: value})
                 validate(trial, f"{where} = {value:g}")
             except (ConfigError, TypeError) as exc:
                 raise bad("tune.space", f"{key} = {value:g} would not give a valid config: {exc}") from None

@@ -1,6 +1,6 @@
 """FlexUNet: the original's configurable multiclass U-Net, rebuilt in Keras 3.
 
-Faithful to the original's layer recipe (FACTS section 1) so that the original's AISD config
+Faithful to the original's layer recipe so that the original's AISD config
 builds the same 124,996,866-parameter network: kernel size and dilation taper with depth,
 dropout grows with depth, a transpose-conv decoder concatenates the encoder skips.
 """

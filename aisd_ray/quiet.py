@@ -40,73 +40,13 @@ def _stderr_silenced():
         os.close(devnull)
 
 
-class _QuietLoader(importlib.abc.Loader):
-    """Runs TensorFlow's own loader with stderr silenced, probes the devices (CUDA probing
-    happens there, once per process), then hands the module back to its own loader."""
+class _OnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds module ``name`` as the other finders do and loads it through ``load(exec_module,
+    module)`` (which must call ``exec_module(module)``), then hands the module back to its own
+    loader; any other name is left to the other finders. Removes itself once it has found it."""
 
-    def __init__(self, loader) -> None:
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        with _stderr_silenced():
-            self.loader.exec_module(module)
-            module.config.list_physical_devices()
-        module.__loader__ = self.loader
-        if module.__spec__ is not None:
-            module.__spec__.loader = self.loader
-
-
-class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
-    """Finds ``tensorflow`` as the other finders do and loads it with ``_QuietLoader``; any
-    other name is left to them. Removes itself once it has found TensorFlow."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "tensorflow":
-            return None
-        _remove_finder()
-        for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _QuietLoader(spec.loader)
-                return spec
-        return None
-
-
-def _remove_finder() -> None:
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _QuietTensorFlowFinder)]
-
-
-def quiet_tensorflow_import(quiet: bool = True) -> None:
-    """From now on in this process, the first ``import tensorflow`` (direct, or through Keras or
-    any submodule) is silent; ``quiet=False`` takes that back (``-v``). Does nothing once
-    TensorFlow is loaded: its start-up lines are printed once, at load."""
-    _remove_finder()
-    if quiet and "tensorflow" not in sys.modules:
-        sys.meta_path.insert(0, _QuietTensorFlowFinder())
-
-
-def import_tensorflow(verbose: bool | None = None):
-    """``import tensorflow`` (and its device probe) quietly unless ``verbose`` (default: the
-    ``AISD_RAY_VERBOSE`` environment variable); returns the module."""
-    if verbose is None:
-        verbose = os.environ.get(VERBOSE_ENV) == "1"
-    if not verbose:
-        quiet_tensorflow_import()
-    import tensorflow as tf
-
-    return tf
-
-
-class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds module ``name`` as the other finders do and runs ``then()`` once it has loaded (for a
-    setting its import would reset). Removes itself once it has found the module."""
-
-    def __init__(self, name: str, then) -> None:
-        self.name, self.then, self.loader = name, then, None
+    def __init__(self, name: str, load) -> None:
+        self.name, self.load, self.loader = name, load, None
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
@@ -124,11 +64,43 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        self.loader.exec_module(module)
+        self.load(self.loader.exec_module, module)
         module.__loader__ = self.loader
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader
-        self.then()
+
+
+def _load_tensorflow_quietly(exec_module, module) -> None:
+    """TensorFlow's own loader with stderr silenced, and its device probe (CUDA probing happens
+    there, once per process)."""
+    with _stderr_silenced():
+        exec_module(module)
+        module.config.list_physical_devices()
+
+
+def _remove_finder(name: str) -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not (isinstance(f, _OnImport) and f.name == name)]
+
+
+def quiet_tensorflow_import(quiet: bool = True) -> None:
+    """From now on in this process, the first ``import tensorflow`` (direct, or through Keras or
+    any submodule) is silent; ``quiet=False`` takes that back (``-v``). Does nothing once
+    TensorFlow is loaded: its start-up lines are printed once, at load."""
+    _remove_finder("tensorflow")
+    if quiet and "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _OnImport("tensorflow", _load_tensorflow_quietly))
+
+
+def import_tensorflow(verbose: bool | None = None):
+    """``import tensorflow`` (and its device probe) quietly unless ``verbose`` (default: the
+    ``AISD_RAY_VERBOSE`` environment variable); returns the module."""
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV) == "1"
+    if not verbose:
+        quiet_tensorflow_import()
+    import tensorflow as tf
+
+    return tf
 
 
 def quiet_worker() -> None:
@@ -147,7 +119,12 @@ def quiet_worker() -> None:
     if "ray.data" in sys.modules:
         quiet_ray_data_logs()
     else:
-        sys.meta_path.insert(0, _AfterImport("ray.data", quiet_ray_data_logs))
+        def then_quiet(exec_module, module) -> None:  # ray.data's import sets its loggers' levels
+            exec_module(module)
+            quiet_ray_data_logs()
+
+        _remove_finder("ray.data")
+        sys.meta_path.insert(0, _OnImport("ray.data", then_quiet))
 
 
 def quiet_ray_data_logs() -> None:

@@ -122,7 +122,7 @@ def _diverged(reason: str) -> bool:
 
 
 def _require_shared_storage(cfg: Config, paths: dict[str, str]) -> None:
-    from aisd_ray.train.ray_train import require_shared_storage
+    from aisd_ray.train.ray_session import require_shared_storage
 
     require_shared_storage(cfg, paths)
 

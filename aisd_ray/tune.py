@@ -1,10 +1,9 @@
 """``aisd-ray tune``: a Ray Tune search in which every trial is a Ray Train run.
 
-Ray 2.60 drives Train V2 runs from Tune as function trainables (FACTS section 7): each trial
-calls ``TensorflowTrainer.fit()`` (through ``stages.train``) and a ``TuneReportCallback``
-passes every epoch's metrics up, so ASHA can stop weak trials at its rungs of the validation
-score that also picks each run's best checkpoint (``checkpoint.SCORE``: the mean val Dice over
-the foreground classes, the lesion Dice with one lesion class). The experiment lives in the
+Ray 2.60 drives Train V2 runs from Tune only as function trainables: each trial calls
+``TensorflowTrainer.fit()`` (through ``stages.train``) and a ``TuneReportCallback`` passes every
+epoch's metrics up, so ASHA stops weak trials on the score that picks each run's best checkpoint
+(``checkpoint.SCORE``: mean val Dice over the foreground classes). The experiment lives in the
 configured storage (folder or ``gs://``); running the same command again restores it and runs
 only what is unfinished.
 
@@ -41,7 +40,8 @@ from aisd_ray.data.layout import DataError
 from aisd_ray.evaluate import evaluate_export
 from aisd_ray.train import TrainingFailed
 from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, diverged, score_of
-from aisd_ray.train.ray_train import ensure_ray, require_shared_storage, run_on_worker
+from aisd_ray.train.ray_session import ensure_ray, require_shared_storage
+from aisd_ray.train.ray_train import run_on_worker
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # the trial function only waits on its Train run; zero is refused

@@ -69,7 +69,7 @@ def start_local_ray() -> None:
     """The session's in-process local Ray (also restarted by a module that needed Ray elsewhere),
     started as the CLI starts a local Ray: its processes know its address, which matters here, where
     `make test`'s other test process runs its own Ray on the same host."""
-    from aisd_ray.train.ray_train import start_local_ray as start
+    from aisd_ray.train.ray_session import start_local_ray as start
 
     start(4, log_to_driver=False)
 

@@ -35,18 +35,22 @@ def test_tiny_probe_trains_every_setting_and_writes_its_figures(tmp_path, capsys
 
 
 def test_the_probe_needs_neither_tensorflow_nor_ray():
-    """What the GPU machine lacks: importing the probe and its chain (probe, model, config and its rules) names no
-    TensorFlow, Ray, pyarrow or any other module of this package (Keras brings its backend; the probe
-    asks TensorFlow or torch for the device name only when Keras runs on them)."""
+    """What the GPU machine lacks: importing the probe and its chain (probe, model, config, its
+    loading and its rules) names no TensorFlow, Ray, pyarrow or any other module of this package
+    (Keras brings its backend; the probe asks TensorFlow or torch for the device name only when
+    Keras runs on them)."""
     import ast
     from pathlib import Path
 
     package = Path(__file__).resolve().parents[1] / "aisd_ray"
-    allowed_internal = {"aisd_ray.config", "aisd_ray.config_rules", "aisd_ray.model"}
-    for name in ("gpu_probe.py", "model.py", "config.py", "config_rules.py"):
+    allowed_internal = {"aisd_ray.config", "aisd_ray.config_load", "aisd_ray.config_rules", "aisd_ray.model"}
+    for name in ("gpu_probe.py", "model.py", "config.py", "config_load.py", "config_rules.py"):
         body = ast.parse((package / name).read_text()).body  # what importing the module runs
         imported = {alias.name for node in body if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {node.module for node in body if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {node.module for node in body if isinstance(node, ast.ImportFrom)
+                     and node.module and node.module != "aisd_ray"}
+        imported |= {f"aisd_ray.{alias.name}" for node in body if isinstance(node, ast.ImportFrom)
+                     and node.module == "aisd_ray" for alias in node.names}
         roots = {m.split(".")[0] for m in imported}
         assert not roots & {"tensorflow", "ray", "pyarrow", "google"}, (name, imported)
         assert {m for m in imported if m.startswith("aisd_ray")} <= allowed_internal, (name, imported)

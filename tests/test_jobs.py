@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from aisd_ray.export import LoadedExport
-from aisd_ray.train.ray_train import local_ray_env
+from aisd_ray.train.ray_session import local_ray_env
 from tests.conftest import _free_port, kill_processes_under
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """Reading the raw AISD release: per-case folders of slices, in zip files or extracted.
 
-The release (FACTS section 4) ships ``image.zip`` and ``mask.zip``, each with one folder per
+The release ships ``image.zip`` and ``mask.zip``, each with one folder per
 case named by its 7-digit ID; image slices are windowed 8-bit PNGs, mask slices hold labels
 0..5 (read by the rule of ``aisd_ray.data.masks``: raw labels first, one reading per split).
 Slices pair by file name within a case; a slice without a partner (some cases have more mask

@@ -1,7 +1,7 @@
 """A deterministic AISD-like slice generator for the demo and the tests.
 
-AISD images cannot be shipped, so this draws what a windowed NCCT slice looks like
-(FACTS section 4): black air, a bright skull ring, textured grey parenchyma, dark
+AISD images cannot be shipped, so this draws what a windowed NCCT slice of the release looks
+like: black air, a bright skull ring, textured grey parenchyma, dark
 ventricles and sulci, sometimes a head-holder arc, and in most slices a faint hypodense
 lesion with soft edges, wedge-shaped in one hemisphere. It writes the original's
 ``AISD/{train,valid,test}/{images,masks}`` layout (RGB PNGs, masks near-white on black) or

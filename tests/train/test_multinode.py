@@ -26,7 +26,7 @@ from aisd_ray.data.prepare import prepare
 from aisd_ray.evaluate import evaluate_export
 from aisd_ray.export import LoadedExport
 from aisd_ray.train import checkpoint as ckpt
-from aisd_ray.train.ray_train import local_ray_env
+from aisd_ray.train.ray_session import local_ray_env
 from tests.conftest import _free_port, kill_processes_under, start_local_ray, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -356,7 +356,7 @@ def test_a_local_path_declared_shared_passes_the_check(multinode, gs_store, parq
     test of the suite trains into a local folder)."""
     from aisd_ray.config import load_config
     from aisd_ray.storage import StorageError
-    from aisd_ray.train.ray_train import require_shared_storage
+    from aisd_ray.train.ray_session import require_shared_storage
 
     paths = {"the output root": str(tmp_path / "out"), "the shard store": parquet_store[1]}
     with pytest.raises(StorageError, match="is a local path, and this Ray cluster has"):
