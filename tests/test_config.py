@@ -128,3 +128,33 @@ def test_an_override_that_breaks_a_valid_config_is_named():
     with pytest.raises(ConfigError, match=r"^--set model.num_layers=9 \(on .*tiny.toml\): \[model\] image_width: 64 is "
                                           r"not divisible"):
         load_config(builtin_config("tiny"), ["model.num_layers=9"])
+
+
+def test_validation_runs_once_per_load_and_changes_nothing(monkeypatch):
+    """The rules run once per load (the search space's candidates are checked against their own
+    section's rules, not by validating the whole tree again per value), and are pure: a validated
+    config is unchanged by validating it again."""
+    import copy
+
+    from aisd_ray.config import config_from_dict, rules, validate
+
+    calls = []
+    real = rules.validate
+    monkeypatch.setattr(rules, "validate", lambda cfg, source="<config>": (calls.append(source), real(cfg, source)))
+    cfg = load_config(builtin_config("demo"), ["train.epochs=3", ("train.backend=local", "--backend local")])
+    assert len(calls) == 1, calls
+    assert cfg.tune.space["base_kernels"]["choice"]  # the default space has choices, each checked
+    config_from_dict(cfg.to_dict())
+    assert len(calls) == 2, calls
+    before = copy.deepcopy(cfg)
+    validate(cfg)
+    assert cfg == before
+
+
+def test_default_class_names_follow_the_class_count():
+    """Filled by the loader (validation changes nothing): three classes and the default names give
+    background, class_1, class_2; names given for the wrong count are refused, naming the key."""
+    cfg = load_config(None, ["model.num_classes=3", "data.rgb_map=[[0,0,0],[255,255,255],[255,0,0]]"])
+    assert cfg.data.class_names == ("background", "class_1", "class_2")
+    with pytest.raises(ConfigError, match=r"\[data\] class_names: has 3 names for 2 classes"):
+        load_config(None, ["data.class_names=['background','a','b']"])

@@ -1,7 +1,8 @@
-"""One typed config tree: the schema (one dataclass per concern) and its allowed values.
+"""The schema: one typed dataclass per concern, and each key's allowed values.
 
-Loading it (TOML, the original's INI, overrides) is ``config_load.py``; the rules between keys
-are ``config_rules.py``. Both are reachable from here under their public names.
+Plain data, no behaviour beyond turning itself into a dict or TOML: loading is ``load.py``, the
+original's INI ``ini.py``, value typing ``coerce.py``, the rules ``rules.py``, the search space
+``space.py``.
 """
 
 from __future__ import annotations
@@ -288,12 +289,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        from aisd_ray.config_load import tomlable
+        from aisd_ray.config.coerce import tomlable
 
         return tomli_w.dumps(tomlable(self.to_dict()))
 
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # aisd_ray/configs: the shipped TOMLs
 LOSSES = ("ce", "dice", "ce_dice")
 SHARD_FORMATS = ("parquet", "tfrecord")
 ROW_ENCODINGS = ("png", "raw")
@@ -306,17 +307,3 @@ ON_COLLAPSE = ("rollback", "stop", "ignore")
 READERS = ("shards", "ray_data")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
-
-# The loading and the rules live in their own modules, which read this module's schema; their
-# public functions are reached from here too, looked up on first use (PEP 562), so that any of the
-# three modules can be imported first.
-_ELSEWHERE = {"load_config": "config_load", "builtin_config": "config_load", "config_from_dict": "config_load",
-              "apply_params": "config_load", "Override": "config_load", "validate": "config_rules"}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _ELSEWHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"aisd_ray.{_ELSEWHERE[name]}"), name)

@@ -1,19 +1,18 @@
 """Config validation: every value the model or pipeline cannot use is refused, naming the key.
 
-Pure (it changes nothing) and run once per load by ``config.load_config``; kept apart from the
-schema and the loading code in ``aisd_ray.config``, whose dataclasses and constants it reads.
+Pure (it changes nothing: the loader fills defaults that depend on other keys, such as class
+names, before) and run once per load. One function per section, so that the search space's check
+(``space.py``) runs the rules of the one section a candidate value lands on, not the whole tree.
 """
 
 from __future__ import annotations
 
-import copy
 import re
+from collections.abc import Callable
 
-from aisd_ray import config_load  # the module: it is still loading when this one is
-from aisd_ray.config import (
+from aisd_ray.config.schema import (
     AISD_TEST_CASES,
     BACKENDS,
-    DISTRIBUTIONS,
     LOSSES,
     LR_SCHEDULES,
     MASK_VALUES,
@@ -22,23 +21,48 @@ from aisd_ray.config import (
     PRECISIONS,
     READERS,
     ROW_ENCODINGS,
-    SEARCHABLE,
     SHARD_FORMATS,
     SYNTHETIC_LAYOUTS,
-    WHOLE_NUMBER_KEYS,
+    AugmentConfig,
     Config,
     ConfigError,
     DataConfig,
+    ModelConfig,
+    SyntheticConfig,
+    TrainConfig,
 )
+
+Bad = Callable[[str, str], ConfigError]  # (section.key, why) -> the error naming both and the source
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:
-    """Reject values the model or pipeline cannot use, naming the key."""
+    """Reject values the model or pipeline cannot use: ConfigError naming the source, section and key."""
+    from aisd_ray.config.space import check_space  # the space's rules run these sections' rules
 
+    bad = complaint(source)
+    model_rules(cfg.model, bad)
+    data_rules(cfg.data, cfg.model, bad)
+    synthetic_rules(cfg.synthetic, bad)
+    augment_rules(cfg.augment, bad)
+    train_rules(cfg.train, cfg.model, bad)
+    if cfg.eval.batch_size < 1:
+        raise bad("eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+    if any(c.isspace() for c in cfg.run.mlflow_tracking_uri):
+        raise bad("run.mlflow_tracking_uri", f"a URI has no spaces, got {cfg.run.mlflow_tracking_uri!r}")
+    tune_rules(cfg, bad)
+    check_space(cfg, bad)  # last: each candidate value of the space against its section's rules
+
+
+def complaint(source: str) -> Bad:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: [{key.split('.')[0]}] {key.split('.')[1]}: {why}")
 
-    m, d, t = cfg.model, cfg.data, cfg.train
+    return bad
+
+
+def model_rules(m: ModelConfig, bad: Bad) -> None:
     for key in ("image_width", "image_height", "image_channels", "base_filters", "num_layers"):
         if getattr(m, key) < 1:
             raise bad(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
@@ -59,13 +83,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("model.bn_momentum", f"must lie in [0, 1), got {m.bn_momentum}")
     if m.image_channels not in (1, 3):
         raise bad("model.image_channels", f"must be 1 or 3, got {m.image_channels}")
+
+def data_rules(d: DataConfig, m: ModelConfig, bad: Bad) -> None:
     if len(d.rgb_map) != m.num_classes:
         raise bad("data.rgb_map", f"has {len(d.rgb_map)} colours but model.num_classes is {m.num_classes}")
     if len(d.class_names) != m.num_classes:
-        if d.class_names == DataConfig().class_names:
-            d.class_names = ("background",) + tuple(f"class_{i}" for i in range(1, m.num_classes))
-        else:
-            raise bad("data.class_names", f"has {len(d.class_names)} names for {m.num_classes} classes")
+        raise bad("data.class_names", f"has {len(d.class_names)} names for {m.num_classes} classes")
     if len(set(d.class_names)) != len(d.class_names):
         raise bad("data.class_names", f"names a class twice: {list(d.class_names)}")
     if m.num_classes > 2 and "lesion" in d.class_names[1:]:
@@ -97,7 +120,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for split in d.split_dirs:
         if split not in ("train", "valid", "test"):
             raise bad("data.split_dirs", f"unknown split {split!r}")
-    s = cfg.synthetic
+def synthetic_rules(s: SyntheticConfig, bad: Bad) -> None:
     if s.layout not in SYNTHETIC_LAYOUTS:
         raise bad("synthetic.layout", f"must be one of {', '.join(SYNTHETIC_LAYOUTS)}, got {s.layout!r}")
     for key in ("num_train", "num_valid", "num_test", "size", "num_cases", "slices_per_case"):
@@ -106,7 +129,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if not 0 <= s.num_test_cases <= min(s.num_cases - 1, len(AISD_TEST_CASES)):
         raise bad("synthetic.num_test_cases", f"must lie in [0, {min(s.num_cases - 1, len(AISD_TEST_CASES))}] "
                   f"(fewer than synthetic.num_cases), got {s.num_test_cases}")
-    a = cfg.augment
+
+def augment_rules(a: AugmentConfig, bad: Bad) -> None:
     for key in ("rotation_deg", "shear_deg"):
         if not 0 <= getattr(a, key) < 45:
             raise bad(f"augment.{key}", f"must lie in [0, 45), got {getattr(a, key)}")
@@ -116,6 +140,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise bad(f"augment.{key}", f"must be [low, high] with 0 < low <= high, got {list(getattr(a, key))}")
     if not 0 <= a.brightness < 1:
         raise bad("augment.brightness", f"must lie in [0, 1), got {a.brightness}")
+
+def train_rules(t: TrainConfig, m: ModelConfig, bad: Bad) -> None:
     for key in ("epochs", "batch_size", "num_workers"):
         if getattr(t, key) < 1:
             raise bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
@@ -159,16 +185,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise bad("train.mixed_precision", f"must be one of {tuple(PRECISIONS)}, got {t.mixed_precision!r}")
     if t.backend not in BACKENDS:
         raise bad("train.backend", f"must be one of {BACKENDS}, got {t.backend!r}")
-    if cfg.eval.batch_size < 1:
-        raise bad("eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
-    if not cfg.run.name or "/" in cfg.run.name:
-        raise bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
-    if any(c.isspace() for c in cfg.run.mlflow_tracking_uri):
-        raise bad("run.mlflow_tracking_uri", f"a URI has no spaces, got {cfg.run.mlflow_tracking_uri!r}")
-    _validate_tune(cfg, bad)  # last: it validates the config with each candidate value
 
 
-def _validate_tune(cfg: Config, bad) -> None:
+def tune_rules(cfg: Config, bad: Bad) -> None:
     tc = cfg.tune
     for key in ("num_samples", "max_concurrent_trials", "grace_period"):
         if getattr(tc, key) < 1:
@@ -183,30 +202,3 @@ def _validate_tune(cfg: Config, bad) -> None:
         raise bad("tune.scheduler", f"must be 'asha' or 'fifo', got {tc.scheduler!r}")
     if not tc.name or "/" in tc.name:
         raise bad("tune.name", f"must be a non-empty name without '/', got {tc.name!r}")
-    for key, spec in tc.space.items():
-        where = f"tune.space.{key}"
-        if key not in SEARCHABLE:
-            raise bad("tune.space", f"cannot search {key!r} (searchable: {', '.join(SEARCHABLE)})")
-        if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise bad("tune.space", f"{key} needs exactly one of {DISTRIBUTIONS}, got {sorted(spec)}")
-        (kind, values), = spec.items()
-        if not values:
-            raise bad("tune.space", f"{key}: {kind} needs values")
-        if kind in ("loguniform", "uniform"):
-            if key in WHOLE_NUMBER_KEYS:
-                raise bad("tune.space", f"{key} takes whole numbers: use choice or grid, not {kind}")
-            if len(values) != 2 or not 0 <= values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
-                relation = "<" if kind == "loguniform" else "<="
-                raise bad("tune.space", f"{key}: {kind} needs [low, high] with 0 {relation} low < high, "
-                                        f"got {list(values)}")
-        candidates = values if kind in ("choice", "grid") else ()
-        for value in candidates:
-            trial = copy.deepcopy(cfg)
-            trial.tune.space = {}  # check the model/train keys this value lands on, not the space again
-            try:
-                config_load.apply_params(trial, {key: value})
-                validate(trial, f"{where} = {value:g}")
-            except (ConfigError, TypeError) as exc:
-                raise bad("tune.space", f"{key} = {value:g} would not give a valid config: {exc}") from None
-
-
