@@ -6,7 +6,7 @@ accepted; a voxel is lesion where the value is non-zero (as in ``aisd_ray.metric
 label maps score the combined lesion. ``spacing`` is the voxel size (z, y, x) in mm, e.g.
 (5.0, 0.45, 0.45): slice spacing first, then the row and column pixel spacing.
 
-Why scipy and not MONAI: MONAI's metrics need PyTorch (over 2 GB installed) beside TensorFlow;
+Why scipy and not MONAI: MONAI's metrics need PyTorch, a second framework beside TensorFlow;
 ``scipy.ndimage`` is already a dependency, is maintained with numpy, and gives the three pieces
 the metrics need: ``binary_erosion`` (surfaces), ``distance_transform_edt(..., sampling=spacing)``
 (exact anisotropic Euclidean distances in mm) and ``label`` (connected components). The formulas
