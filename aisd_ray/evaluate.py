@@ -4,7 +4,7 @@ Both write ``metrics.json``: aggregate lesion figures at the top level (``lesion
 the pooled Dice of all lesion pixels of the split; ``*_per_image`` are means over images
 where the score is defined), the original's background-inclusive ``dice_coef_multiclass``
 beside them for comparison, and a ``per_image`` list. Scoring an export also writes the
-seed's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines), and, where
+original's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines), and, where
 the shards know each slice's case (the raw release), per-case volume scores:
 ``per_case.csv``, a ``cases`` block in metrics.json and ``volume_agreement.png``.
 

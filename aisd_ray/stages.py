@@ -288,7 +288,7 @@ def _case_figures(cases: dict[str, Any]) -> dict[str, Any]:
 
 
 def demo(cfg: Config, output: str, progress: bool = True, source_root: str | None = None) -> DemoResult:
-    """The pipeline on synthetic AISD-like data: the README's first command. The synthetic source
+    """The pipeline on synthetic AISD-like data: what ``make demo`` runs (README, Two commands). The synthetic source
     goes to ``source_root/source`` (default: beside the outputs)."""
     started = time.time()
     track.check(cfg)  # before the synthetic source is written

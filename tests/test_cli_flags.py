@@ -125,7 +125,7 @@ def test_infer_takes_a_shipped_config_name_and_set(trained_run, synthetic_root, 
     ["train", "--config", "tiny", "--data", "D", "--output", "R", "--set", "train.epochs=0"],
 ])
 def test_a_config_error_is_reported_before_tensorflow_loads(argv):
-    """The README's promise: a bad config ends in one line before TensorFlow or Ray load (a fraction
+    """docs/cli.md's promise: a bad config ends in one line before TensorFlow or Ray load (a fraction
     of a second), for evaluate and infer too (they imported TensorFlow before validating)."""
     import subprocess
     import sys

@@ -1,5 +1,5 @@
 """The GPU probe: plain Keras, any backend; here it runs its tiny CPU mode, so that on a GPU
-machine it is one command (see README, Performance)."""
+machine it is one command (see docs/performance.md, The GPU probe)."""
 
 import json
 
@@ -56,10 +56,10 @@ def test_the_probe_needs_neither_tensorflow_nor_ray():
         roots = {m.split(".")[0] for m in imported}
         assert not roots & {"tensorflow", "ray", "pyarrow", "google"}, (name, imported)
         assert {m for m in imported if m.startswith("aisd_ray")} <= allowed_internal, (name, imported)
-    # and the AISD model's size and work through it, as the README states
+    # and the AISD model's size and work through it, as infra/README.md (Cost notes) states
     from aisd_ray.config import builtin_config, load_config
     from aisd_ray.model import build_flexunet
 
     model = build_flexunet(load_config(builtin_config("aisd512")).model)
     assert model.count_params() == 124_996_866
-    assert np.isclose(flops_per_image(model), 116e9, rtol=0.05)  # the README's 116 GFLOP per image forward
+    assert np.isclose(flops_per_image(model), 116e9, rtol=0.05)  # infra/README.md's 116 GFLOP per image forward
