@@ -306,9 +306,10 @@ def read_volume(path: str | Path, case_id: str | None = None) -> Volume:
 
 
 def read_labels(path: str | Path, like: Volume) -> np.ndarray:
-    """A label NIfTI as (Z, Y, X) uint8 in ``like``'s canonical orientation. Its grid must be
-    ``like``'s: same shape, spacing (relative tolerance 1e-3), direction (1e-3) and origin (1% of a
-    voxel); labels whole numbers 0..255. Raises VolumeError naming the file otherwise."""
+    """A label NIfTI as (Z, Y, X) uint8 in ``like``'s canonical orientation (it may be stored in
+    another). Its grid in space must be ``like``'s: same shape, spacing (relative tolerance 1e-3),
+    direction (1e-3) and origin (1% of a voxel); labels whole numbers 0..255. Raises VolumeError
+    naming the file otherwise."""
     path = Path(path)
     if not is_nifti(path):
         raise VolumeError(f"{path}: not a .nii/.nii.gz label file" if path.exists() else f"{path}: not found")
