@@ -131,7 +131,8 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and not is_metadata(p.name)]
+    """A folder's files but OS metadata and a DICOMDIR (a CD's index, not an image)."""
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and not is_metadata(p.name) and p.name != "DICOMDIR"]
 
 
 def is_dicom_series(path: str | Path) -> bool:

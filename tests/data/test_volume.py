@@ -140,6 +140,7 @@ def test_pydicom_ct_test_file_reads_as_its_modality_lut(tmp_path):
     (tmp_path / "ct").mkdir()
     shutil.copy(source, tmp_path / "ct" / "CT_small.dcm")
     (tmp_path / "ct" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    shutil.copy(get_testdata_file("DICOMDIR", download=False), tmp_path / "ct" / "DICOMDIR")  # an index, skipped
     ds = pydicom.dcmread(source)
     volume = read_volume(tmp_path / "ct")
     assert volume.hu.shape == (1, 128, 128) and volume.spacing == pytest.approx((5.0, 0.661468, 0.661468))
