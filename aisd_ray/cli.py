@@ -123,6 +123,15 @@ def cmd_evaluate(args) -> None:
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
         cfg = _config(args)
+        from aisd_ray.evaluate_volumes import evaluate_nifti_folders, is_nifti_folder
+
+        if is_nifti_folder(args.masks):  # label volumes: nnU-Net's evaluate_folder use, scored in mm
+            report = evaluate_nifti_folders(args.predictions, args.masks, args.output)
+            print(f"case Dice {report['case_dice_mean']:.4f} (mean), HD95 {report['case_hd95_mm_median']:.2f} mm "
+                  f"(median), volume error {report['case_avd_ml_median']:.2f} mL (median), lesion F1 "
+                  f"{report['case_lesion_f1_pooled']:.3f} over {report['cases']} cases")
+            print(f"metrics: {storage.join(args.output, 'metrics.json')}")
+            return
         from aisd_ray import evaluate  # TensorFlow: after the config is known to be good
 
         report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data, args.output)
@@ -144,14 +153,19 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_infer(args) -> None:
-    cfg = _config(args)  # --images, --output, --batch-size, --no-overlays over the config's [infer] section
-    images, output = cfg.infer.images_dir, cfg.infer.output_dir
-    if not (images and output):
-        raise ConfigError("give --images and --output (or a config whose [infer] section names them)")
-    from aisd_ray.infer import infer_folder  # TensorFlow: after the config is known to be good
+    cfg = _config(args)  # --images/--input, --output, --batch-size, ... over the config's [infer] section
+    if not (cfg.infer.images_dir and cfg.infer.output_dir):
+        raise ConfigError("give --input (or --images) and --output (or a config whose [infer] section names them)")
+    from aisd_ray import stages
 
-    written = infer_folder(args.model, images, output, cfg.eval.batch_size, overlays=cfg.infer.overlays)
-    print(f"{len(written)} masks written to {output}")
+    done = stages.infer(cfg, args.model)
+    if done.cases:
+        for case in done.cases:
+            print(f"{case['case_id']}: lesion {case['lesion_ml']:.2f} mL in {case['lesion_count']} lesion(s)")
+        print(f"{len(done.cases)} case(s): NIfTI masks, cases/<case>/summary.json and preview.png, cases.csv "
+              f"in {done.output}")
+    else:
+        print(f"{len(done.written)} masks written to {done.output}")
 
 
 def cmd_pipeline(args) -> None:
@@ -285,21 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shard store")
     p.add_argument("--split", help="split of the shard store to score (default: test)")
     p.add_argument("--batch-size", type=int, help="images per prediction batch (else eval.batch_size, 4)")
-    p.add_argument("--predictions", help="folder of predicted mask PNGs (no model needed)")
-    p.add_argument("--masks", help="folder of ground-truth mask PNGs")
+    p.add_argument("--predictions", help="folder of predicted mask PNGs, or of <case>.nii.gz label volumes "
+                                         "(no model needed)")
+    p.add_argument("--masks", help="folder of ground-truth mask PNGs, or of <case>.nii.gz label volumes (scored "
+                                   "per case in mm and mL)")
     p.add_argument("--no-overlays", action="store_true", help="no overlays/ folder (found, false and missed "
                                                                "lesion pixels per slice)")
     p.add_argument("--output", required=True, help="folder for metrics.json, evaluation.csv, per_image.csv")
     p.set_defaults(func=cmd_evaluate)
 
-    p = add_parser("infer", help="segment a folder of images with an export")
+    p = add_parser("infer", help="segment CT patients (DICOM series, NIfTI) or a folder of images with an export")
     p.add_argument("--model", required=True, help="export folder")
-    p.add_argument("--images", help="folder of images (else infer.images_dir)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--input", help="a DICOM series folder, a .nii/.nii.gz file, or a folder of them (masks "
+                                       "as NIfTI in the scan's geometry, lesion mL); a folder of images too")
+    given.add_argument("--images", help="folder of images (else infer.images_dir)")
     p.add_argument("--output", help="mask folder (else infer.output_dir)")
     add_config(p)
     p.add_argument("--batch-size", type=int, help="images per prediction batch (else eval.batch_size, 4)")
     p.add_argument("--no-overlays", action="store_true", help="masks only, no overlays/ folder (else "
                                                                "infer.overlays)")
+    p.add_argument("--probabilities", action="store_true", help="CT patients: also each case's lesion "
+                                                                 "probability map (else infer.probabilities)")
     p.set_defaults(func=cmd_infer)
 
     p = add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")

@@ -16,16 +16,13 @@ and ``per_case_dice_core.png``; ``class_dice_mean`` is the mean of the classes' 
 
 from __future__ import annotations
 
-import csv
 import io
-import json
-import math
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from aisd_ray import metrics, plots, render, storage
+from aisd_ray import metrics, plots, render, storage, volume_metrics
 from aisd_ray.config import DataConfig
 from aisd_ray.data import layout, masks, shards
 from aisd_ray.export import LoadedExport
@@ -42,6 +39,10 @@ DEFINITIONS = {
     "cases": "each case scored as a volume of its slices in order: case Dice; lesions are 26-connected "
              "3D components, found when a prediction overlaps them, false when a predicted one overlaps "
              "none; volumes in voxels at model resolution",
+    "case_hd95_mm_*, case_nsd_*, case_*_ml_*": "cases of a store prepared from CT volumes (their spacing known): "
+             "HD95 in mm (MONAI's: the larger of the two directions' 95th percentile surface distance), "
+             "normalised surface Dice at nsd_tolerance_mm, volumes and absolute volume difference in mL, at model "
+             "resolution (in-plane spacing scaled by the resize)",
 }
 # added where foreground classes have keys of their own (not for the two-class default)
 CLASS_DEFINITIONS = {
@@ -51,24 +52,6 @@ CLASS_DEFINITIONS = {
     "class_dice_mean": "mean of the foreground classes' pooled Dice over those where it is defined "
                        "(the rule that picks the best checkpoint, as val_score)",
 }
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_csv(uri: str, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_text(uri, buf.getvalue())
 
 
 class CaseVolumes:
@@ -94,15 +77,28 @@ class CaseVolumes:
             self._slices.setdefault(case_id, []).append((slice_index, truth.shape, self._pack(truth),
                                                          self._pack(pred)))
 
-    def scores(self) -> list[dict[str, Any]]:
+    def scores(self, spacing: dict[str, tuple[float, float, float]] | None = None) -> list[dict[str, Any]]:
+        """One row per case. ``spacing``: (z, y, x) mm of a model-size voxel per case (a volume
+        source's manifest has it): those cases gain HD95, NSD, volumes in mL and lesion-wise F1
+        (``volume_metrics.case_volume_scores``)."""
         rows = []
         for case in sorted(self._slices):
             slices = sorted(self._slices[case], key=lambda s: s[0])
             truth = np.stack([self._unpack(t, shape) for _, shape, t, _ in slices])
             pred = np.stack([self._unpack(p, shape) for _, shape, _, p in slices])
-            rows.append({"case_id": case, **metrics.case_scores(truth, pred),
-                         **metrics.class_case_scores(truth, pred, self.names)})
+            row = {"case_id": case, **metrics.case_scores(truth, pred),
+                   **metrics.class_case_scores(truth, pred, self.names)}
+            if spacing and case in spacing:
+                mm = volume_metrics.case_volume_scores(truth, pred, spacing[case])
+                row.update({k: v for k, v in mm.items() if k != "dice"})
+            rows.append(row)
         return rows
+
+
+def case_spacing(manifest: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """(z, y, x) mm of a model-size voxel per case, where the store was prepared from volumes."""
+    geometry = (manifest.get("source") or {}).get("geometry") or {}
+    return {case: tuple(g["model_spacing_mm"]) for case, g in geometry.items()}
 
 
 def _write_overlay(out_uri: str, name: str, image, truth, pred, foreground_names=()) -> None:
@@ -121,8 +117,12 @@ def _write_overlay(out_uri: str, name: str, image, truth, pred, foreground_names
 
 
 def _write_cases(out_uri: str, rows: list[dict[str, Any]], foreground_names=()) -> dict[str, Any]:
-    _write_csv(storage.join(out_uri, "per_case.csv"), rows)
+    storage.write_csv(storage.join(out_uri, "per_case.csv"), rows)
     summary = metrics.summarize_cases(rows, foreground_names)
+    in_mm = [r for r in rows if "hd95_mm" in r]
+    if in_mm:  # cases with a known spacing: HD95, NSD, mL
+        summary.update({f"case_{k}": v for k, v in volume_metrics.summarize_volume_cases(in_mm).items()
+                        if k != "cases" and not k.startswith("dice")})
     own = metrics.own_classes(foreground_names)
     series = [("case" if not own else "lesion", [r["true_volume"] for r in rows], [r["pred_volume"] for r in rows])]
     series += [(c, [r[f"{c}_true_volume"] for r in rows], [r[f"{c}_pred_volume"] for r in rows]) for c in own]
@@ -159,8 +159,8 @@ def _write_report(out_uri: str, names: list[str], counts: np.ndarray, extra: dic
         per_image.append(row)
     definitions = {**DEFINITIONS, **CLASS_DEFINITIONS} if own else DEFINITIONS
     report = {**summary, "definitions": definitions, "per_image": per_image}
-    storage.write_text(storage.join(out_uri, "metrics.json"), json.dumps(_json_safe(report), indent=2))
-    _write_csv(storage.join(out_uri, "per_image.csv"), per_image)
+    storage.write_json(storage.join(out_uri, "metrics.json"), report)
+    storage.write_csv(storage.join(out_uri, "per_image.csv"), per_image)
     return report
 
 
@@ -222,7 +222,7 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
     class_arr = np.concatenate(class_counts) if class_counts else np.zeros((0, num_classes - 1, 3), np.int64)
     loss, seed = float(np.mean(losses)), float(np.mean(seed_dice))
     extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed}
-    case_rows = volumes.scores()
+    case_rows = volumes.scores(case_spacing(manifest))
     if case_rows:
         extra["cases"] = {**_write_cases(out, case_rows, foreground), "per_case": case_rows}
     report = _write_report(out, names, counts_arr, extra,

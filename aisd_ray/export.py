@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from aisd_ray import provenance, storage
-from aisd_ray.config import Config
+from aisd_ray.config import Config, DataConfig
 from aisd_ray.model import build_flexunet
 from aisd_ray.train import checkpoint as ckpt
 
@@ -70,6 +70,7 @@ def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str,
             "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
             "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
             "rgb_map": [list(c) for c in cfg.data.rgb_map],
+            "windows": [list(w) for w in cfg.data.windows],  # HU (level, width): how CT volumes become input
             "parameters": int(model.count_params()),
             **(extra or {}),
             "config": cfg.to_dict(),
@@ -129,6 +130,9 @@ class LoadedExport:
         image = self.info["image"]
         self.height, self.width, self.channels = image["height"], image["width"], image["channels"]
         self.rgb_map = [tuple(c) for c in self.info["rgb_map"]]
+        # (level, width) HU windows of the model's channels; exports from before windows existed
+        # were trained on the AISD PNGs' brain window
+        self.windows = [tuple(w) for w in self.info.get("windows", DataConfig().windows)]
 
     def predict(self, images) -> dict[str, tf.Tensor]:
         """Run the serving signature on a uint8 batch of model-sized images."""

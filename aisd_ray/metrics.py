@@ -163,15 +163,15 @@ def case_scores(true_volume: np.ndarray, pred_volume: np.ndarray) -> dict[str, f
     A true lesion is *found* when any predicted lesion voxel overlaps it, else *missed*; a
     predicted lesion that overlaps no true lesion is *false*.
     """
+    from aisd_ray.volume_metrics import lesion_detection  # the one home of the matching rule
+
     t, p = np.asarray(true_volume) > 0, np.asarray(pred_volume) > 0
     tp, fp, fn = int(np.sum(t & p)), int(np.sum(~t & p)), int(np.sum(t & ~p))
-    true_components, n_true = ndimage.label(t, CONNECTIVITY)
-    pred_components, n_pred = ndimage.label(p, CONNECTIVITY)
-    found = len(np.unique(true_components[t & p]))
-    hit_pred = len(np.unique(pred_components[t & p]))
+    found = lesion_detection(t, p)
     return {"slices": int(len(t)), "dice": scores_from_counts(tp, fp, fn)["dice"],
-            "true_lesions": n_true, "found_lesions": found, "missed_lesions": n_true - found,
-            "false_lesions": n_pred - hit_pred, "true_volume": int(t.sum()), "pred_volume": int(p.sum())}
+            "true_lesions": found["true_lesions"], "found_lesions": found["found"],
+            "missed_lesions": found["missed"], "false_lesions": found["false"], "true_volume": int(t.sum()),
+            "pred_volume": int(p.sum())}
 
 
 CASE_KEYS = ("dice", "true_lesions", "found_lesions", "missed_lesions", "false_lesions", "true_volume",

@@ -72,8 +72,11 @@ def contours(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, size:
     return shown
 
 
-def gallery(tiles: list[tuple[str, np.ndarray]], title: str, columns: int = 3) -> Image.Image:
-    """Captioned tiles (caption, RGB array of one size) in a grid under a title line."""
+def gallery(tiles: list[tuple[str, np.ndarray]], title: str, columns: int = 3,
+            legend: tuple[tuple[str, tuple[int, int, int]], ...] = (("truth", TRUTH), ("prediction", PREDICTION)),
+            ) -> Image.Image:
+    """Captioned tiles (caption, RGB array of one size) in a grid under a title line, with a
+    colour legend at the top right."""
     font = ImageFont.load_default(size=14)
     th, tw = tiles[0][1].shape[:2]
     columns = min(columns, len(tiles))
@@ -82,9 +85,10 @@ def gallery(tiles: list[tuple[str, np.ndarray]], title: str, columns: int = 3) -
     sheet = Image.new("RGB", (columns * (tw + gap) + gap, head + rows * (th + caption + gap)), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     draw.text((gap, 6), title, fill=(255, 255, 255), font=font)
-    legend_x = sheet.width - 190
-    draw.text((legend_x, 6), "truth", fill=TRUTH, font=font)
-    draw.text((legend_x + 50, 6), "prediction", fill=PREDICTION, font=font)
+    x = sheet.width - 190
+    for text, colour in legend:
+        draw.text((x, 6), text, fill=colour, font=font)
+        x += int(draw.textlength(text, font=font)) + 14
     for k, (text, tile) in enumerate(tiles):
         x, y = gap + (k % columns) * (tw + gap), head + (k // columns) * (th + caption + gap)
         draw.text((x, y), text, fill=(230, 230, 230), font=font)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aisd_ray import provenance, storage, track
-from aisd_ray.config import AISD_TEST_CASES, Config, load_config
+from aisd_ray.config import AISD_TEST_CASES, VOLUME_LAYOUTS, Config, load_config
 from aisd_ray.data.prepare import prepare
 from aisd_ray.data.shards import ShardStore
 
@@ -174,11 +174,16 @@ class DemoResult:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _synthetic_source(cfg: Config, root: str, progress: bool) -> Path:
-    """The demo's synthetic AISD-like source (``synthetic.layout``: the raw release's per-case
-    folders or the original's tree), written once per [synthetic] settings. Source PNGs are local
-    input: in ``root`` for a folder, in a temp folder when the outputs go to gs://."""
-    from aisd_ray.data.synthetic import write_synthetic
+# where each synthetic layout's source lies under the demo's source folder
+_SYNTHETIC_FOLDERS = {"raw": "release", "original": "AISD", "nnunet": "Dataset001_AISDSynthetic", "dicom": "dicom"}
+
+
+def _synthetic_source(cfg: Config, root: str, progress: bool) -> tuple[Path, Path]:
+    """The demo's synthetic AISD-like source (``synthetic.layout``), written once per [synthetic]
+    settings, and what its last stage segments: one test patient's slices (raw layout), the test
+    images (original layout), or one test patient as a DICOM series (volume layouts). Source files
+    are local input: in ``root`` for a folder, in a temp folder when the outputs go to gs://."""
+    from aisd_ray.data.synthetic import synthetic_case_ids, synthetic_test_cases, write_synthetic
 
     wanted = json.dumps(cfg.to_dict()["synthetic"], sort_keys=True)
     if storage.is_local(root):
@@ -187,14 +192,22 @@ def _synthetic_source(cfg: Config, root: str, progress: bool) -> Path:
         digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
         source = Path(tempfile.gettempdir()) / f"aisd-ray-synthetic-{digest}"
     marker = source / "synthetic.json"
-    raw = cfg.synthetic.layout == "raw"
+    layout = cfg.synthetic.layout
+    patient = synthetic_test_cases(cfg.synthetic)[:1] or synthetic_case_ids(cfg.synthetic)[:1]
+    infer_input = {"raw": source / "release" / "image" / synthetic_case_ids(cfg.synthetic)[0],
+                   "original": source / "AISD" / "test" / "images"}.get(layout, source / "patient" / patient[0])
     if not (marker.is_file() and marker.read_text() == wanted):
-        log.info("writing synthetic AISD-like %s to %s", "cases" if raw else "slices", source)
+        log.info("writing synthetic AISD-like %s (%s layout) to %s", "slices" if layout == "original" else "cases",
+                 layout, source)
         if source.exists():
             shutil.rmtree(source)  # another [synthetic] setting's files must not mix in
-        write_synthetic(source / "release" if raw else source, cfg.synthetic, progress=progress)
+        write_synthetic(source / "release" if layout == "raw" else source, cfg.synthetic, progress=progress)
+        if layout in VOLUME_LAYOUTS:  # the patient the last stage segments, as a scanner gives it
+            from aisd_ray.data import synthetic_volumes
+
+            synthetic_volumes.write_patient_series(infer_input, cfg.synthetic, patient[0])
         marker.write_text(wanted)
-    return source / ("release" if raw else "AISD")
+    return source / _SYNTHETIC_FOLDERS[layout], infer_input
 
 
 def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult | None = None,
@@ -208,7 +221,6 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     """
     track.check(cfg)  # before prepare writes anything (and before TensorFlow loads)
     from aisd_ray.evaluate import evaluate_export
-    from aisd_ray.infer import infer_folder
 
     started = started or time.time()
     result = result or DemoResult()
@@ -242,10 +254,10 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
         tracker.log_test(report, eval_uri, export_uri, int(best.get("epoch", 0)))
     if cfg.infer.images_dir:
         log.info("stage 5/5: infer %s%s", cfg.infer.images_dir, " (a Ray task)" if on_worker else "")
-        infer_uri = storage.absolute(cfg.infer.output_dir or storage.join(run, "infer"))
-        _run(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(cfg.infer.images_dir),
-             infer_uri, cfg.eval.batch_size, progress=progress and not on_worker)
-        result.outputs["test masks + overlays"] = infer_uri
+        cfg.infer.output_dir = cfg.infer.output_dir or storage.join(run, "infer")
+        done = infer(cfg, export_uri, on_worker, progress)
+        result.outputs["test masks (NIfTI) + summary.json + preview.png" if done.cases
+                       else "test masks + overlays"] = done.output
 
     collapsed = report["lesion_dice"] < 0.1  # a diverged run stopped at train() (TrainingFailed)
     if collapsed:
@@ -271,6 +283,36 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     return result
 
 
+@dataclass
+class Inferred:
+    """What ``infer`` wrote: mask file names (images) or per-case summaries (CT patients)."""
+
+    output: str
+    written: list[str] = field(default_factory=list)
+    cases: list[dict[str, Any]] = field(default_factory=list)
+
+
+def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool = True) -> Inferred:
+    """Segment ``infer.images_dir`` into ``infer.output_dir`` with an export: CT patients (a DICOM
+    series folder, a NIfTI file, or a folder of them) give NIfTI masks in the scan's geometry with
+    lesion volumes (``infer_volumes``); a folder of images gives mask PNGs (``infer``). With
+    ``on_worker``, as a Ray task on a training node."""
+    from aisd_ray.infer_volumes import is_volume_input
+
+    source, out = cfg.infer.images_dir, storage.absolute(cfg.infer.output_dir)
+    if storage.is_local(source) and is_volume_input(source):
+        from aisd_ray.infer_volumes import infer_volumes
+
+        cases = _run(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
+                     cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker)
+        return Inferred(out, cases=cases)
+    from aisd_ray.infer import infer_folder
+
+    written = _run(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,
+                   cfg.eval.batch_size, overlays=cfg.infer.overlays, progress=progress and not on_worker)
+    return Inferred(out, written=written)
+
+
 def _run(cfg: Config, on_worker: bool, fn, *args, **kwargs):
     if not on_worker:
         return fn(*args, **kwargs)
@@ -292,15 +334,11 @@ def demo(cfg: Config, output: str, progress: bool = True, source_root: str | Non
     goes to ``source_root/source`` (default: beside the outputs)."""
     started = time.time()
     track.check(cfg)  # before the synthetic source is written
-    source = _synthetic_source(cfg, source_root or output, progress)
+    source, infer_input = _synthetic_source(cfg, source_root or output, progress)
     cfg.data.source_dir, cfg.data.split_dirs = str(source), {}
-    if cfg.synthetic.layout == "raw" and cfg.data.test_cases == AISD_TEST_CASES:
+    if cfg.synthetic.layout != "original" and cfg.data.test_cases == AISD_TEST_CASES:
         from aisd_ray.data.synthetic import synthetic_test_cases  # the official test cases it holds, not all 52
 
         cfg.data.test_cases = tuple(synthetic_test_cases(cfg.synthetic))
-    if not cfg.infer.images_dir:  # one test patient's slices (raw layout), or the test images
-        from aisd_ray.data.synthetic import synthetic_case_ids
-
-        cfg.infer.images_dir = str(source / "image" / synthetic_case_ids(cfg.synthetic)[0]
-                                   if cfg.synthetic.layout == "raw" else source / "test" / "images")
+    cfg.infer.images_dir = cfg.infer.images_dir or str(infer_input)
     return pipeline(cfg, output, progress, DemoResult(outputs={"synthetic source": str(source)}), started)

@@ -7,16 +7,19 @@ the same calls; TensorFlow's own file system layer is never used for them.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
 import functools
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -177,6 +180,33 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode())
+
+
+def json_safe(value: Any) -> Any:
+    """NaN (an undefined figure) as null; tuples as lists; numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_json(uri: str, value: Any) -> None:
+    """``value`` as indented JSON (``json_safe``: NaN as null), atomically."""
+    write_text(uri, json.dumps(json_safe(value), indent=2))
+
+
+def write_csv(uri: str, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
+    """Rows as CSV with a header (``fields``, else every key of the rows in first-seen order),
+    atomically; a row without a field leaves it empty."""
+    fields = fields or list(dict.fromkeys(k for row in rows for k in row)) or ["name"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(uri, buf.getvalue())
 
 
 def open_output(uri: str):

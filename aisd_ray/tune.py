@@ -19,9 +19,6 @@ accepts) is written beside it. A search whose best trial is not ``ok`` raises ``
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import os
@@ -229,12 +226,9 @@ def _same(a: Any, b: Any) -> bool:
 
 def _write_outputs(rows: list[dict[str, Any]], curves: dict[str, Any], cfg: Config, output: str) -> dict[str, str]:
     outputs = {}
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["rank", *rows[0]])
-    writer.writeheader()
-    writer.writerows({"rank": i + 1, **row} for i, row in enumerate(rows))
     outputs["leaderboard"] = storage.join(output, "leaderboard.csv")
-    storage.write_text(outputs["leaderboard"], buf.getvalue())
+    storage.write_csv(outputs["leaderboard"], [{"rank": i + 1, **row} for i, row in enumerate(rows)],
+                      ["rank", *rows[0]])
 
     score = f"best_{SCORE}"
     x_key = "learning_rate" if "learning_rate" in cfg.tune.space else None
@@ -338,22 +332,12 @@ def _search(cfg: Config, store: shards.ShardStore, shards_uri: str, output: str,
     log.info("best trial %s: %s %.4f", best["trial_id"], SCORE, best[f"best_{SCORE}"])
     result.judged = _judge(cfg, store, output, export_uri, best, default)
     result.outputs["summary"] = storage.join(output, "summary.json")
-    storage.write_text(result.outputs["summary"], json.dumps(_json_safe(
-        {"best": result.judged.get("best"), "default": result.judged.get("default"),
-         "beat_default": result.judged.get("beat_default"), "leaderboard": rows}), indent=2))
+    storage.write_json(result.outputs["summary"], {
+        "best": result.judged.get("best"), "default": result.judged.get("default"),
+        "beat_default": result.judged.get("beat_default"), "leaderboard": rows})
     result.outputs["experiment"] = storage.join(output, "tune", tc.name)
     return result
 
-
-def _json_safe(value: Any) -> Any:
-    """NaN (an undefined figure) as null; numpy scalars as Python numbers."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _no_answer(rows: list[dict[str, Any]], tc, leaderboard: str) -> str:

@@ -375,8 +375,8 @@ def test_class_names_that_cannot_key_per_class_metrics_are_refused(names, culpri
 
 
 @pytest.mark.parametrize("setting, named", [
-    ("train.placement_strategy='PACKED'", "[train] placement_strategy: must be one of ('PACK', 'SPREAD', 'STRICT_PACK', "
-                                          "'STRICT_SPREAD'), got 'PACKED'"),
+    ("train.placement_strategy='PACKED'",
+     "[train] placement_strategy: must be one of ('PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD'), got 'PACKED'"),
     ("run.shared_filesystem='yes'", "run.shared_filesystem"),
 ])
 def test_a_bad_placement_strategy_or_shared_filesystem_value_is_named(store, tmp_path, capsys, setting, named):

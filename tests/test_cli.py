@@ -99,7 +99,7 @@ def test_infer_folders_can_come_from_the_config(trained_run, synthetic_root, tmp
     assert main(["infer", "--model", export_uri, "--config", str(config)]) == 0
     assert len(list((tmp_path / "out").glob("*.png"))) == 8 and not (tmp_path / "out" / "overlays").exists()
     assert main(["infer", "--model", export_uri]) == 2
-    assert "give --images and --output" in capsys.readouterr().err
+    assert "give --input (or --images) and --output" in capsys.readouterr().err
 
 
 def test_every_option_has_help():

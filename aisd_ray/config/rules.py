@@ -117,6 +117,13 @@ def data_rules(d: DataConfig, m: ModelConfig, bad: Bad) -> None:
         raise bad("data.foreground_fraction", f"must lie in [0, 1], got {d.foreground_fraction}")
     if not 0 <= d.valid_fraction < 1:
         raise bad("data.valid_fraction", f"must lie in [0, 1), got {d.valid_fraction}")
+    if not d.windows or len(d.windows) not in (1, m.image_channels):
+        raise bad("data.windows", f"give one (level, width) window, or one per channel ({m.image_channels}), "
+                                  f"got {len(d.windows)}")
+    for level, width in d.windows:
+        if not width > 0 or not -1100 <= level <= 3100:
+            raise bad("data.windows", f"({level:g}, {width:g}): a window is (level, width) in HU with width > 0 "
+                                      "and the level within -1100..3100")
     for split in d.split_dirs:
         if split not in ("train", "valid", "test"):
             raise bad("data.split_dirs", f"unknown split {split!r}")
@@ -126,6 +133,9 @@ def synthetic_rules(s: SyntheticConfig, bad: Bad) -> None:
     for key in ("num_train", "num_valid", "num_test", "size", "num_cases", "slices_per_case"):
         if getattr(s, key) < 1:
             raise bad(f"synthetic.{key}", f"must be >= 1, got {getattr(s, key)}")
+    if s.noise_hu < 0 or not 0 <= s.lesion_hu < 100:
+        raise bad("synthetic.lesion_hu" if s.noise_hu >= 0 else "synthetic.noise_hu",
+                  f"lesion_hu must lie in [0, 100) and noise_hu be >= 0, got {s.lesion_hu}, {s.noise_hu}")
     if not 0 <= s.num_test_cases <= min(s.num_cases - 1, len(AISD_TEST_CASES)):
         raise bad("synthetic.num_test_cases", f"must lie in [0, {min(s.num_cases - 1, len(AISD_TEST_CASES))}] "
                   f"(fewer than synthetic.num_cases), got {s.num_test_cases}")

@@ -98,9 +98,17 @@ class DataConfig:
     # A train or valid split without a single lesion pixel is almost always a mask-reading mistake:
     # prepare warns and train (and tune) refuse such a store (exit 2) unless this says it is intended.
     allow_lesion_free_splits: bool = False
+    # CT volumes (DICOM series, NIfTI, nnU-Net datasets) only: the HU windows that make the model's
+    # input channels, (level, width) in HU each: one window is replicated to every channel (the AISD
+    # PNGs are one brain window as grey RGB), or one window per channel. A value v in HU becomes
+    # 255 * clip((v - (level - width / 2)) / width, 0, 1). Brain window: level 40, width 80.
+    windows: tuple[tuple[float, float], ...] = ((40.0, 80.0),)
 
 
-SYNTHETIC_LAYOUTS = ("original", "raw")
+# "original" and "raw" are PNG slices; "nnunet" (NIfTI volumes in nnU-Net's raw dataset layout) and
+# "dicom" (a DICOM series folder per case, label NIfTIs beside them) are CT volumes in HU.
+SYNTHETIC_LAYOUTS = ("original", "raw", "nnunet", "dicom")
+VOLUME_LAYOUTS = ("nnunet", "dicom")
 
 
 @dataclass
@@ -111,7 +119,10 @@ class SyntheticConfig:
     tree of independent slices (``num_train``/``num_valid``/``num_test``, ``lesion_free_fraction``);
     ``"raw"`` writes the raw release's per-case folders: ``num_cases`` patients of
     ``slices_per_case`` slices, one lesion per patient spanning neighbouring slices, the first
-    ``num_test_cases`` patients carrying official test IDs (prepare then splits by patient)."""
+    ``num_test_cases`` patients carrying official test IDs (prepare then splits by patient);
+    ``"nnunet"`` and ``"dicom"`` write the same patients as int16 HU volumes (0.45 mm in-plane at
+    512 px, 5 mm slices) in nnU-Net's raw dataset layout or as DICOM series, the lesion a faint
+    hypodensity of ``lesion_hu`` below the parenchyma around it."""
 
     layout: str = "original"
     num_train: int = 240
@@ -123,6 +134,10 @@ class SyntheticConfig:
     slices_per_case: int = 8
     num_test_cases: int = 6
     seed: int = 2024
+    # volume layouts: how many HU the lesion lies below the parenchyma (early ischaemic change is a
+    # few HU), and the image noise's standard deviation in HU
+    lesion_hu: float = 5.0
+    noise_hu: float = 3.0
 
 
 @dataclass
@@ -254,9 +269,13 @@ class EvalConfig:
 
 @dataclass
 class InferConfig:
+    """What ``infer`` segments: a folder of images (PNG/JPG), or CT patients: a DICOM series folder,
+    a NIfTI file, or a folder of them (``--input``)."""
+
     images_dir: str = ""
     output_dir: str = ""
-    overlays: bool = True
+    overlays: bool = True  # images: an overlays/ folder beside the masks
+    probabilities: bool = False  # CT patients: also each case's lesion probability map as NIfTI
 
 
 @dataclass

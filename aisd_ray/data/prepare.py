@@ -1,8 +1,10 @@
 """``aisd-ray prepare``: an AISD source in, shards and a manifest out.
 
-Two sources are read: the original's ``{train,valid,test}/{images,masks}`` PNG tree, and the raw
+Four sources are read: the original's ``{train,valid,test}/{images,masks}`` PNG tree; the raw
 AISD release (``image.zip``/``mask.zip`` or their extracted folders, one folder per case),
-which is split by patient with the official test cases as the test split. Either may lie in a
+which is split by patient with the official test cases as the test split; and CT volumes in HU
+(``volume_source.py``: nnU-Net's raw dataset layout, or DICOM series cases with label volumes),
+split by patient too, windowed by ``data.windows``. Either may lie in a
 bucket (``--source gs://bucket/prefix``): it is copied to a local temp folder first (file times
 kept, so an unchanged source is recognised and left alone), read, and the copy removed.
 
@@ -35,7 +37,7 @@ import pyarrow.fs as pafs
 
 from aisd_ray import storage
 from aisd_ray.config import Config
-from aisd_ray.data import layout, masks, raw, shards
+from aisd_ray.data import layout, masks, raw, shards, volume_source
 from aisd_ray.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,13 @@ def split_dirs(cfg: Config) -> dict[str, tuple[str, str]]:
     return dirs
 
 
-def read_source(cfg: Config) -> tuple[dict[str, list[layout.SliceRef]], dict[str, Any]]:
+def read_source(cfg: Config, progress: bool = True) -> tuple[dict[str, list[layout.SliceRef]], dict[str, Any]]:
     """Slice refs per split and what the manifest should say about the source."""
     m, d = cfg.model, cfg.data
+    if d.source_dir and not d.split_dirs and volume_source.volume_layout(d.source_dir):
+        found = volume_source.read_volume_source(d.source_dir, d, m.image_height, m.image_width, m.image_channels,
+                                                 m.num_classes, progress)
+        return found.refs, found.info
     if d.source_dir and not d.split_dirs and raw.is_raw_release(d.source_dir):
         release = raw.read_release(d.source_dir, d, m.image_height, m.image_width, m.image_channels)
         return release.refs, {"layout": "raw", "root": str(Path(d.source_dir).resolve()),
@@ -80,7 +86,7 @@ def _settings(cfg: Config) -> list[Any]:
     m, d = cfg.model, cfg.data
     return [shards.FORMAT_VERSION, m.image_height, m.image_width, m.image_channels, d.rgb_map, d.shard_format,
             d.shard_target_mb, min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed,
-            d.drop_empty_train, d.mask_colour_tolerance, d.row_encoding, d.mask_values]
+            d.drop_empty_train, d.mask_colour_tolerance, d.row_encoding, d.mask_values, d.windows]
 
 
 def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:
@@ -205,7 +211,7 @@ def _undo(out_uri: str, before: set[str] | None, created: str) -> None:
 
 
 def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None = None) -> dict[str, Any]:
-    refs, source = read_source(cfg)
+    refs, source = read_source(cfg, progress)
     if source_uri:
         source["root"] = source_uri
     fingerprint = _fingerprint(cfg, refs)

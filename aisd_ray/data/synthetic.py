@@ -225,7 +225,19 @@ def synthetic_case_ids(cfg: SyntheticConfig) -> list[str]:
 
 
 def write_synthetic(out_dir: str | Path, cfg: SyntheticConfig, as_zip: bool = False, progress: bool = True) -> Path:
-    """Write ``cfg.layout`` under ``out_dir``; return the folder ``prepare --source`` takes."""
+    """Write ``cfg.layout`` under ``out_dir``; return the folder ``prepare --source`` takes. The
+    volume layouts hold the raw layout's patients (``synthetic_case_ids``) as HU volumes: "nnunet"
+    with the official test IDs in imagesTs/labelsTs, "dicom" as series folders with labels/."""
     if cfg.layout == "raw":
         return write_synthetic_raw(out_dir, cfg, synthetic_case_ids(cfg), cfg.slices_per_case, as_zip, progress)
+    if cfg.layout in ("nnunet", "dicom"):
+        from aisd_ray.data import synthetic_volumes
+
+        cases, test = synthetic_case_ids(cfg), synthetic_test_cases(cfg)
+        hu = {"lesion_hu": cfg.lesion_hu, "noise_hu": cfg.noise_hu}
+        if cfg.layout == "nnunet":
+            return synthetic_volumes.write_nnunet_dataset(out_dir, cfg.seed, [c for c in cases if c not in test], test,
+                                                          cfg.size, cfg.slices_per_case, progress=progress, **hu)
+        return synthetic_volumes.write_dicom_cases(Path(out_dir) / "dicom", cfg.seed, cases, cfg.size,
+                                                   cfg.slices_per_case, progress=progress, **hu)
     return write_synthetic_aisd(out_dir, cfg, progress)

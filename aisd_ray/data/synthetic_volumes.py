@@ -27,8 +27,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DS
 
+from aisd_ray.config import SyntheticConfig
 from aisd_ray.data.synthetic import Head, Lesion, _smooth_noise
 from aisd_ray.data.volume import read_volume, write_image, write_nifti
+from aisd_ray.progress import progress_bar
 
 FIELD_OF_VIEW_MM = 230.0  # 512 px at 0.45 mm, as AISD's series
 SLICE_MM = 5.0
@@ -246,21 +248,25 @@ def _write_json(data: dict, path: Path) -> None:
 
 
 def write_nnunet_dataset(out_dir: str | Path, seed: int, case_ids: list[str], test_ids: list[str], size: int,
-                         slices: int, name: str = "Dataset001_AISDSynthetic", orientation: str = "RPI") -> Path:
+                         slices: int, name: str = "Dataset001_AISDSynthetic", orientation: str = "RPI",
+                         lesion_hu: float = LESION_HU, noise_hu: float = NOISE_HU, progress: bool = False) -> Path:
     """Write an nnU-Net v2 raw dataset ``out_dir/name``: ``imagesTr/<case>_0000.nii.gz`` (HU),
     ``labelsTr/<case>.nii.gz`` (0/1), ``imagesTs``/``labelsTs`` likewise for ``test_ids``, and
     ``dataset.json`` (channel_names {"0": "CT"}, labels {"background": 0, "lesion": 1},
     numTraining, file_ending ".nii.gz"). Every file is written atomically. Returns the dataset folder.
-    Raises ValueError when a case is in both lists."""
+    Raises ValueError when a case is in both lists. ``lesion_hu``, ``noise_hu``: as ``synth_volume``."""
     both = sorted(set(case_ids) & set(test_ids))
     if both:
         raise ValueError(f"cases in both the training and the test list: {', '.join(both)}")
     root = Path(out_dir) / name
+    bar = progress_bar(total=len(case_ids) + len(test_ids), desc="synthesize nnU-Net", unit="case", enabled=progress)
     for cases, images, labels in ((case_ids, "imagesTr", "labelsTr"), (test_ids, "imagesTs", "labelsTs")):
         for case in cases:
-            hu, mask, spacing = synth_volume(seed, case, size, slices)
+            hu, mask, spacing = synth_volume(seed, case, size, slices, lesion_hu, noise_hu)
             write_nifti_case(hu, spacing, root / images / f"{case}_0000.nii.gz", orientation)
             write_nifti_case(mask, spacing, root / labels / f"{case}.nii.gz", orientation)
+            bar.update()
+    bar.close()
     root.mkdir(parents=True, exist_ok=True)
     _write_json({"name": name, "description": "synthetic non-contrast CT heads with one faint hypodense lesion",
                  "channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1},
@@ -269,14 +275,24 @@ def write_nnunet_dataset(out_dir: str | Path, seed: int, case_ids: list[str], te
 
 
 def write_dicom_cases(out_dir: str | Path, seed: int, case_ids: list[str], size: int, slices: int,
+                      lesion_hu: float = LESION_HU, noise_hu: float = NOISE_HU, progress: bool = False,
                       **series: object) -> Path:
     """Write ``out_dir/<case>/`` (one CT series folder per case, ``write_dicom_series``; ``series``
     passes slope, intercept, tilt_deg, shuffle on) and ``out_dir/labels/<case>.nii.gz`` (0/1, in the
     series' own geometry, as ``volume.write_nifti`` writes masks). Returns ``out_dir``."""
     out = Path(out_dir)
-    for case in case_ids:
-        hu, mask, spacing = synth_volume(seed, case, size, slices)
+    for case in progress_bar(case_ids, desc="synthesize DICOM", unit="case", enabled=progress):
+        hu, mask, spacing = synth_volume(seed, case, size, slices, lesion_hu, noise_hu)
         write_dicom_series(hu, spacing, out / case, case, seed=seed, **series)
         write_nifti(read_volume(out / case), mask, out / "labels" / f"{case}.nii.gz")
     return out
+
+
+def write_patient_series(folder: str | Path, cfg: SyntheticConfig, case: str) -> Path:
+    """One synthetic patient (``cfg``'s size, slices, seed and HU contrast) as a DICOM series in
+    ``folder``, files shuffled, with a gantry-free axial geometry: what a scanner export gives
+    ``infer --input``. Returns ``folder``."""
+    hu, _, spacing = synth_volume(cfg.seed, case, cfg.size, cfg.slices_per_case, cfg.lesion_hu, cfg.noise_hu)
+    write_dicom_series(hu, spacing, folder, case, seed=cfg.seed)
+    return Path(folder)
 

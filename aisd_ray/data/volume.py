@@ -306,33 +306,55 @@ def read_volume(path: str | Path, case_id: str | None = None) -> Volume:
     raise VolumeError(f"{path}: neither a DICOM series folder nor a .nii/.nii.gz file")
 
 
-def read_labels(path: str | Path, like: Volume) -> np.ndarray:
-    """A label NIfTI as (Z, Y, X) uint8 in ``like``'s canonical orientation (it may be stored in
-    another). Its grid in space must be ``like``'s: same shape, spacing (relative tolerance 1e-3),
-    direction (1e-3) and origin (1% of a voxel); labels whole numbers 0..255. Raises VolumeError
-    naming the file otherwise."""
+@dataclass(frozen=True, eq=False)
+class LabelVolume:
+    """A label NIfTI in the canonical orientation: ``labels`` (Z, Y, X) uint8, ``spacing`` (z, y, x)
+    mm, ``geometry`` its canonical grid."""
+
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+    geometry: Geometry
+
+
+def read_label_volume(path: str | Path) -> LabelVolume:
+    """A label NIfTI (``.nii``/``.nii.gz``, any storage order) in the canonical orientation; whole
+    numbers 0..255. Raises VolumeError naming the file otherwise."""
     path = Path(path)
     if not is_nifti(path):
         raise VolumeError(f"{path}: not a .nii/.nii.gz label file" if path.exists() else f"{path}: not found")
     canonical = sitk.DICOMOrient(_read_nifti_image(path), CANONICAL)
     labels = sitk.GetArrayFromImage(canonical)
-    spacing = tuple(canonical.GetSpacing()[::-1])
-    target = like.canonical_geometry
-    if labels.shape != like.hu.shape:
-        raise VolumeError(f"{path}: labels are {labels.shape} (Z, Y, X) but case {like.case_id} is {like.hu.shape}")
-    if not np.allclose(spacing, like.spacing, rtol=1e-3, atol=0):
-        raise VolumeError(f"{path}: spacing {tuple(round(s, 4) for s in spacing)} mm differs from case "
-                          f"{like.case_id}'s {tuple(round(s, 4) for s in like.spacing)} mm")
-    if not np.allclose(canonical.GetDirection(), target.direction, atol=1e-3):
-        raise VolumeError(f"{path}: orientation differs from case {like.case_id}'s")
-    if not np.allclose(canonical.GetOrigin(), target.origin, atol=0.01 * min(like.spacing)):
-        raise VolumeError(f"{path}: origin {tuple(round(v, 2) for v in canonical.GetOrigin())} mm differs from case "
-                          f"{like.case_id}'s {tuple(round(v, 2) for v in target.origin)} mm")
     if labels.dtype.kind == "f" and not np.all(labels == np.round(labels)):
         raise VolumeError(f"{path}: non-integer label values (e.g. {labels[labels != np.round(labels)].flat[0]:g})")
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise VolumeError(f"{path}: label values {labels.min():g}..{labels.max():g}; whole numbers 0..255 expected")
-    return labels.astype(np.uint8)
+    return LabelVolume(labels.astype(np.uint8), tuple(float(v) for v in canonical.GetSpacing()[::-1]),
+                       Geometry.of(canonical))
+
+
+def check_same_grid(path: Path, found: LabelVolume, shape: tuple[int, ...], spacing, geometry: Geometry,
+                    name: str) -> None:
+    """VolumeError naming ``path`` unless ``found`` lies on the grid of ``name`` (shape, spacing to a
+    relative 1e-3, direction to 1e-3, origin to 1% of a voxel)."""
+    if found.labels.shape != tuple(shape):
+        raise VolumeError(f"{path}: labels are {found.labels.shape} (Z, Y, X) but {name} is {tuple(shape)}")
+    if not np.allclose(found.spacing, spacing, rtol=1e-3, atol=0):
+        raise VolumeError(f"{path}: spacing {tuple(round(s, 4) for s in found.spacing)} mm differs from {name}'s "
+                          f"{tuple(round(s, 4) for s in spacing)} mm")
+    if not np.allclose(found.geometry.direction, geometry.direction, atol=1e-3):
+        raise VolumeError(f"{path}: orientation differs from {name}'s")
+    if not np.allclose(found.geometry.origin, geometry.origin, atol=0.01 * min(spacing)):
+        raise VolumeError(f"{path}: origin {tuple(round(v, 2) for v in found.geometry.origin)} mm differs from "
+                          f"{name}'s {tuple(round(v, 2) for v in geometry.origin)} mm")
+
+
+def read_labels(path: str | Path, like: Volume) -> np.ndarray:
+    """A label NIfTI as (Z, Y, X) uint8 in ``like``'s canonical orientation (it may be stored in
+    another). Its grid in space must be ``like``'s (``check_same_grid``); labels whole numbers
+    0..255. Raises VolumeError naming the file otherwise."""
+    found = read_label_volume(path)
+    check_same_grid(Path(path), found, like.hu.shape, like.spacing, like.canonical_geometry, f"case {like.case_id}")
+    return found.labels
 
 
 def to_input_geometry(volume: Volume, array: np.ndarray) -> sitk.Image:

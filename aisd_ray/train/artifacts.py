@@ -18,7 +18,6 @@ waits for the last one.
 
 from __future__ import annotations
 
-import csv
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -122,8 +121,4 @@ class Artifacts:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _write_csv(self, history: list[dict[str, float]]) -> None:
-        keys = list(dict.fromkeys(k for row in history for k in row))
-        with open(self.folder / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
+        storage.write_csv(str(self.folder / "history.csv"), history)

@@ -165,7 +165,8 @@ def test_os_metadata_in_a_release_is_skipped_and_counted(tmp_path, caplog, as_zi
     clean, mac = (read_release(tmp_path / k, data, 64, 64, 3) for k in ("clean", "mac"))
     assert mac.metadata_skipped == added == 2 * (4 * 3 + 3)
     assert mac.cases == clean.cases and mac.unpaired == clean.unpaired == [f"{cases[0]}/3 (mask only)"]
-    assert {s: [r.name for r in v] for s, v in mac.refs.items()} == {s: [r.name for r in v] for s, v in clean.refs.items()}
+    names = {s: [r.name for r in v] for s, v in clean.refs.items()}
+    assert {s: [r.name for r in v] for s, v in mac.refs.items()} == names
     assert "15 OS metadata file(s) skipped" in caplog.text
 
 
@@ -197,7 +198,8 @@ def test_a_padded_id_that_collides_with_an_existing_case_names_both(tmp_path):
     (tmp_path / "image" / OFFICIAL[0]).rename(tmp_path / "image" / "0072723")  # another case under its ID
     with pytest.raises(DataError) as err:
         read_release(tmp_path, tiny_config().data, 64, 64, 3)
-    assert f"{tmp_path / 'image' / '0072723'} and {tmp_path / 'image' / '72723'} are both case 0072723" in str(err.value)
+    both = f"{tmp_path / 'image' / '0072723'} and {tmp_path / 'image' / '72723'} are both case 0072723"
+    assert both in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["0072723 (copy)", "patient_12", "00072723"])
@@ -206,7 +208,8 @@ def test_a_folder_of_slices_that_is_not_a_case_is_named(tmp_path, name):
     (tmp_path / "image" / OTHERS[1]).rename(tmp_path / "image" / name)
     with pytest.raises(DataError) as err:
         read_release(tmp_path, tiny_config().data, 64, 64, 3)
-    assert f"hold slices but are not named by a 7-digit case ID: {tmp_path / 'image' / name} (2 slices)" in str(err.value)
+    named = f"hold slices but are not named by a 7-digit case ID: {tmp_path / 'image' / name} (2 slices)"
+    assert named in str(err.value)
 
 
 def test_official_test_cases_a_release_lacks_are_reported_and_recorded(release, store, tmp_path, caplog):

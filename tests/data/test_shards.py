@@ -194,7 +194,8 @@ def test_prepare_rewrites_a_store_whose_shard_is_damaged(synthetic_root, tmp_pat
     assert f"{victim}: shard" in caplog.text and "rewriting the store" in caplog.text
     store = shards.ShardStore.open(out, cfg)  # what train checks first: every shard's size and SHA-256
     assert again["fingerprint"] == first["fingerprint"]
-    assert {s: e["records"] for s, e in again["splits"].items()} == {s: e["records"] for s, e in first["splits"].items()}
+    records = {s: e["records"] for s, e in first["splits"].items()}
+    assert {s: e["records"] for s, e in again["splits"].items()} == records
     assert store.manifest == again
     listed = {s["name"] for e in again["splits"].values() for s in e["shards"]}
     assert {p.relative_to(tmp_path / "store").as_posix() for p in (tmp_path / "store").rglob("*.*")} == (

@@ -1,0 +1,230 @@
+"""``prepare`` from CT volumes: nnU-Net's raw dataset layout, or a folder of DICOM series cases.
+
+Two layouts are recognised by their shape:
+
+- **nnU-Net v2 raw dataset**: ``dataset.json`` (its ``labels`` and ``channel_names``),
+  ``imagesTr/<case>_0000.nii.gz`` with ``labelsTr/<case>.nii.gz``, and ``imagesTs/`` with
+  ``labelsTs/`` (the test split; a test image without labels is skipped and reported). One CT
+  channel (``_0000``) is read; more channels are refused by name.
+- **DICOM cases**: one folder per case holding its DICOM series, and ``labels/<case>.nii.gz``
+  beside them (a label volume in the series' geometry). Cases named in ``data.test_cases`` are the
+  test split.
+
+The training cases are split into train and valid by patient (``data.valid_fraction``,
+``data.split_seed``), as the raw AISD release is. Each volume is read once (``volume.py``: HU,
+spacing, canonical axial orientation), its slices windowed (``data.windows``) and resized to the
+model size, and kept in a temporary folder while the shards are written; a case whose labels do
+not match its image's geometry, or hold a class id the model lacks, is named before anything is
+written. The manifest's ``source.geometry`` gives each case's shape, spacing (mm) and model-size
+spacing, so that evaluation reports volumes in mL and distances in mm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aisd_ray.config import DataConfig
+from aisd_ray.data import volume
+from aisd_ray.data.layout import DataError, Sample, SliceRef, is_metadata
+from aisd_ray.data.raw import split_cases
+from aisd_ray.data.windows import InPlane
+from aisd_ray.progress import progress_bar
+
+log = logging.getLogger(__name__)
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+def volume_layout(root: str | Path) -> str | None:
+    """"nnunet", "dicom" or None (not a volume source)."""
+    root = Path(root)
+    if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+        return "nnunet"
+    if (root / "labels").is_dir() and any(volume.is_dicom_series(p) for p in root.iterdir() if p.is_dir()
+                                          and p.name != "labels" and not is_metadata(p.name)):
+        return "dicom"
+    return None
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: Path
+    labels: Path | None
+
+
+def _strip(name: str) -> str:
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+def _nnunet_side(root: Path, images: str, labels: str) -> tuple[list[Case], list[str]]:
+    """The cases of imagesTr/labelsTr (or Ts); image files without labels, by name."""
+    folder = root / images
+    if not folder.is_dir():
+        return [], []
+    cases, unlabelled = [], []
+    for path in sorted(p for p in folder.iterdir() if not is_metadata(p.name) and p.name.endswith(NIFTI_ENDINGS)):
+        stem = _strip(path.name)
+        case, _, channel = stem.rpartition("_")
+        if not case or not (len(channel) == 4 and channel.isdigit()):
+            raise DataError(f"{path}: not named <case>_<4-digit channel>.nii.gz, as nnU-Net's {images}/ is")
+        if channel != "0000":
+            raise DataError(f"{path}: channel {channel}: one CT channel (_0000) is read; this dataset has more")
+        label = next((root / labels / f"{case}{e}" for e in NIFTI_ENDINGS if (root / labels / f"{case}{e}").is_file()),
+                     None)
+        if label is None:
+            unlabelled.append(case)
+        else:
+            cases.append(Case(case, path, label))
+    return cases, unlabelled
+
+
+def _dataset_json(root: Path, data: DataConfig, num_classes: int) -> dict[str, Any]:
+    where = root / "dataset.json"
+    try:
+        info = json.loads(where.read_text())
+        labels = info["labels"]
+        channels = info.get("channel_names", {"0": "CT"})
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{where}: not an nnU-Net dataset.json (a JSON object with 'labels')") from None
+    if len(channels) != 1:
+        raise DataError(f"{where}: {len(channels)} channels {channels}: one CT channel is read")
+    ids = sorted(int(v) for v in labels.values() if not isinstance(v, list))
+    if ids != list(range(num_classes)):
+        raise DataError(f"{where}: labels {labels} are not the model's {num_classes} classes 0..{num_classes - 1} "
+                        f"({', '.join(data.class_names)})")
+    return info
+
+
+def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int) -> tuple[dict[str, list[Case]], dict]:
+    """Cases per split and what the manifest says of the source."""
+    root = Path(root)
+    kind = volume_layout(root)
+    if kind == "nnunet":
+        _dataset_json(root, data, num_classes)
+        trained, no_labels_tr = _nnunet_side(root, "imagesTr", "labelsTr")
+        tested, no_labels_ts = _nnunet_side(root, "imagesTs", "labelsTs")
+        if no_labels_tr:
+            raise DataError(f"{root / 'labelsTr'}: no labels for {len(no_labels_tr)} training image(s): "
+                            f"{', '.join(no_labels_tr[:5])}")
+        if no_labels_ts:
+            log.warning("%s: %d test image(s) without labels in labelsTs/ are left out of the test split: %s",
+                        root / "imagesTs", len(no_labels_ts), ", ".join(no_labels_ts[:5]))
+        test_ids = {c.case_id for c in tested} | set(data.test_cases)
+        every = trained + tested
+    elif kind == "dicom":
+        every = []
+        for path in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "labels" and not is_metadata(p.name)):
+            label = next((root / "labels" / f"{path.name}{e}" for e in NIFTI_ENDINGS
+                          if (root / "labels" / f"{path.name}{e}").is_file()), None)
+            if label is None:
+                raise DataError(f"{path}: no label volume labels/{path.name}.nii.gz for this case")
+            every.append(Case(path.name, path, label))
+        test_ids = set(data.test_cases)
+    else:
+        raise DataError(f"{root}: not a volume source (nnU-Net's dataset.json with imagesTr/, or DICOM case "
+                        "folders with labels/)")
+    if not every:
+        raise DataError(f"{root}: no cases with labels found")
+    by_id = {c.case_id: c for c in every}
+    splits = split_cases(sorted(by_id), DataConfig(test_cases=tuple(sorted(test_ids)),
+                                                   valid_fraction=data.valid_fraction, split_seed=data.split_seed))
+    return ({s: [by_id[c] for c in ids] for s, ids in splits.items() if ids},
+            {"layout": kind, "root": str(root.resolve()), "cases": splits})
+
+
+@dataclass(frozen=True)
+class LabelReading:
+    """How a volume source's labels are read, for the manifest (as ``masks.SplitMasks.reading``)."""
+
+    reading: str
+
+
+@dataclass
+class VolumeSplits:
+    refs: dict[str, list[SliceRef]]  # each holds the processed slices' folder, removed after the last
+    info: dict[str, Any]
+
+
+def _class_ids(labels: np.ndarray, case: Case, data: DataConfig, num_classes: int) -> np.ndarray:
+    if data.mask_values == "raw_labels":
+        lut = np.asarray(data.raw_label_map, np.uint8)
+        if labels.max(initial=0) >= len(lut):
+            raise DataError(f"{case.labels}: label {int(labels.max())} is not a raw AISD label 0..{len(lut) - 1}")
+        return lut[labels]
+    if labels.max(initial=0) >= num_classes:
+        found = sorted(int(v) for v in np.unique(labels))
+        raise DataError(f"{case.labels}: label values {found[:8]} but the model has classes 0..{num_classes - 1}; "
+                        "label volumes hold class ids (nnU-Net's convention), or set data.mask_values = "
+                        "'raw_labels' for the raw AISD release's 0..5")
+    return labels
+
+
+def _process(case: Case, folder: Path, data: DataConfig, height: int, width: int, channels: int,
+             num_classes: int) -> dict[str, Any]:
+    """Read one case, write its model-size slices (images, labels) as .npy; return its geometry."""
+    vol = volume.read_volume(case.image, case.case_id)
+    labels = _class_ids(volume.read_labels(case.labels, like=vol), case, data, num_classes)
+    z, h, w = vol.hu.shape
+    plane = InPlane(h, w, (vol.spacing[1], vol.spacing[2]), height, width)
+    images = np.stack([plane.to_model(vol.hu[k], data.windows, channels) for k in range(z)])
+    model_labels = np.stack([plane.labels_to_model(labels[k]) for k in range(z)])
+    np.save(folder / f"{case.case_id}_images.npy", images)
+    np.save(folder / f"{case.case_id}_labels.npy", model_labels)
+    return {"shape": [z, h, w], "spacing_mm": [float(s) for s in vol.spacing],
+            "model_spacing_mm": [float(vol.spacing[0]), *map(float, plane.model_spacing)],
+            "kind": vol.kind, "gantry_tilt_deg": round(float(vol.gantry_tilt_deg), 3)}
+
+
+def _load(tmp: tempfile.TemporaryDirectory, case_id: str, k: int, name: str) -> Sample:
+    """One slice at model size. ``tmp``: the processed slices' folder, held by every ref so that it
+    lives until the last ref is dropped."""
+    images = np.load(Path(tmp.name) / f"{case_id}_images.npy", mmap_mode="r")
+    labels = np.load(Path(tmp.name) / f"{case_id}_labels.npy", mmap_mode="r")
+    return Sample(name, np.array(images[k]), np.array(labels[k]), case_id, k)
+
+
+def _load_labels(tmp: tempfile.TemporaryDirectory, case_id: str, k: int) -> np.ndarray:
+    return np.array(np.load(Path(tmp.name) / f"{case_id}_labels.npy", mmap_mode="r")[k])
+
+
+def _stamp(path: Path) -> str:
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def read_volume_source(root: str | Path, data: DataConfig, height: int, width: int, channels: int,
+                       num_classes: int, progress: bool = True) -> VolumeSplits:
+    """Slice refs per split of a volume source; every case read once (a progress bar), its slices
+    kept until this object is dropped. DataError (naming the file) for a case that cannot be used."""
+    cases, info = list_volume_cases(root, data, num_classes)
+    reading = LabelReading("raw_labels" if data.mask_values == "raw_labels" else "class_ids")
+    tmp = tempfile.TemporaryDirectory(prefix="aisd-ray-volumes-")
+    folder = Path(tmp.name)
+    geometry: dict[str, Any] = {}
+    refs: dict[str, list[SliceRef]] = {}
+    bar = progress_bar(total=sum(len(c) for c in cases.values()), desc="read volumes", unit="case", enabled=progress)
+    for split, split_cases_ in cases.items():
+        refs[split] = []
+        for case in split_cases_:
+            geo = geometry[case.case_id] = _process(case, folder, data, height, width, channels, num_classes)
+            stamp = f"{_stamp(case.image)}/{_stamp(case.labels)}"
+            refs[split] += [SliceRef(f"{case.case_id}_{k}", f"{stamp}/{k}",
+                                     partial(_load, tmp, case.case_id, k, f"{case.case_id}_{k}"),
+                                     partial(_load_labels, tmp, case.case_id, k), reading)
+                            for k in range(geo["shape"][0])]
+            bar.update()
+    bar.close()
+    info["geometry"] = geometry
+    info["windows"] = [list(w) for w in data.windows]
+    return VolumeSplits(refs, info)

@@ -1,0 +1,118 @@
+"""prepare from CT volumes: nnU-Net's raw dataset layout and DICOM case folders, into the same
+shards, with each case's geometry in the manifest; bad sources named before anything is written."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from aisd_ray.config import builtin_config, load_config
+from aisd_ray.data import volume
+from aisd_ray.data.layout import DataError
+from aisd_ray.data.prepare import prepare
+from aisd_ray.data.shards import iter_records, record_to_arrays
+from aisd_ray.data.synthetic import synthetic_test_cases, write_synthetic
+from aisd_ray.data.windows import InPlane
+
+
+def _cfg(layout: str, *more: str):
+    cfg = load_config(builtin_config("tiny"), [f"synthetic.layout='{layout}'", "synthetic.num_cases=6",
+                                               "synthetic.num_test_cases=2", "synthetic.size=96",
+                                               "synthetic.slices_per_case=5", *more])
+    cfg.data.test_cases = tuple(synthetic_test_cases(cfg.synthetic))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def nnunet_source(tmp_path_factory):
+    cfg = _cfg("nnunet")
+    return write_synthetic(tmp_path_factory.mktemp("nnunet"), cfg.synthetic, progress=False)
+
+
+def test_an_nnunet_dataset_becomes_shards_split_by_patient_with_each_cases_geometry(nnunet_source, tmp_path):
+    cfg = _cfg("nnunet")
+    cfg.data.source_dir = str(nnunet_source)
+    manifest = prepare(cfg, str(tmp_path / "shards"), progress=False)
+    source = manifest["source"]
+    assert source["layout"] == "nnunet"
+    test = sorted(p.name.removesuffix("_0000.nii.gz") for p in (nnunet_source / "imagesTs").iterdir())
+    assert source["cases"]["test"] == test == sorted(cfg.data.test_cases)
+    assert set(source["cases"]["train"]).isdisjoint(source["cases"]["valid"]) and source["cases"]["valid"]
+    assert {s: e["records"] for s, e in manifest["splits"].items()} == {
+        s: 5 * len(c) for s, c in source["cases"].items() if c}
+    geo = source["geometry"][test[0]]
+    fov = 230.0  # the synthetic field of view: 96 px at 230/96 mm
+    assert geo["shape"] == [5, 96, 96] and geo["spacing_mm"] == pytest.approx([5.0, fov / 96, fov / 96])
+    assert geo["model_spacing_mm"] == pytest.approx([5.0, fov / 64, fov / 64])
+    assert source["windows"] == [[40.0, 80.0]]
+    # a slice in the store is the case's HU slice through the window, resized: nothing else
+    vol = volume.read_volume(nnunet_source / "imagesTs" / f"{test[0]}_0000.nii.gz")
+    want = InPlane(96, 96, vol.spacing[1:], 64, 64).to_model(vol.hu[2], cfg.data.windows, 3)
+    rows = {r["name"]: r for r in iter_records(str(tmp_path / "shards"), manifest, "test")}
+    image, labels = record_to_arrays(rows[f"{test[0]}_2"])
+    assert np.array_equal(image, want)
+    assert rows[f"{test[0]}_2"]["case_id"] == test[0] and rows[f"{test[0]}_2"]["slice_index"] == 2
+    # unchanged source and settings: nothing rewritten; another window: a new store
+    assert prepare(cfg, str(tmp_path / "shards"), progress=False)["fingerprint"] == manifest["fingerprint"]
+    cfg.data.windows = ((35.0, 40.0),)
+    assert prepare(cfg, str(tmp_path / "shards"), progress=False)["fingerprint"] != manifest["fingerprint"]
+
+
+def test_dicom_case_folders_become_shards_too(tmp_path):
+    cfg = _cfg("dicom", "synthetic.num_cases=4", "synthetic.num_test_cases=1")
+    cfg.data.source_dir = str(write_synthetic(tmp_path / "src", cfg.synthetic, progress=False))
+    manifest = prepare(cfg, str(tmp_path / "shards"), progress=False)
+    assert manifest["source"]["layout"] == "dicom"
+    assert manifest["source"]["cases"]["test"] == list(cfg.data.test_cases)
+    assert all(g["kind"] == "dicom" for g in manifest["source"]["geometry"].values())
+    assert manifest["splits"]["train"]["lesion_fraction"] > 0
+
+
+def _copy(src, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(src, root)
+    return root
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "core": 1, "penumbra": 2},
+                                                          "channel_names": {"0": "CT"}})),
+     r"dataset.json: labels .* are not the model's 2 classes"),
+    (lambda r: next((r / "labelsTr").iterdir()).unlink(), r"labelsTr: no labels for 1 training image"),
+    (lambda r: shutil.copy(next((r / "imagesTr").iterdir()), r / "imagesTr" / "1000099_0001.nii.gz"),
+     r"1000099_0001.nii.gz: channel 0001: one CT channel"),
+    (lambda r: shutil.copy(next((r / "imagesTr").iterdir()), r / "imagesTr" / "scan.nii.gz"),
+     r"scan.nii.gz: not named <case>_<4-digit channel>"),
+])
+def test_a_bad_nnunet_dataset_is_named_and_nothing_is_written(nnunet_source, tmp_path, damage, message):
+    root = _copy(nnunet_source, tmp_path)
+    damage(root)
+    cfg = _cfg("nnunet")
+    cfg.data.source_dir = str(root)
+    with pytest.raises(DataError, match=message):
+        prepare(cfg, str(tmp_path / "shards"), progress=False)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_labels_off_the_images_grid_or_with_an_unknown_class_are_named(nnunet_source, tmp_path):
+    import SimpleITK as sitk
+
+    root = _copy(nnunet_source, tmp_path)
+    label = sorted((root / "labelsTr").iterdir())[0]
+    image = sitk.ReadImage(str(label))
+    shifted = sitk.Image(image)
+    shifted.SetOrigin(tuple(o + 10 for o in image.GetOrigin()))
+    sitk.WriteImage(shifted, str(label))
+    cfg = _cfg("nnunet")
+    cfg.data.source_dir = str(root)
+    with pytest.raises(DataError, match=rf"{label.name}: origin .* differs from case"):
+        prepare(cfg, str(tmp_path / "shards"), progress=False)
+    two = sitk.GetArrayFromImage(image)
+    two[two > 0] = 2
+    out = sitk.GetImageFromArray(two)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(label))
+    with pytest.raises(DataError, match=rf"{label.name}: label values \[0, 2\] but the model has classes 0..1"):
+        prepare(cfg, str(tmp_path / "shards"), progress=False)
+    assert not (tmp_path / "shards").exists()

@@ -1,0 +1,160 @@
+"""infer on patients: a DICOM series or a NIfTI file in, a NIfTI mask in the input's geometry and
+the lesion volume in mL out; not-CT input refused by name; no patient data in any output or log."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from aisd_ray.cli import main
+from aisd_ray.data import volume
+from aisd_ray.data.synthetic_volumes import synth_volume, write_dicom_series, write_nifti_case
+from aisd_ray.infer_volumes import infer_volumes
+from aisd_ray.volume_metrics import volume_ml
+
+SPACING = (5.0, 0.9, 0.8)
+
+
+class _Probabilities:
+    def __init__(self, array):
+        self._array = array
+
+    def numpy(self):
+        return self._array
+
+
+class ThresholdModel:
+    """A test double of a loaded export: lesion wherever the first channel is bright, through a
+    window (level 80, width 20) in which only the test lesion's 86 HU is bright."""
+
+    height = width = 64
+    channels = 3
+    windows = [(80.0, 20.0)]
+
+    def predict(self, batch):
+        lesion = (np.asarray(batch)[..., 0] > 127).astype(np.float32)
+        return {"probabilities": _Probabilities(np.stack([1 - lesion, lesion], axis=-1))}
+
+
+def _head_with_block():
+    """(HU (7, 80, 72) int16, truth bool): air, a 36 HU head, an 86 HU block on slices 2..4 (even
+    values: the series is stored with RescaleSlope 2)."""
+    hu = np.full((7, 80, 72), -1000, np.int16)
+    hu[:, 8:72, 6:66] = 36
+    truth = np.zeros(hu.shape, bool)
+    truth[2:5, 20:40, 30:50] = True
+    hu[truth] = 86
+    return hu, truth
+
+
+def _layer_ml(truth) -> float:
+    """One voxel layer around the lesion, in mL: the tolerance of a resize to the model and back."""
+    from scipy import ndimage
+
+    return volume_ml(ndimage.binary_dilation(truth, np.ones((1, 3, 3))) & ~truth, SPACING)
+
+
+@pytest.fixture
+def patient(tmp_path):
+    hu, truth = _head_with_block()
+    series = tmp_path / "in" / "patient-17"
+    write_dicom_series(hu, SPACING, series, "patient-17", patient_name="Doe^Jane", birth_date="19700101",
+                       patient_id="MRN-4452", slope=2, intercept=-1024, seed=3)
+    nifti = write_nifti_case(hu, SPACING, tmp_path / "in" / "scan-17.nii.gz", orientation="RPI")
+    return series, nifti, truth
+
+
+@pytest.mark.parametrize("which", ["dicom", "nifti"])
+def test_a_known_lesion_comes_back_in_the_inputs_geometry_with_its_ml(patient, tmp_path, which):
+    series, nifti, truth = patient
+    source = series if which == "dicom" else nifti
+    out = tmp_path / "out"
+    [summary] = infer_volumes("unused", source, str(out), batch_size=3, progress=False, model=ThresholdModel())
+    case = "patient-17" if which == "dicom" else "scan-17"
+    mask_path = out / f"{case}.nii.gz"
+    written = sitk.ReadImage(str(mask_path))
+    if which == "dicom":
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+        given = reader.Execute()  # ITK's own reading of the series, ordered by position
+    else:
+        given = sitk.ReadImage(str(nifti))
+    assert written.GetSize() == given.GetSize()
+    assert np.allclose(written.GetSpacing(), given.GetSpacing(), rtol=1e-5)
+    assert np.allclose(written.GetOrigin(), given.GetOrigin(), atol=1e-3)
+    assert np.allclose(written.GetDirection(), given.GetDirection(), atol=1e-6)
+    assert written.GetPixelID() == sitk.sitkUInt8
+    # voxel for voxel on the input's grid: the mask over the input's own array is the block
+    labels = volume.read_labels(mask_path, like=volume.read_volume(source))
+    dice = 2 * np.sum((labels > 0) & truth) / (np.sum(labels > 0) + truth.sum())
+    assert dice > 0.9, dice
+    true_ml = volume_ml(truth, SPACING)
+    assert true_ml == pytest.approx(1200 * 5 * 0.9 * 0.8 / 1000)
+    assert abs(summary["lesion_ml"] - true_ml) <= _layer_ml(truth)
+    assert summary["lesion_count"] == 1 and summary["lesions"][0]["slices"] == [2, 4]
+    assert summary["spacing_mm_zyx"] == pytest.approx(list(SPACING))
+    on_disk = json.loads((out / "cases" / case / "summary.json").read_text())
+    assert on_disk["lesion_ml"] == summary["lesion_ml"] and on_disk["input"] == which
+    assert (out / "cases" / case / "preview.png").stat().st_size > 1000
+    assert (out / "cases.csv").read_text().splitlines()[1].startswith(f"{case},{summary['lesion_ml']}")
+
+
+def test_no_patient_data_reaches_an_output_or_a_log(patient, tmp_path, caplog, capsys):
+    series, _, _ = patient
+    out = tmp_path / "out"
+    with caplog.at_level("DEBUG"):
+        infer_volumes("unused", series.parent, str(out), progress=False, model=ThresholdModel(),
+                      probabilities=True)
+    texts = [caplog.text, *capsys.readouterr()]
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            texts.append((gzip.decompress(data) if path.name.endswith(".gz") else data).decode("latin-1"))
+    for secret in ("Doe", "Jane", "19700101", "1970", "MRN-4452"):
+        assert not any(secret in text for text in texts), secret
+    assert (out / "cases" / "patient-17" / "probabilities.nii.gz").is_file()
+
+
+def _series(tmp_path, **kwargs):
+    hu, _, spacing = synth_volume(1, "1000001", 48, 6)
+    return write_dicom_series(hu, spacing, tmp_path / "series", "1000001", seed=1, **kwargs)
+
+
+def _not_ct(tmp_path):
+    import pydicom
+
+    files = _series(tmp_path)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    return tmp_path / "series", r"series: modality MR"
+
+
+def _missing_slice(tmp_path):
+    files = _series(tmp_path)
+    files[3].unlink()
+    return tmp_path / "series", r"series: .*missing slice"
+
+
+def _four_d(tmp_path):
+    from pathlib import Path
+
+    import nibabel
+
+    return Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz", r"example4d.nii.gz: a 4-D NIfTI"
+
+
+@pytest.mark.parametrize("make", [_not_ct, _missing_slice, _four_d])
+def test_input_that_is_not_one_ct_volume_is_one_line_exit_2_and_nothing_written(make, tmp_path, capsys):
+    source, message = make(tmp_path)
+    out = tmp_path / "out"
+    code = main(["infer", "--model", str(tmp_path / "no-export"), "--input", str(source), "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    import re
+
+    assert re.search(message, err[0], re.IGNORECASE), err[0]
+    assert not out.exists()
