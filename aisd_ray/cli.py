@@ -45,25 +45,23 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_synthesize(args) -> None:
-    from aisd_ray.data.synthetic import write_synthetic
+    from aisd_ray import stages
 
     cfg = _config(args)
     s = cfg.synthetic
-    if s.layout != "raw" and (args.cases or args.slices):
-        raise ConfigError(f"{'--cases' if args.cases else '--slices'}: the raw layouts only; layout "
+    if s.layout == "original" and (args.cases or args.slices):
+        raise ConfigError(f"{'--cases' if args.cases else '--slices'}: the per-case layouts only; layout "
                           f"{s.layout!r} writes synthetic.num_train/num_valid/num_test slices")
-    root = write_synthetic(args.output, s, as_zip=args.layout == "raw-zip")
+    root = stages.synthesize(cfg, args.output, as_zip=args.layout == "raw-zip")
     print(f"synthetic AISD-like data ({args.layout or s.layout} layout) written to {root}")
 
 
 def cmd_prepare(args) -> None:
-    from aisd_ray.data.prepare import prepare
+    from aisd_ray import stages
 
     cfg = _config(args)
     out = cfg.data.shards_dir
-    if not out:
-        raise ConfigError("give --output or data.shards_dir")
-    manifest = prepare(cfg, out)
+    manifest = stages.prepare(cfg)
     for split, entry in manifest["splits"].items():
         print(f"{split:<6} {entry['records']:>6} slices  {len(entry['shards']):>3} shards  "
               f"lesion fraction {entry['lesion_fraction']:.4f}")
@@ -93,12 +91,12 @@ def cmd_tune(args) -> None:
     from aisd_ray import track
 
     track.check(cfg)  # so is an MLflow tracker that does not answer
-    from aisd_ray.tune import search
+    from aisd_ray import stages
 
     data = cfg.data.shards_dir
     if not data:
         raise ConfigError("give --data or data.shards_dir (a shard store from `aisd-ray prepare`)")
-    result = search(cfg, data, args.output)
+    result = stages.tune(cfg, data, args.output)
     print(result.table())
     print()
     if result.judged:
@@ -118,35 +116,27 @@ def cmd_export(args) -> None:
 
 def cmd_evaluate(args) -> None:
     if args.predictions:
-        refuse(args, "with --predictions (mask PNGs are scored as they are)",
+        refuse(args, "with --predictions (masks are scored as they are)",
                "model", "data", "split", "batch_size", "no_overlays")
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
-        cfg = _config(args)
-        from aisd_ray.evaluate_volumes import evaluate_nifti_folders, is_nifti_folder
-
-        if is_nifti_folder(args.masks):  # label volumes: nnU-Net's evaluate_folder use, scored in mm
-            report = evaluate_nifti_folders(args.predictions, args.masks, args.output)
-            print(f"case Dice {report['case_dice_mean']:.4f} (mean), HD95 {report['case_hd95_mm_median']:.2f} mm "
-                  f"(median), volume error {report['case_avd_ml_median']:.2f} mL (median), lesion F1 "
-                  f"{report['case_lesion_f1_pooled']:.3f} over {report['cases']} cases")
-            print(f"metrics: {storage.join(args.output, 'metrics.json')}")
-            return
-        from aisd_ray import evaluate  # TensorFlow: after the config is known to be good
-
-        report = evaluate.evaluate_folders(args.predictions, args.masks, cfg.data, args.output)
     else:
         refuse(args, "with --model (the export holds its own config; the batch size is --batch-size)",
                "config", "set", "masks")
         if not (args.model and args.data):
             raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
-        cfg = _config(args)  # the defaults and --batch-size, validated
-        from aisd_ray import evaluate
+    cfg = _config(args)  # the defaults and --batch-size, validated before TensorFlow loads
+    from aisd_ray import stages
 
-        report = evaluate.evaluate_export(args.model, args.data, args.output, args.split or "test",
-                                          cfg.eval.batch_size, overlays=not args.no_overlays)
-    print(f"lesion Dice {report['lesion_dice']:.4f} (pooled), "
-          f"{report['lesion_dice_per_image']:.4f} (per image) over {report['images']} images")
+    report = stages.evaluate(cfg, args.output, model=args.model, shards=args.data, split=args.split or "test",
+                             predictions=args.predictions, masks=args.masks, overlays=not args.no_overlays)
+    if "images" not in report:  # label volumes, scored per case
+        print(f"case Dice {report['case_dice_mean']:.4f} (mean), HD95 {report['case_hd95_mm_median']:.2f} mm "
+              f"(median), volume error {report['case_avd_ml_median']:.2f} mL (median), lesion F1 "
+              f"{report['case_lesion_f1_pooled']:.3f} over {report['cases']} cases")
+    else:
+        print(f"lesion Dice {report['lesion_dice']:.4f} (pooled), "
+              f"{report['lesion_dice_per_image']:.4f} (per image) over {report['images']} images")
     for name in report.get("classes", []):
         print(f"{name} Dice {report[f'{name}_dice']:.4f} (pooled), {report[f'{name}_dice_per_image']:.4f} (per image)")
     print(f"metrics: {storage.join(args.output, 'metrics.json')}")
@@ -179,12 +169,12 @@ def cmd_pipeline(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from aisd_ray import benchmark
+    from aisd_ray import benchmark, stages
     from aisd_ray.quiet import import_tensorflow
 
     import_tensorflow()  # and its start-up chatter out of the report (-v keeps it)
 
-    report = benchmark.run(args.output, tiny=args.tiny, overrides=args.set or (), object_store=args.object_store)
+    report = stages.benchmark(args.output, tiny=args.tiny, overrides=args.set or (), object_store=args.object_store)
     print(benchmark.table(report))
     print(f"figures: {args.output}")
 
@@ -203,14 +193,14 @@ def cmd_gpu_probe(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from aisd_ray import sweep
+    from aisd_ray import stages, sweep
 
     cfg = _config(args)
     plan = sweep.Plan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds,
                       ray_train_seeds=args.ray_train_seeds, ray_workers=args.ray_workers)
     if not plan.synthetic_seeds or not (plan.train_seeds or plan.ray_train_seeds):
         raise ConfigError("give at least one --synthetic-seeds and one --train-seeds or --ray-train-seeds")
-    report = sweep.sweep(cfg, args.output, plan)
+    report = stages.sweep(cfg, args.output, plan)
     print(sweep.table(report))
     print(f"figures: {storage.join(args.output, 'sweep.json')}")
 
@@ -252,15 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p, "demo")
     p.set_defaults(func=cmd_inspect)
 
-    p = add_parser("synthesize", help="write synthetic AISD-like data (the original's tree or the raw release)")
+    p = add_parser("synthesize", help="write synthetic AISD-like data (the original's tree, the raw release, or CT "
+                                      "volumes in HU)")
     add_config(p, "demo")
     p.add_argument("--output", required=True, help="folder to write (AISD/... inside)")
     p.add_argument("--layout", choices=(*SYNTHETIC_LAYOUTS, "raw-zip"),
                    help="original: the original FlexUNet's {train,valid,test}/{images,masks}; raw: the raw "
-                        "release's image/ and mask/ per-case folders; raw-zip: image.zip and mask.zip "
-                        "(default: synthetic.layout)")
-    p.add_argument("--cases", type=int, help="raw layouts: number of cases (default: synthetic.num_cases)")
-    p.add_argument("--slices", type=int, help="raw layouts: slices per case (default: synthetic.slices_per_case)")
+                        "release's image/ and mask/ per-case folders; raw-zip: image.zip and mask.zip; "
+                        "nnunet: HU volumes as an nnU-Net raw dataset (NIfTI); dicom: a DICOM series folder "
+                        "per case and labels/ (default: synthetic.layout)")
+    p.add_argument("--cases", type=int, help="per-case layouts: number of cases (default: synthetic.num_cases)")
+    p.add_argument("--slices", type=int, help="per-case layouts: slices per case (default: "
+                                              "synthetic.slices_per_case)")
     p.set_defaults(func=cmd_synthesize)
 
     p = add_parser("prepare", help="shard AISD slices into TFRecord/Parquet + manifest.json")

@@ -74,7 +74,7 @@ def synthetic_test_cases(args, base: Config, sets: list[str]) -> list[tuple[str,
     cases and no --set gives their number: the override for about the release's share of test
     cases (a fifth, at least 1, fewer than N). ``base``: the config without the flags."""
     layout = {"raw-zip": "raw"}.get(args.layout, args.layout) or base.synthetic.layout
-    if (layout != "raw" or base.synthetic.num_test_cases < args.cases
+    if (layout == "original" or base.synthetic.num_test_cases < args.cases
             or any(item.partition("=")[0].strip() == "synthetic.num_test_cases" for item in sets)):
         return []
     return [(f"synthetic.num_test_cases={min(max(1, args.cases // 5), args.cases - 1)}", f"--cases {args.cases}")]

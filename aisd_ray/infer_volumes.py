@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from aisd_ray import render, storage, volume_metrics
-from aisd_ray.data import volume
+from aisd_ray.data import volume, volume_write
 from aisd_ray.data.windows import InPlane
 from aisd_ray.export import LoadedExport
 from aisd_ray.progress import progress_bar
@@ -132,14 +132,14 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
             vol = volume.read_volume(path, case_id)
             model = model or LoadedExport(export_uri)
             labels, lesion = segment(model, vol, batch_size)
-            volume.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")
+            volume_write.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")
             info = summary(vol, labels, model.windows)
             case_dir = folder / "cases" / case_id
             case_dir.mkdir(parents=True)
             storage.write_json(str(case_dir / "summary.json"), info)
             (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info))
             if probabilities:
-                volume.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
+                volume_write.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
             summaries.append(info)
             bar.update()
         bar.close()

@@ -79,7 +79,7 @@ def test_a_folder_with_quotes_and_spaces_prepares_through_the_flag(synthetic_roo
     (["synthesize", "--config", "tiny", "--output", "{out}", "--layout", "raw", "--cases", "0"],
      "aisd-ray synthesize: error: --cases 0 (on {tiny}): [synthetic] num_cases: must be >= 1, got 0"),
     (["synthesize", "--config", "tiny", "--output", "{out}", "--layout", "original", "--slices", "3"],
-     "aisd-ray synthesize: error: --slices: the raw layouts only; layout 'original' writes "
+     "aisd-ray synthesize: error: --slices: the per-case layouts only; layout 'original' writes "
      "synthetic.num_train/num_valid/num_test slices"),
     (["infer", "--model", "m", "--images", "i", "--output", "{out}", "--batch-size", "0"],
      "aisd-ray infer: error: --batch-size 0 (on <defaults>): [eval] batch_size: must be >= 1, got 0"),
@@ -91,7 +91,7 @@ def test_a_folder_with_quotes_and_spaces_prepares_through_the_flag(synthetic_roo
      "the batch size is --batch-size)"),
     (["evaluate", "--predictions", "p", "--masks", "m", "--split", "valid", "--batch-size", "2", "--no-overlays",
       "--output", "{out}"],
-     "aisd-ray evaluate: error: --split, --batch-size, --no-overlays: not used with --predictions (mask PNGs are "
+     "aisd-ray evaluate: error: --split, --batch-size, --no-overlays: not used with --predictions (masks are "
      "scored as they are)"),
 ])
 def test_an_option_the_command_would_ignore_or_a_bad_flag_value_is_refused(tmp_path, capsys, args, line):

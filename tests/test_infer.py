@@ -60,7 +60,7 @@ def test_a_real_export_segments_a_dicom_series_and_a_nifti_and_evaluate_scores_t
     import SimpleITK as sitk
 
     from aisd_ray.cli import main
-    from aisd_ray.data import volume
+    from aisd_ray.data import volume, volume_write
     from aisd_ray.data.synthetic_volumes import synth_volume, write_dicom_series, write_nifti_case
 
     hu, truth, spacing = synth_volume(7, "1000002", 80, 6)
@@ -68,7 +68,7 @@ def test_a_real_export_segments_a_dicom_series_and_a_nifti_and_evaluate_scores_t
     write_dicom_series(hu, spacing, patients / "1000002", "1000002", seed=7)
     write_nifti_case(hu, spacing, patients / "1000003.nii.gz")
     for case, given in (("1000002", patients / "1000002"), ("1000003", patients / "1000003.nii.gz")):
-        volume.write_nifti(volume.read_volume(given), truth, labels / f"{case}.nii.gz")
+        volume_write.write_nifti(volume.read_volume(given), truth, labels / f"{case}.nii.gz")
     out = tmp_path / "out"
     assert main(["infer", "--model", trained_run[3], "--input", str(patients), "--output", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -29,7 +29,8 @@ from pydicom.valuerep import DS
 
 from aisd_ray.config import SyntheticConfig
 from aisd_ray.data.synthetic import Head, Lesion, _smooth_noise
-from aisd_ray.data.volume import read_volume, write_image, write_nifti
+from aisd_ray.data.volume import read_volume
+from aisd_ray.data.volume_write import write_image, write_nifti
 from aisd_ray.progress import progress_bar
 
 FIELD_OF_VIEW_MM = 230.0  # 512 px at 0.45 mm, as AISD's series
@@ -279,7 +280,7 @@ def write_dicom_cases(out_dir: str | Path, seed: int, case_ids: list[str], size:
                       **series: object) -> Path:
     """Write ``out_dir/<case>/`` (one CT series folder per case, ``write_dicom_series``; ``series``
     passes slope, intercept, tilt_deg, shuffle on) and ``out_dir/labels/<case>.nii.gz`` (0/1, in the
-    series' own geometry, as ``volume.write_nifti`` writes masks). Returns ``out_dir``."""
+    series' own geometry, as ``volume_write.write_nifti`` writes masks). Returns ``out_dir``."""
     out = Path(out_dir)
     for case in progress_bar(case_ids, desc="synthesize DICOM", unit="case", enabled=progress):
         hu, mask, spacing = synth_volume(seed, case, size, slices, lesion_hu, noise_hu)

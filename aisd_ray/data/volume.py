@@ -9,21 +9,20 @@ ImagePositionPatient along the slice normal, never from file names or InstanceNu
 
 Canonical orientation: ``Volume.hu`` is (Z, Y, X) with z running inferior to superior, y anterior to
 posterior, x patient right to left (``DICOMOrient(image, "LPS")``: the radiological display of an
-axial slice). ``to_input_geometry`` and ``write_nifti`` put a canonical array back into the input's
-exact grid, so a mask written for a case overlays its original series.
+axial slice). ``volume_write`` puts a canonical array back into the input's exact grid, so a mask
+written for a case overlays its original series.
 
 Gantry tilt: a tilted series' slices are sheared, not rotated: each slice's pixels stay as scanned;
 the z spacing is the distance between slices along their normal, so base area x perpendicular height
 (``Volume.voxel_ml``) keeps volumes in mL right; ``gantry_tilt_deg`` records the angle.
 
 Privacy: header values other than geometry, Modality and UIDs are never kept; a ``Volume``, its
-messages and what ``write_nifti`` writes carry only the case ID and the geometry.
+messages and what ``volume_write`` writes carry only the case ID and the geometry.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 CANONICAL = "LPS"
 AXIAL_LIMIT_DEG = 45.0  # a slice normal farther than this from the patient's z axis is not axial
 GAP_FACTOR = 1.5  # a step between neighbouring slices over this x the median step is a missing slice
-HEADER_NOTE = "aisd-ray"  # what a written NIfTI's descrip field says
 NON_DICOM_SUFFIXES = (".nii", ".gz", ".json", ".png", ".jpg", ".txt", ".csv", ".zip", ".md", ".xml")
 
 
@@ -355,54 +353,6 @@ def read_labels(path: str | Path, like: Volume) -> np.ndarray:
     found = read_label_volume(path)
     check_same_grid(Path(path), found, like.hu.shape, like.spacing, like.canonical_geometry, f"case {like.case_id}")
     return found.labels
-
-
-def to_input_geometry(volume: Volume, array: np.ndarray) -> sitk.Image:
-    """A canonical (Z, Y, X) array (``volume.hu``'s shape; bool becomes uint8) as an image with the
-    input's exact size, spacing, origin and direction. Raises VolumeError for another shape."""
-    array = np.asarray(array)
-    if array.shape != volume.hu.shape:
-        raise VolumeError(f"case {volume.case_id}: array {array.shape} does not match the volume's "
-                          f"{volume.hu.shape} (Z, Y, X)")
-    image = volume.canonical_geometry.apply(sitk.GetImageFromArray(array.astype(np.uint8) if array.dtype == bool
-                                                                  else array))
-    image = sitk.DICOMOrient(image, volume.input_geometry.code)
-    if image.GetSize() != volume.input_geometry.size:
-        raise VolumeError(f"case {volume.case_id}: reorientation gave {image.GetSize()}, not the input's "
-                          f"{volume.input_geometry.size}")
-    return volume.input_geometry.apply(image)  # the input's values exactly, no rounding through reorientation
-
-
-def write_image(image: sitk.Image, path: str | Path) -> Path:
-    """Write an image atomically (a temporary name in the same folder, then ``os.replace``), with
-    ``descrip`` set to "aisd-ray" and no other text. The suffix (``.nii.gz``) picks the format."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name[:-len(suffix)]}.{os.getpid()}.tmp{suffix}")
-    clean = sitk.Image(image)
-    for key in clean.GetMetaDataKeys():
-        clean.EraseMetaData(key)
-    clean.SetMetaData("ITK_FileNotes", HEADER_NOTE)
-    try:
-        sitk.WriteImage(clean, str(tmp), useCompression=suffix == ".nii.gz")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_nifti(volume: Volume, array: np.ndarray, path: str | Path) -> Path:
-    """Write a canonical (Z, Y, X) array in ``volume``'s input geometry as ``.nii.gz`` (or ``.nii``),
-    atomically. uint8 labels stay uint8, float32 stays float32 (float64 becomes float32, bool uint8).
-    Raises VolumeError for another suffix or shape."""
-    path = Path(path)
-    if not path.name.lower().endswith((".nii.gz", ".nii")):
-        raise VolumeError(f"{path}: a NIfTI name (.nii.gz) expected")
-    array = np.asarray(array)
-    array = array.astype(np.float32) if array.dtype == np.float64 else array
-    return write_image(to_input_geometry(volume, array), path)
 
 
 def list_cases(folder: str | Path) -> dict[str, Path]:

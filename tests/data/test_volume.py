@@ -18,7 +18,8 @@ from pydicom.uid import generate_uid
 from aisd_ray.data import volume as vol
 from aisd_ray.data.layout import DataError
 from aisd_ray.data.synthetic_volumes import synth_volume, write_dicom_series, write_nifti_case
-from aisd_ray.data.volume import VolumeError, list_cases, read_labels, read_volume, to_input_geometry, write_nifti
+from aisd_ray.data.volume import VolumeError, list_cases, read_labels, read_volume
+from aisd_ray.data.volume_write import to_input_geometry, write_image, write_nifti
 
 SIZE, SLICES = 64, 8
 
@@ -243,7 +244,7 @@ def test_read_labels_refuses_another_grid_or_bad_values(tmp_path, case):
     c, s = np.cos(np.radians(7)), np.sin(np.radians(7))
     tilted.SetDirection(tuple((np.asarray(tilted.GetDirection()).reshape(3, 3) @ [[1, 0, 0], [0, c, -s], [0, s, c]])
                               .ravel()))
-    tilted = vol.write_image(tilted, tmp_path / "tilted.nii.gz")
+    tilted = write_image(tilted, tmp_path / "tilted.nii.gz")
     bad = {
         "shape": (write_nifti_case(labels[1:], spacing, tmp_path / "shape.nii.gz"), r"labels are \(7, 64, 64\)"),
         "spacing": (write_nifti_case(labels, (4.0,) + spacing[1:], tmp_path / "sp.nii.gz"), r"spacing \(4\.0"),

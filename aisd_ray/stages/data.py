@@ -1,0 +1,68 @@
+"""synthesize and prepare: a source in, a shard store out; and the demo's synthetic source."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aisd_ray import storage
+from aisd_ray.config import VOLUME_LAYOUTS, Config, ConfigError
+from aisd_ray.data.prepare import prepare as prepare_store
+
+log = logging.getLogger(__name__)
+
+
+def synthesize(cfg: Config, output: str, as_zip: bool = False, progress: bool = True) -> Path:
+    """Write ``synthetic.layout`` under ``output``; return the folder ``prepare`` takes. ``as_zip``:
+    the raw layout as ``image.zip``/``mask.zip``."""
+    from aisd_ray.data.synthetic import write_synthetic
+
+    return write_synthetic(output, cfg.synthetic, as_zip=as_zip, progress=progress)
+
+
+def prepare(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """``data.source_dir`` (or ``data.split_dirs``) into the shard store ``data.shards_dir``; its manifest."""
+    if not cfg.data.shards_dir:
+        raise ConfigError("give --output or data.shards_dir")
+    return prepare_store(cfg, cfg.data.shards_dir, progress=progress)
+
+
+# where each synthetic layout's source lies under the demo's source folder
+_SYNTHETIC_FOLDERS = {"raw": "release", "original": "AISD", "nnunet": "Dataset001_AISDSynthetic", "dicom": "dicom"}
+
+
+def synthetic_source(cfg: Config, root: str, progress: bool) -> tuple[Path, Path]:
+    """The demo's synthetic AISD-like source (``synthetic.layout``), written once per [synthetic]
+    settings, and what its last stage segments: one test patient's slices (raw layout), the test
+    images (original layout), or one test patient as a DICOM series (volume layouts). Source files
+    are local input: in ``root`` for a folder, in a temp folder when the outputs go to gs://."""
+    from aisd_ray.data.synthetic import synthetic_case_ids, synthetic_test_cases, write_synthetic
+
+    wanted = json.dumps(cfg.to_dict()["synthetic"], sort_keys=True)
+    if storage.is_local(root):
+        source = Path(storage.resolve(root)[1]) / "source"
+    else:
+        digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
+        source = Path(tempfile.gettempdir()) / f"aisd-ray-synthetic-{digest}"
+    marker = source / "synthetic.json"
+    layout = cfg.synthetic.layout
+    patient = synthetic_test_cases(cfg.synthetic)[:1] or synthetic_case_ids(cfg.synthetic)[:1]
+    infer_input = {"raw": source / "release" / "image" / synthetic_case_ids(cfg.synthetic)[0],
+                   "original": source / "AISD" / "test" / "images"}.get(layout, source / "patient" / patient[0])
+    if not (marker.is_file() and marker.read_text() == wanted):
+        log.info("writing synthetic AISD-like %s (%s layout) to %s", "slices" if layout == "original" else "cases",
+                 layout, source)
+        if source.exists():
+            shutil.rmtree(source)  # another [synthetic] setting's files must not mix in
+        write_synthetic(source / "release" if layout == "raw" else source, cfg.synthetic, progress=progress)
+        if layout in VOLUME_LAYOUTS:  # the patient the last stage segments, as a scanner gives it
+            from aisd_ray.data import synthetic_volumes
+
+            synthetic_volumes.write_patient_series(infer_input, cfg.synthetic, patient[0])
+        marker.write_text(wanted)
+    return source / _SYNTHETIC_FOLDERS[layout], infer_input

@@ -1,0 +1,61 @@
+"""evaluate and infer: an export (or predictions) scored against ground truth, and new images or
+CT patients segmented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aisd_ray import storage
+from aisd_ray.config import Config
+from aisd_ray.stages.run import on_node
+
+
+def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | None = None, split: str = "test",
+             predictions: str | None = None, masks: str | None = None, overlays: bool = True,
+             progress: bool = True) -> dict[str, Any]:
+    """Score an export on a split of a shard store (``model``, ``shards``), or predictions against
+    ground truth without a model (``predictions``, ``masks``: mask PNGs, or NIfTI label volumes
+    scored per case in mm and mL); write metrics.json and its companions under ``output``."""
+    if predictions:
+        from aisd_ray.evaluate_volumes import evaluate_nifti_folders, is_nifti_folder
+
+        if is_nifti_folder(masks):
+            return evaluate_nifti_folders(predictions, masks, output, progress=progress)
+        from aisd_ray import evaluate as scoring
+
+        return scoring.evaluate_folders(predictions, masks, cfg.data, output, progress=progress)
+    from aisd_ray import evaluate as scoring
+
+    return scoring.evaluate_export(model, shards, output, split, cfg.eval.batch_size, progress=progress,
+                                   overlays=overlays)
+
+
+@dataclass
+class Inferred:
+    """What ``infer`` wrote: mask file names (images) or per-case summaries (CT patients)."""
+
+    output: str
+    written: list[str] = field(default_factory=list)
+    cases: list[dict[str, Any]] = field(default_factory=list)
+
+
+def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool = True) -> Inferred:
+    """Segment ``infer.images_dir`` into ``infer.output_dir`` with an export: CT patients (a DICOM
+    series folder, a NIfTI file, or a folder of them) give NIfTI masks in the scan's geometry with
+    lesion volumes (``infer_volumes``); a folder of images gives mask PNGs (``infer``). With
+    ``on_worker``, as a Ray task on a training node."""
+    from aisd_ray.infer_volumes import is_volume_input
+
+    source, out = cfg.infer.images_dir, storage.absolute(cfg.infer.output_dir)
+    if storage.is_local(source) and is_volume_input(source):
+        from aisd_ray.infer_volumes import infer_volumes
+
+        cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
+                     cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker)
+        return Inferred(out, cases=cases)
+    from aisd_ray.infer import infer_folder
+
+    written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,
+                   cfg.eval.batch_size, overlays=cfg.infer.overlays, progress=progress and not on_worker)
+    return Inferred(out, written=written)
