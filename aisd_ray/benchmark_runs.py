@@ -38,7 +38,7 @@ def train_run(cfg: Config, store: str, root: Path, backend: str, workers: int, e
     cfg.train.epoch_change_infer = False
     cfg.run.name = f"{backend}-{workers}-{cfg.train.mixed_precision}-{int(cfg.train.jit_compile)}"
     out = root / "runs"
-    storage.delete(str(out / cfg.run.name))
+    storage.delete(stages.run_uri(cfg, str(out)))
     return stages.train(cfg, store, str(out))
 
 

@@ -14,7 +14,7 @@ from aisd_ray import storage  # noqa: E402
 from aisd_ray.config import BACKENDS, SYNTHETIC_LAYOUTS, ConfigError, builtin_config, load_config  # noqa: E402
 from aisd_ray.data.layout import DataError  # noqa: E402
 from aisd_ray.flags import add_config, add_run_options, flag_overrides, refuse, seeds, synthetic_test_cases  # noqa: E402
-from aisd_ray.quiet import quiet_tensorflow_import  # noqa: E402
+from aisd_ray.quiet import LOG_DATEFMT, LOG_FORMAT, quiet_tensorflow_import  # noqa: E402
 from aisd_ray.train import TrainingFailed  # noqa: E402
 
 log = logging.getLogger("aisd_ray")
@@ -377,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_tensorflow_import(quiet=level != logging.DEBUG)
     if not sys.stdout.isatty():  # job logs, files, kubectl logs: Ray's worker-line prefixes without colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    logging.basicConfig(level=level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
     if level != logging.DEBUG:  # "Assets written to ..." on every export, and the like
         logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:

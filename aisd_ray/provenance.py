@@ -10,11 +10,12 @@ import hashlib
 import os
 import platform
 import subprocess
-import time
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from aisd_ray import storage
 
 PACKAGES = ("aisd-ray", "tensorflow", "keras", "ray", "numpy", "pyarrow", "google-cloud-storage")
 
@@ -56,7 +57,7 @@ def machine() -> dict[str, Any]:
 
 
 def facts(config_toml: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    out: dict[str, Any] = {"created": storage.utc_now(),
                            "packages": {name: _version(name) for name in PACKAGES},
                            "git_commit": git_commit(), "machine": machine()}
     if config_toml is not None:

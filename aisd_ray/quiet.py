@@ -23,6 +23,8 @@ import importlib.abc
 import os
 import sys
 
+# One log line format for the driver and the training workers: "15:06:10 INFO aisd_ray.x: message".
+LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
 VERBOSE_ENV = "AISD_RAY_VERBOSE"  # "1": keep the chatter (set by -v; Ray workers inherit it)
 
 

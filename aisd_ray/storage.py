@@ -115,12 +115,6 @@ def check_reachable(uri: str) -> None:
         raise StorageError(f"{uri}: {explain(exc) or exc}") from None
 
 
-def gcs_filesystem() -> pafs.GcsFileSystem:
-    """Google Cloud Storage with application default credentials, or the emulator named by
-    ``STORAGE_EMULATOR_HOST`` (the variable google-cloud-storage reads too)."""
-    return _gcs(*(os.environ.get(k) for k in GCS_ENV))
-
-
 def absolute(uri: str) -> str:
     """A local path made absolute (Ray workers run in another directory); URIs unchanged."""
     return os.path.abspath(uri.removeprefix("file://")) if is_local(uri) else uri
@@ -180,6 +174,12 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode())
+
+
+def utc_now() -> str:
+    """Now as ISO 8601 UTC to the second (``2026-11-30T15:06:10Z``): how manifests, markers and
+    provenance stamp the time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def json_safe(value: Any) -> Any:
@@ -330,7 +330,7 @@ def staged_dir(uri: str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     try:
         yield tmp
-        marker = json.dumps({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        marker = json.dumps({"completed_at": utc_now()})
         if local:
             (tmp / COMPLETE).write_text(marker)
             if os.path.exists(path):

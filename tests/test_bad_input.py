@@ -315,7 +315,7 @@ def test_a_checkpoint_copied_half_way_is_not_taken(trained_run, tmp_path, capsys
     Path(latest, ckpt.WEIGHTS).write_bytes(Path(latest, ckpt.WEIGHTS).read_bytes()[:1000])  # a short copy
     assert latest not in [uri for uri, _ in ckpt.list_checkpoints(str(run))]
     for folder in run.glob("checkpoint_*"):
-        (folder / ckpt.COMPLETE).unlink(missing_ok=True)  # no checkpoint finished copying
+        (folder / ckpt.CHECKPOINT_INFO).unlink(missing_ok=True)  # no checkpoint finished copying
     assert main(["export", "--run", str(run)]) == 2
     assert f"{run}: no checkpoints found" in one_error_line(capsys)
 

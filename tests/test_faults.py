@@ -139,7 +139,7 @@ def _gcs_checkpoints(host: str, prefix: str) -> list[int]:
 
     client = gcs.Client(project="aisd-ray-test", client_options={"api_endpoint": host})
     names = [b.name for b in client.list_blobs("aisd", prefix=prefix)]
-    return sorted(int(n.split("checkpoint_")[1][:6]) for n in names if n.endswith(ckpt.COMPLETE))
+    return sorted(int(n.split("checkpoint_")[1][:6]) for n in names if n.endswith(ckpt.CHECKPOINT_INFO))
 
 
 def test_storage_going_away_mid_run_fails_with_one_line_and_a_rerun_resumes(gcs_emulator, synthetic_root):

@@ -22,6 +22,7 @@ from aisd_ray.config.schema import (
     ROW_ENCODINGS,
     SEARCHABLE,
     SHARD_FORMATS,
+    SPLITS,
     SYNTHETIC_LAYOUTS,
     VOLUME_LAYOUTS,
     WHOLE_NUMBER_KEYS,
@@ -42,7 +43,7 @@ from aisd_ray.config.space import apply_params
 __all__ = [
     "AISD_TEST_CASES", "BACKENDS", "CONFIG_DIR", "DISTRIBUTIONS", "LOSSES", "LR_SCHEDULES", "MASK_VALUES",
     "ON_COLLAPSE", "PLACEMENT_STRATEGIES", "PRECISIONS", "READERS", "ROW_ENCODINGS", "SEARCHABLE",
-    "SHARD_FORMATS", "SYNTHETIC_LAYOUTS", "VOLUME_LAYOUTS", "WHOLE_NUMBER_KEYS",
+    "SHARD_FORMATS", "SPLITS", "SYNTHETIC_LAYOUTS", "VOLUME_LAYOUTS", "WHOLE_NUMBER_KEYS",
     "AugmentConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "InferConfig", "ModelConfig",
     "RunConfig", "SyntheticConfig", "TrainConfig", "TuneConfig",
     "Override", "apply_params", "builtin_config", "complete", "config_from_dict", "load_config", "validate",

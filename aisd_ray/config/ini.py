@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aisd_ray.config.coerce import set_value
-from aisd_ray.config.schema import Config, ConfigError
+from aisd_ray.config.schema import SPLITS, Config, ConfigError
 
 # The original's INI keys and where they land in our tree. Keys mapped to None are accepted for
 # compatibility but have no effect: our run folder decides where outputs go.
@@ -67,8 +67,8 @@ def apply_ini(cfg: Config, text: str, source: str, base_dir: Path) -> None:
             except (ValueError, SyntaxError, RecursionError, MemoryError):
                 raise ConfigError(f"{where}: value {raw.strip()!r} is not a Python literal "
                                   "(config values are read, never executed)") from None
-            if section in ("train", "valid", "test") and key in ("images_dir", "masks_dir"):
-                split = {"train": "train", "valid": "valid", "test": "test"}[section]
+            if section in SPLITS and key in ("images_dir", "masks_dir"):
+                split = section
                 pair = list(cfg.data.split_dirs.get(split, ("", "")))
                 pair[0 if key == "images_dir" else 1] = str((base_dir / value) if value else "")
                 cfg.data.split_dirs[split] = (pair[0], pair[1])

@@ -22,6 +22,7 @@ from aisd_ray.config.schema import (
     READERS,
     ROW_ENCODINGS,
     SHARD_FORMATS,
+    SPLITS,
     SYNTHETIC_LAYOUTS,
     AugmentConfig,
     Config,
@@ -125,7 +126,7 @@ def data_rules(d: DataConfig, m: ModelConfig, bad: Bad) -> None:
             raise bad("data.windows", f"({level:g}, {width:g}): a window is (level, width) in HU with width > 0 "
                                       "and the level within -1100..3100")
     for split in d.split_dirs:
-        if split not in ("train", "valid", "test"):
+        if split not in SPLITS:
             raise bad("data.split_dirs", f"unknown split {split!r}")
 def synthetic_rules(s: SyntheticConfig, bad: Bad) -> None:
     if s.layout not in SYNTHETIC_LAYOUTS:

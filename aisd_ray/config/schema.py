@@ -19,6 +19,8 @@ class ConfigError(ValueError):
     """A config file, section, key or value that cannot be used."""
 
 
+SPLITS = ("train", "valid", "test")  # a shard store's splits, in this order
+
 # The official AISD test cases: the raw release's test split.
 AISD_TEST_CASES: tuple[str, ...] = (
     "0073410", "0072723", "0226290", "0537908", "0538058", "0091415", "0538780", "0073540", "0226188",

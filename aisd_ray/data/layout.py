@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -207,11 +207,3 @@ def original_refs(images_dir: str | Path, masks_dir: str | Path, height: int, wi
     return [SliceRef(name, _stamp(image, mask), partial(load_pair, name, image, mask, height, width, channels, masks),
                      partial(_load_labels, mask, height, width, masks), masks)
             for name, image, mask in pairs]
-
-
-def iter_split(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
-               rule: Any) -> tuple[int, Iterator[Sample]]:
-    """The number of pairs of a split and a lazy iterator over them (one pair in memory at once).
-    ``rule`` as for ``original_refs``."""
-    refs = original_refs(images_dir, masks_dir, height, width, channels, rule)
-    return len(refs), (ref.load() for ref in refs)

@@ -21,6 +21,7 @@ the same share (drawn with replacement) until that fraction of the share has les
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -28,8 +29,21 @@ import numpy as np
 T = TypeVar("T")
 
 
+class Salt(IntEnum):
+    """What a random stream is for, as one part of its key: every seeded stream of the training run
+    in one table, so that no two share a key by accident (the values are the ones runs have always
+    used: same seed, same run)."""
+
+    SHARD_ORDER = 0x5EED  # the epoch's shard permutation
+    OVERSAMPLE = 0xF06  # foreground oversampling (data.foreground_fraction)
+    SHARE_SHUFFLE = 0x5F1  # a worker's rows in its shuffle buffer
+    DROPOUT = 0xD0  # each dropout layer's masks
+    AUGMENT = 0xA6  # an epoch's augmentation draws
+    RAY_DATA_FILES = 0xB10C  # the Ray Data reader's file order
+
+
 def rng(*key: int) -> np.random.Generator:
-    """A NumPy generator keyed by non-negative integers (seed, epoch, rank, ...)."""
+    """A NumPy generator keyed by non-negative integers (seed, epoch, rank, a ``Salt``, ...)."""
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
 
@@ -56,7 +70,7 @@ def share_size(total: int, world: int) -> int:
 def epoch_picks(shards: list[ShardInfo], seed: int, epoch: int, rank: int, world: int,
                 foreground_fraction: float = 0.0) -> list[Pick]:
     """The rows worker ``rank`` of ``world`` reads in ``epoch``, shard by shard in reading order."""
-    order = rng(seed, epoch, 0x5EED).permutation(len(shards))
+    order = rng(seed, epoch, Salt.SHARD_ORDER).permutation(len(shards))
     n = share_size(sum(s.records for s in shards), world)
     start, stop = rank * n, (rank + 1) * n
     picks: list[tuple[int, list[int]]] = []
@@ -69,7 +83,7 @@ def epoch_picks(shards: list[ShardInfo], seed: int, epoch: int, rank: int, world
         offset += records
     counts = [dict.fromkeys(rows, 1) for _, rows in picks]
     if foreground_fraction > 0:
-        _oversample(shards, picks, counts, foreground_fraction, rng(seed, epoch, rank, 0xF06))
+        _oversample(shards, picks, counts, foreground_fraction, rng(seed, epoch, rank, Salt.OVERSAMPLE))
     return [Pick(index, tuple(c), tuple(c.values())) for (index, _), c in zip(picks, counts) if c]
 
 
@@ -99,7 +113,7 @@ def _oversample(shards, picks, counts, fraction: float, gen: np.random.Generator
 
 def shuffled_share(rows: Iterable[T], seed: int, epoch: int, rank: int, buffer: int) -> Iterator[T]:
     """Step 3: worker ``rank``'s rows of ``epoch`` through its keyed shuffle buffer (whatever reads them)."""
-    return shuffled(rows, buffer, rng(seed, epoch, rank, 0x5F1))
+    return shuffled(rows, buffer, rng(seed, epoch, rank, Salt.SHARE_SHUFFLE))
 
 
 def shuffled(items: Iterable[T], buffer: int, gen: np.random.Generator) -> Iterator[T]:

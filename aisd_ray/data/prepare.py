@@ -36,12 +36,11 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from aisd_ray import storage
-from aisd_ray.config import Config
+from aisd_ray.config import SPLITS, Config
 from aisd_ray.data import layout, masks, raw, shards, volume_source
 from aisd_ray.progress import progress_bar
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "valid", "test")
 
 
 def split_dirs(cfg: Config) -> dict[str, tuple[str, str]]:

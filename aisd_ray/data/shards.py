@@ -231,7 +231,7 @@ def write_split(samples: Iterable[Sample], total: int, out_uri: str, split: str,
 
 
 def write_manifest(out_uri: str, splits: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    manifest = {"format_version": FORMAT_VERSION, "created": storage.utc_now(),
                 **info, "splits": splits}
     storage.write_text(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=2))
     return manifest

@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from aisd_ray.config import SyntheticConfig
+from aisd_ray.config import SPLITS, SyntheticConfig
 from aisd_ray.progress import progress_bar
-
-SPLITS = ("train", "valid", "test")
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:

@@ -102,7 +102,7 @@ def _train_on_backend(cfg: Config, store, run: str, output_root: str, callbacks:
         return {**state.history[-1], "stop_reason": state.stop_reason or f"reached {cfg.train.epochs} epochs"}
     from aisd_ray.train.ray_train import train_ray
 
-    return dict(train_ray(cfg, store, output_root, callbacks).metrics or {})
+    return dict(train_ray(cfg, store, output_root, run, callbacks).metrics or {})
 
 
 def _diverged(reason: str) -> bool:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.weights.h5"
 OPTIMIZER = "optimizer.npz"
 STATE = "state.json"
-COMPLETE = "checkpoint.json"
+CHECKPOINT_INFO = "checkpoint.json"
 # The row key that ranks epochs and checkpoints (and Tune's trials): metrics.selection_score, the
 # mean val Dice over the foreground classes (= val_lesion_dice with one lesion class).
 SCORE = "val_score"
@@ -168,7 +168,8 @@ def save(folder: str | Path, model, optimizer, state: LoopState) -> None:
     (folder / STATE).write_text(state.to_json())
     sizes = {name: (folder / name).stat().st_size for name in (WEIGHTS, OPTIMIZER, STATE)}
     digests = {name: _sha256(folder / name) for name in (WEIGHTS, OPTIMIZER, STATE)}
-    (folder / COMPLETE).write_text(json.dumps({"epoch": state.epoch, "files": sizes, "sha256": digests}, indent=2))
+    info = {"epoch": state.epoch, "files": sizes, "sha256": digests}
+    (folder / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
 
 
 def _sha256(path: Path) -> str:
@@ -187,18 +188,18 @@ def verify_digests(folder: str | Path, uri: str | None = None) -> None:
     folder = Path(folder)
     uri = uri or str(folder)
     try:
-        digests = json.loads((folder / COMPLETE).read_text()).get("sha256", {})
+        digests = json.loads((folder / CHECKPOINT_INFO).read_text()).get("sha256", {})
     except (OSError, ValueError, AttributeError):
         digests = {}
     for name, digest in digests.items():
         if _sha256(folder / name) != digest:
-            raise CheckpointError(f"{storage.join(uri, name)}: does not match the SHA-256 that {COMPLETE} lists "
+            raise CheckpointError(f"{storage.join(uri, name)}: does not match the SHA-256 that {CHECKPOINT_INFO} lists "
                                   "(damaged after it was written)")
 
 
 def is_complete(uri: str) -> bool:
     """True when the checkpoint folder ``uri`` holds its marker and every file at its size."""
-    marker = storage.join(uri, COMPLETE)
+    marker = storage.join(uri, CHECKPOINT_INFO)
     if not storage.exists(marker):
         return False
     try:
@@ -284,7 +285,7 @@ def list_checkpoints(run_uri: str) -> list[tuple[str, LoopState]]:
             if uri not in _warned:
                 _warned.add(uri)
                 log.warning("%s: incomplete checkpoint (no %s, or a file not at the size it lists: an "
-                            "interrupted copy or a damaged file); left out", uri, COMPLETE)
+                            "interrupted copy or a damaged file); left out", uri, CHECKPOINT_INFO)
             continue
         try:
             found.append((uri, read_state(uri)))

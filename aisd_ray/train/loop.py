@@ -133,7 +133,7 @@ def _key_dropout(model: keras.Model, seed: int, epoch: int, rank: int) -> None:
     workers and repeat exactly on a resumed run."""
     generators = [layer.seed_generator for layer in model.layers if hasattr(layer, "seed_generator")]
     for i, generator in enumerate(generators):
-        key = int(order.rng(seed, epoch, rank, 0xD0, i).integers(2**31))
+        key = int(order.rng(seed, epoch, rank, order.Salt.DROPOUT, i).integers(2**31))
         generator.state.assign(np.array([key, 0], dtype=generator.state.dtype))
 
 
@@ -221,7 +221,7 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
         return pipeline.batches(guard.wrap(rows_fn), m.image_channels, m.num_classes, batch_size,
                                 drop_remainder=training, augment=augment if training else None,
                                 encoding=feed.row_encoding, height=m.image_height, width=m.image_width,
-                                augment_seed=int(order.rng(t.seed, epoch, rank, 0xA6).integers(2**31)))
+                                augment_seed=int(order.rng(t.seed, epoch, rank, order.Salt.AUGMENT).integers(2**31)))
 
     artifacts = Artifacts(run_uri, foreground) if chief else None
     tracker = EpochLog.for_run(cfg, run_uri) if chief else None  # None unless run.mlflow_tracking_uri

@@ -30,7 +30,7 @@ from ray.train.tensorflow import TensorflowTrainer
 from aisd_ray import storage
 from aisd_ray.config import Config, config_from_dict
 from aisd_ray.data import order, shards
-from aisd_ray.quiet import quiet_ray_data_logs
+from aisd_ray.quiet import LOG_DATEFMT, LOG_FORMAT, quiet_ray_data_logs
 from aisd_ray.train import TrainingFailed
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.local import shard_feed
@@ -91,7 +91,7 @@ def read_split(shards_uri: str, manifest: dict, split: str, order_seed: int | No
     seed-keyed order fixed before reading, run at 0.9..1.05x the direct reader."""
     uris = shards.shard_uris(shards_uri, manifest, split)
     if order_seed is not None:
-        uris = [uris[i] for i in order.rng(order_seed, 0xB10C).permutation(len(uris))]
+        uris = [uris[i] for i in order.rng(order_seed, order.Salt.RAY_DATA_FILES).permutation(len(uris))]
     fs, _ = storage.resolve(uris[0])
     paths = [storage.resolve(u)[1] for u in uris]
     return ray.data.read_binary_files(paths, filesystem=fs, include_paths=True).map_batches(
@@ -217,7 +217,7 @@ def _worker(loop_config: dict) -> None:
     package_log.propagate = False  # once, through this handler (Ray's root handler would repeat it)
     if not package_log.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
         package_log.addHandler(handler)
     if not loop_config.get("verbose"):
         _quiet_ray_train_reports()
@@ -243,9 +243,11 @@ def _worker(loop_config: dict) -> None:
             epochs.close()
 
 
-def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks: tuple = ()) -> ray.train.Result:
-    """Run (or resume: same output root and run name) a distributed training run; ``callbacks``
-    are Ray Train callbacks (a Tune trial passes the one that reports each epoch to Tune)."""
+def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, run: str,
+              callbacks: tuple = ()) -> ray.train.Result:
+    """Run (or resume: same output root and run name) a distributed training run into the run
+    folder ``run`` (``output_root/run.name``, as the caller computed it); ``callbacks`` are Ray
+    Train callbacks (a Tune trial passes the one that reports each epoch to Tune)."""
     shards_uri, manifest = store.uri, store.manifest
     ensure_ray(cfg.train.num_workers + 2)
     fs, root = storage.resolve(output_root)
@@ -254,7 +256,7 @@ def train_ray(cfg: Config, store: shards.ShardStore, output_root: str, callbacks
         _worker,
         train_loop_config={"config": cfg.to_dict(), "shards": shards_uri, "manifest": manifest,
                            "verbose": log.isEnabledFor(logging.DEBUG),
-                           "run": storage.join(output_root, cfg.run.name),
+                           "run": run,
                            "env": _storage_env()},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      placement_strategy=cfg.train.placement_strategy),

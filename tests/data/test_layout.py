@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aisd_ray.data.layout import DataError, categorize, iter_split, pair_by_name
+from aisd_ray.data.layout import DataError, categorize, original_refs, pair_by_name
+
+
+def _split(images_dir, masks_dir, height, width, channels, rule):
+    """The number of pairs of a split and its samples, loaded lazily (as prepare reads them)."""
+    refs = original_refs(images_dir, masks_dir, height, width, channels, rule)
+    return len(refs), (ref.load() for ref in refs)
+
 
 
 def save(path, array):
@@ -33,7 +40,7 @@ def test_unreadable_file_is_named(tmp_path):
     images, masks = make_pair_dirs(tmp_path, ["1.png"], [])
     masks.mkdir()
     (masks / "1.png").write_bytes(b"not a png")
-    _, samples = iter_split(images, masks, 8, 8, 3, ((0, 0, 0), (255, 255, 255)))
+    _, samples = _split(images, masks, 8, 8, 3, ((0, 0, 0), (255, 255, 255)))
     with pytest.raises(DataError, match=r"masks/1.png: cannot read image"):
         list(samples)
 
@@ -58,7 +65,7 @@ def test_resize_to_model_size_keeps_classes(tmp_path):
     mask[8:24, 8:24] = 253
     save(tmp_path / "images" / "x.png", np.full((32, 48, 3), 100, np.uint8))
     save(tmp_path / "masks" / "x.png", mask)
-    n, samples = iter_split(tmp_path / "images", tmp_path / "masks", 16, 16, 1, ((0, 0, 0), (255, 255, 255)))
+    n, samples = _split(tmp_path / "images", tmp_path / "masks", 16, 16, 1, ((0, 0, 0), (255, 255, 255)))
     sample = next(samples)
     assert n == 1 and sample.image.shape == (16, 16, 1) and sample.labels.shape == (16, 16)
     assert set(np.unique(sample.labels)) == {0, 1}
@@ -67,7 +74,7 @@ def test_resize_to_model_size_keeps_classes(tmp_path):
 def test_size_mismatch_is_named(tmp_path):
     save(tmp_path / "images" / "x.png", np.zeros((8, 8, 3), np.uint8))
     save(tmp_path / "masks" / "x.png", np.zeros((9, 8, 3), np.uint8))
-    _, samples = iter_split(tmp_path / "images", tmp_path / "masks", 8, 8, 3, ((0, 0, 0), (255, 255, 255)))
+    _, samples = _split(tmp_path / "images", tmp_path / "masks", 8, 8, 3, ((0, 0, 0), (255, 255, 255)))
     with pytest.raises(DataError, match=r"masks/x.png: mask is 8x9 but its image x.png is 8x8"):
         next(samples)
 
@@ -90,7 +97,7 @@ def test_os_metadata_beside_the_slices_is_skipped_and_counted(tmp_path, caplog):
         (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
         (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     with caplog.at_level("INFO"):
-        n, samples = iter_split(images, masks, 8, 8, 3, ((0, 0, 0), (255, 255, 255)))
+        n, samples = _split(images, masks, 8, 8, 3, ((0, 0, 0), (255, 255, 255)))
         assert n == 2 and [s.name for s in samples] == ["1", "2"]
     assert f"{images}: 3 OS metadata file(s) skipped" in caplog.text
     assert f"{masks}: 3 OS metadata file(s) skipped" in caplog.text

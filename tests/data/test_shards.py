@@ -11,11 +11,18 @@ from aisd_ray.data.prepare import prepare
 from tests.conftest import tiny_config
 
 
+def _split(images_dir, masks_dir, height, width, channels, rule):
+    """The number of pairs of a split and its samples, loaded lazily (as prepare reads them)."""
+    refs = layout.original_refs(images_dir, masks_dir, height, width, channels, rule)
+    return len(refs), (ref.load() for ref in refs)
+
+
+
 def test_round_trip_is_bit_exact(shard_store, synthetic_root):
     cfg, out = shard_store
     manifest = shards.read_manifest(out)
     m = cfg.model
-    n, samples = layout.iter_split(synthetic_root / "valid" / "images", synthetic_root / "valid" / "masks",
+    n, samples = _split(synthetic_root / "valid" / "images", synthetic_root / "valid" / "masks",
                                    m.image_height, m.image_width, m.image_channels, cfg.data.rgb_map)
     expected = {s.name: s for s in samples}
     records = list(shards.iter_records(out, manifest, "valid"))

@@ -211,9 +211,9 @@ def another_models_weights(folder: Path) -> None:
     from tests.conftest import tiny_config
 
     build_flexunet(tiny_config("model.num_layers=4").model).save_weights(folder / ckpt.WEIGHTS)
-    marker = json.loads((folder / ckpt.COMPLETE).read_text())
+    marker = json.loads((folder / ckpt.CHECKPOINT_INFO).read_text())
     marker["files"][ckpt.WEIGHTS] = (folder / ckpt.WEIGHTS).stat().st_size
-    (folder / ckpt.COMPLETE).write_text(json.dumps(marker))
+    (folder / ckpt.CHECKPOINT_INFO).write_text(json.dumps(marker))
 
 
 @pytest.mark.parametrize("damage, culprit, expect", [
