@@ -133,6 +133,11 @@ def _files(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.iterdir()) if p.is_file() and not is_metadata(p.name) and p.name != "DICOMDIR"]
 
 
+def dicom_files(folder: str | Path) -> list[Path]:
+    """The DICOM files of a series folder (OS metadata, a DICOMDIR and other files aside): one per slice."""
+    return [p for p in _files(Path(folder)) if _is_dicom_file(p)]
+
+
 def is_dicom_series(path: str | Path) -> bool:
     """True for a folder holding at least one DICOM file (OS metadata files aside)."""
     path = Path(path)

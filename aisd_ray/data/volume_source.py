@@ -1,6 +1,7 @@
-"""``prepare`` from CT volumes: nnU-Net's raw dataset layout, or a folder of DICOM series cases.
+"""``prepare`` from CT volumes: nnU-Net's raw dataset layout, a folder of DICOM series cases, or
+the AISD release's DICOM archives beside its mask slices.
 
-Two layouts are recognised by their shape:
+Three layouts are recognised by their shape:
 
 - **nnU-Net v2 raw dataset**: ``dataset.json`` (its ``labels`` and ``channel_names``),
   ``imagesTr/<case>_0000.nii.gz`` with ``labelsTr/<case>.nii.gz``, and ``imagesTs/`` with
@@ -9,6 +10,9 @@ Two layouts are recognised by their shape:
 - **DICOM cases**: one folder per case holding its DICOM series, and ``labels/<case>.nii.gz``
   beside them (a label volume in the series' geometry). Cases named in ``data.test_cases`` are the
   test split.
+- **AISD DICOM**: ``dicom.zip`` (or ``dicom/``) beside ``mask.zip`` (or ``mask/``): each case's
+  series with the release's mask slices paired in position order (``aisd_dicom.py``); the official
+  test cases (``data.test_cases``) are the test split.
 
 The training cases are split into train and valid by patient (``data.valid_fraction``,
 ``data.split_seed``), as the raw AISD release is. Each volume is read once (``volume.py``: HU,
@@ -27,12 +31,13 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from aisd_ray.config import DataConfig
 from aisd_ray.data import volume
+from aisd_ray.data.aisd_dicom import aisd_dicom_cases, is_aisd_dicom
 from aisd_ray.data.layout import DataError, Sample, SliceRef, is_metadata
 from aisd_ray.data.raw import split_cases
 from aisd_ray.data.windows import InPlane
@@ -43,10 +48,12 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 def volume_layout(root: str | Path) -> str | None:
-    """"nnunet", "dicom" or None (not a volume source)."""
+    """"nnunet", "dicom", "aisd_dicom" or None (not a volume source)."""
     root = Path(root)
     if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
         return "nnunet"
+    if is_aisd_dicom(root):
+        return "aisd_dicom"
     if (root / "labels").is_dir() and any(volume.is_dicom_series(p) for p in root.iterdir() if p.is_dir()
                                           and p.name != "labels" and not is_metadata(p.name)):
         return "dicom"
@@ -55,9 +62,13 @@ def volume_layout(root: str | Path) -> str | None:
 
 @dataclass(frozen=True)
 class Case:
+    """One patient: its CT (a NIfTI file or a DICOM series folder), its labels (a NIfTI file, or a
+    function of its ``Volume`` giving class ids) and a stamp that changes when its files do."""
+
     case_id: str
     image: Path
-    labels: Path | None
+    labels: Path | Callable[[volume.Volume], np.ndarray]
+    stamp: str = ""
 
 
 def _strip(name: str) -> str:
@@ -85,7 +96,7 @@ def _nnunet_side(root: Path, images: str, labels: str) -> tuple[list[Case], list
         if label is None:
             unlabelled.append(case)
         else:
-            cases.append(Case(case, path, label))
+            cases.append(Case(case, path, label, f"{_stamp(path)}/{_stamp(label)}"))
     return cases, unlabelled
 
 
@@ -106,11 +117,18 @@ def _dataset_json(root: Path, data: DataConfig, num_classes: int) -> dict[str, A
     return info
 
 
-def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int) -> tuple[dict[str, list[Case]], dict]:
-    """Cases per split and what the manifest says of the source."""
+def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int,
+                      workdir: Path) -> tuple[dict[str, list[Case]], dict]:
+    """Cases per split and what the manifest says of the source. ``workdir``: a temporary folder
+    (a zip of DICOM series is extracted there)."""
     root = Path(root)
     kind = volume_layout(root)
-    if kind == "nnunet":
+    extra: dict[str, Any] = {}
+    if kind == "aisd_dicom":
+        found, extra = aisd_dicom_cases(root, data, workdir)
+        every = [Case(case, series, labels, stamp) for case, series, labels, stamp in found]
+        test_ids = set(data.test_cases)
+    elif kind == "nnunet":
         _dataset_json(root, data, num_classes)
         trained, no_labels_tr = _nnunet_side(root, "imagesTr", "labelsTr")
         tested, no_labels_ts = _nnunet_side(root, "imagesTs", "labelsTs")
@@ -129,7 +147,7 @@ def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int) -> t
                           if (root / "labels" / f"{path.name}{e}").is_file()), None)
             if label is None:
                 raise DataError(f"{path}: no label volume labels/{path.name}.nii.gz for this case")
-            every.append(Case(path.name, path, label))
+            every.append(Case(path.name, path, label, f"{_stamp(path)}/{_stamp(label)}"))
         test_ids = set(data.test_cases)
     else:
         raise DataError(f"{root}: not a volume source (nnU-Net's dataset.json with imagesTr/, or DICOM case "
@@ -140,7 +158,7 @@ def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int) -> t
     splits = split_cases(sorted(by_id), DataConfig(test_cases=tuple(sorted(test_ids)),
                                                    valid_fraction=data.valid_fraction, split_seed=data.split_seed))
     return ({s: [by_id[c] for c in ids] for s, ids in splits.items() if ids},
-            {"layout": kind, "root": str(root.resolve()), "cases": splits})
+            {"layout": kind, "root": str(root.resolve()), "cases": splits, **extra})
 
 
 @dataclass(frozen=True)
@@ -174,7 +192,8 @@ def _process(case: Case, folder: Path, data: DataConfig, height: int, width: int
              num_classes: int) -> dict[str, Any]:
     """Read one case, write its model-size slices (images, labels) as .npy; return its geometry."""
     vol = volume.read_volume(case.image, case.case_id)
-    labels = _class_ids(volume.read_labels(case.labels, like=vol), case, data, num_classes)
+    labels = (case.labels(vol) if callable(case.labels) else  # the AISD masks: class ids already
+              _class_ids(volume.read_labels(case.labels, like=vol), case, data, num_classes))
     z, h, w = vol.hu.shape
     plane = InPlane(h, w, (vol.spacing[1], vol.spacing[2]), height, width)
     images = np.stack([plane.to_model(vol.hu[k], data.windows, channels) for k in range(z)])
@@ -207,10 +226,10 @@ def read_volume_source(root: str | Path, data: DataConfig, height: int, width: i
                        num_classes: int, progress: bool = True) -> VolumeSplits:
     """Slice refs per split of a volume source; every case read once (a progress bar), its slices
     kept until this object is dropped. DataError (naming the file) for a case that cannot be used."""
-    cases, info = list_volume_cases(root, data, num_classes)
-    reading = LabelReading("raw_labels" if data.mask_values == "raw_labels" else "class_ids")
     tmp = tempfile.TemporaryDirectory(prefix="aisd-ray-volumes-")
     folder = Path(tmp.name)
+    cases, info = list_volume_cases(root, data, num_classes, folder)
+    reading = LabelReading(info.pop("mask_values", "raw_labels" if data.mask_values == "raw_labels" else "class_ids"))
     geometry: dict[str, Any] = {}
     refs: dict[str, list[SliceRef]] = {}
     bar = progress_bar(total=sum(len(c) for c in cases.values()), desc="read volumes", unit="case", enabled=progress)
@@ -218,8 +237,7 @@ def read_volume_source(root: str | Path, data: DataConfig, height: int, width: i
         refs[split] = []
         for case in split_cases_:
             geo = geometry[case.case_id] = _process(case, folder, data, height, width, channels, num_classes)
-            stamp = f"{_stamp(case.image)}/{_stamp(case.labels)}"
-            refs[split] += [SliceRef(f"{case.case_id}_{k}", f"{stamp}/{k}",
+            refs[split] += [SliceRef(f"{case.case_id}_{k}", f"{case.stamp}/{k}",
                                      partial(_load, tmp, case.case_id, k, f"{case.case_id}_{k}"),
                                      partial(_load_labels, tmp, case.case_id, k), reading)
                             for k in range(geo["shape"][0])]

@@ -109,7 +109,10 @@ def _case_figures(cases: dict[str, Any]) -> dict[str, Any]:
             "test case Dice (mean)": cases["case_dice_mean"], "test case Dice (median)": cases["case_dice_median"],
             "test lesions found (3D)": f"{cases['lesions_found']} of {cases['lesions_true']}, "
                                        f"{cases['lesions_false']} false",
-            "test volume correlation": cases["volume_correlation"]}
+            "test volume correlation": cases["volume_correlation"],
+            **({"test case HD95 (median, mm)": cases["case_hd95_mm_median"],
+                "test case volume error (median, mL)": cases["case_avd_ml_median"]}
+               if "case_hd95_mm_median" in cases else {})}
 
 
 def demo(cfg: Config, output: str, progress: bool = True, source_root: str | None = None) -> DemoResult:

@@ -116,3 +116,68 @@ def test_labels_off_the_images_grid_or_with_an_unknown_class_are_named(nnunet_so
     with pytest.raises(DataError, match=rf"{label.name}: label values \[0, 2\] but the model has classes 0..1"):
         prepare(cfg, str(tmp_path / "shards"), progress=False)
     assert not (tmp_path / "shards").exists()
+
+
+def test_prepare_from_dicom_keeps_no_patient_data(tmp_path, caplog):
+    """DICOM headers carry names, birth dates and IDs: the manifest, the shards and the log carry the
+    case ID (the folder name) and the geometry only."""
+    from aisd_ray.data.synthetic_volumes import write_dicom_cases
+
+    cfg = _cfg("dicom", "synthetic.num_cases=3", "synthetic.num_test_cases=1")
+    root = write_dicom_cases(tmp_path / "src", 5, ["1000001", "1000002", "1000003"], 64, 4,
+                             patient_name="Roe^Richard", birth_date="19520229", patient_id="HOSP-991")
+    cfg.data.source_dir, cfg.data.test_cases = str(root), ("1000003",)
+    with caplog.at_level("DEBUG"):
+        prepare(cfg, str(tmp_path / "shards"), progress=False)
+    texts = [caplog.text] + [p.read_bytes().decode("latin-1") for p in (tmp_path / "shards").rglob("*") if p.is_file()]
+    for secret in ("Roe", "Richard", "19520229", "HOSP-991"):
+        assert not any(secret in text for text in texts), secret
+
+
+def _aisd_dicom_release(root, as_zip: bool):
+    """An AISD-like release: dicom/<case>/ series and mask/<case>/<k>.png raw labels (2: clear acute,
+    4: invisible patches read as background), k in position order; case 1000003 has a mask slice more."""
+    import zipfile
+
+    from PIL import Image
+
+    from aisd_ray.data.synthetic_volumes import synth_volume, write_dicom_series
+
+    cases = ["0073410", "1000001", "1000002", "1000003"]
+    truths = {}
+    for case in cases:
+        hu, truth, spacing = synth_volume(9, case, 64, 5)
+        truths[case] = truth
+        write_dicom_series(hu, spacing, root / "dicom" / case, case, seed=9)
+        extra = 1 if case == "1000003" else 0
+        for k in range(5 + extra):
+            labels = (truth[min(k, 4)] * 2).astype(np.uint8)
+            labels[:3, :3] = 4
+            (root / "mask" / case).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(labels).save(root / "mask" / case / f"{k}.png")
+    if as_zip:
+        for side in ("dicom", "mask"):
+            with zipfile.ZipFile(root / f"{side}.zip", "w") as archive:
+                for path in sorted((root / side).rglob("*")):
+                    if path.is_file():
+                        archive.write(path, path.relative_to(root).as_posix())
+            shutil.rmtree(root / side)
+    return truths
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_the_aisd_dicom_archives_pair_mask_slices_with_the_series_in_position_order(tmp_path, caplog, as_zip):
+    truths = _aisd_dicom_release(tmp_path / "release", as_zip)
+    cfg = _cfg("raw")
+    cfg.data.source_dir, cfg.data.test_cases = str(tmp_path / "release"), ("0073410",)
+    manifest = prepare(cfg, str(tmp_path / "shards"), progress=False)
+    source = manifest["source"]
+    assert source["layout"] == "aisd_dicom" and source["cases"]["test"] == ["0073410"]
+    assert source["unpaired_skipped"] == ["1000003 (5 series slices, 6 mask slices)"]
+    assert "1000003 (5 series slices, 6 mask slices)" in caplog.text
+    assert manifest["splits"]["test"]["mask_values"] == "raw_labels"
+    rows = {r["name"]: r for r in iter_records(str(tmp_path / "shards"), manifest, "test")}
+    for k in range(5):
+        _, labels = record_to_arrays(rows[f"0073410_{k}"])
+        want = InPlane(64, 64, (1.0, 1.0), 64, 64).labels_to_model(truths["0073410"][k].astype(np.uint8))
+        assert np.array_equal(labels, want), k  # label 2 -> lesion, 4 -> background, slice k on slice k
