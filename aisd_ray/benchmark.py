@@ -167,8 +167,8 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
     ``streaming_split`` iterator and its epoch stream (``RayEpochs``), epoch after epoch; the first
     epoch is the warm-up, the later ones are timed whole, start-up included."""
     from aisd_ray.data import pipeline, shards
+    from aisd_ray.data.ray_data import RayEpochs, train_dataset
     from aisd_ray.train.ray_session import ensure_ray
-    from aisd_ray.train.ray_train import RayEpochs, train_dataset
 
     m, batch = cfg.model, cfg.train.batch_size
     ensure_ray(4)

@@ -68,41 +68,37 @@ def training(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
 
 
 def bare_step(cfg: Config, slices: int) -> float:
-    """Images/s of the compiled train step alone: the model, optimizer and loss the loop builds, on
-    one fixed random batch, after two untimed steps; as many steps as an epoch of ``slices``."""
+    """Images/s of the compiled train step alone: the loop's own step (``steps.compile_steps``, one
+    replica), model, optimizer and loss, on one fixed random batch, after two untimed steps; as many
+    steps as an epoch of ``slices``, the totals read once at the end as the loop reads them."""
     import tensorflow as tf
 
     from aisd_ray.losses import get_loss
     from aisd_ray.model import build_flexunet
     from aisd_ray.train.loop import set_seed
     from aisd_ray.train.optim import build_optimizer
+    from aisd_ray.train.steps import compile_steps
 
     t, m = cfg.train, cfg.model
     set_seed(t.seed, t.deterministic)
+    strategy = tf.distribute.get_strategy()
     model = build_flexunet(m)
     optimizer = build_optimizer(t)
     optimizer.build(model.trainable_variables)
-    loss_fn = get_loss(t.loss)
+    steps = compile_steps(model, optimizer, strategy, get_loss(t.loss), t.batch_size, m.num_classes, t.jit_compile)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 256, (t.batch_size, m.image_height, m.image_width, m.image_channels)), tf.float32)
     y = tf.one_hot(rng.integers(0, m.num_classes, (t.batch_size, m.image_height, m.image_width)), m.num_classes)
-
-    @tf.function(autograph=False)  # straight-line code: nothing to convert
-    def step():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
+    lr = tf.constant(t.learning_rate, optimizer.learning_rate.dtype)
     for _ in range(2):
-        step().numpy()
-    steps = max(1, slices // t.batch_size - 1)  # as many as the loop times in an epoch
+        steps.train_step(x, y, lr)
+    steps.totals.numpy()
+    n = max(1, slices // t.batch_size - 1)  # as many as the loop times in an epoch
     started = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.numpy()  # the loop reads its totals once, at the end of the epoch
-    return steps * t.batch_size / (time.perf_counter() - started)
+    for _ in range(n):
+        steps.train_step(x, y, lr)
+    steps.totals.numpy()  # the loop reads its totals once, at the end of the epoch
+    return n * t.batch_size / (time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- memory

@@ -132,7 +132,7 @@ def quiet_worker() -> None:
 
 def quiet_ray_data_logs() -> None:
     """Ray Data's INFO lines per execution, and its one-off warning that progress bars are off
-    (they are off on purpose, see ``ray_train.quiet_ray_data``), out of the output."""
+    (they are off on purpose, see ``data.ray_data.quiet_ray_data``), out of the output."""
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)

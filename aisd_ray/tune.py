@@ -37,8 +37,7 @@ from aisd_ray.data.layout import DataError
 from aisd_ray.evaluate import evaluate_export
 from aisd_ray.train import TrainingFailed
 from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, diverged, score_of
-from aisd_ray.train.ray_session import ensure_ray, require_shared_storage
-from aisd_ray.train.ray_train import run_on_worker
+from aisd_ray.train.ray_session import ensure_ray, require_shared_storage, run_on_worker
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # the trial function only waits on its Train run; zero is refused

@@ -155,6 +155,6 @@ def export(run: str, out_uri: str | None = None) -> tuple[str, dict[str, Any]]:
 def on_node(cfg: Config, on_worker: bool, fn, *args, **kwargs):
     if not on_worker:
         return fn(*args, **kwargs)
-    from aisd_ray.train.ray_train import run_on_worker
+    from aisd_ray.train.ray_session import run_on_worker
 
     return run_on_worker(cfg, fn, *args, **kwargs)

@@ -6,9 +6,10 @@ import tensorflow as tf
 
 from aisd_ray import storage
 from aisd_ray.config import Config
-from aisd_ray.data import order, pipeline, shards
+from aisd_ray.data import shards
+from aisd_ray.data.feed import shard_feed
 from aisd_ray.train import checkpoint as ckpt
-from aisd_ray.train.loop import Feed, run_training
+from aisd_ray.train.loop import run_training
 
 
 class LocalReporter:
@@ -37,28 +38,6 @@ class LocalReporter:
         for old, _ in found[:-1][: max(len(found) - self.keep, 0)]:
             if best is None or old != best[0]:
                 storage.delete(old)
-
-
-def shard_feed(cfg: Config, shards_uri: str, manifest: dict, rank: int = 0, world: int = 1) -> Feed:
-    """Worker ``rank`` of ``world`` reads its share of each epoch straight from the shards (see
-    ``data.order``) and every world-th validation shard."""
-    t = cfg.train
-    train = pipeline.ShardRows(shards_uri, manifest, "train")
-    return Feed(
-        train_rows=lambda epoch: train.epoch(t.seed, epoch, rank, world, t.shuffle_buffer,
-                                             cfg.data.foreground_fraction),
-        train_count=order.share_size(train.count, world),
-        valid_rows=pipeline.ShardRows(shards_uri, manifest, "valid", rank, world),
-        preview=preview(cfg, shards_uri, manifest) if rank == 0 else [],
-        row_encoding=manifest.get("row_encoding", "png"),
-    )
-
-
-def preview(cfg: Config, shards_uri: str, manifest: dict):
-    """The original's epoch-change images: the first N validation slices, fixed for the run."""
-    if not cfg.train.epoch_change_infer:
-        return []
-    return pipeline.first_records(shards.iter_records(shards_uri, manifest, "valid"), cfg.train.num_infer_images)
 
 
 def train_local(cfg: Config, store: shards.ShardStore, run_uri: str) -> ckpt.LoopState:

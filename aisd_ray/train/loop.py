@@ -1,10 +1,9 @@
-"""The training loop every backend runs: a custom distributed step under a tf.distribute strategy.
+"""The training loop every backend runs, read as its steps: ``build`` (model, optimizer, resume),
+``compile_steps`` (the distributed step, ``steps.py``), ``train_epoch``, ``validate``, the epoch
+policy (``policy.py``), then artifacts and the checkpoint report.
 
-Keras 3 ``model.fit`` fails under MultiWorkerMirroredStrategy with 2+ workers, so the step
-is ours: ``strategy.run`` per replica, the loss scaled by the global batch with
-``tf.nn.compute_average_loss``, the replicas' gradients all-reduced by the step, then clipped
-and applied by the optimizer (see ``optim``): one update, the same at any worker count.
-BatchNormalization is synchronised across replicas. Validation counts are all-reduced once per
+Keras 3 ``model.fit`` fails under MultiWorkerMirroredStrategy with 2+ workers, so the step is ours
+(``steps.py``). BatchNormalization is synchronised across replicas. Validation counts are all-reduced once per
 epoch, so every worker sees the same metrics and takes the same decisions (early stopping,
 the divergence guard).
 
@@ -20,7 +19,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import keras
 import numpy as np
@@ -30,6 +29,7 @@ from aisd_ray import metrics
 from aisd_ray.config import PRECISIONS, Config
 from aisd_ray.data import order, pipeline
 from aisd_ray.data.augment import augment_fn
+from aisd_ray.data.feed import Feed
 from aisd_ray.losses import get_loss
 from aisd_ray.model import build_flexunet
 from aisd_ray.progress import progress_bar
@@ -45,19 +45,9 @@ from aisd_ray.train.policy import (  # noqa: F401 (tests reach them here too)
     _Snapshot,
     epoch_line,
 )
+from aisd_ray.train.steps import Steps, _counts, compile_steps, count_length, seed_dice  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Feed:
-    """Where one worker's rows come from."""
-
-    train_rows: Callable[[int], Iterator[tuple[bytes, bytes]]]  # epoch -> this worker's share, shuffled
-    train_count: int  # rows this worker gets per epoch (equal on every worker)
-    valid_rows: Callable[[], Iterator[tuple[bytes, bytes]]]  # this worker's share of validation
-    preview: list[tuple[str, np.ndarray, np.ndarray]]  # fixed validation images for panels
-    row_encoding: str = "png"  # the store's (manifest's): how the rows hold their pixels
 
 
 class Reporter(Protocol):
@@ -96,30 +86,6 @@ def _replica_spread(strategy: tf.distribute.Strategy, model: keras.Model, rank: 
     return float(gathered.max() - gathered.min())
 
 
-def seed_dice(y_true: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
-    """Per-image ``dice_coef_multiclass`` (see ``metrics``), in TF for the eval step."""
-    axes = [1, 2, 3]
-    inter = tf.reduce_sum(y_true * probs, axes)
-    total = tf.reduce_sum(y_true, axes) + tf.reduce_sum(probs, axes)
-    return tf.cast((2 * inter + 1) / (total + 1), tf.float64)
-
-
-def _counts(y_true: tf.Tensor, probs: tf.Tensor, num_classes: int = 2) -> tf.Tensor:
-    """tp, fp, fn lesion pixels of a batch (lesion = any non-background class), float64; with
-    several foreground classes (``num_classes`` > 2), then tp, fp, fn of each class 1..num_classes-1:
-    shape (3,), or (3 * num_classes,)."""
-    t_labels, p_labels = tf.argmax(y_true, axis=-1), tf.argmax(probs, axis=-1)
-    def n(mask):
-        return tf.reduce_sum(tf.cast(mask, tf.float64))
-    def tp_fp_fn(t, p):
-        return [n(t & p), n(~t & p), n(t & ~p)]
-    counts = tp_fp_fn(t_labels > 0, p_labels > 0)
-    if num_classes > 2:
-        for k in range(1, num_classes):
-            counts += tp_fp_fn(tf.equal(t_labels, k), tf.equal(p_labels, k))
-    return tf.stack(counts)
-
-
 def _class_scores(train_counts: np.ndarray, val_counts: np.ndarray, names: list[str]) -> dict[str, float]:
     """The row's per-class figures from ``_counts``' summed vectors (with one foreground class its
     counts are the lesion's) and ``ckpt.SCORE``, ``metrics.selection_score`` of the val Dice."""
@@ -137,24 +103,22 @@ def _key_dropout(model: keras.Model, seed: int, epoch: int, rank: int) -> None:
         generator.state.assign(np.array([key, 0], dtype=generator.state.dtype))
 
 
-def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, reporter: Reporter,
-                 run_uri: str, rank: int, world: int) -> ckpt.LoopState:
-    """Train until ``train.epochs`` or early stopping; return the final loop state."""
-    t, m = cfg.train, cfg.model
-    chief = rank == 0
-    if t.deterministic and t.jit_compile:
-        log.warning("train.jit_compile: XLA has no deterministic kernels for every op (MaxPool "
-                    "gradients); running without TF op determinism")
-    set_seed(t.seed, t.deterministic and not t.jit_compile)
-    global_batch = t.batch_size * world
-    steps = feed.train_count // t.batch_size
-    if t.steps_per_epoch:
-        steps = min(steps, t.steps_per_epoch)
-    if steps < 1:
-        raise ValueError(f"{feed.train_count} training rows per worker cannot fill one batch of "
-                         f"{t.batch_size}; lower train.batch_size or train.num_workers")
-    loss_fn = get_loss(t.loss)
+@dataclass
+class EpochTotals:
+    """What one epoch's training pass leaves: the loss sum, the summed ``_counts``, the steps run,
+    and its timing (seconds waiting for batches, seconds after the first step)."""
 
+    loss_sum: float
+    counts: np.ndarray
+    done: int
+    waited: float
+    train_seconds: float
+
+
+def build(cfg: Config, strategy: tf.distribute.Strategy, reporter: Reporter, chief: bool):
+    """The model and optimizer under ``strategy``, and the loop state: resumed from the run's
+    latest loadable checkpoint where there is one (``reporter.resume``), else fresh."""
+    t, m = cfg.train, cfg.model
     with strategy.scope():
         model = build_flexunet(m, dtype=PRECISIONS[t.mixed_precision])
         optimizer = optim.build_optimizer(t)
@@ -169,52 +133,103 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             for why in skipped:
                 log.warning("%s; resuming from %s (epoch %d) instead", why, resume_uri, state.epoch)
             log.info("resumed from %s after epoch %d", resume_uri, state.epoch)
+    return model, optimizer, state
+
+
+def train_epoch(cfg: Config, steps: Steps, batches, rows, state: ckpt.LoopState, epoch: int, n_steps: int,
+                chief: bool, lr_dtype) -> EpochTotals:
+    """One pass over this worker's ``rows``: ``n_steps`` train steps at the scheduled learning rate,
+    a progress bar on a terminal (or a line every ``train.log_every_seconds``), one device read."""
+    t = cfg.train
+    started = time.time()
+    steps.reset()
+    done = 0
+    bar = progress_bar(total=n_steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief, leave=False)
+    # no bar where output is not a terminal: a line every log_every_seconds instead
+    quiet_bar = chief and bar.disable and t.log_every_seconds > 0
+    last_line = last_postfix = time.time()
+    waited, fetch_started = 0.0, time.time()
+    for x, y in batches(lambda: rows, t.batch_size, training=True, epoch=epoch):
+        if done:  # time this step spent waiting for its batch
+            waited += time.time() - fetch_started
+        state.learning_rate = optim.learning_rate(t, (epoch - 1) * n_steps + done, n_steps, state.lr_scale)
+        steps.train_step(x, y, tf.constant(state.learning_rate, lr_dtype))
+        done += 1
+        bar.update()
+        now = time.time()
+        if not bar.disable and now - last_postfix >= 1.0:  # reads the device: at most 1/s
+            last_postfix = now
+            bar.set_postfix(loss=f"{float(steps.totals[0]) / done:.4f}")
+        if quiet_bar and now - last_line >= t.log_every_seconds and done < n_steps:
+            last_line = now
+            log.info("epoch %d/%d: step %d/%d, loss %.4f, %.2f steps/s", epoch, t.epochs, done, n_steps,
+                     float(steps.totals[0]) / done, done / max(now - started, 1e-9))
+        if done == 1:  # the first step of a process also traces and compiles: not timed
+            steps.totals.numpy()  # wait for it (a GPU runs ahead of the host)
+            first_step_done = time.time()
+        fetch_started = time.time()
+    bar.close()
+    epoch_totals = steps.totals.numpy()  # the one read per epoch; waits for the last step
+    train_seconds = time.time() - first_step_done if done > 1 else float("nan")
+    return EpochTotals(float(epoch_totals[0]), epoch_totals[1:], done, waited, train_seconds)
+
+
+def validate(cfg: Config, steps: Steps, batches, feed: Feed, strategy: tf.distribute.Strategy) -> np.ndarray:
+    """(loss sum, seed-Dice sum, images, ``_counts``...) over the whole validation split: this
+    worker's share (at most ``train.validation_steps`` batches), summed across workers."""
+    t = cfg.train
+    val = np.zeros(3 + count_length(cfg.model.num_classes))
+    for step, (x, y) in enumerate(batches(feed.valid_rows, cfg.eval.batch_size, training=False)):
+        if t.validation_steps and step >= t.validation_steps:  # the original's cap, per worker
+            break
+        loss, seed_sum, counts = steps.eval_step(x, y)
+        val += np.concatenate([[loss.numpy(), seed_sum.numpy(), x.shape[0]], counts.numpy()])
+    return _all_reduce_sum(strategy, val)
+
+
+def epoch_row(epoch: int, trained: EpochTotals, val: np.ndarray, n_steps: int, global_batch: int,
+              state: ckpt.LoopState, spread: float, finite: bool, started: float, foreground) -> dict[str, float]:
+    """The epoch's history row: training and validation figures, per class, timing, health."""
+    pooled = metrics.scores_from_counts(*val[3:6])
+    return {"epoch": epoch, "loss": trained.loss_sum / n_steps,
+            "lesion_dice": metrics.scores_from_counts(*trained.counts[:3])["dice"],
+            "val_loss": float(val[0] / max(val[2], 1)),
+            **{f"val_lesion_{k}": v for k, v in pooled.items()},
+            "val_dice_coef_multiclass": float(val[1] / max(val[2], 1)),
+            **_class_scores(trained.counts, val[3:], foreground),
+            "learning_rate": state.learning_rate,
+            "replica_weight_spread": spread,
+            "train_images_per_second": (trained.done - 1) * global_batch / trained.train_seconds,
+            "input_wait_fraction": trained.waited / trained.train_seconds,
+            "epoch_seconds": time.time() - started,
+            ckpt.FINITE: float(finite)}
+
+
+def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, reporter: Reporter,
+                 run_uri: str, rank: int, world: int) -> ckpt.LoopState:
+    """Train until ``train.epochs`` or early stopping; return the final loop state. Each epoch:
+    train (``train_epoch``), validate (``validate``), the epoch policy (``policy``: divergence guard,
+    rollback, best epoch, early stop, reducer), artifacts and the checkpoint report."""
+    t, m = cfg.train, cfg.model
+    chief = rank == 0
+    if t.deterministic and t.jit_compile:
+        log.warning("train.jit_compile: XLA has no deterministic kernels for every op (MaxPool "
+                    "gradients); running without TF op determinism")
+    set_seed(t.seed, t.deterministic and not t.jit_compile)
+    global_batch = t.batch_size * world
+    n_steps = feed.train_count // t.batch_size
+    if t.steps_per_epoch:
+        n_steps = min(n_steps, t.steps_per_epoch)
+    if n_steps < 1:
+        raise ValueError(f"{feed.train_count} training rows per worker cannot fill one batch of "
+                         f"{t.batch_size}; lower train.batch_size or train.num_workers")
+    loss_fn = get_loss(t.loss)
+    model, optimizer, state = build(cfg, strategy, reporter, chief)
     best = _Snapshot(model, optimizer, state.epoch)  # rollback point until an epoch scores better
-
-    def forward_backward(x, y):
-        """Forward and backward pass of one replica: the part XLA may compile."""
-        with tf.GradientTape() as tape:
-            probs = model(x, training=True)
-            loss = tf.nn.compute_average_loss(loss_fn(y, probs), global_batch_size=global_batch)
-            scaled = optimizer.scale_loss(loss)  # identity unless fp16 loss scaling is on
-        return loss, tape.gradient(scaled, model.trainable_variables), _counts(y, probs, m.num_classes)
-
-    # A nested tf.function only for XLA: synchronised BatchNorm's all-reduce must be traced in the
-    # step itself (MultiWorkerMirroredStrategy refuses a collective inside a nested function).
-    gradients = tf.function(forward_backward, jit_compile=True) if t.jit_compile else forward_backward
-
-    # The epoch's training loss sum and lesion (and per-class) tp, fp, fn, accumulated on the device
-    # by the step and read by the host once per epoch (and at most once a second for the progress
-    # line): no per-step device-to-host copy holds up the next step.
-    n_counts = 3 * m.num_classes if m.num_classes > 2 else 3  # _counts' length
-    n_totals = 1 + n_counts
+    steps = compile_steps(model, optimizer, strategy, loss_fn, global_batch, m.num_classes, t.jit_compile)
     foreground = metrics.foreground_names(cfg.data.class_names, m.num_classes)
-    totals = tf.Variable(tf.zeros(n_totals, tf.float64), trainable=False, name="epoch_totals")
     lr_dtype = optimizer.learning_rate.dtype
-
-    @tf.function
-    def train_step(x, y, learning_rate):
-        def step(x, y):
-            loss, grads, counts = gradients(x, y)
-            # The global gradient first: the optimizer clips and applies it (optim.GlobalGradientAdam).
-            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss, counts
-
-        optimizer.learning_rate.assign(learning_rate)
-        loss, counts = strategy.run(step, args=(x, y))
-        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-        counts = strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
-        totals.assign_add(tf.concat([tf.cast(loss, tf.float64)[None], counts], axis=0))
-
-    @tf.function
-    def eval_step(x, y):
-        probs = model(x, training=False)
-        loss_sum = tf.reduce_sum(tf.cast(loss_fn(y, probs), tf.float64))
-        return loss_sum, tf.reduce_sum(seed_dice(y, probs)), _counts(y, probs, m.num_classes)
-
     augment = augment_fn(cfg.augment, m.image_height, m.image_width) if cfg.augment.enabled else None
-
     guard = pipeline.InputGuard()  # a shard's own error, not TensorFlow's wrapping of it
 
     def batches(rows_fn, batch_size, training, epoch=0):
@@ -230,64 +245,15 @@ def run_training(cfg: Config, strategy: tf.distribute.Strategy, feed: Feed, repo
             epoch = state.epoch + 1
             started = time.time()
             _key_dropout(model, t.seed, epoch, rank)
-            rows = pipeline.take_rows(feed.train_rows(epoch), steps * t.batch_size)
-            totals.assign(tf.zeros(n_totals, tf.float64))
-            done = 0
-            bar = progress_bar(total=steps, desc=f"epoch {epoch}/{t.epochs}", unit="step", enabled=chief,
-                               leave=False)
-            # no bar where output is not a terminal: a line every log_every_seconds instead
-            quiet_bar = chief and bar.disable and t.log_every_seconds > 0
-            last_line = last_postfix = time.time()
-            waited, fetch_started = 0.0, time.time()
-            for x, y in batches(lambda: rows, t.batch_size, training=True, epoch=epoch):  # noqa: B023
-                if done:  # time this step spent waiting for its batch
-                    waited += time.time() - fetch_started
-                state.learning_rate = optim.learning_rate(t, (epoch - 1) * steps + done, steps, state.lr_scale)
-                train_step(x, y, tf.constant(state.learning_rate, lr_dtype))
-                done += 1
-                bar.update()
-                now = time.time()
-                if not bar.disable and now - last_postfix >= 1.0:  # reads the device: at most 1/s
-                    last_postfix = now
-                    bar.set_postfix(loss=f"{float(totals[0]) / done:.4f}")
-                if quiet_bar and now - last_line >= t.log_every_seconds and done < steps:
-                    last_line = now
-                    log.info("epoch %d/%d: step %d/%d, loss %.4f, %.2f steps/s", epoch, t.epochs, done, steps,
-                             float(totals[0]) / done, done / max(now - started, 1e-9))
-                if done == 1:  # the first step of a process also traces and compiles: not timed
-                    totals.numpy()  # wait for it (a GPU runs ahead of the host)
-                    first_step_done = time.time()
-                fetch_started = time.time()
-            bar.close()
-            epoch_totals = totals.numpy()  # the one read per epoch; waits for the last step
-            train_seconds = time.time() - first_step_done if done > 1 else float("nan")
-            loss_sum, train_counts = float(epoch_totals[0]), epoch_totals[1:]
-            if done != steps:
-                raise RuntimeError(f"worker {rank} ran {done} of {steps} steps: its data share is short")
-
-            val = np.zeros(3 + n_counts)  # loss sum, seed dice sum, images, _counts
-            for step, (x, y) in enumerate(batches(feed.valid_rows, cfg.eval.batch_size, training=False)):
-                if t.validation_steps and step >= t.validation_steps:  # the original's cap, per worker
-                    break
-                loss, seed_sum, counts = eval_step(x, y)
-                val += np.concatenate([[loss.numpy(), seed_sum.numpy(), x.shape[0]], counts.numpy()])
-            val = _all_reduce_sum(strategy, val)
+            rows = pipeline.take_rows(feed.train_rows(epoch), n_steps * t.batch_size)
+            trained = train_epoch(cfg, steps, batches, rows, state, epoch, n_steps, chief, lr_dtype)
+            if trained.done != n_steps:
+                raise RuntimeError(f"worker {rank} ran {trained.done} of {n_steps} steps: its data share is short")
+            val = validate(cfg, steps, batches, feed, strategy)
             spread = _replica_spread(strategy, model, rank, world)
-            pooled = metrics.scores_from_counts(*val[3:6])
-            per_class = _class_scores(train_counts, val[3:], foreground)
-            row = {"epoch": epoch, "loss": loss_sum / steps,
-                   "lesion_dice": metrics.scores_from_counts(*train_counts[:3])["dice"],
-                   "val_loss": float(val[0] / max(val[2], 1)),
-                   **{f"val_lesion_{k}": v for k, v in pooled.items()},
-                   "val_dice_coef_multiclass": float(val[1] / max(val[2], 1)),
-                   **per_class,
-                   "learning_rate": state.learning_rate,
-                   "replica_weight_spread": spread,
-                   "train_images_per_second": (done - 1) * global_batch / train_seconds,
-                   "input_wait_fraction": waited / train_seconds,
-                   "epoch_seconds": time.time() - started,
-                   ckpt.FINITE: float(_all_finite(model, optimizer))}
-            trouble = _divergence(state, row, train_counts[:3], val[3:6], t)
+            row = epoch_row(epoch, trained, val, n_steps, global_batch, state, spread,
+                            _all_finite(model, optimizer), started, foreground)
+            trouble = _divergence(state, row, trained.counts[:3], val[3:6], t)
             state = _after_epoch(state, row, t)
             if trouble:
                 _on_divergence(state, trouble, best, model, optimizer, t)

@@ -1,5 +1,6 @@
 """Which Ray a command runs on: the cluster in RAY_ADDRESS (``ray job submit`` sets it) or a Ray
-started on this machine alone, and what a cluster of more than one node requires of storage.
+started on this machine alone, what a cluster of more than one node requires of storage, and
+running one function as a Ray task on a training node (``run_on_worker``: evaluate, infer).
 
 Imports Ray but not TensorFlow: ``stages`` checks storage before any training code loads.
 """
@@ -98,3 +99,42 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _strip_colour(record: logging.LogRecord) -> bool:
     record.msg, record.args = _ANSI.sub("", record.getMessage()), ()
     return True
+
+
+def user_error(cause: BaseException) -> Exception | None:
+    """A worker's or task's exception that is one of our one-line errors (a bad shard, storage
+    gone, a bad setting, a missing file), rebuilt with its message so the command exits as it
+    would locally; None for anything else."""
+    from aisd_ray.config import ConfigError
+    from aisd_ray.data.layout import DataError
+
+    for kind in (DataError, storage.StorageError, ConfigError, FileNotFoundError):
+        if isinstance(cause, kind):
+            return kind(str(cause.args[0]) if cause.args else str(cause))
+    return None
+
+
+def storage_env() -> dict[str, str]:
+    """Where gs:// points, as the driver sees it: for workers and tasks."""
+    return {k: os.environ[k] for k in storage.GCS_ENV if k in os.environ}
+
+
+def _task(env: dict[str, str], fn, *args, **kwargs):
+    os.environ.update(env)  # where gs:// points, as the driver saw it
+    logging.getLogger("aisd_ray").setLevel(logging.INFO)
+    return fn(*args, **kwargs)
+
+
+def run_on_worker(cfg: Config, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` as a Ray task on a training node (a GPU one when train.use_gpu), not
+    in the driver: on a cluster the driver runs on the CPU-only head. Paths must be absolute or
+    gs:// (the task runs in another directory, maybe on another machine)."""
+    ensure_ray(cfg.train.num_workers + 2)
+    remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0, max_retries=1)(_task)
+    try:
+        return ray.get(remote.remote(storage_env(), fn, *args, **kwargs))
+    except ray.exceptions.RayTaskError as exc:
+        ours = user_error(exc.cause)
+        if ours is not None:
+            raise ours from None
+        raise

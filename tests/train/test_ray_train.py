@@ -187,7 +187,7 @@ def test_ray_data_epochs_read_every_row_once_and_start_the_next_pass_early(ray_c
 
     from aisd_ray.data import pipeline
     from aisd_ray.data import shards as shard_format
-    from aisd_ray.train.ray_train import RayEpochs, read_split, train_dataset
+    from aisd_ray.data.ray_data import RayEpochs, read_split, train_dataset
 
     cfg, store = shard_store
     manifest = shard_format.read_manifest(store)
