@@ -1,21 +1,21 @@
-"""The demo on the raw release's layout: synthetic patients in, per-case figures out."""
+"""The demo on CT volumes: synthetic patients in HU (nnU-Net's layout) in, per-case figures in mm and mL
+out, and one test patient given as a DICOM series segmented into a NIfTI mask with its volume."""
 
 import json
 
 import numpy as np
-from PIL import Image
 
 from aisd_ray.cli import main
 from aisd_ray.config import AISD_TEST_CASES, builtin_config, load_config
 from aisd_ray.data.synthetic import synth_case, synthetic_case_ids
 
-RAW = ["synthetic.layout='raw'", "synthetic.num_cases=10", "synthetic.slices_per_case=6",
-       "synthetic.num_test_cases=2", "train.backend='local'", "train.epochs=1"]
+VOLUMES = ["synthetic.layout='nnunet'", "synthetic.num_cases=10", "synthetic.slices_per_case=6",
+           "synthetic.num_test_cases=2", "synthetic.size=96", "train.backend='local'", "train.epochs=1"]
 
 
-def test_the_shipped_demo_uses_the_raw_layout():
+def test_the_shipped_demo_uses_ct_volumes():
     s = load_config(builtin_config("demo")).synthetic
-    assert s.layout == "raw" and synthetic_case_ids(s)[:s.num_test_cases] == list(AISD_TEST_CASES[:s.num_test_cases])
+    assert s.layout == "nnunet" and synthetic_case_ids(s)[:s.num_test_cases] == list(AISD_TEST_CASES[:s.num_test_cases])
 
 
 def test_a_synthetic_patient_has_one_lesion_through_neighbouring_slices():
@@ -29,24 +29,34 @@ def test_a_synthetic_patient_has_one_lesion_through_neighbouring_slices():
     assert heads[0] < max(heads) and heads[-1] < max(heads)
 
 
-def test_demo_on_raw_cases_reports_per_case_dice(tmp_path, capsys):
+def test_demo_on_ct_volumes_reports_per_case_mm_and_ml_and_segments_a_dicom_patient(tmp_path, capsys):
+    import SimpleITK as sitk
+
     out = tmp_path / "demo"
-    assert main(["demo", "--config", "tiny", "--output", str(out), "-q", *[a for s in RAW for a in ("--set", s)]]) == 0
+    args = [a for s in VOLUMES for a in ("--set", s)]
+    assert main(["demo", "--config", "tiny", "--output", str(out), "-q", *args]) == 0
     report = json.loads((out / "tiny" / "eval" / "metrics.json").read_text())
     cases = report["cases"]
     assert [row["case_id"] for row in cases["per_case"]] == sorted(AISD_TEST_CASES[:2])
     assert cases["cases"] == 2 and cases["lesions_true"] >= 2 and all(row["slices"] == 6 for row in cases["per_case"])
+    assert all("true_ml" in row and "hd95_mm" in row for row in cases["per_case"])
+    assert cases["per_case"][0]["true_ml"] > 0
     summary = json.loads((out / "summary.json").read_text())["figures"]
     assert summary["test cases"] == 2 and summary["test case Dice (mean)"] == cases["case_dice_mean"]
+    assert "test case HD95 (median, mm)" in summary and "test case volume error (median, mL)" in summary
     assert (out / "tiny" / "eval" / "volume_agreement.png").is_file()
-    # inference ran on the first test patient's slices, at the source's size
-    masks = sorted(p.name for p in (out / "tiny" / "infer").glob("*.png"))
-    assert masks == [f"{k}.png" for k in range(6)]
-    assert Image.open(out / "tiny" / "infer" / "0.png").size == (64, 64)
+    # the last stage segmented the first test patient, given as a DICOM series, on the series' grid
+    patient = AISD_TEST_CASES[0]
+    mask = sitk.ReadImage(str(out / "tiny" / "infer" / f"{patient}.nii.gz"))
+    assert mask.GetSize() == (96, 96, 6)
+    case = json.loads((out / "tiny" / "infer" / "cases" / patient / "summary.json").read_text())
+    assert case["input"] == "dicom" and case["lesion_ml"] >= 0
+    assert (out / "tiny" / "infer" / "cases" / patient / "preview.png").is_file()
     assert "test case Dice (median)" in capsys.readouterr().out
-    # the demo told prepare which official test cases its synthetic release holds: none reported missing
+    # the demo told prepare which official test cases its synthetic release holds
     source = json.loads((out / "shards" / "manifest.json").read_text())["source"]
-    assert source["cases"]["test"] == sorted(AISD_TEST_CASES[:2]) and source["test_cases_missing"] == []
+    assert source["layout"] == "nnunet" and source["cases"]["test"] == sorted(AISD_TEST_CASES[:2])
+    assert source["geometry"][patient]["spacing_mm"][0] == 5.0
 
 
 def test_synthesize_writes_each_layout(tmp_path, capsys):
@@ -59,4 +69,7 @@ def test_synthesize_writes_each_layout(tmp_path, capsys):
     assert main([*args, "--output", str(tmp_path / "r"), "--layout", "raw", "--cases", "3", "--slices", "2"]) == 0
     cases = sorted(p.name for p in (tmp_path / "r" / "image").iterdir())
     assert cases[0] == AISD_TEST_CASES[0] and len(cases) == 3
-    assert "(raw layout) written to" in capsys.readouterr().out
+    assert main([*args, "--output", str(tmp_path / "v"), "--layout", "dicom", "--cases", "3", "--slices", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "v" / "dicom").iterdir()) == sorted([*cases, "labels"])
+    printed = capsys.readouterr().out
+    assert "(raw layout) written to" in printed and "(dicom layout) written to" in printed
