@@ -67,8 +67,8 @@ def read_source(cfg: Config, progress: bool = True) -> tuple[dict[str, list[layo
     """Slice refs per split and what the manifest should say about the source."""
     m, d = cfg.model, cfg.data
     if d.source_dir and not d.split_dirs and volume_source.volume_layout(d.source_dir):
-        log.info("%s: CT volumes (%s layout), windows %s HU", d.source_dir, volume_source.volume_layout(d.source_dir),
-                 [list(w) for w in d.windows])
+        log.info("%s: CT volumes (%s layout), windows %s HU, channels %s", d.source_dir,
+                 volume_source.volume_layout(d.source_dir), [list(w) for w in d.windows], d.channels)
         found = volume_source.read_volume_source(d.source_dir, d, m.image_height, m.image_width, m.image_channels,
                                                  m.num_classes, progress)
         return found.refs, found.info
