@@ -71,6 +71,7 @@ def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str,
             "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
             "rgb_map": [list(c) for c in cfg.data.rgb_map],
             "windows": [list(w) for w in cfg.data.windows],  # HU (level, width): how CT volumes become input
+            "channels": cfg.data.channels,  # what the channels hold (data.channels); image.channels counts them
             "parameters": int(model.count_params()),
             **(extra or {}),
             "config": cfg.to_dict(),
@@ -133,6 +134,8 @@ class LoadedExport:
         # (level, width) HU windows of the model's channels; exports from before windows existed
         # were trained on the AISD PNGs' brain window
         self.windows = [tuple(w) for w in self.info.get("windows", DataConfig().windows)]
+        # data.channels the model was trained with ("grey": exports from before channel modes)
+        self.channel_mode = self.info.get("channels", "grey")
 
     def predict(self, images) -> dict[str, tf.Tensor]:
         """Run the serving signature on a uint8 batch of model-sized images."""

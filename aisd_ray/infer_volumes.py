@@ -1,15 +1,16 @@
 """``aisd-ray infer --input``: CT patients in (a DICOM series folder, a NIfTI file, or a folder of
 them), lesion masks in the scan's geometry and lesion volumes in mL out.
 
-Each case is read in HU (``data/volume.py``), its axial slices windowed as the model was trained
-(the export's ``windows``) and resized to the model size, segmented, and the class probabilities
-resized back to the slice's own size before the most likely class is taken. The mask is then put
+Each case is read in HU (``data/volume.py``), its channels built as the model was trained (the
+export's ``windows`` and ``channels`` mode: ``data/channels.py``, at the scan's own size), its
+slices resized to the model size, segmented, and the class probabilities resized back to the
+slice's own size before the most likely class is taken. The mask is then put
 back into the input's geometry (same shape, spacing, origin and direction) and written as NIfTI.
 Output, in nnU-Net's convention for a predictions folder (``evaluate --predictions`` reads it):
 
 - ``<case>.nii.gz``: uint8 class ids in the input's geometry;
 - ``cases/<case>/summary.json``: lesion volume in mL, the 3-D lesions (26-connected components:
-  each one's mL and slice range, largest first), spacing, shape, windows, gantry tilt;
+  each one's mL and slice range, largest first), spacing, shape, windows, channel mode, gantry tilt;
 - ``cases/<case>/preview.png``: the slices that hold lesion, windowed, the lesion outlined, mL in
   the title (the middle slices when there is none);
 - ``cases/<case>/probabilities.nii.gz`` (with ``probabilities=True``): float32 lesion probability;
@@ -29,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from aisd_ray import render, storage, volume_metrics
-from aisd_ray.data import volume, volume_write
+from aisd_ray.data import layout, volume, volume_write
+from aisd_ray.data.channels import build_channels
 from aisd_ray.data.windows import InPlane
 from aisd_ray.export import LoadedExport
 from aisd_ray.progress import progress_bar
@@ -58,14 +60,22 @@ def is_volume_input(input_path: str | Path) -> bool:
 
 
 def segment(model: LoadedExport, vol: volume.Volume, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels uint8 (Z, Y, X), lesion probability float32 (Z, Y, X)) of one canonical volume."""
+    """(labels uint8 (Z, Y, X), lesion probability float32 (Z, Y, X)) of one canonical volume. Its
+    channels are built as in prepare (``channels.build_channels`` with the model's ``windows`` and
+    ``channel_mode``, "grey" for a model without one), then resized. VolumeError naming the case
+    when they cannot be (the symmetry mode in a volume without a head)."""
     z, h, w = vol.hu.shape
     plane = InPlane(h, w, (vol.spacing[1], vol.spacing[2]), model.height, model.width)
+    mode = getattr(model, "channel_mode", "grey")
+    try:
+        built = build_channels(vol.hu, mode, model.windows, model.channels)
+    except ValueError as exc:
+        raise volume.VolumeError(f"{vol.case_id}: channels {mode!r}: {exc}") from None
     labels = np.zeros((z, h, w), np.uint8)
     lesion = np.zeros((z, h, w), np.float32)
     for start in range(0, z, batch_size):
         ks = range(start, min(z, start + batch_size))
-        batch = np.stack([plane.to_model(vol.hu[k], model.windows, model.channels) for k in ks])
+        batch = np.stack([layout.resize_image(built[k], model.height, model.width) for k in ks])
         probabilities = model.predict(batch)["probabilities"].numpy()
         for k, probs in zip(ks, probabilities):
             back = plane.probabilities_back(probs)
@@ -74,7 +84,7 @@ def segment(model: LoadedExport, vol: volume.Volume, batch_size: int) -> tuple[n
     return labels, lesion
 
 
-def summary(vol: volume.Volume, labels: np.ndarray, windows) -> dict[str, Any]:
+def summary(vol: volume.Volume, labels: np.ndarray, windows, channels: str = "grey") -> dict[str, Any]:
     """What a clinician or a trial reads: lesion mL and the 3-D lesions, with the geometry."""
     lesions = volume_metrics.components(labels > 0, vol.spacing)
     return {
@@ -88,6 +98,7 @@ def summary(vol: volume.Volume, labels: np.ndarray, windows) -> dict[str, Any]:
         "input": vol.kind,
         "gantry_tilt_deg": round(float(vol.gantry_tilt_deg), 3),
         "windows_hu": [list(w) for w in windows],
+        "channels": channels,
         "slices": "canonical axial order, inferior to superior (0 = the lowest slice)",
     }
 
@@ -122,8 +133,8 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
                   probabilities: bool = False, progress: bool = True, model: Any = None) -> list[dict[str, Any]]:
     """Segment every case of ``input_path``; return their summaries. A case that is not a CT volume
     is a VolumeError (one line naming the file) and leaves no output folder. ``model``: an already
-    loaded export (anything with its ``height``, ``width``, ``channels``, ``windows`` and
-    ``predict``), else the export is loaded once the first case has been read."""
+    loaded export (anything with its ``height``, ``width``, ``channels``, ``windows``, ``predict``
+    and optionally ``channel_mode``), else the export is loaded once the first case has been read."""
     cases = volume_cases(input_path)
     summaries = []
     bar = progress_bar(total=len(cases), desc="infer", unit="case", enabled=progress)
@@ -133,7 +144,7 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
             model = model or LoadedExport(export_uri)
             labels, lesion = segment(model, vol, batch_size)
             volume_write.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")
-            info = summary(vol, labels, model.windows)
+            info = summary(vol, labels, model.windows, getattr(model, "channel_mode", "grey"))
             case_dir = folder / "cases" / case_id
             case_dir.mkdir(parents=True)
             storage.write_json(str(case_dir / "summary.json"), info)

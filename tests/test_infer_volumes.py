@@ -158,3 +158,36 @@ def test_input_that_is_not_one_ct_volume_is_one_line_exit_2_and_nothing_written(
 
     assert re.search(message, err[0], re.IGNORECASE), err[0]
     assert not out.exists()
+
+
+class NeighbourModel(ThresholdModel):
+    """Trained with data.channels = 'neighbours': channel 0 is the slice below."""
+
+    channel_mode = "neighbours"
+
+
+def test_infer_builds_the_channels_the_model_was_trained_with(patient, tmp_path):
+    """The threshold double looks at channel 0 only: with neighbours that is the slice below, so
+    the block on slices 2..4 is found on slices 3..5."""
+    _, nifti, truth = patient
+    [summary] = infer_volumes("unused", nifti, str(tmp_path / "out"), batch_size=3, progress=False,
+                              model=NeighbourModel())
+    assert summary["lesions"][0]["slices"] == [3, 5] and summary["channels"] == "neighbours"
+    labels = volume.read_labels(tmp_path / "out" / "scan-17.nii.gz", like=volume.read_volume(nifti))
+    assert not labels[:3].any()
+    assert 2 * np.sum((labels[3:6] > 0) & truth[2:5]) / (np.sum(labels > 0) + truth.sum()) > 0.9
+
+
+def test_an_export_records_its_channel_mode_and_infer_reads_it(patient, tmp_path):
+    """A real (untrained) tiny export: export.json's "channels", LoadedExport.channel_mode, and a
+    case through the SavedModel with the channels built that way."""
+    from aisd_ray.config import builtin_config, load_config
+    from aisd_ray.export import LoadedExport, export_model
+    from aisd_ray.model import build_flexunet
+
+    cfg = load_config(builtin_config("tiny"), ["data.channels='neighbours'"])
+    uri = export_model(cfg, build_flexunet(cfg.model), str(tmp_path / "export"))
+    model = LoadedExport(uri)
+    assert model.info["channels"] == model.channel_mode == "neighbours"
+    [summary] = infer_volumes(uri, patient[1], str(tmp_path / "out"), progress=False, model=model)
+    assert summary["channels"] == "neighbours" and summary["shape_zyx"] == [7, 80, 72]

@@ -10,6 +10,7 @@ from aisd_ray.config.rules import validate
 from aisd_ray.config.schema import (
     AISD_TEST_CASES,
     BACKENDS,
+    CHANNEL_MODES,
     CONFIG_DIR,
     DISTRIBUTIONS,
     LOSSES,
@@ -41,8 +42,8 @@ from aisd_ray.config.schema import (
 from aisd_ray.config.space import apply_params
 
 __all__ = [
-    "AISD_TEST_CASES", "BACKENDS", "CONFIG_DIR", "DISTRIBUTIONS", "LOSSES", "LR_SCHEDULES", "MASK_VALUES",
-    "ON_COLLAPSE", "PLACEMENT_STRATEGIES", "PRECISIONS", "READERS", "ROW_ENCODINGS", "SEARCHABLE",
+    "AISD_TEST_CASES", "BACKENDS", "CHANNEL_MODES", "CONFIG_DIR", "DISTRIBUTIONS", "LOSSES", "LR_SCHEDULES",
+    "MASK_VALUES", "ON_COLLAPSE", "PLACEMENT_STRATEGIES", "PRECISIONS", "READERS", "ROW_ENCODINGS", "SEARCHABLE",
     "SHARD_FORMATS", "SPLITS", "SYNTHETIC_LAYOUTS", "VOLUME_LAYOUTS", "WHOLE_NUMBER_KEYS",
     "AugmentConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "InferConfig", "ModelConfig",
     "RunConfig", "SyntheticConfig", "TrainConfig", "TuneConfig",

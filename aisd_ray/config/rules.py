@@ -13,6 +13,7 @@ from collections.abc import Callable
 from aisd_ray.config.schema import (
     AISD_TEST_CASES,
     BACKENDS,
+    CHANNEL_MODES,
     LOSSES,
     LR_SCHEDULES,
     MASK_VALUES,
@@ -128,6 +129,22 @@ def data_rules(d: DataConfig, m: ModelConfig, bad: Bad) -> None:
     for split in d.split_dirs:
         if split not in SPLITS:
             raise bad("data.split_dirs", f"unknown split {split!r}")
+    channel_rules(d, m, bad)
+
+
+def channel_rules(d: DataConfig, m: ModelConfig, bad: Bad) -> None:
+    """``data.channels``: a known mode; three channels for every mode but grey; three windows for
+    ``windows`` (one per channel)."""
+    if d.channels not in CHANNEL_MODES:
+        raise bad("data.channels", f"must be one of {', '.join(CHANNEL_MODES)}, got {d.channels!r}")
+    if d.channels != "grey" and m.image_channels != 3:
+        raise bad("model.image_channels", f"must be 3 for data.channels = {d.channels!r} (it makes three "
+                                          f"channels), got {m.image_channels}")
+    if d.channels == "windows" and len(d.windows) != 3:
+        raise bad("data.windows", f"data.channels = 'windows' takes three (level, width) windows, one per "
+                                  f"channel, got {len(d.windows)}")
+
+
 def synthetic_rules(s: SyntheticConfig, bad: Bad) -> None:
     if s.layout not in SYNTHETIC_LAYOUTS:
         raise bad("synthetic.layout", f"must be one of {', '.join(SYNTHETIC_LAYOUTS)}, got {s.layout!r}")

@@ -105,6 +105,11 @@ class DataConfig:
     # PNGs are one brain window as grey RGB), or one window per channel. A value v in HU becomes
     # 255 * clip((v - (level - width / 2)) / width, 0, 1). Brain window: level 40, width 80.
     windows: tuple[tuple[float, float], ...] = ((40.0, 80.0),)
+    # CT volumes only: what the model's input channels hold (aisd_ray/data/channels.py): "grey" (the
+    # windows above, as the AISD PNGs), "neighbours" (slices k-1, k, k+1 through the first window),
+    # "windows" (three windows, one per channel) or "symmetry" (the slice, its mirror about the
+    # head's midline, and their difference 128 + (slice - mirror) / 2). All but grey need 3 channels.
+    channels: str = "grey"
 
 
 # "original" and "raw" are PNG slices; "nnunet" (NIfTI volumes in nnU-Net's raw dataset layout) and
@@ -319,6 +324,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # aisd_ray/configs
 LOSSES = ("ce", "dice", "ce_dice")
 SHARD_FORMATS = ("parquet", "tfrecord")
 ROW_ENCODINGS = ("png", "raw")
+CHANNEL_MODES = ("grey", "neighbours", "windows", "symmetry")  # data.channels (aisd_ray/data/channels.py)
 MASK_VALUES = ("auto", "colours", "class_ids", "raw_labels")  # data.mask_values (aisd_ray/data/masks.py)
 BACKENDS = ("ray", "local")
 # train.mixed_precision -> Keras dtype policy of the layers (the softmax head stays float32).

@@ -4,9 +4,10 @@ Four sources are read: the original's ``{train,valid,test}/{images,masks}`` PNG 
 AISD release (``image.zip``/``mask.zip`` or their extracted folders, one folder per case),
 which is split by patient with the official test cases as the test split; and CT volumes in HU
 (``volume_source.py``: nnU-Net's raw dataset layout, or DICOM series cases with label volumes),
-split by patient too, windowed by ``data.windows``. Either may lie in a
-bucket (``--source gs://bucket/prefix``): it is copied to a local temp folder first (file times
-kept, so an unchanged source is recognised and left alone), read, and the copy removed.
+split by patient too, windowed by ``data.windows`` into the channels of ``data.channels`` (PNG
+sources are grey only). Either may lie in a bucket (``--source gs://bucket/prefix``): it is copied
+to a local temp folder first (file times kept, so an unchanged source is recognised and left
+alone), read, and the copy removed.
 
 The training split is written in a shuffled order (keyed by ``data.split_seed``), so that every
 shard mixes cases and an epoch's shard permutation mixes them further; validation and test keep
@@ -66,11 +67,14 @@ def read_source(cfg: Config, progress: bool = True) -> tuple[dict[str, list[layo
     """Slice refs per split and what the manifest should say about the source."""
     m, d = cfg.model, cfg.data
     if d.source_dir and not d.split_dirs and volume_source.volume_layout(d.source_dir):
-        log.info("%s: CT volumes (%s layout), windows %s HU", d.source_dir, volume_source.volume_layout(d.source_dir),
-                 [list(w) for w in d.windows])
+        log.info("%s: CT volumes (%s layout), windows %s HU, channels %s", d.source_dir,
+                 volume_source.volume_layout(d.source_dir), [list(w) for w in d.windows], d.channels)
         found = volume_source.read_volume_source(d.source_dir, d, m.image_height, m.image_width, m.image_channels,
                                                  m.num_classes, progress)
         return found.refs, found.info
+    if d.channels != "grey":
+        raise layout.DataError(f"{d.source_dir or 'data.split_dirs'}: data.channels = {d.channels!r} needs CT volumes "
+                               "in HU (nnU-Net, DICOM); PNG slices are one window already: use 'grey'")
     if d.source_dir and not d.split_dirs and raw.is_raw_release(d.source_dir):
         release = raw.read_release(d.source_dir, d, m.image_height, m.image_width, m.image_channels)
         return release.refs, {"layout": "raw", "root": str(Path(d.source_dir).resolve()),
@@ -87,7 +91,9 @@ def _settings(cfg: Config) -> list[Any]:
     m, d = cfg.model, cfg.data
     return [shards.FORMAT_VERSION, m.image_height, m.image_width, m.image_channels, d.rgb_map, d.shard_format,
             d.shard_target_mb, min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed,
-            d.drop_empty_train, d.mask_colour_tolerance, d.row_encoding, d.mask_values, d.windows]
+            d.drop_empty_train, d.mask_colour_tolerance, d.row_encoding, d.mask_values, d.windows,
+            # only when not grey, so that a grey store written before channel modes existed stays valid
+            *([d.channels] if d.channels != "grey" else [])]
 
 
 def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:

@@ -16,9 +16,10 @@ Three layouts are recognised by their shape:
 
 The training cases are split into train and valid by patient (``data.valid_fraction``,
 ``data.split_seed``), as the raw AISD release is. Each volume is read once (``volume.py``: HU,
-spacing, canonical axial orientation), its slices windowed (``data.windows``) and resized to the
-model size, and kept in a temporary folder while the shards are written; a case whose labels do
-not match its image's geometry, or hold a class id the model lacks, is named before anything is
+spacing, canonical axial orientation), its channels built at its own size (``data.channels``,
+``data.windows``: ``channels.py``), its slices resized to the model size and kept in a temporary
+folder while the shards are written; a case whose labels do not match its image's geometry, or hold
+a class id the model lacks, or without a head to find the midline of, is named before anything is
 written. The manifest's ``source.geometry`` gives each case's shape, spacing (mm) and model-size
 spacing, so that evaluation reports volumes in mL and distances in mm.
 """
@@ -38,7 +39,8 @@ import numpy as np
 from aisd_ray.config import DataConfig
 from aisd_ray.data import volume
 from aisd_ray.data.aisd_dicom import aisd_dicom_cases, is_aisd_dicom
-from aisd_ray.data.layout import DataError, Sample, SliceRef, is_metadata
+from aisd_ray.data.channels import build_channels
+from aisd_ray.data.layout import DataError, Sample, SliceRef, is_metadata, resize_image
 from aisd_ray.data.raw import split_cases
 from aisd_ray.data.windows import InPlane
 from aisd_ray.progress import progress_bar
@@ -190,13 +192,18 @@ def _class_ids(labels: np.ndarray, case: Case, data: DataConfig, num_classes: in
 
 def _process(case: Case, folder: Path, data: DataConfig, height: int, width: int, channels: int,
              num_classes: int) -> dict[str, Any]:
-    """Read one case, write its model-size slices (images, labels) as .npy; return its geometry."""
+    """Read one case, write its model-size slices (images, labels) as .npy; return its geometry.
+    The channels (``data.channels``) are built from the whole volume at its own size, then resized."""
     vol = volume.read_volume(case.image, case.case_id)
     labels = (case.labels(vol) if callable(case.labels) else  # the AISD masks: class ids already
               _class_ids(volume.read_labels(case.labels, like=vol), case, data, num_classes))
     z, h, w = vol.hu.shape
     plane = InPlane(h, w, (vol.spacing[1], vol.spacing[2]), height, width)
-    images = np.stack([plane.to_model(vol.hu[k], data.windows, channels) for k in range(z)])
+    try:
+        built = build_channels(vol.hu, data.channels, data.windows, channels)
+    except ValueError as exc:  # symmetry: no head in the volume
+        raise DataError(f"{case.image}: data.channels {data.channels!r}: {exc}") from None
+    images = np.stack([resize_image(image, height, width) for image in built])
     model_labels = np.stack([plane.labels_to_model(labels[k]) for k in range(z)])
     np.save(folder / f"{case.case_id}_images.npy", images)
     np.save(folder / f"{case.case_id}_labels.npy", model_labels)
@@ -245,4 +252,5 @@ def read_volume_source(root: str | Path, data: DataConfig, height: int, width: i
     bar.close()
     info["geometry"] = geometry
     info["windows"] = [list(w) for w in data.windows]
+    info["channels"] = data.channels
     return VolumeSplits(refs, info)
