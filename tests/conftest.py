@@ -26,6 +26,18 @@ def tiny_config(*overrides: str):
     return load_config(builtin_config("tiny"), list(overrides))
 
 
+def volume_config(layout: str, cases: int, test_cases: int, size: int, slices: int, *overrides: str):
+    """The tiny config on a small synthetic CT layout (``nnunet``, ``dicom``...), its official test
+    cases as ``data.test_cases`` (as the demo hands them on)."""
+    from aisd_ray.data.synthetic import synthetic_test_cases
+
+    cfg = tiny_config(f"synthetic.layout='{layout}'", f"synthetic.num_cases={cases}",
+                      f"synthetic.num_test_cases={test_cases}", f"synthetic.size={size}",
+                      f"synthetic.slices_per_case={slices}", *overrides)
+    cfg.data.test_cases = tuple(synthetic_test_cases(cfg.synthetic))
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A tiny synthetic AISD tree (64 px): 32 train, 8 valid, 8 test slices."""

@@ -11,9 +11,10 @@ from aisd_ray.data.channels import build_channels, midline, mirror
 from aisd_ray.data.layout import DataError
 from aisd_ray.data.prepare import prepare
 from aisd_ray.data.shards import iter_records, record_to_arrays
-from aisd_ray.data.synthetic import Head, synthetic_test_cases, write_synthetic
+from aisd_ray.data.synthetic import Head, write_synthetic
 from aisd_ray.data.synthetic_volumes import Tissue, synth_hu_slice
 from aisd_ray.data.windows import window
+from tests.conftest import volume_config
 
 BRAIN = [(40.0, 80.0)]
 
@@ -145,11 +146,7 @@ def test_config_refuses_an_unknown_mode_a_windows_mode_without_three_and_one_cha
 
 
 def _cfg(layout: str, *more: str):
-    cfg = load_config(builtin_config("tiny"), [f"synthetic.layout='{layout}'", "synthetic.num_cases=4",
-                                               "synthetic.num_test_cases=1", "synthetic.size=64",
-                                               "synthetic.slices_per_case=4", *more])
-    cfg.data.test_cases = tuple(synthetic_test_cases(cfg.synthetic))
-    return cfg
+    return volume_config(layout, 4, 1, 64, 4, *more)
 
 
 def test_prepare_stores_the_neighbours_of_each_slice_and_the_mode_changes_the_store(tmp_path):

@@ -7,21 +7,17 @@ import shutil
 import numpy as np
 import pytest
 
-from aisd_ray.config import builtin_config, load_config
 from aisd_ray.data import volume
 from aisd_ray.data.layout import DataError
 from aisd_ray.data.prepare import prepare
 from aisd_ray.data.shards import iter_records, record_to_arrays
-from aisd_ray.data.synthetic import synthetic_test_cases, write_synthetic
+from aisd_ray.data.synthetic import write_synthetic
 from aisd_ray.data.windows import InPlane
+from tests.conftest import volume_config
 
 
 def _cfg(layout: str, *more: str):
-    cfg = load_config(builtin_config("tiny"), [f"synthetic.layout='{layout}'", "synthetic.num_cases=6",
-                                               "synthetic.num_test_cases=2", "synthetic.size=96",
-                                               "synthetic.slices_per_case=5", *more])
-    cfg.data.test_cases = tuple(synthetic_test_cases(cfg.synthetic))
-    return cfg
+    return volume_config(layout, 6, 2, 96, 5, *more)
 
 
 @pytest.fixture(scope="module")
