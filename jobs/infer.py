@@ -1,4 +1,5 @@
-"""`ray job submit ... -- python jobs/infer.py [flags]`: segment a folder of images with an export.
+"""`ray job submit ... -- python jobs/infer.py [flags]`: segment CT patients (a DICOM series folder, a
+NIfTI file, or a folder of them: `--input`) or a folder of images (`--images`) with an export.
 
 Same flags as `aisd-ray infer` (see `--help`); a failure exits non-zero with the reason.
 """
