@@ -119,7 +119,7 @@ def test_entry_points_configs_and_flags_in_the_rayjobs_are_real(name):
 
 def test_image_and_versions_agree_with_pyproject():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    pins = dict(re.match(r"([a-z\-\[\],]+)~=(\S+)", d).groups() for d in pyproject["project"]["dependencies"]
+    pins = dict(re.match(r"([A-Za-z0-9_.\-\[\],]+)~=(\S+)", d).groups() for d in pyproject["project"]["dependencies"]
                 if "~=" in d)
     ray_pin = next(v for k, v in pins.items() if k.startswith("ray"))
     assert ray_pin == ray.__version__
