@@ -13,7 +13,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from aisd_ray import storage  # noqa: E402
 from aisd_ray.config import BACKENDS, SYNTHETIC_LAYOUTS, ConfigError, builtin_config, load_config  # noqa: E402
 from aisd_ray.data.layout import DataError  # noqa: E402
-from aisd_ray.flags import add_config, add_run_options, flag_overrides, refuse, seeds, synthetic_test_cases  # noqa: E402
+from aisd_ray.flags import (  # noqa: E402
+    add_config,
+    add_evaluate_arguments,
+    add_run_options,
+    add_tta,
+    check_evaluate,
+    flag_overrides,
+    seeds,
+    synthetic_test_cases,
+)
 from aisd_ray.quiet import LOG_DATEFMT, LOG_FORMAT, quiet_tensorflow_import  # noqa: E402
 from aisd_ray.train import TrainingFailed  # noqa: E402
 
@@ -115,21 +124,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    if args.predictions:
-        refuse(args, "with --predictions (masks are scored as they are)",
-               "model", "data", "split", "batch_size", "no_overlays")
-        if not args.masks:
-            raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
-    else:
-        refuse(args, "with --model (the export holds its own config; the batch size is --batch-size)",
-               "config", "set", "masks")
-        if not (args.model and args.data):
-            raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
+    check_evaluate(args)
     cfg = _config(args)  # the defaults and --batch-size, validated before TensorFlow loads
     from aisd_ray import stages
 
     report = stages.evaluate(cfg, args.output, model=args.model, shards=args.data, split=args.split or "test",
-                             predictions=args.predictions, masks=args.masks, overlays=not args.no_overlays)
+                             predictions=args.predictions, masks=args.masks, overlays=not args.no_overlays,
+                             choose_postprocessing=args.choose_postprocessing)
     if "images" not in report:  # label volumes, scored per case
         print(f"case Dice {report['case_dice_mean']:.4f} (mean), HD95 {report['case_hd95_mm_median']:.2f} mm "
               f"(median), volume error {report['case_avd_ml_median']:.2f} mL (median), lesion F1 "
@@ -139,6 +140,12 @@ def cmd_evaluate(args) -> None:
               f"{report['lesion_dice_per_image']:.4f} (per image) over {report['images']} images")
     for name in report.get("classes", []):
         print(f"{name} Dice {report[f'{name}_dice']:.4f} (pooled), {report[f'{name}_dice_per_image']:.4f} (per image)")
+    if "postprocessing" in report:
+        from aisd_ray.postprocess import describe
+
+        chosen = " (chosen here, written into the export)" if args.choose_postprocessing else ""
+        print(f"tta {'on' if report['tta'] else 'off'}; case volumes post-processed: "
+              f"{describe(report['postprocessing'])}{chosen}")
     print(f"metrics: {storage.join(args.output, 'metrics.json')}")
 
 
@@ -287,18 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = add_parser("evaluate", help="score an export on a split, or mask PNGs against ground truth")
-    add_config(p)
-    p.add_argument("--model", help="export folder")
-    p.add_argument("--data", help="shard store")
-    p.add_argument("--split", help="split of the shard store to score (default: test)")
-    p.add_argument("--batch-size", type=int, help="images per prediction batch (else eval.batch_size, 4)")
-    p.add_argument("--predictions", help="folder of predicted mask PNGs, or of <case>.nii.gz label volumes "
-                                         "(no model needed)")
-    p.add_argument("--masks", help="folder of ground-truth mask PNGs, or of <case>.nii.gz label volumes (scored "
-                                   "per case in mm and mL)")
-    p.add_argument("--no-overlays", action="store_true", help="no overlays/ folder (found, false and missed "
-                                                               "lesion pixels per slice)")
-    p.add_argument("--output", required=True, help="folder for metrics.json, evaluation.csv, per_image.csv")
+    add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = add_parser("infer", help="segment CT patients (DICOM series, NIfTI) or a folder of images with an export")
@@ -314,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "infer.overlays)")
     p.add_argument("--probabilities", action="store_true", help="CT patients: also each case's lesion "
                                                                  "probability map (else infer.probabilities)")
+    add_tta(p)
     p.set_defaults(func=cmd_infer)
 
     p = add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")

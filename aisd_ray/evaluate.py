@@ -8,6 +8,13 @@ original's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines
 the shards know each slice's case (the raw release), per-case volume scores:
 ``per_case.csv``, a ``cases`` block in metrics.json and ``volume_agreement.png``.
 
+``tta`` and ``postprocessing`` in metrics.json say how an export's predictions were made: mirroring
+test-time augmentation on or off (``export.LoadedExport``), and the export's post-processing choice
+(``postprocess.py``), applied to each case's predicted volume before its case figures are scored.
+The per-slice figures (``lesion_dice``, ``per_image``, the losses, the overlays) are the network's
+own, before post-processing: a 3-D rule needs a whole case, which a per-slice score does not have,
+and a store without case ids (the original's tree) has no cases to post-process.
+
 With several foreground classes, each has every figure too under its ``class_names`` name
 (``metrics``): ``core_dice`` beside ``lesion_dice``, ``core_tp`` etc. beside ``tp`` in each
 ``per_image`` row, ``core_case_dice_mean`` in ``cases``, a ``core`` series in the volume plot
@@ -22,7 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from aisd_ray import metrics, plots, render, storage, volume_metrics
+from aisd_ray import metrics, plots, postprocess, render, storage, volume_metrics
 from aisd_ray.config import DataConfig
 from aisd_ray.data import layout, masks, shards
 from aisd_ray.export import LoadedExport
@@ -43,6 +50,10 @@ DEFINITIONS = {
              "HD95 in mm (MONAI's: the larger of the two directions' 95th percentile surface distance), "
              "normalised surface Dice at nsd_tolerance_mm, volumes and absolute volume difference in mL, at model "
              "resolution (in-plane spacing scaled by the resize)",
+    "tta": "whether each prediction averaged the softmax of the slice and of its left-right mirror",
+    "postprocessing": "the export's post-processing choice (postprocess.json; rule none when it has none), "
+                      "applied to each case's predicted volume before the case figures; the per-slice "
+                      "figures are the network's own, before it",
 }
 # added where foreground classes have keys of their own (not for the two-class default)
 CLASS_DEFINITIONS = {
@@ -77,15 +88,23 @@ class CaseVolumes:
             self._slices.setdefault(case_id, []).append((slice_index, truth.shape, self._pack(truth),
                                                          self._pack(pred)))
 
-    def scores(self, spacing: dict[str, tuple[float, float, float]] | None = None) -> list[dict[str, Any]]:
-        """One row per case. ``spacing``: (z, y, x) mm of a model-size voxel per case (a volume
-        source's manifest has it): those cases gain HD95, NSD, volumes in mL and lesion-wise F1
-        (``volume_metrics.case_volume_scores``)."""
-        rows = []
+    def volumes(self):
+        """(case id, truth, prediction) per case in case order: (Z, Y, X) uint8 class ids, slices in order."""
         for case in sorted(self._slices):
             slices = sorted(self._slices[case], key=lambda s: s[0])
-            truth = np.stack([self._unpack(t, shape) for _, shape, t, _ in slices])
-            pred = np.stack([self._unpack(p, shape) for _, shape, _, p in slices])
+            yield (case, np.stack([self._unpack(t, shape) for _, shape, t, _ in slices]),
+                   np.stack([self._unpack(p, shape) for _, shape, _, p in slices]))
+
+    def scores(self, spacing: dict[str, tuple[float, float, float]] | None = None,
+               choice: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """One row per case. ``spacing``: (z, y, x) mm of a model-size voxel per case (a volume
+        source's manifest has it): those cases gain HD95, NSD, volumes in mL and lesion-wise F1
+        (``volume_metrics.case_volume_scores``). ``choice``: a post-processing choice applied to each
+        predicted volume first (``postprocess.apply``; a ``min_ml`` rule needs every case's spacing)."""
+        rows = []
+        for case, truth, pred in self.volumes():
+            if choice:
+                pred = postprocess.apply(choice, pred, (spacing or {}).get(case))
             row = {"case_id": case, **metrics.case_scores(truth, pred),
                    **metrics.class_case_scores(truth, pred, self.names)}
             if spacing and case in spacing:
@@ -177,11 +196,18 @@ def _batched(records: Iterable[dict], size: int):
 
 def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str = "test",
                     batch_size: int = 4, progress: bool = True, overlays: bool = True,
-                    store: shards.ShardStore | None = None) -> dict[str, Any]:
+                    store: shards.ShardStore | None = None, tta: bool = False,
+                    choose_postprocessing: bool = False) -> dict[str, Any]:
     """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv and,
     with ``overlays``, ``overlays/<name>.png`` per slice (found, false and missed lesion pixels).
-    ``store``: the command's already opened store, else it is opened (and verified) here."""
-    model = LoadedExport(export_uri)
+    ``store``: the command's already opened store, else it is opened (and verified) here. ``tta``:
+    mirroring test-time augmentation (``LoadedExport``). ``choose_postprocessing`` (the ``valid``
+    split only, so the test split never decides it): choose the post-processing on this split's
+    cases (``postprocess.choose``), write it into the export (``postprocess.json``) and score with
+    it; DataError when the split's slices carry no case ids."""
+    if choose_postprocessing and split != "valid":
+        raise ValueError(f"post-processing is chosen on the valid split only, not {split!r}")
+    model = LoadedExport(export_uri, tta=tta)
     manifest = (store or shards.ShardStore.open(shards_uri)).manifest
     have = tuple(manifest["image"][k] for k in ("height", "width", "channels"))
     if have != (model.height, model.width, model.channels):
@@ -189,11 +215,31 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
                                f"{'x'.join(map(str, have))} images but the export {export_uri} takes "
                                f"{model.height}x{model.width}x{model.channels}")
     with storage.staged_dir(out_uri) as folder:  # appears complete or not at all
-        return _score_split(model, shards_uri, manifest, split, str(folder), batch_size, progress, overlays)
+        return _score_split(model, shards_uri, manifest, split, str(folder), batch_size, progress, overlays,
+                            choose_postprocessing)
+
+
+def _postprocessing(model: LoadedExport, volumes: CaseVolumes, spacing: dict, shards_uri: str, split: str,
+                    choose: bool) -> dict[str, Any]:
+    """The export's post-processing choice, chosen here on ``volumes`` first with ``choose``."""
+    where = storage.join(shards_uri, shards.MANIFEST)
+    if choose:
+        cases = [(t, p, spacing.get(case)) for case, t, p in volumes.volumes()]
+        if not cases:
+            raise layout.DataError(f"{where}: the {split} split's slices carry no case ids; post-processing "
+                                   "is chosen on per-case volumes (prepare the raw release or CT volumes)")
+        model.postprocess = postprocess.choose(cases)
+        postprocess.save(model.uri, model.postprocess)
+    missing = [case for case, _, _ in volumes.volumes() if case not in spacing]
+    if model.postprocess.get("min_ml") is not None and missing:
+        raise layout.DataError(f"{storage.join(model.uri, postprocess.FILE)}: "
+                               f"{postprocess.describe(model.postprocess)} needs each case's spacing; {where} "
+                               f"has none for {len(missing)} case(s), e.g. {missing[0]}")
+    return model.postprocess
 
 
 def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: str, out: str, batch_size: int,
-                 progress: bool, overlays: bool) -> dict[str, Any]:
+                 progress: bool, overlays: bool, choose: bool = False) -> dict[str, Any]:
     total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
     names, counts, class_counts, losses, seed_dice = [], [], [], [], []
     num_classes = len(model.rgb_map)
@@ -221,8 +267,11 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
     counts_arr = np.concatenate(counts) if counts else np.zeros((0, 3), np.int64)
     class_arr = np.concatenate(class_counts) if class_counts else np.zeros((0, num_classes - 1, 3), np.int64)
     loss, seed = float(np.mean(losses)), float(np.mean(seed_dice))
-    extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed}
-    case_rows = volumes.scores(case_spacing(manifest))
+    spacing = case_spacing(manifest)
+    choice = _postprocessing(model, volumes, spacing, shards_uri, split, choose)
+    extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed,
+                             "tta": model.tta, "postprocessing": {**choice, "applied_to": "per-case volumes"}}
+    case_rows = volumes.scores(spacing, choice)
     if case_rows:
         extra["cases"] = {**_write_cases(out, case_rows, foreground), "per_case": case_rows}
     report = _write_report(out, names, counts_arr, extra,

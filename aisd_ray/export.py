@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from aisd_ray import provenance, storage
+from aisd_ray import postprocess, provenance, storage
 from aisd_ray.config import Config, DataConfig
 from aisd_ray.model import build_flexunet
 from aisd_ray.train import checkpoint as ckpt
@@ -110,9 +110,21 @@ def export_best(cfg: Config, run_uri: str, out_uri: str) -> tuple[str, dict[str,
 
 
 class LoadedExport:
-    """An export folder loaded for inference: the SavedModel signature and its metadata."""
+    """An export folder loaded for inference: the SavedModel signature and its metadata.
 
-    def __init__(self, uri: str):
+    Test-time augmentation lives here, not in the SavedModel, whose signatures stay plain (one
+    forward pass): with ``tta`` (this object's default, or ``predict``'s argument) a prediction is
+    nnU-Net's mirroring restricted to the axial slice's left-right axis: the softmax probabilities
+    of the image and of its mirror (width axis flipped, predicted, flipped back) averaged, the labels
+    their argmax. Twice the compute. ``eval.tta`` (default false) sets it for ``evaluate --model``
+    and ``infer``; the default awaits a measured sweep on real data (docs/training.md).
+
+    ``postprocess``: the export's post-processing choice (``postprocess.json``, written by
+    ``evaluate --choose-postprocessing``; ``postprocess.NONE`` when absent), which the per-case 3-D
+    scoring and ``infer`` of CT patients apply; the network's predictions here are never altered."""
+
+    def __init__(self, uri: str, tta: bool = False):
+        self.uri, self.tta = uri, bool(tta)
         self._copy = storage.local_copy(uri)
         folder = self._copy.__enter__()
         info_path = folder / INFO
@@ -125,6 +137,7 @@ class LoadedExport:
         if not (folder / storage.COMPLETE).is_file():
             raise FileNotFoundError(f"{storage.join(uri, storage.COMPLETE)}: missing; the export was not written "
                                     "to the end (interrupted?), export the run again")
+        self.postprocess = postprocess.load(folder, storage.join(uri, postprocess.FILE))
         self._module = tf.saved_model.load(str(folder / SAVED_MODEL))
         self._fn = self._module.signatures[SIGNATURE]
         self._float_fn = self._module.signatures[FLOAT_SIGNATURE]
@@ -137,10 +150,20 @@ class LoadedExport:
         # data.channels the model was trained with ("grey": exports from before channel modes)
         self.channel_mode = self.info.get("channels", "grey")
 
-    def predict(self, images) -> dict[str, tf.Tensor]:
-        """Run the serving signature on a uint8 batch of model-sized images."""
-        return self._fn(image=tf.convert_to_tensor(images, tf.uint8))
+    def _run(self, fn, images: tf.Tensor, tta: bool | None) -> dict[str, tf.Tensor]:
+        if not (self.tta if tta is None else tta):
+            return fn(image=images)
+        n = tf.shape(images)[0]
+        both = fn(image=tf.concat([images, tf.reverse(images, axis=[2])], axis=0))["probabilities"]
+        probabilities = (both[:n] + tf.reverse(both[n:], axis=[2])) / 2.0
+        return {"probabilities": probabilities, "labels": tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8)}
 
-    def predict_float(self, images) -> dict[str, tf.Tensor]:
+    def predict(self, images, tta: bool | None = None) -> dict[str, tf.Tensor]:
+        """The serving signature on a uint8 batch (N, H, W, C) of model-sized images: ``probabilities``
+        float32 (N, H, W, classes) and ``labels`` uint8 (N, H, W). ``tta``: mirroring (see the class),
+        default this object's ``tta``."""
+        return self._run(self._fn, tf.convert_to_tensor(images, tf.uint8), tta)
+
+    def predict_float(self, images, tta: bool | None = None) -> dict[str, tf.Tensor]:
         """The same through the float32-input signature."""
-        return self._float_fn(image=tf.convert_to_tensor(images, tf.float32))
+        return self._run(self._float_fn, tf.convert_to_tensor(images, tf.float32), tta)

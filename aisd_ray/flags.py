@@ -25,6 +25,7 @@ def _source(folder: str) -> dict:
 # Every flag that sets a config value, per command: argparse dest -> the config key it sets, or a
 # function of the flag's value giving {key: value}. A flag that is not given sets nothing.
 _SHARED = {"shared_fs": lambda _: {"run.shared_filesystem": True}}
+_TTA = {"tta": lambda _: {"eval.tta": True}, "no_tta": lambda _: {"eval.tta": False}}
 FLAG_KEYS = {
     "synthesize": {"layout": lambda layout: {"synthetic.layout": {"raw-zip": "raw"}.get(layout, layout)},
                    "cases": "synthetic.num_cases", "slices": "synthetic.slices_per_case"},
@@ -32,10 +33,10 @@ FLAG_KEYS = {
     "train": {"data": "data.shards_dir", "output": "run.output_dir", "backend": "train.backend",
               "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "tune": {"data": "data.shards_dir", "mlflow": "run.mlflow_tracking_uri", **_SHARED},
-    "evaluate": {"batch_size": "eval.batch_size"},
+    "evaluate": {"batch_size": "eval.batch_size", **_TTA},
     "infer": {"images": "infer.images_dir", "input": "infer.images_dir", "output": "infer.output_dir",
               "batch_size": "eval.batch_size", "no_overlays": lambda _: {"infer.overlays": False},
-              "probabilities": lambda _: {"infer.probabilities": True}},
+              "probabilities": lambda _: {"infer.probabilities": True}, **_TTA},
     "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend",
                  "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "demo": {"backend": "train.backend", "mlflow": "run.mlflow_tracking_uri", **_SHARED},
@@ -87,6 +88,44 @@ def refuse(args, why: str, *dests: str) -> None:
         raise ConfigError(f"{', '.join(given)}: not used {why}")
 
 
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """``evaluate``'s options: an export on a split, or predictions against masks (``check_evaluate``)."""
+    add_config(p)
+    p.add_argument("--model", help="export folder")
+    p.add_argument("--data", help="shard store")
+    p.add_argument("--split", help="split of the shard store to score (default: test)")
+    p.add_argument("--batch-size", type=int, help="images per prediction batch (else eval.batch_size, 4)")
+    p.add_argument("--predictions", help="folder of predicted mask PNGs, or of <case>.nii.gz label volumes "
+                                         "(no model needed)")
+    p.add_argument("--masks", help="folder of ground-truth mask PNGs, or of <case>.nii.gz label volumes (scored "
+                                   "per case in mm and mL)")
+    p.add_argument("--no-overlays", action="store_true", help="no overlays/ folder (found, false and missed "
+                                                               "lesion pixels per slice)")
+    add_tta(p)
+    p.add_argument("--choose-postprocessing", action="store_true", help="with --split valid: choose the "
+                   "post-processing (none, remove small lesions, keep the largest) on the split's cases and "
+                   "write it into the export as postprocess.json")
+    p.add_argument("--output", required=True, help="folder for metrics.json, evaluation.csv, per_image.csv")
+
+
+def check_evaluate(args) -> None:
+    """``evaluate``'s two modes, an export on a split or predictions against masks: an option of the
+    other mode, a missing one, or --choose-postprocessing off the valid split is refused."""
+    if args.predictions:
+        refuse(args, "with --predictions (masks are scored as they are)",
+               "model", "data", "split", "batch_size", "no_overlays", "tta", "no_tta", "choose_postprocessing")
+        if not args.masks:
+            raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
+        return
+    refuse(args, "with --model (the export holds its own config; the batch size is --batch-size)",
+           "config", "set", "masks")
+    if not (args.model and args.data):
+        raise ConfigError("give --model EXPORT_DIR --data SHARDS, or --predictions DIR --masks DIR")
+    if args.choose_postprocessing and args.split != "valid":
+        raise ConfigError("--choose-postprocessing: on --split valid only (the test split must not choose "
+                          "what it is scored with)")
+
+
 def add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """--config and --set, the two ways every command takes its config."""
     p.add_argument("--config", help="TOML file, the original's train_eval_infer.config (INI), or a shipped "
@@ -94,6 +133,14 @@ def add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.epochs=3")
     p.set_defaults(default_config=default)
+
+
+def add_tta(p: argparse.ArgumentParser) -> None:
+    """--tta / --no-tta: mirroring test-time augmentation on or off (``eval.tta``)."""
+    both = p.add_mutually_exclusive_group()
+    both.add_argument("--tta", action="store_true", help="average each prediction with that of the image's "
+                      "left-right mirror, twice the compute (else eval.tta, off)")
+    both.add_argument("--no-tta", action="store_true", help="plain predictions (else eval.tta)")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

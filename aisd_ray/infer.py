@@ -7,6 +7,11 @@ have smooth edges at any size; each is saved under the same base name as a palet
 ``rgb_map`` colours, as the original's inferencer did. An overlay ``overlays/<name>.png`` shows
 image | image with the lesion outline, at the image's size. The output folder appears only once
 every image is done: a bad image (named in the error) leaves no partial folder.
+
+With ``tta`` each prediction averages the image and its left-right mirror (``export.LoadedExport``).
+The export's post-processing choice (``postprocess.json``) is *not* applied here: its rules act on
+3-D lesions of a whole case, and a folder of images has no case or slice order to build one from
+(``infer --input`` on CT patients applies it).
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from aisd_ray.progress import progress_bar
 
 
 def infer_folder(export_uri: str, images_dir: str | Path, out_uri: str, batch_size: int = 4,
-                 overlays: bool = True, progress: bool = True) -> list[str]:
+                 overlays: bool = True, progress: bool = True, tta: bool = False) -> list[str]:
     """Segment every image of ``images_dir``; return the written mask names."""
     with storage.local_copy(str(images_dir)) as local:  # a gs:// folder is copied first
-        return _infer(LoadedExport(export_uri), images_dir, local, out_uri, batch_size, overlays, progress)
+        return _infer(LoadedExport(export_uri, tta=tta), images_dir, local, out_uri, batch_size, overlays, progress)
 
 
 def _infer(model: LoadedExport, images_dir, local: Path, out_uri: str, batch_size: int, overlays: bool,

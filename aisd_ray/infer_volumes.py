@@ -4,16 +4,21 @@ them), lesion masks in the scan's geometry and lesion volumes in mL out.
 Each case is read in HU (``data/volume.py``), its channels built as the model was trained (the
 export's ``windows`` and ``channels`` mode: ``data/channels.py``, at the scan's own size), its
 slices resized to the model size, segmented, and the class probabilities resized back to the
-slice's own size before the most likely class is taken. The mask is then put
-back into the input's geometry (same shape, spacing, origin and direction) and written as NIfTI.
+slice's own size before the most likely class is taken. The mask is then put back into the input's
+geometry (same shape, spacing, origin and direction), post-processed by the export's choice
+(``postprocess.json``, chosen on validation cases: see ``postprocess.py``; none when the export has
+none) and written as NIfTI. With ``tta``, each slice's prediction averages it and its left-right
+mirror (``export.LoadedExport``).
 Output, in nnU-Net's convention for a predictions folder (``evaluate --predictions`` reads it):
 
 - ``<case>.nii.gz``: uint8 class ids in the input's geometry;
 - ``cases/<case>/summary.json``: lesion volume in mL, the 3-D lesions (26-connected components:
-  each one's mL and slice range, largest first), spacing, shape, windows, channel mode, gantry tilt;
+  each one's mL and slice range, largest first), spacing, shape, windows, channel mode, gantry
+  tilt, ``tta``, the ``postprocessing`` applied and the mL it removed;
 - ``cases/<case>/preview.png``: the slices that hold lesion, windowed, the lesion outlined, mL in
   the title (the middle slices when there is none);
-- ``cases/<case>/probabilities.nii.gz`` (with ``probabilities=True``): float32 lesion probability;
+- ``cases/<case>/probabilities.nii.gz`` (with ``probabilities=True``): float32 lesion probability,
+  the network's (with TTA if on), before post-processing;
 - ``cases.csv``: one row per case.
 
 Only the case ID (the file or folder name given) and the geometry are written: no DICOM header
@@ -29,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from aisd_ray import render, storage, volume_metrics
+from aisd_ray import postprocess, render, storage, volume_metrics
 from aisd_ray.data import layout, volume, volume_write
 from aisd_ray.data.channels import build_channels
 from aisd_ray.data.windows import InPlane
@@ -129,22 +134,39 @@ CSV_FIELDS = ("case_id", "lesion_ml", "lesion_count", "largest_lesion_ml", "slic
               "gantry_tilt_deg")
 
 
+def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray, model: Any) -> np.ndarray:
+    """``labels`` (Z, Y, X) on the scan's grid after ``choice`` (``postprocess.apply``): a ``min_ml``
+    rule at the scan's spacing; a ``min_voxels`` rule, chosen at model resolution, as the volume of
+    that many model-size voxels of this scan (slice spacing x the resized pixel spacing)."""
+    plane = InPlane(*vol.hu.shape[1:], (vol.spacing[1], vol.spacing[2]), model.height, model.width)
+    voxel_ml = volume_metrics.volume_ml(np.ones((1, 1, 1)), (vol.spacing[0], *plane.model_spacing))
+    return postprocess.apply(choice, labels, vol.spacing, voxel_ml)
+
+
 def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_size: int = 4,
-                  probabilities: bool = False, progress: bool = True, model: Any = None) -> list[dict[str, Any]]:
+                  probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool = False,
+                  postprocessing: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Segment every case of ``input_path``; return their summaries. A case that is not a CT volume
     is a VolumeError (one line naming the file) and leaves no output folder. ``model``: an already
-    loaded export (anything with its ``height``, ``width``, ``channels``, ``windows``, ``predict``
-    and optionally ``channel_mode``), else the export is loaded once the first case has been read."""
+    loaded export (anything with its ``height``, ``width``, ``channels``, ``windows`` and
+    ``predict``; its ``channel_mode``, ``tta`` and ``postprocess`` where it has them), else the
+    export is loaded, with ``tta``, once the first case has been read. ``postprocessing``: a choice
+    used instead of the export's own (``postprocess.py``)."""
     cases = volume_cases(input_path)
     summaries = []
     bar = progress_bar(total=len(cases), desc="infer", unit="case", enabled=progress)
     with storage.staged_dir(out_uri) as folder:
         for case_id, path in cases.items():
             vol = volume.read_volume(path, case_id)
-            model = model or LoadedExport(export_uri)
-            labels, lesion = segment(model, vol, batch_size)
+            model = model or LoadedExport(export_uri, tta=tta)
+            choice = postprocessing or getattr(model, "postprocess", None) or postprocess.NONE
+            raw, lesion = segment(model, vol, batch_size)
+            labels = postprocessed(choice, vol, raw, model)
             volume_write.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")
             info = summary(vol, labels, model.windows, getattr(model, "channel_mode", "grey"))
+            removed = volume_metrics.volume_ml(raw > 0, vol.spacing) - volume_metrics.volume_ml(labels > 0, vol.spacing)
+            info.update(tta=bool(getattr(model, "tta", False)), postprocessing={
+                **{k: choice.get(k) for k in postprocess.NONE}, "removed_ml": round(removed, 3)})
             case_dir = folder / "cases" / case_id
             case_dir.mkdir(parents=True)
             storage.write_json(str(case_dir / "summary.json"), info)

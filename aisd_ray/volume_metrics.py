@@ -169,13 +169,22 @@ def _slice_ranges(labels: np.ndarray, n: int) -> list[tuple[int, int]]:
     return [(int(sl[0].start), int(sl[0].stop) - 1) for sl in ndimage.find_objects(labels, n)]
 
 
+def label_lesions(mask: Any, connectivity: int = LESION_CONNECTIVITY) -> tuple[np.ndarray, int]:
+    """The lesions of a (Z, Y, X) mask (non-zero voxels) as 3-D connected components: (int32 array of
+    the mask's shape, 0 outside any lesion and 1..n in C order of each one's first voxel, n). The one
+    home of the lesion connectivity (``scipy.ndimage.label``); ValueError for a mask that is not 3-D
+    or a connectivity other than 6, 18 or 26."""
+    labels, n = ndimage.label(_mask(mask), _structure(connectivity))
+    return labels.astype(np.int32, copy=False), int(n)
+
+
 def components(mask: Any, spacing: Any, connectivity: int = LESION_CONNECTIVITY) -> list[dict[str, Any]]:
     """The 3-D connected components of a (Z, Y, X) mask, largest first (ties in label order, i.e.
     first voxel in C order first); [] for an empty mask. Each is a dict: ``volume_ml`` (float, mL),
     ``voxels`` (int), ``z_min`` and ``z_max`` (ints, first and last slice index, inclusive) and
     ``centroid`` ((z, y, x) floats, in voxel indices, unweighted)."""
     s = _spacing(spacing)
-    labels, n = ndimage.label(_mask(mask), _structure(connectivity))
+    labels, n = label_lesions(mask, connectivity)
     if n == 0:
         return []
     ids = np.arange(1, n + 1)
@@ -209,9 +218,8 @@ def lesion_detection(truth: Any, pred: Any, spacing: Any = None, connectivity: i
     in label order with ``found`` (bool), ``voxels``, ``volume_ml`` (NaN without ``spacing``),
     ``z_min`` and ``z_max`` (first and last slice index)."""
     t, p = _pair(truth, pred)
-    structure = _structure(connectivity)
-    true_labels, n_true = ndimage.label(t, structure)
-    pred_labels, n_pred = ndimage.label(p, structure)
+    true_labels, n_true = label_lesions(t, connectivity)
+    pred_labels, n_pred = label_lesions(p, connectivity)
     overlap = t & p
     hit_true = np.unique(true_labels[overlap])
     found = len(hit_true)

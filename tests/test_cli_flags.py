@@ -63,6 +63,11 @@ def test_flag_values_keep_their_type_and_text(tmp_path):
     cfg = _config(build_parser().parse_args(["infer", "--model", "m", "--config", "tiny", "--images", "i",
                                              "--output", "o", "--batch-size", "2", "--no-overlays"]))
     assert (cfg.infer.images_dir, cfg.infer.output_dir, cfg.eval.batch_size, cfg.infer.overlays) == ("i", "o", 2, False)
+    for command in (["infer", "--model", "m", "--images", "i"], ["evaluate", "--model", "m", "--data", "d",
+                                                                "--output", "o"]):
+        for flags, tta in (([], False), (["--tta"], True), (["--no-tta"], False)):
+            assert _config(build_parser().parse_args([*command, *flags])).eval.tta is tta
+    assert _config(build_parser().parse_args(["infer", "--model", "m", "--set", "eval.tta=true"])).eval.tta is True
 
 
 def test_a_folder_with_quotes_and_spaces_prepares_through_the_flag(synthetic_root, tmp_path, capsys):
@@ -93,6 +98,13 @@ def test_a_folder_with_quotes_and_spaces_prepares_through_the_flag(synthetic_roo
       "--output", "{out}"],
      "aisd-ray evaluate: error: --split, --batch-size, --no-overlays: not used with --predictions (masks are "
      "scored as they are)"),
+    (["evaluate", "--predictions", "p", "--masks", "m", "--no-tta", "--output", "{out}"],
+     "aisd-ray evaluate: error: --no-tta: not used with --predictions (masks are scored as they are)"),
+    (["evaluate", "--model", "m", "--data", "d", "--choose-postprocessing", "--output", "{out}"],
+     "aisd-ray evaluate: error: --choose-postprocessing: on --split valid only (the test split must not choose "
+     "what it is scored with)"),
+    (["infer", "--model", "m", "--images", "i", "--output", "{out}", "--no-tta", "--set", "eval.tta=true"],
+     "aisd-ray infer: error: --no-tta and --set eval.tta=true both set [eval] tta: give one"),
 ])
 def test_an_option_the_command_would_ignore_or_a_bad_flag_value_is_refused(tmp_path, capsys, args, line):
     out = tmp_path / "out"

@@ -120,3 +120,71 @@ def test_case_volumes_keep_each_class_of_a_case():
         assert row[f"{name}_true_volume"] == t.sum() and row[f"{name}_pred_volume"] == p.sum()
         assert row[f"{name}_dice"] == pytest.approx(2 * (t & p).sum() / (t.sum() + p.sum()))
     assert row["true_volume"] == (truth > 0).sum() and row["pred_volume"] == (pred > 0).sum()
+
+
+def test_case_figures_are_scored_after_the_postprocessing_choice():
+    """A false speck on a case costs case Dice and a false lesion; the choice that removes it gives
+    them back, at the case's spacing in mL or in voxels."""
+    from aisd_ray.evaluate import CaseVolumes
+
+    truth = np.zeros((3, 12, 12), np.uint8)
+    truth[0:2, 2:8, 2:8] = 1  # 72 voxels
+    pred = truth.copy()
+    pred[2, 10:12, 10:12] = 1  # a 4-voxel false speck
+    volumes = CaseVolumes()
+    for i in range(3):
+        volumes.add("case", i, truth[i], pred[i])
+    plain = volumes.scores()[0]
+    assert plain["false_lesions"] == 1 and plain["dice"] == pytest.approx(144 / 148)
+    spacing = {"case": (5.0, 1.0, 1.0)}  # 0.005 mL a voxel: the speck is 0.02 mL
+    for choice in ({"rule": "remove_small", "min_ml": 0.1}, {"rule": "remove_small", "min_voxels": 5},
+                   {"rule": "keep_largest"}):
+        row = volumes.scores(spacing, choice)[0]
+        assert row["false_lesions"] == 0 and row["dice"] == 1.0 and row["pred_volume"] == 72
+        assert row["hd95_mm"] == 0.0
+    assert volumes.scores(spacing, {"rule": "none"})[0]["dice"] == plain["dice"]
+
+
+def test_postprocessing_is_chosen_on_the_valid_split_written_into_the_export_and_read_back(trained_run, tmp_path,
+                                                                                           capsys):
+    """`evaluate --split valid --choose-postprocessing` on a raw-release store: the choice lands in
+    the export's postprocess.json (the valid cases scored for every candidate), LoadedExport reads
+    it, and the next evaluation and infer --input record it."""
+    import shutil
+
+    from aisd_ray import postprocess
+    from aisd_ray.cli import main
+    from aisd_ray.config import AISD_TEST_CASES
+    from aisd_ray.data.prepare import prepare
+    from aisd_ray.data.synthetic import write_synthetic_raw
+    from aisd_ray.export import LoadedExport
+    from tests.conftest import tiny_config
+
+    export = tmp_path / "export"
+    shutil.copytree(trained_run[3], export)  # the session's export stays as it is
+    cases = list(AISD_TEST_CASES[:2]) + [f"100000{i}" for i in range(1, 7)]
+    write_synthetic_raw(tmp_path / "raw", tiny_config().synthetic, cases, slices=4, progress=False)
+    prepare(tiny_config(f"data.source_dir='{tmp_path / 'raw'}'", "data.valid_fraction=0.4"),
+            str(tmp_path / "shards"), progress=False)
+    assert main(["evaluate", "--model", str(export), "--data", str(tmp_path / "shards"), "--split", "valid",
+                 "--choose-postprocessing", "--no-overlays", "--output", str(tmp_path / "valid")]) == 0
+    assert "(chosen here, written into the export)" in capsys.readouterr().out
+    written = json.loads((export / postprocess.FILE).read_text())
+    report = json.loads((tmp_path / "valid" / "metrics.json").read_text())
+    assert report["postprocessing"]["rule"] == written["rule"] and written["cases"] == report["cases"]["cases"] >= 2
+    assert set(written["val_case_dice"]) == set(postprocess.candidates(in_ml=False))  # no spacing: voxels
+    assert LoadedExport(str(export)).postprocess == postprocess.check(written, "x")
+    # a choice of the export's is used by evaluate (recorded) and by infer --input (recorded per case)
+    postprocess.save(str(export), {"rule": "keep_largest"})
+    assert main(["evaluate", "--model", str(export), "--data", str(tmp_path / "shards"), "--no-overlays",
+                 "--output", str(tmp_path / "test")]) == 0
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["postprocessing"]["rule"] == "keep_largest"
+    from aisd_ray.data.synthetic_volumes import synth_volume, write_nifti_case
+
+    hu, _, spacing = synth_volume(7, "1000002", 80, 6)
+    write_nifti_case(hu, spacing, tmp_path / "patients" / "p.nii.gz")
+    assert main(["infer", "--model", str(export), "--input", str(tmp_path / "patients"), "--output",
+                 str(tmp_path / "masks"), "--tta"]) == 0
+    summary = json.loads((tmp_path / "masks" / "cases" / "p" / "summary.json").read_text())
+    assert summary["postprocessing"]["rule"] == "keep_largest" and summary["tta"] is True
+    assert summary["lesion_count"] <= 1

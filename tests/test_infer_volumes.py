@@ -191,3 +191,46 @@ def test_an_export_records_its_channel_mode_and_infer_reads_it(patient, tmp_path
     assert model.info["channels"] == model.channel_mode == "neighbours"
     [summary] = infer_volumes(uri, patient[1], str(tmp_path / "out"), progress=False, model=model)
     assert summary["channels"] == "neighbours" and summary["shape_zyx"] == [7, 80, 72]
+
+
+class PostprocessedModel(ThresholdModel):
+    """The threshold double carrying an export's post-processing choice, as ``LoadedExport`` does."""
+
+    def __init__(self, choice):
+        self.postprocess = choice
+
+
+def _head_with_block_and_speck(tmp_path):
+    """A NIfTI of ``_head_with_block`` (a 5.4 mL block) plus a 2 x 4 x 4 voxel 86 HU speck (0.23 mL)
+    far from it: (path, block, speck)."""
+    hu, block = _head_with_block()
+    speck = np.zeros(hu.shape, bool)
+    speck[4:6, 56:60, 54:58] = True
+    hu[speck] = 86
+    return write_nifti_case(hu, SPACING, tmp_path / "in" / "two.nii.gz"), block, speck
+
+
+@pytest.mark.parametrize("how", ["model", "argument", "voxels"])
+def test_the_exports_postprocessing_is_applied_per_case_before_the_mask_and_summary(tmp_path, how):
+    path, block, speck = _head_with_block_and_speck(tmp_path)
+    assert volume_ml(speck, SPACING) == pytest.approx(32 * 5 * 0.9 * 0.8 / 1000)
+    plain = infer_volumes("unused", path, str(tmp_path / "plain"), progress=False, model=ThresholdModel())[0]
+    assert plain["lesion_count"] == 2 and plain["postprocessing"]["rule"] == "none"
+    # a model-resolution voxel of this scan: 5 mm x (0.9 x 80/64) x (0.8 x 72/64) = 5.0625 mm3; the
+    # speck (~0.23 mL) is about 46 of them, the block (~5.4 mL) over a thousand
+    choice = {"rule": "remove_small", "min_ml": 1.0, "min_voxels": None}
+    model, argument = PostprocessedModel(choice), None
+    if how == "argument":
+        model, argument = PostprocessedModel(dict(choice, min_ml=100.0)), choice  # the argument wins
+    elif how == "voxels":
+        model = PostprocessedModel({"rule": "remove_small", "min_ml": None, "min_voxels": 100})
+    out = tmp_path / "out"
+    [summary] = infer_volumes("unused", path, str(out), progress=False, model=model, postprocessing=argument)
+    labels = volume.read_labels(out / "two.nii.gz", like=volume.read_volume(path))
+    assert not labels[speck].any() and labels[block].mean() > 0.9
+    assert summary["lesion_count"] == 1 and summary["lesions"][0]["slices"] == [2, 4]
+    assert summary["lesion_ml"] == plain["lesions"][0]["volume_ml"]
+    assert summary["postprocessing"]["rule"] == "remove_small" and summary["tta"] is False
+    assert summary["postprocessing"]["removed_ml"] == pytest.approx(plain["lesions"][1]["volume_ml"], abs=1e-3)
+    assert json.loads((out / "cases" / "two" / "summary.json").read_text())["postprocessing"] == \
+        summary["postprocessing"]

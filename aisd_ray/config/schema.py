@@ -272,6 +272,9 @@ class TuneConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 4
+    # mirroring test-time augmentation in evaluate --model and infer (export.LoadedExport); off until a
+    # measured sweep on real data says it helps (docs/training.md, test-time augmentation)
+    tta: bool = False
 
 
 @dataclass

@@ -68,7 +68,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     log.info("stage 4/%d: evaluate on the test split%s", stages, " (a Ray task)" if on_worker else "")
     eval_uri = storage.absolute(storage.join(run, "eval"))
     report = on_node(cfg, on_worker, evaluate_export, storage.absolute(export_uri), store.uri, eval_uri, "test",
-                  cfg.eval.batch_size, progress and not on_worker, store=store)
+                  cfg.eval.batch_size, progress and not on_worker, store=store, tta=cfg.eval.tta)
     result.outputs["metrics.json"] = storage.join(eval_uri, "metrics.json")
     tracker = track.Tracker.of_run(cfg, run)
     if tracker:

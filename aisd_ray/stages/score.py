@@ -13,10 +13,12 @@ from aisd_ray.stages.run import on_node
 
 def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | None = None, split: str = "test",
              predictions: str | None = None, masks: str | None = None, overlays: bool = True,
-             progress: bool = True) -> dict[str, Any]:
-    """Score an export on a split of a shard store (``model``, ``shards``), or predictions against
-    ground truth without a model (``predictions``, ``masks``: mask PNGs, or NIfTI label volumes
-    scored per case in mm and mL); write metrics.json and its companions under ``output``."""
+             progress: bool = True, choose_postprocessing: bool = False) -> dict[str, Any]:
+    """Score an export on a split of a shard store (``model``, ``shards``; mirroring TTA per
+    ``eval.tta``; with ``choose_postprocessing``, on the valid split, the export's post-processing
+    is chosen on its cases and written into the export first), or predictions against ground truth
+    without a model (``predictions``, ``masks``: mask PNGs, or NIfTI label volumes scored per case
+    in mm and mL); write metrics.json and its companions under ``output``."""
     if predictions:
         from aisd_ray.evaluate_volumes import evaluate_nifti_folders, is_nifti_folder
 
@@ -28,7 +30,7 @@ def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | N
     from aisd_ray import evaluate as scoring
 
     return scoring.evaluate_export(model, shards, output, split, cfg.eval.batch_size, progress=progress,
-                                   overlays=overlays)
+                                   overlays=overlays, tta=cfg.eval.tta, choose_postprocessing=choose_postprocessing)
 
 
 @dataclass
@@ -52,10 +54,12 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
         from aisd_ray.infer_volumes import infer_volumes
 
         cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
-                     cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker)
+                     cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
+                     tta=cfg.eval.tta)
         return Inferred(out, cases=cases)
     from aisd_ray.infer import infer_folder
 
     written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,
-                   cfg.eval.batch_size, overlays=cfg.infer.overlays, progress=progress and not on_worker)
+                   cfg.eval.batch_size, overlays=cfg.infer.overlays, progress=progress and not on_worker,
+                   tta=cfg.eval.tta)
     return Inferred(out, written=written)
