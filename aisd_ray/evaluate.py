@@ -209,11 +209,10 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
         raise ValueError(f"post-processing is chosen on the valid split only, not {split!r}")
     model = LoadedExport(export_uri, tta=tta)
     manifest = (store or shards.ShardStore.open(shards_uri)).manifest
-    have = tuple(manifest["image"][k] for k in ("height", "width", "channels"))
-    if have != (model.height, model.width, model.channels):
-        raise layout.DataError(f"{storage.join(shards_uri, shards.MANIFEST)}: the shards hold "
-                               f"{'x'.join(map(str, have))} images but the export {export_uri} takes "
-                               f"{model.height}x{model.width}x{model.channels}")
+    takes = f"the export {export_uri} takes"
+    shards.check_input(shards_uri, manifest, (model.height, model.width, model.channels), model.windows,
+                       model.channel_mode, takes, takes, takes,
+                       "evaluate it on shards prepared with the config it was trained with")
     with storage.staged_dir(out_uri) as folder:  # appears complete or not at all
         return _score_split(model, shards_uri, manifest, split, str(folder), batch_size, progress, overlays,
                             choose_postprocessing)

@@ -234,3 +234,28 @@ def test_the_exports_postprocessing_is_applied_per_case_before_the_mask_and_summ
     assert summary["postprocessing"]["removed_ml"] == pytest.approx(plain["lesions"][1]["volume_ml"], abs=1e-3)
     assert json.loads((out / "cases" / "two" / "summary.json").read_text())["postprocessing"] == \
         summary["postprocessing"]
+
+
+def test_evaluating_an_export_on_a_store_windowed_otherwise_is_refused(tmp_path):
+    """An export trained through a stroke window, evaluated on brain-window rows: one line naming
+    the store's manifest, before any slice is scored."""
+    from aisd_ray.config import builtin_config, load_config
+    from aisd_ray.data.layout import DataError
+    from aisd_ray.data.prepare import prepare
+    from aisd_ray.data.synthetic import synthetic_test_cases, write_synthetic
+    from aisd_ray.evaluate import evaluate_export
+    from aisd_ray.export import export_model
+    from aisd_ray.model import build_flexunet
+
+    cfg = load_config(builtin_config("tiny"), ["synthetic.layout='nnunet'", "synthetic.num_cases=3",
+                                               "synthetic.num_test_cases=1", "synthetic.size=64",
+                                               "synthetic.slices_per_case=3"])
+    cfg.data.source_dir = str(write_synthetic(tmp_path / "src", cfg.synthetic, progress=False))
+    cfg.data.test_cases = tuple(synthetic_test_cases(cfg.synthetic))
+    prepare(cfg, str(tmp_path / "shards"), progress=False)
+    cfg.data.windows = ((32.0, 8.0),)
+    uri = export_model(cfg, build_flexunet(cfg.model), str(tmp_path / "export"))
+    refused = r"windowed with \[\[40.0, 80.0\]\] HU but the export .* takes \[\[32.0, 8.0\]\]"
+    with pytest.raises(DataError, match=refused):
+        evaluate_export(uri, str(tmp_path / "shards"), str(tmp_path / "eval"), progress=False)
+    assert not (tmp_path / "eval").exists()

@@ -301,18 +301,36 @@ def verify_shards(shards_uri: str, manifest: dict[str, Any], checksums: bool = F
             pass
 
 
+def check_input(shards_uri: str, manifest: dict[str, Any], size: tuple[int, int, int], windows, channels: str,
+                size_is: str, windows_is: str, channels_is: str, advice: str) -> None:
+    """The one check that a store's rows are the input a model takes: (height, width, channels)
+    ``size`` and, for a store prepared from CT volumes, the HU ``windows`` and the channel mode
+    (``data.channels``) its slices were made with. DataError naming the manifest, what differs
+    (``*_is``: who says otherwise, e.g. "the export E takes") and ``advice``."""
+    where = storage.join(shards_uri, MANIFEST)
+    image = manifest.get("image", {})
+    have = (image.get("height"), image.get("width"), image.get("channels"))
+    if have != tuple(size):
+        raise DataError(f"{where}: the shards hold {have[0]}x{have[1]}x{have[2]} images but {size_is} "
+                        f"{size[0]}x{size[1]}x{size[2]}; {advice}")
+    source = manifest.get("source") or {}
+    wanted = [[float(v) for v in w] for w in windows]
+    if "windows" in source and [[float(v) for v in w] for w in source["windows"]] != wanted:
+        raise DataError(f"{where}: the shards were windowed with {source['windows']} HU but {windows_is} {wanted}; "
+                        f"{advice}")
+    if source.get("channels", "grey") != channels and "windows" in source:
+        raise DataError(f"{where}: the shards' channels are {source.get('channels', 'grey')!r} but {channels_is} "
+                        f"{channels!r}; {advice}")
+
+
 def check_matches_config(shards_uri: str, manifest: dict[str, Any], cfg) -> None:
     """The shards were made for this config's input: size, channels, classes and mask colours; and
     they can be trained on: the train and valid splits hold lesion pixels (unless
     ``data.allow_lesion_free_splits``). DataError naming the manifest otherwise."""
     m, where = cfg.model, storage.join(shards_uri, MANIFEST)
-    image = manifest.get("image", {})
-    have = (image.get("height"), image.get("width"), image.get("channels"))
-    want = (m.image_height, m.image_width, m.image_channels)
-    if have != want:
-        raise DataError(f"{where}: the shards hold {have[0]}x{have[1]}x{have[2]} images but [model] "
-                        f"image_height x image_width x image_channels is {want[0]}x{want[1]}x{want[2]}; prepare "
-                        "the shards with this config, or train with the one they were made with")
+    check_input(shards_uri, manifest, (m.image_height, m.image_width, m.image_channels), cfg.data.windows,
+                cfg.data.channels, "[model] image_height x image_width x image_channels is", "[data] windows is",
+                "[data] channels is", "prepare the shards with this config, or train with the one they were made with")
     if manifest.get("num_classes") != m.num_classes:
         raise DataError(f"{where}: the shards have {manifest.get('num_classes')} classes but [model] num_classes "
                         f"is {m.num_classes}")

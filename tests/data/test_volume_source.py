@@ -177,3 +177,21 @@ def test_the_aisd_dicom_archives_pair_mask_slices_with_the_series_in_position_or
         _, labels = record_to_arrays(rows[f"0073410_{k}"])
         want = InPlane(64, 64, (1.0, 1.0), 64, 64).labels_to_model(truths["0073410"][k].astype(np.uint8))
         assert np.array_equal(labels, want), k  # label 2 -> lesion, 4 -> background, slice k on slice k
+
+
+def test_a_store_windowed_otherwise_than_the_model_is_refused_naming_both(nnunet_source, tmp_path):
+    """Rows made through other HU windows, or another channel mode, are another input: training
+    (and evaluating an export) on them is refused before anything runs, naming the manifest."""
+    from aisd_ray.data.shards import ShardStore
+
+    cfg = _cfg("nnunet")
+    cfg.data.source_dir = str(nnunet_source)
+    prepare(cfg, str(tmp_path / "shards"), progress=False)
+    ShardStore.open(str(tmp_path / "shards"), cfg)  # the config it was made with: fine
+    cfg.data.windows = ((35.0, 40.0),)
+    with pytest.raises(DataError, match=r"manifest.json: the shards were windowed with \[\[40.0, 80.0\]\] HU but "
+                                        r"\[data\] windows is \[\[35.0, 40.0\]\]"):
+        ShardStore.open(str(tmp_path / "shards"), cfg)
+    cfg.data.windows, cfg.data.channels = ((40.0, 80.0),), "neighbours"
+    with pytest.raises(DataError, match=r"the shards' channels are 'grey' but \[data\] channels is 'neighbours'"):
+        ShardStore.open(str(tmp_path / "shards"), cfg)
