@@ -229,15 +229,21 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
-def list_dir(uri: str) -> list[str]:
-    """Base names directly under ``uri`` (empty when it does not exist)."""
+def list_dir(uri: str, folders: bool = False) -> list[str]:
+    """Base names directly under ``uri`` (empty when it does not exist); with ``folders``, only the
+    folders (a name something lies under, or one the store reports as a directory)."""
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     # Recursive, then cut to the first level: object stores do not always report "folders"
     # that exist only as a prefix of deeper objects.
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted({i.path[len(path):].strip("/").split("/")[0] for i in infos} - {""})
+    names = set()
+    for info in infos:
+        first, _, below = info.path[len(path):].strip("/").partition("/")
+        if not folders or below or info.type == pafs.FileType.Directory:
+            names.add(first)
+    return sorted(names - {""})
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:

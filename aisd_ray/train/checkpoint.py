@@ -277,7 +277,7 @@ def list_checkpoints(run_uri: str) -> list[tuple[str, LoopState]]:
     folder of the run counts, also one that a worker group killed mid-run had uploaded before
     Ray's controller recorded it."""
     found = []
-    for name in storage.list_dir(run_uri):
+    for name in storage.list_dir(run_uri, folders=True):  # not Ray's checkpoint_manager_snapshot.json
         uri = storage.join(run_uri, name)
         if not name.startswith("checkpoint_"):
             continue
