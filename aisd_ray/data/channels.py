@@ -16,8 +16,9 @@ Modes (``config.CHANNEL_MODES``), each giving uint8 (Z, Y, X, C):
   their difference, all through the first window: ``128 + (w(slice) - w(mirror)) / 2`` with w the
   window's unrounded 0..255 value, rounded and clipped to 0..255, so 128 means "as the other
   hemisphere" and a hypodensity on one side reads below 128 there (and above 128 at its mirror
-  place). The hemispheres are mirror images, which radiologists and the best AISD models use
-  (FACTS §10).
+  place). The hemispheres are near mirror images, and an infarct is a one-sided hypodensity: the
+  comparison radiologists make and the best published AISD methods build in (SEAN, asymmetry maps,
+  bilateral difference modules).
 
 The midline is estimated from the head, not the image centre: ``midline`` below states the method.
 """
