@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aisd_ray import metrics, plots, storage, volume_metrics
+from aisd_ray import plots, storage, volume_metrics
 from aisd_ray.data import volume
 from aisd_ray.data.layout import DataError
 from aisd_ray.progress import progress_bar
@@ -67,10 +67,9 @@ def evaluate_nifti_folders(predictions_dir: str | Path, masks_dir: str | Path, o
         volume.check_same_grid(predicted[case], pred, truth.labels.shape, truth.spacing, truth.geometry,
                                f"the ground truth {truth_path.name}")
         scores = volume_metrics.case_volume_scores(truth.labels > 0, pred.labels > 0, truth.spacing, tolerance_mm)
-        counts = metrics.case_scores(truth.labels, pred.labels)
         rows.append({"case_id": case, "slices": truth.labels.shape[0],
                      "spacing_mm_zyx": " ".join(f"{s:g}" for s in truth.spacing), **scores,
-                     "true_lesions": counts["true_lesions"]})
+                     "true_lesions": int(scores["lesion_found"] + scores["lesion_missed"])})
     summary = volume_metrics.summarize_volume_cases(rows)
     report = {"source": str(predictions_dir), "ground_truth": str(masks_dir),
               **{f"case_{k}" if k not in ("cases", "nsd_tolerance_mm") else k: v for k, v in summary.items()},

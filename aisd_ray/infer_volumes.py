@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from aisd_ray import postprocess, render, storage, volume_metrics
-from aisd_ray.data import layout, volume, volume_write
-from aisd_ray.data.channels import build_channels
+from aisd_ray.data import volume, volume_write
+from aisd_ray.data.channels import model_input
 from aisd_ray.data.windows import InPlane
 from aisd_ray.export import LoadedExport
 from aisd_ray.progress import progress_bar
@@ -73,14 +73,14 @@ def segment(model: LoadedExport, vol: volume.Volume, batch_size: int) -> tuple[n
     plane = InPlane(h, w, (vol.spacing[1], vol.spacing[2]), model.height, model.width)
     mode = getattr(model, "channel_mode", "grey")
     try:
-        built = build_channels(vol.hu, mode, model.windows, model.channels)
+        images = model_input(vol.hu, mode, model.windows, model.channels, model.height, model.width)
     except ValueError as exc:
         raise volume.VolumeError(f"{vol.case_id}: channels {mode!r}: {exc}") from None
     labels = np.zeros((z, h, w), np.uint8)
     lesion = np.zeros((z, h, w), np.float32)
     for start in range(0, z, batch_size):
         ks = range(start, min(z, start + batch_size))
-        batch = np.stack([layout.resize_image(built[k], model.height, model.width) for k in ks])
+        batch = images[start:start + batch_size]
         probabilities = model.predict(batch)["probabilities"].numpy()
         for k, probs in zip(ks, probabilities):
             back = plane.probabilities_back(probs)

@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from aisd_ray.config.schema import CHANNEL_MODES
+from aisd_ray.data.layout import resize_image
 from aisd_ray.data.windows import Window, window
 
 HEAD_HU = -500.0  # above this: the head (skin, brain, bone); below: air
@@ -192,3 +193,12 @@ def _refine(small: np.ndarray, head: np.ndarray, cy: float, cx: float, angle: fl
                 if score > best_score:
                     centre, best_score = (x, a), score
     return centre[0] + (middle - cy) * np.tan(np.radians(centre[1])), centre[1]
+
+
+def model_input(hu: np.ndarray, mode: str, windows: Sequence[Window], channels: int, height: int,
+                width: int) -> np.ndarray:
+    """What the model sees of a volume, the same in ``prepare`` and ``infer``: (Z, Y, X) HU ->
+    (Z, height, width, channels) uint8, the channels built at the volume's own size
+    (``build_channels``), then each slice resized (``layout.resize_image``). ValueError as
+    ``build_channels``."""
+    return np.stack([resize_image(image, height, width) for image in build_channels(hu, mode, windows, channels)])

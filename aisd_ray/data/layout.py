@@ -158,15 +158,21 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out if out.ndim == 3 else out[..., None]
 
 
+def resize_probabilities(probabilities: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(h, w, classes) probabilities at (height, width, classes) float32: each class map resized
+    bilinearly (unchanged when already that size)."""
+    if probabilities.shape[:2] == (height, width):
+        return np.asarray(probabilities, np.float32)
+    maps = [np.asarray(Image.fromarray(probabilities[..., c].astype(np.float32), "F")
+                       .resize((width, height), Image.BILINEAR)) for c in range(probabilities.shape[-1])]
+    return np.stack(maps, axis=-1)
+
+
 def labels_at(probabilities: np.ndarray, height: int, width: int) -> np.ndarray:
     """Class ids at (height, width) from (h, w, classes) probabilities: each class map resized
     bilinearly, then the most likely class per pixel, so an upscaled mask has smooth edges rather
     than the model grid's staircase."""
-    if probabilities.shape[:2] == (height, width):
-        return np.argmax(probabilities, axis=-1).astype(np.uint8)
-    maps = [np.asarray(Image.fromarray(probabilities[..., c].astype(np.float32), "F")
-                       .resize((width, height), Image.BILINEAR)) for c in range(probabilities.shape[-1])]
-    return np.argmax(np.stack(maps, axis=-1), axis=-1).astype(np.uint8)
+    return np.argmax(resize_probabilities(probabilities, height, width), axis=-1).astype(np.uint8)
 
 
 def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -96,21 +96,36 @@ class Volume:
                 f"source={self.source!r})")
 
 
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
 def is_nifti(path: str | Path) -> bool:
     """True for an existing ``.nii`` or ``.nii.gz`` file."""
     path = Path(path)
-    return path.name.lower().endswith((".nii", ".nii.gz")) and path.is_file()
+    return path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file()
+
+
+def nifti_stem(name: str) -> str:
+    """A file name without ``.nii.gz`` or ``.nii`` (any case); other names as they are."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def nifti_named(folder: str | Path, stem: str) -> Path | None:
+    """``folder/<stem>.nii.gz`` or ``.nii``, whichever exists (None if neither)."""
+    return next((p for p in (Path(folder) / f"{stem}{s}" for s in NIFTI_SUFFIXES) if p.is_file()), None)
 
 
 def case_id_of(path: str | Path) -> str:
     """A case's ID from its path: a folder's name, or a file's name without ``.nii(.gz)`` and without
     nnU-Net's ``_0000`` channel suffix."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[:-len(suffix)]
-            return name[:-5] if name.endswith("_0000") else name
-    return name
+    stem = nifti_stem(name)
+    if stem == name:
+        return name
+    return stem[:-5] if stem.endswith("_0000") else stem
 
 
 def _is_dicom_file(path: Path) -> bool:

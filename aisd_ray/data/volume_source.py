@@ -39,14 +39,13 @@ import numpy as np
 from aisd_ray.config import DataConfig
 from aisd_ray.data import volume
 from aisd_ray.data.aisd_dicom import aisd_dicom_cases, is_aisd_dicom
-from aisd_ray.data.channels import build_channels
-from aisd_ray.data.layout import DataError, Sample, SliceRef, is_metadata, resize_image
+from aisd_ray.data.channels import model_input
+from aisd_ray.data.layout import DataError, Sample, SliceRef, is_metadata
 from aisd_ray.data.raw import split_cases
 from aisd_ray.data.windows import InPlane
 from aisd_ray.progress import progress_bar
 
 log = logging.getLogger(__name__)
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 def volume_layout(root: str | Path) -> str | None:
@@ -73,28 +72,20 @@ class Case:
     stamp: str = ""
 
 
-def _strip(name: str) -> str:
-    for ending in NIFTI_ENDINGS:
-        if name.endswith(ending):
-            return name[: -len(ending)]
-    return name
-
-
 def _nnunet_side(root: Path, images: str, labels: str) -> tuple[list[Case], list[str]]:
     """The cases of imagesTr/labelsTr (or Ts); image files without labels, by name."""
     folder = root / images
     if not folder.is_dir():
         return [], []
     cases, unlabelled = [], []
-    for path in sorted(p for p in folder.iterdir() if not is_metadata(p.name) and p.name.endswith(NIFTI_ENDINGS)):
-        stem = _strip(path.name)
+    for path in sorted(p for p in folder.iterdir() if not is_metadata(p.name) and volume.is_nifti(p)):
+        stem = volume.nifti_stem(path.name)
         case, _, channel = stem.rpartition("_")
         if not case or not (len(channel) == 4 and channel.isdigit()):
             raise DataError(f"{path}: not named <case>_<4-digit channel>.nii.gz, as nnU-Net's {images}/ is")
         if channel != "0000":
             raise DataError(f"{path}: channel {channel}: one CT channel (_0000) is read; this dataset has more")
-        label = next((root / labels / f"{case}{e}" for e in NIFTI_ENDINGS if (root / labels / f"{case}{e}").is_file()),
-                     None)
+        label = volume.nifti_named(root / labels, case)
         if label is None:
             unlabelled.append(case)
         else:
@@ -145,8 +136,7 @@ def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int,
     elif kind == "dicom":
         every = []
         for path in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "labels" and not is_metadata(p.name)):
-            label = next((root / "labels" / f"{path.name}{e}" for e in NIFTI_ENDINGS
-                          if (root / "labels" / f"{path.name}{e}").is_file()), None)
+            label = volume.nifti_named(root / "labels", path.name)
             if label is None:
                 raise DataError(f"{path}: no label volume labels/{path.name}.nii.gz for this case")
             every.append(Case(path.name, path, label, f"{_stamp(path)}/{_stamp(label)}"))
@@ -200,10 +190,9 @@ def _process(case: Case, folder: Path, data: DataConfig, height: int, width: int
     z, h, w = vol.hu.shape
     plane = InPlane(h, w, (vol.spacing[1], vol.spacing[2]), height, width)
     try:
-        built = build_channels(vol.hu, data.channels, data.windows, channels)
+        images = model_input(vol.hu, data.channels, data.windows, channels, height, width)
     except ValueError as exc:  # symmetry: no head in the volume
         raise DataError(f"{case.image}: data.channels {data.channels!r}: {exc}") from None
-    images = np.stack([resize_image(image, height, width) for image in built])
     model_labels = np.stack([plane.labels_to_model(labels[k]) for k in range(z)])
     np.save(folder / f"{case.case_id}_images.npy", images)
     np.save(folder / f"{case.case_id}_labels.npy", model_labels)

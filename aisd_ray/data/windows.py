@@ -67,9 +67,6 @@ class InPlane:
         return layout.labels_at(probabilities, self.height, self.width)
 
     def probabilities_back(self, probabilities: np.ndarray) -> np.ndarray:
-        """(model_height, model_width, K) -> (H, W, K) float32 at the slice's own size (bilinear)."""
-        from PIL import Image
-
-        planes = [np.asarray(Image.fromarray(np.asarray(probabilities[..., k], np.float32)).resize(
-            (self.width, self.height), Image.BILINEAR)) for k in range(probabilities.shape[-1])]
-        return np.stack(planes, axis=-1).astype(np.float32)
+        """(model_height, model_width, K) -> (H, W, K) float32 at the slice's own size (bilinear,
+        ``layout.resize_probabilities``)."""
+        return layout.resize_probabilities(probabilities, self.height, self.width)
