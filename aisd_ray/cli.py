@@ -17,12 +17,13 @@ from aisd_ray.flags import (  # noqa: E402
     add_config,
     add_evaluate_arguments,
     add_run_options,
+    add_sweep_arguments,
     add_tta,
     check_evaluate,
     flag_overrides,
-    seeds,
     synthetic_test_cases,
 )
+from aisd_ray.provenance import package_version  # noqa: E402
 from aisd_ray.quiet import LOG_DATEFMT, LOG_FORMAT, quiet_tensorflow_import  # noqa: E402
 from aisd_ray.train import TrainingFailed  # noqa: E402
 
@@ -200,16 +201,27 @@ def cmd_gpu_probe(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from aisd_ray import stages, sweep
+    from aisd_ray import stages, sweep, sweep_variants
 
     cfg = _config(args)
-    plan = sweep.Plan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds,
-                      ray_train_seeds=args.ray_train_seeds, ray_workers=args.ray_workers)
-    if not plan.synthetic_seeds or not (plan.train_seeds or plan.ray_train_seeds):
+    if args.variants:
+        plan = sweep_variants.VariantPlan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds)
+    else:
+        plan = sweep.Plan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds,
+                          ray_train_seeds=args.ray_train_seeds, ray_workers=args.ray_workers)
+    if not plan.synthetic_seeds or not (plan.train_seeds or getattr(plan, "ray_train_seeds", ())):
         raise ConfigError("give at least one --synthetic-seeds and one --train-seeds or --ray-train-seeds")
     report = stages.sweep(cfg, args.output, plan)
-    print(sweep.table(report))
-    print(f"figures: {storage.join(args.output, 'sweep.json')}")
+    print((sweep_variants if args.variants else sweep).table(report))
+    print(f"figures: {storage.join(args.output, 'variants.json' if args.variants else 'sweep.json')}")
+
+
+def cmd_crossval(args) -> None:
+    cfg = _config(args)  # a bad config is reported before Ray loads
+    from aisd_ray import crossval, stages
+
+    summary = stages.crossval(cfg, args.output)
+    print(crossval.table(summary))
 
 
 def cmd_configs(args) -> None:
@@ -221,22 +233,13 @@ def cmd_configs(args) -> None:
     print(f"\n(in {CONFIG_DIR}; use one with --config NAME)")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("aisd-ray")
-    except PackageNotFoundError:  # run from a source tree without installing
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # -v/-q before or after the subcommand
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="warnings and errors only")
     parser = argparse.ArgumentParser(prog="aisd-ray", description=__doc__, parents=[common])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
@@ -329,20 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_gpu_probe)
 
-    p = add_parser("sweep", help="train the demo over several seeds on both backends; report the spread "
-                                      "of test lesion Dice and the collapses")
-    add_config(p, "demo")
-    p.add_argument("--output", default="runs/sweep", help="sweep folder: one output folder per run, sweep.json "
-                                                          "(default: %(default)s)")
-    p.add_argument("--train-seeds", type=seeds, default=(1, 2, 3), metavar="N,N,...",
-                   help="train.seed values on the local backend (default: 1,2,3)")
-    p.add_argument("--synthetic-seeds", type=seeds, default=(2024, 7), metavar="N,N,...",
-                   help="synthetic.seed values (data sets) for the local runs; the Ray runs use the first "
-                        "(default: 2024,7)")
-    p.add_argument("--ray-train-seeds", type=seeds, default=(1, 2, 3), metavar="N,N,...",
-                   help="train.seed values on the Ray backend; empty to skip it (default: 1,2,3)")
-    p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers per Ray run (default: 2)")
+    p = add_parser("sweep", help="train the demo over several seeds on both backends, or --variants: the input "
+                   "channels, TTA, post-processing and the 5-fold ensemble side by side; the spread of each")
+    add_sweep_arguments(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = add_parser("crossval", help="patient k-fold cross-validation: K fold runs at once on Ray, out-of-fold "
+                   "metrics, post-processing chosen on them, the folds' ensemble exported; reruns resume")
+    add_config(p)
+    p.add_argument("--folds", type=int, required=True, help="number of patient folds K (nnU-Net: 5)")
+    p.add_argument("--source", help="CT volumes: nnU-Net dataset, DICOM case folders, AISD (else data.source_dir)")
+    p.add_argument("--output", required=True, help="folder: fold_K/, runs/, oof/, ensemble/, crossval.json")
+    p.add_argument("--backend", choices=BACKENDS, help="ray: folds as concurrent Ray Train runs; local: one after "
+                                                       "another here (else train.backend)")
+    add_run_options(p)
+    p.set_defaults(func=cmd_crossval)
 
     p = add_parser("pipeline", help="prepare, train, export, evaluate (and infer) in one go; reruns resume")
     add_config(p)

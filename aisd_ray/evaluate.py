@@ -55,6 +55,8 @@ DEFINITIONS = {
                       "applied to each case's predicted volume before the case figures; the per-slice "
                       "figures are the network's own, before it",
 }
+# where ``write_volumes`` puts each case's predicted and true label maps (NIfTI, model resolution)
+VOLUMES = ("predictions", "labels")
 # added where foreground classes have keys of their own (not for the two-class default)
 CLASS_DEFINITIONS = {
     "<class>_*": "one foreground class alone (listed in 'classes', from data.class_names): its pixels are "
@@ -197,14 +199,18 @@ def _batched(records: Iterable[dict], size: int):
 def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str = "test",
                     batch_size: int = 4, progress: bool = True, overlays: bool = True,
                     store: shards.ShardStore | None = None, tta: bool = False,
-                    choose_postprocessing: bool = False) -> dict[str, Any]:
+                    choose_postprocessing: bool = False, write_volumes: bool = False) -> dict[str, Any]:
     """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv and,
     with ``overlays``, ``overlays/<name>.png`` per slice (found, false and missed lesion pixels).
     ``store``: the command's already opened store, else it is opened (and verified) here. ``tta``:
     mirroring test-time augmentation (``LoadedExport``). ``choose_postprocessing`` (the ``valid``
     split only, so the test split never decides it): choose the post-processing on this split's
     cases (``postprocess.choose``), write it into the export (``postprocess.json``) and score with
-    it; DataError when the split's slices carry no case ids."""
+    it; DataError when the split's slices carry no case ids. ``write_volumes``: also write each case's
+    predicted label map (the network's, before post-processing) and its ground truth as NIfTI at
+    model resolution (``VOLUMES``: ``predictions/<case>.nii.gz``, ``labels/<case>.nii.gz``,
+    ``volume_write.write_model_grid``), as nnU-Net keeps a fold's validation predictions; DataError
+    when the store does not know every case's spacing (prepare CT volumes)."""
     if choose_postprocessing and split != "valid":
         raise ValueError(f"post-processing is chosen on the valid split only, not {split!r}")
     model = LoadedExport(export_uri, tta=tta)
@@ -215,7 +221,7 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
                        "evaluate it on shards prepared with the config it was trained with")
     with storage.staged_dir(out_uri) as folder:  # appears complete or not at all
         return _score_split(model, shards_uri, manifest, split, str(folder), batch_size, progress, overlays,
-                            choose_postprocessing)
+                            choose_postprocessing, write_volumes)
 
 
 def _postprocessing(model: LoadedExport, volumes: CaseVolumes, spacing: dict, shards_uri: str, split: str,
@@ -237,8 +243,20 @@ def _postprocessing(model: LoadedExport, volumes: CaseVolumes, spacing: dict, sh
     return model.postprocess
 
 
+def _write_volumes(out: str, volumes: CaseVolumes, spacing: dict, where: str) -> None:
+    from aisd_ray.data.volume_write import write_model_grid
+
+    for case, truth, pred in volumes.volumes():
+        if case not in spacing:
+            raise layout.DataError(f"{where}: no spacing for case {case}; case volumes are written from stores "
+                                   "prepared from CT volumes")
+        for folder, labels in zip(VOLUMES, (pred, truth)):
+            write_model_grid(labels, spacing[case], Path(out) / folder / f"{case}.nii.gz")
+
+
 def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: str, out: str, batch_size: int,
-                 progress: bool, overlays: bool, choose: bool = False) -> dict[str, Any]:
+                 progress: bool, overlays: bool, choose: bool = False, write_volumes: bool = False
+                 ) -> dict[str, Any]:
     total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
     names, counts, class_counts, losses, seed_dice = [], [], [], [], []
     num_classes = len(model.rgb_map)
@@ -268,6 +286,8 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
     loss, seed = float(np.mean(losses)), float(np.mean(seed_dice))
     spacing = case_spacing(manifest)
     choice = _postprocessing(model, volumes, spacing, shards_uri, split, choose)
+    if write_volumes:
+        _write_volumes(out, volumes, spacing, storage.join(shards_uri, shards.MANIFEST))
     extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed,
                              "tta": model.tta, "postprocessing": {**choice, "applied_to": "per-case volumes"}}
     case_rows = volumes.scores(spacing, choice)

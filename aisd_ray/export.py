@@ -11,6 +11,13 @@ Layout of an export folder:
   validation metrics, the full config and its provenance (package versions, git commit, config
   hash, machine), so ``aisd-ray infer`` needs only this folder;
 - ``.complete``: written last; a folder without it is an interrupted export and is refused.
+
+An *ensemble* export (``crossval``'s, ``write_ensemble``) is a folder of member exports
+(``fold_0/`` ... each as above) with ``ensemble.json`` in place of ``export.json`` (the members'
+common input size, channels, windows and classes, the member folders, the cross-validation's
+figures) and its own ``postprocess.json`` and ``.complete``. ``LoadedExport`` takes either kind:
+an ensemble's prediction is the mean of its members' softmax probabilities (nnU-Net's ensembling
+of fold models), its labels their argmax.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ log = logging.getLogger(__name__)
 SAVED_MODEL = "saved_model"
 KERAS_FILE = "model.keras"
 INFO = "export.json"
+ENSEMBLE = "ensemble.json"
+# what every member of an ensemble must share, as export.json gives it
+SHARED_KEYS = ("image", "num_classes", "class_names", "rgb_map", "windows", "channels")
 SIGNATURE = "serving_default"
 FLOAT_SIGNATURE = "serving_float32"
 
@@ -109,38 +119,88 @@ def export_best(cfg: Config, run_uri: str, out_uri: str) -> tuple[str, dict[str,
     raise ckpt.CheckpointError(f"{run_uri}: no candidate checkpoint loads: {'; '.join(skipped)}")
 
 
+def write_ensemble(member_uris: list[str], out_uri: str, choice: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> str:
+    """Write an ensemble export (see the module) of the exports ``member_uris`` to ``out_uri``,
+    atomically: each member copied whole into ``fold_<i>/``, ``ensemble.json``, ``postprocess.json``
+    (``choice``, when given) and ``.complete`` last. ValueError when the members disagree on what
+    they take or give (``SHARED_KEYS``); FileNotFoundError for an incomplete member."""
+    infos = []
+    for uri in member_uris:
+        if not storage.exists(storage.join(uri, storage.COMPLETE)):
+            raise FileNotFoundError(f"{storage.join(uri, storage.COMPLETE)}: missing; the member export is incomplete")
+        infos.append(json.loads(storage.read_bytes(storage.join(uri, INFO))))
+    for uri, info in zip(member_uris[1:], infos[1:]):
+        differ = [k for k in SHARED_KEYS if info.get(k) != infos[0].get(k)]
+        if differ:
+            raise ValueError(f"{uri}: differs from {member_uris[0]} in {', '.join(differ)}; an ensemble's members "
+                             "must take the same input and give the same classes")
+    names = [f"fold_{i}" for i in range(len(member_uris))]
+    with storage.staged_dir(out_uri) as folder:
+        for name, uri in zip(names, member_uris):
+            storage.download_tree(uri, folder / name)
+        info = {"kind": "ensemble", "members": names, "combine": "mean of the members' softmax probabilities",
+                **{k: infos[0].get(k) for k in SHARED_KEYS}, **(extra or {}),
+                "provenance": provenance.facts(json.dumps(infos[0].get("config", {}), sort_keys=True))}
+        (folder / ENSEMBLE).write_text(json.dumps(info, indent=2, default=str))
+        if choice is not None:
+            (folder / postprocess.FILE).write_text(json.dumps(postprocess.check(choice, out_uri), indent=2))
+    return out_uri
+
+
+def _member(folder, uri: str) -> tuple[dict[str, Any], Any]:
+    """(export.json, the loaded SavedModel) of the export in local ``folder`` (``uri``: its name for
+    errors); FileNotFoundError naming what is missing."""
+    info_path = folder / INFO
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{uri}: not an aisd-ray export (no {INFO} or {ENSEMBLE})")
+    if not (folder / SAVED_MODEL).is_dir():
+        raise FileNotFoundError(f"{storage.join(uri, SAVED_MODEL)}: missing; the export is incomplete, "
+                                "export the run again")
+    if not (folder / storage.COMPLETE).is_file():
+        raise FileNotFoundError(f"{storage.join(uri, storage.COMPLETE)}: missing; the export was not written "
+                                "to the end (interrupted?), export the run again")
+    return json.loads(info_path.read_text()), tf.saved_model.load(str(folder / SAVED_MODEL))
+
+
 class LoadedExport:
-    """An export folder loaded for inference: the SavedModel signature and its metadata.
+    """An export folder loaded for inference: the SavedModel signature and its metadata; or an
+    ensemble export (the module), whose members' probabilities are averaged.
 
     Test-time augmentation lives here, not in the SavedModel, whose signatures stay plain (one
     forward pass): with ``tta`` (this object's default, or ``predict``'s argument) a prediction is
     nnU-Net's mirroring restricted to the axial slice's left-right axis: the softmax probabilities
     of the image and of its mirror (width axis flipped, predicted, flipped back) averaged, the labels
-    their argmax. Twice the compute. ``eval.tta`` (default false) sets it for ``evaluate --model``
-    and ``infer``; the default awaits a measured sweep on real data (docs/training.md).
+    their argmax. Twice the compute (an ensemble of K: 2K forward passes). ``eval.tta`` sets it for
+    ``evaluate --model`` and ``infer``.
 
     ``postprocess``: the export's post-processing choice (``postprocess.json``, written by
-    ``evaluate --choose-postprocessing``; ``postprocess.NONE`` when absent), which the per-case 3-D
-    scoring and ``infer`` of CT patients apply; the network's predictions here are never altered."""
+    ``evaluate --choose-postprocessing`` or ``crossval``; ``postprocess.NONE`` when absent), which
+    the per-case 3-D scoring and ``infer`` of CT patients apply; the network's predictions here are
+    never altered."""
 
     def __init__(self, uri: str, tta: bool = False):
         self.uri, self.tta = uri, bool(tta)
         self._copy = storage.local_copy(uri)
         folder = self._copy.__enter__()
-        info_path = folder / INFO
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{uri}: not an aisd-ray export (no {INFO})")
-        self.info = json.loads(info_path.read_text())
-        if not (folder / SAVED_MODEL).is_dir():
-            raise FileNotFoundError(f"{storage.join(uri, SAVED_MODEL)}: missing; the export is incomplete, "
-                                    "export the run again")
-        if not (folder / storage.COMPLETE).is_file():
-            raise FileNotFoundError(f"{storage.join(uri, storage.COMPLETE)}: missing; the export was not written "
-                                    "to the end (interrupted?), export the run again")
+        if (folder / ENSEMBLE).is_file():
+            if not (folder / storage.COMPLETE).is_file():
+                raise FileNotFoundError(f"{storage.join(uri, storage.COMPLETE)}: missing; the ensemble was not "
+                                        "written to the end (interrupted?), rerun crossval")
+            self.info = json.loads((folder / ENSEMBLE).read_text())
+            members = [_member(folder / name, storage.join(uri, name)) for name in self.info["members"]]
+            for name, (info, _) in zip(self.info["members"], members):
+                differ = [k for k in SHARED_KEYS if info.get(k) != self.info.get(k)]
+                if differ:
+                    raise ValueError(f"{storage.join(uri, name, INFO)}: differs from {ENSEMBLE} in {', '.join(differ)}")
+        else:
+            members = [_member(folder, uri)]
+            self.info = members[0][0]
+        self.members = len(members)
         self.postprocess = postprocess.load(folder, storage.join(uri, postprocess.FILE))
-        self._module = tf.saved_model.load(str(folder / SAVED_MODEL))
-        self._fn = self._module.signatures[SIGNATURE]
-        self._float_fn = self._module.signatures[FLOAT_SIGNATURE]
+        self._modules = [module for _, module in members]  # kept alive: the signatures belong to them
+        self._fns = [module.signatures[SIGNATURE] for module in self._modules]
+        self._float_fns = [module.signatures[FLOAT_SIGNATURE] for module in self._modules]
         image = self.info["image"]
         self.height, self.width, self.channels = image["height"], image["width"], image["channels"]
         self.rgb_map = [tuple(c) for c in self.info["rgb_map"]]
@@ -150,20 +210,26 @@ class LoadedExport:
         # data.channels the model was trained with ("grey": exports from before channel modes)
         self.channel_mode = self.info.get("channels", "grey")
 
-    def _run(self, fn, images: tf.Tensor, tta: bool | None) -> dict[str, tf.Tensor]:
-        if not (self.tta if tta is None else tta):
-            return fn(image=images)
+    def _run(self, fns, images: tf.Tensor, tta: bool | None) -> dict[str, tf.Tensor]:
+        tta = self.tta if tta is None else tta
+        if not tta and len(fns) == 1:
+            return fns[0](image=images)
         n = tf.shape(images)[0]
-        both = fn(image=tf.concat([images, tf.reverse(images, axis=[2])], axis=0))["probabilities"]
-        probabilities = (both[:n] + tf.reverse(both[n:], axis=[2])) / 2.0
+        batch = tf.concat([images, tf.reverse(images, axis=[2])], axis=0) if tta else images
+        total = None
+        for fn in fns:
+            out = fn(image=batch)["probabilities"]
+            out = (out[:n] + tf.reverse(out[n:], axis=[2])) / 2.0 if tta else out
+            total = out if total is None else total + out
+        probabilities = total / float(len(fns))
         return {"probabilities": probabilities, "labels": tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8)}
 
     def predict(self, images, tta: bool | None = None) -> dict[str, tf.Tensor]:
         """The serving signature on a uint8 batch (N, H, W, C) of model-sized images: ``probabilities``
         float32 (N, H, W, classes) and ``labels`` uint8 (N, H, W). ``tta``: mirroring (see the class),
         default this object's ``tta``."""
-        return self._run(self._fn, tf.convert_to_tensor(images, tf.uint8), tta)
+        return self._run(self._fns, tf.convert_to_tensor(images, tf.uint8), tta)
 
     def predict_float(self, images, tta: bool | None = None) -> dict[str, tf.Tensor]:
         """The same through the float32-input signature."""
-        return self._run(self._float_fn, tf.convert_to_tensor(images, tf.float32), tta)
+        return self._run(self._float_fns, tf.convert_to_tensor(images, tf.float32), tta)

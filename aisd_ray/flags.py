@@ -39,6 +39,8 @@ FLAG_KEYS = {
               "probabilities": lambda _: {"infer.probabilities": True}, **_TTA},
     "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend",
                  "mlflow": "run.mlflow_tracking_uri", **_SHARED},
+    "crossval": {"folds": "data.folds", "source": _source, "backend": "train.backend",
+                 "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "demo": {"backend": "train.backend", "mlflow": "run.mlflow_tracking_uri", **_SHARED},
 }
 
@@ -158,3 +160,21 @@ def seeds(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """``sweep``'s options: the seeds of the backend sweep, or ``--variants``."""
+    add_config(p, "demo")
+    p.add_argument("--output", default="runs/sweep", help="sweep folder: one output folder per run, sweep.json "
+                                                          "(default: %(default)s)")
+    p.add_argument("--variants", action="store_true", help="compare the input channel modes, mirroring TTA, "
+                   "post-processing and the 5-fold ensemble against the original's input, every one over "
+                   "--train-seeds x --synthetic-seeds on the local backend (variants.json)")
+    p.add_argument("--train-seeds", type=seeds, default=(1, 2, 3), metavar="N,N,...",
+                   help="train.seed values on the local backend (default: 1,2,3)")
+    p.add_argument("--synthetic-seeds", type=seeds, default=(2024, 7), metavar="N,N,...",
+                   help="synthetic.seed values (data sets) for the local runs; the Ray runs use the first "
+                        "(default: 2024,7)")
+    p.add_argument("--ray-train-seeds", type=seeds, default=(1, 2, 3), metavar="N,N,...",
+                   help="train.seed values on the Ray backend; empty to skip it (default: 1,2,3)")
+    p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers per Ray run (default: 2)")

@@ -27,6 +27,11 @@ def _version(name: str) -> str | None:
         return None
 
 
+def package_version() -> str:
+    """aisd-ray's installed version (``--version``)."""
+    return _version("aisd-ray") or "unknown (not installed)"
+
+
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the source tree this package runs from (with '+dirty' for local changes)."""

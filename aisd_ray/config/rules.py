@@ -119,6 +119,10 @@ def data_rules(d: DataConfig, m: ModelConfig, bad: Bad) -> None:
         raise bad("data.foreground_fraction", f"must lie in [0, 1], got {d.foreground_fraction}")
     if not 0 <= d.valid_fraction < 1:
         raise bad("data.valid_fraction", f"must lie in [0, 1), got {d.valid_fraction}")
+    if d.folds == 1 or d.folds < 0:
+        raise bad("data.folds", f"must be 0 (no folds) or at least 2, got {d.folds}")
+    if not 0 <= d.fold < max(d.folds, 1):
+        raise bad("data.fold", f"must lie in 0..{max(d.folds, 1) - 1} (data.folds = {d.folds}), got {d.fold}")
     if not d.windows or len(d.windows) not in (1, m.image_channels):
         raise bad("data.windows", f"give one (level, width) window, or one per channel ({m.image_channels}), "
                                   f"got {len(d.windows)}")

@@ -90,6 +90,12 @@ class DataConfig:
     # The other cases go to train/valid by patient: this share to valid, shuffled by split_seed.
     valid_fraction: float = 0.15
     split_seed: int = 2024
+    # Patient k-fold cross-validation (`aisd-ray crossval --folds K` sets both): with folds >= 2 the
+    # non-test cases, shuffled by split_seed, are dealt into `folds` folds (case i of the shuffled
+    # list to fold i mod folds) and fold `fold` is the valid split, the others train; valid_fraction
+    # is then unused. 0: no folds, valid_fraction decides.
+    folds: int = 0
+    fold: int = 0
     # Leave slices without lesion out of the train split (the original's derived set did); valid and
     # test keep every slice, so that evaluation sees whole cases.
     drop_empty_train: bool = False

@@ -81,6 +81,10 @@ def read_source(cfg: Config, progress: bool = True) -> tuple[dict[str, list[layo
                               "cases": release.cases, "unpaired_skipped": release.unpaired,
                               "metadata_skipped": release.metadata_skipped, "padded_ids": release.padded_ids,
                               "test_cases_missing": release.test_cases_missing}
+    if d.folds:
+        raise layout.DataError(f"{d.source_dir or 'data.split_dirs'}: data.folds = {d.folds} divides patients into "
+                               "folds, but the original's tree comes split into folders without patient ids: use the "
+                               "raw AISD release or CT volumes")
     dirs = split_dirs(cfg)
     refs = {split: layout.original_refs(*dirs[split], m.image_height, m.image_width, m.image_channels, d, split)
             for split in dirs}
@@ -93,7 +97,8 @@ def _settings(cfg: Config) -> list[Any]:
             d.shard_target_mb, min_shards(cfg), d.raw_label_map, d.test_cases, d.valid_fraction, d.split_seed,
             d.drop_empty_train, d.mask_colour_tolerance, d.row_encoding, d.mask_values, d.windows,
             # only when not grey, so that a grey store written before channel modes existed stays valid
-            *([d.channels] if d.channels != "grey" else [])]
+            *([d.channels] if d.channels != "grey" else []),
+            *([d.folds, d.fold] if d.folds else [])]  # likewise: a store from before folds stays valid
 
 
 def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:

@@ -199,10 +199,18 @@ def _load_labels(masks: _Side, member: str, height: int, width: int, reading: Sp
 
 
 def split_cases(case_ids: list[str], data: DataConfig) -> dict[str, list[str]]:
-    """Official test cases -> test; the rest shuffled by ``split_seed`` and cut by ``valid_fraction``."""
+    """Official test cases -> test; the rest shuffled by ``split_seed`` and cut by ``valid_fraction``,
+    or, with ``data.folds`` K >= 2, dealt into K folds (the i-th shuffled case to fold i mod K, so
+    fold sizes differ by at most one; nnU-Net's shuffled KFold in spirit) of which ``data.fold`` is
+    valid. DataError when there are fewer non-test cases than folds."""
     test = sorted(c for c in case_ids if c in set(data.test_cases))
     rest = sorted(c for c in case_ids if c not in set(data.test_cases))
     random.Random(data.split_seed).shuffle(rest)
+    if data.folds >= 2:
+        if len(rest) < data.folds:
+            raise DataError(f"data.folds = {data.folds}: only {len(rest)} non-test case(s) to divide into folds")
+        valid = rest[data.fold::data.folds]
+        return {"train": sorted(set(rest) - set(valid)), "valid": sorted(valid), "test": test}
     n_valid = round(len(rest) * data.valid_fraction)
     if data.valid_fraction > 0 and len(rest) > 1:
         n_valid = min(max(n_valid, 1), len(rest) - 1)

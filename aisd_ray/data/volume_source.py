@@ -26,6 +26,7 @@ spacing, so that evaluation reports volumes in mL and distances in mm.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -147,8 +148,7 @@ def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int,
     if not every:
         raise DataError(f"{root}: no cases with labels found")
     by_id = {c.case_id: c for c in every}
-    splits = split_cases(sorted(by_id), DataConfig(test_cases=tuple(sorted(test_ids)),
-                                                   valid_fraction=data.valid_fraction, split_seed=data.split_seed))
+    splits = split_cases(sorted(by_id), dataclasses.replace(data, test_cases=tuple(sorted(test_ids))))
     return ({s: [by_id[c] for c in ids] for s, ids in splits.items() if ids},
             {"layout": kind, "root": str(root.resolve()), "cases": splits, **extra})
 

@@ -65,3 +65,13 @@ def write_nifti(volume: Volume, array: np.ndarray, path: str | Path) -> Path:
     array = np.asarray(array)
     array = array.astype(np.float32) if array.dtype == np.float64 else array
     return write_image(to_input_geometry(volume, array), path)
+
+
+def write_model_grid(labels: np.ndarray, spacing_zyx, path: str | Path) -> Path:
+    """Write a (Z, Y, X) uint8 label map at model resolution as NIfTI, atomically: voxel size
+    ``spacing_zyx`` (mm, as a store's manifest records ``model_spacing_mm``), origin 0, identity
+    direction. For label maps that are scored against each other (cross-validation's out-of-fold
+    predictions beside their ground truth), not for a scan's geometry (``write_nifti``)."""
+    image = sitk.GetImageFromArray(np.asarray(labels).astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in reversed(tuple(spacing_zyx))))
+    return write_image(image, path)

@@ -3,7 +3,7 @@
 
 synthesize, prepare (``data.py``) -> train, export (``run.py``) -> evaluate, infer (``score.py``);
 ``pipeline`` chains them for one submission and ``demo`` runs it on synthetic data
-(``pipeline.py``); tune, sweep and benchmark run many of them (their own modules, reached here).
+(``pipeline.py``); tune, crossval, sweep and benchmark run many of them (their own modules, reached here).
 Each returns where its outputs went, or its figures.
 """
 
@@ -20,11 +20,21 @@ def tune(cfg, shards_uri: str, output: str):
     return search(cfg, shards_uri, output)
 
 
-def sweep(cfg, output: str, plan, progress: bool = False):
-    """The demo over several seeds on both backends (``aisd_ray.sweep``, ``plan``: a ``sweep.Plan``);
-    its report."""
-    from aisd_ray import sweep as sweeps
+def crossval(cfg, output: str, progress: bool = True):
+    """Patient k-fold cross-validation with an ensemble export (``aisd_ray.crossval``); its summary."""
+    from aisd_ray.crossval import crossval as run
 
+    return run(cfg, output, progress)
+
+
+def sweep(cfg, output: str, plan, progress: bool = False):
+    """The demo over several seeds on both backends (``aisd_ray.sweep``, ``plan``: a ``sweep.Plan``), or
+    the accuracy variants side by side (``aisd_ray.sweep_variants``, a ``VariantPlan``); its report."""
+    from aisd_ray import sweep as sweeps
+    from aisd_ray import sweep_variants
+
+    if isinstance(plan, sweep_variants.VariantPlan):
+        return sweep_variants.sweep_variants(cfg, output, plan, progress)
     return sweeps.sweep(cfg, output, plan, progress)
 
 
@@ -35,5 +45,5 @@ def benchmark(output: str, **options):
     return benchmarks.run(output, **options)
 
 
-__all__ = ["DemoResult", "Inferred", "benchmark", "demo", "evaluate", "export", "infer", "on_node", "pipeline",
-           "prepare", "run_config", "run_uri", "sweep", "synthesize", "synthetic_source", "train", "tune"]
+__all__ = ["DemoResult", "Inferred", "benchmark", "crossval", "demo", "evaluate", "export", "infer", "on_node",
+           "pipeline", "prepare", "run_config", "run_uri", "sweep", "synthesize", "synthetic_source", "train", "tune"]

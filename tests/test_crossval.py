@@ -1,0 +1,114 @@
+"""``crossval --folds K``: patient folds, the fold runs as Ray Train runs under one Tune grid,
+out-of-fold figures, the ensemble export that evaluate and infer take, a rerun that resumes."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from aisd_ray.cli import main
+from aisd_ray.config import DataConfig
+from aisd_ray.data.raw import split_cases
+from aisd_ray.export import LoadedExport
+from aisd_ray.stages import synthesize
+from tests.conftest import volume_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_folds_partition_the_non_test_patients_and_keep_the_test_split():
+    cases = [f"{i:07d}" for i in range(11)]
+    splits = [split_cases(cases, DataConfig(test_cases=("0000003",), folds=4, fold=k)) for k in range(4)]
+    valid = [set(s["valid"]) for s in splits]
+    assert set().union(*valid) == set(cases) - {"0000003"}  # every patient validated once
+    assert sum(len(v) for v in valid) == 10 and sorted(len(v) for v in valid) == [2, 2, 3, 3]
+    for s in splits:
+        assert set(s["train"]) | set(s["valid"]) == set(cases) - {"0000003"} and not set(s["train"]) & set(s["valid"])
+        assert s["test"] == ["0000003"]
+    with pytest.raises(Exception, match="only 2 non-test case"):
+        split_cases(cases[:3], DataConfig(test_cases=("0000000",), folds=3))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--folds", "1"], "tiny.toml): [data] folds: must be 0 (no folds) or at least 2"),
+    (["--folds", "3", "--set", "data.fold=3"], "[data] fold: must lie in 0..2"),
+])
+def test_bad_fold_settings_exit_2_naming_the_key(args, message, tmp_path, capsys):
+    assert main(["crossval", "--config", "tiny", "--output", str(tmp_path / "cv"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cv").exists()
+
+
+def test_png_slices_are_refused_before_anything_trains(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert main(["crossval", "--config", "tiny", "--folds", "2", "--source", str(synthetic_root),
+                 "--output", str(out), "--backend", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "data.folds = 2" in err and "patient" in err
+    assert not (out / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    cfg = volume_config("nnunet", 9, 2, 64, 4)
+    root = synthesize(cfg, str(tmp_path_factory.mktemp("cv-src")), progress=False)
+    return cfg, root
+
+
+def test_three_folds_train_on_ray_and_leave_oof_figures_and_an_ensemble_that_infer_uses(
+        ray_cluster, volumes, tmp_path, capsys):
+    cfg, root = volumes
+    config = tmp_path / "cv.toml"
+    config.write_text(cfg.to_toml())
+    out = tmp_path / "cv"
+    args = ["crossval", "--config", str(config), "--folds", "3", "--source", str(root), "--output", str(out),
+            "--backend", "ray", "--set", "train.num_workers=1", "--set", "train.epochs=2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "crossval.json").read_text())
+
+    # three fold runs, each validated on its own patients, together every non-test patient once
+    histories = {k: (out / "runs" / f"fold_{k}" / "history.csv").read_text() for k in range(3)}
+    assert all(len(h.splitlines()) == 3 for h in histories.values())  # header + 2 epochs
+    valid = [json.loads((out / f"fold_{k}" / "shards" / "manifest.json").read_text())["source"]["cases"]["valid"]
+             for k in range(3)]
+    assert sorted(c for v in valid for c in v) == sorted(c for c in json.loads(
+        (out / "fold_0" / "shards" / "manifest.json").read_text())["source"]["cases"]["train"] + valid[0])
+    assert summary["folds"] == 3 and summary["concurrent"] >= 1 and len(summary["per_fold"]) == 3
+
+    # out-of-fold: every non-test case scored once, in mm and mL, from the fold models' NIfTIs
+    oof = json.loads((out / "oof" / "metrics.json").read_text())
+    assert oof["cases"] == 7 == summary["out_of_fold"]["cases"]
+    assert {r["case_id"] for r in oof["per_case"]} == {c for v in valid for c in v}
+    assert len(list(csv.DictReader(open(out / "folds.csv")))) == 3
+    assert "out of fold (7 cases)" in printed and "post-processing chosen on them" in printed
+
+    # the ensemble: its members' mean, with the post-processing chosen out of fold
+    ensemble = LoadedExport(str(out / "ensemble"))
+    assert ensemble.members == 3 and ensemble.postprocess["chosen"] == summary["postprocessing"]["chosen"]
+    batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    members = [LoadedExport(str(out / "fold_" f"{k}" / "export")).predict(batch)["probabilities"].numpy()
+               for k in range(3)]
+    got = ensemble.predict(batch)
+    np.testing.assert_allclose(got["probabilities"].numpy(), np.mean(members, axis=0), atol=1e-6)
+    assert np.array_equal(got["labels"].numpy(), np.argmax(np.mean(members, axis=0), axis=-1))
+    assert "ensemble_test" in summary and (out / "ensemble_test" / "metrics.json").exists()
+
+    # infer takes the ensemble like any export: a mask on the patient's grid
+    patient = sorted((root / "imagesTs").iterdir())[0]
+    assert main(["infer", "--model", str(out / "ensemble"), "--input", str(patient),
+                 "--output", str(tmp_path / "masks")]) == 0
+    case = json.loads(next((tmp_path / "masks" / "cases").glob("*/summary.json")).read_text())
+    assert case["lesion_ml"] >= 0 and list((tmp_path / "masks").glob("*.nii.gz"))
+
+    # the same command again resumes: nothing is retrained, the figures are the same
+    assert main(args) == 0
+    assert {k: (out / "runs" / f"fold_{k}" / "history.csv").read_text() for k in range(3)} == histories
+    again = json.loads((out / "crossval.json").read_text())
+    assert again["out_of_fold"] == summary["out_of_fold"]
+
+    # another fold count in the same folder is refused, naming it
+    assert main([*args[:4], "5", *args[5:]]) == 2
+    assert "data.folds 3 -> 5" in capsys.readouterr().err
