@@ -211,8 +211,7 @@ def cmd_sweep(args) -> None:
                           ray_train_seeds=args.ray_train_seeds, ray_workers=args.ray_workers)
     if not plan.synthetic_seeds or not (plan.train_seeds or getattr(plan, "ray_train_seeds", ())):
         raise ConfigError("give at least one --synthetic-seeds and one --train-seeds or --ray-train-seeds")
-    report = stages.sweep(cfg, args.output, plan)
-    print((sweep_variants if args.variants else sweep).table(report))
+    print((sweep_variants if args.variants else sweep).table(stages.sweep(cfg, args.output, plan)))
     print(f"figures: {storage.join(args.output, 'variants.json' if args.variants else 'sweep.json')}")
 
 

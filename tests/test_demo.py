@@ -8,6 +8,7 @@ import numpy as np
 from aisd_ray.cli import main
 from aisd_ray.config import AISD_TEST_CASES, builtin_config, load_config
 from aisd_ray.data.synthetic import synth_case, synthetic_case_ids
+from aisd_ray.postprocess import describe
 
 VOLUMES = ["synthetic.layout='nnunet'", "synthetic.num_cases=10", "synthetic.slices_per_case=6",
            "synthetic.num_test_cases=2", "synthetic.size=96", "train.backend='local'", "train.epochs=1"]
@@ -45,6 +46,12 @@ def test_demo_on_ct_volumes_reports_per_case_mm_and_ml_and_segments_a_dicom_pati
     assert summary["test cases"] == 2 and summary["test case Dice (mean)"] == cases["case_dice_mean"]
     assert "test case HD95 (median, mm)" in summary and "test case volume error (median, mL)" in summary
     assert (out / "tiny" / "eval" / "volume_agreement.png").is_file()
+    # post-processing chosen on the valid split's patients, saved with the export, applied on test
+    choice = json.loads((out / "tiny" / "export" / "postprocess.json").read_text())
+    valid = json.loads((out / "tiny" / "eval-valid" / "metrics.json").read_text())
+    assert valid["split"] == "valid" and valid["postprocessing"]["chosen"] == choice["chosen"]
+    assert report["postprocessing"]["rule"] == choice["rule"]
+    assert summary["post-processing (chosen on valid)"] == describe(choice)
     # the last stage segmented the first test patient, given as a DICOM series, on the series' grid
     patient = AISD_TEST_CASES[0]
     mask = sitk.ReadImage(str(out / "tiny" / "infer" / f"{patient}.nii.gz"))

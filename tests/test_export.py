@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from aisd_ray.export import INFO, KERAS_FILE, SAVED_MODEL, LoadedExport, model_from_checkpoint
@@ -42,3 +43,32 @@ def test_signature_is_documented_and_typed(trained_run):
     spec = fn.structured_input_signature[1]["image"]
     assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 64, 64, 3]
     assert set(fn.structured_outputs) == {"probabilities", "labels"}
+
+
+def test_an_ensemble_averages_its_members_and_refuses_members_that_differ(trained_run, tmp_path):
+    """The ensemble of an export with itself predicts exactly like it (with and without TTA), its
+    postprocess.json travels with it, and a member that takes other windows is refused by name with
+    nothing written. (Three different members against their mean: tests/test_crossval.py.)"""
+    import shutil
+
+    from aisd_ray.export import LoadedExport, write_ensemble
+
+    export_uri = trained_run[3]
+    choice = {"rule": "keep_largest", "min_ml": None, "min_voxels": None}
+    ensemble = write_ensemble([export_uri, export_uri], str(tmp_path / "ensemble"), choice, {"folds": 2})
+    single, both = LoadedExport(export_uri), LoadedExport(ensemble)
+    assert both.members == 2 and single.members == 1 and both.postprocess["rule"] == "keep_largest"
+    batch = np.random.default_rng(1).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(both.predict(batch)["probabilities"].numpy(),
+                               single.predict(batch)["probabilities"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(both.predict(batch, tta=True)["probabilities"].numpy(),
+                               single.predict(batch, tta=True)["probabilities"].numpy(), atol=1e-6)
+    assert (tmp_path / "ensemble" / "fold_1" / "saved_model").is_dir()
+
+    other = tmp_path / "other"
+    shutil.copytree(export_uri, other)
+    info = json.loads((other / "export.json").read_text())
+    (other / "export.json").write_text(json.dumps({**info, "windows": [[35, 30]]}))
+    with pytest.raises(ValueError, match="other: differs from .* in windows"):
+        write_ensemble([export_uri, str(other)], str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()

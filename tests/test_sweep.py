@@ -1,6 +1,9 @@
 """`aisd-ray sweep`: the distribution over random seeds, resumed on rerun."""
 
 import json
+import math
+
+import pytest
 
 from aisd_ray import sweep
 from aisd_ray.cli import main
@@ -54,3 +57,23 @@ def test_a_diverged_run_is_a_collapsed_row_and_the_sweep_goes_on(tmp_path, capsy
     assert run["test_lesion_dice"] != run["test_lesion_dice"]  # NaN: nothing was exported or scored
     assert run["epochs_run"] >= 1
     assert "local: 1 runs, 1 collapsed" in capsys.readouterr().out
+
+
+def test_variant_summary_is_the_spread_and_the_paired_change_from_grey():
+    from aisd_ray.sweep_variants import summarise, table
+
+    def run(variant, data, seed, case, pooled=0.5, hd95=4.0, f1=0.8):
+        return {"variant": variant, "synthetic_seed": data, "train_seed": seed, "case_dice": case,
+                "lesion_dice": pooled, "hd95_mm": hd95, "lesion_f1": f1}
+
+    runs = [run("grey", 7, 1, 0.60), run("grey", 7, 2, 0.70), run("grey", 8, 1, 0.50),
+            run("symmetry", 7, 1, 0.65), run("symmetry", 7, 2, 0.68), run("symmetry", 8, 1, 0.62, hd95=float("nan"))]
+    s = summarise(runs)
+    assert s["grey"]["case_dice_median"] == 0.60 and s["grey"]["case_dice_min"] == 0.50
+    assert s["symmetry"]["case_dice_median"] == 0.65 and s["symmetry"]["case_dice_min"] == 0.62
+    # paired with the grey run of the same data set and seed: +0.05, -0.02, +0.12
+    assert s["symmetry"]["case_dice_vs_grey"] == pytest.approx(0.05)
+    assert s["symmetry"]["hd95_mm_median"] == 4.0 and s["symmetry"]["runs"] == 3  # a NaN HD95 left out
+    assert math.isnan(s["grey"]["case_dice_vs_grey"])
+    lines = table({"summary": s}).splitlines()
+    assert lines[2].startswith("grey") and "+0.050" in lines[3]

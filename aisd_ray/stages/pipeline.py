@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aisd_ray import storage, track
+from aisd_ray.postprocess import describe
 from aisd_ray.config import AISD_TEST_CASES, Config
 from aisd_ray.data.shards import ShardStore
 from aisd_ray.stages.data import prepare_store, synthetic_source
@@ -65,6 +66,15 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     result.outputs["SavedModel"] = storage.join(export_uri, "saved_model")
 
     on_worker = cfg.train.backend == "ray"  # on a cluster: a (GPU) training node, not the head
+    choice = None
+    if (store.manifest.get("source") or {}).get("cases", {}).get("valid"):  # patients: choose on them (nnU-Net)
+        log.info("stage 4/%d: post-processing chosen on the valid split's patients%s", stages,
+                 " (a Ray task)" if on_worker else "")
+        chosen = on_node(cfg, on_worker, evaluate_export, storage.absolute(export_uri), store.uri,
+                         storage.absolute(storage.join(run, "eval-valid")), "valid", cfg.eval.batch_size, False,
+                         False, store=store, tta=cfg.eval.tta, choose_postprocessing=True)
+        choice = chosen["postprocessing"]
+        result.outputs["post-processing choice"] = storage.join(export_uri, "postprocess.json")
     log.info("stage 4/%d: evaluate on the test split%s", stages, " (a Ray task)" if on_worker else "")
     eval_uri = storage.absolute(storage.join(run, "eval"))
     report = on_node(cfg, on_worker, evaluate_export, storage.absolute(export_uri), store.uri, eval_uri, "test",
@@ -96,6 +106,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
         "test lesion Dice (pooled)": report["lesion_dice"],
         "test lesion Dice (per image)": report["lesion_dice_per_image"],
         **(_case_figures(report["cases"]) if "cases" in report else {}),
+        **({"post-processing (chosen on valid)": describe(choice)} if choice else {}),
         "test dice_coef_multiclass (original, bg-incl.)": report["dice_coef_multiclass"],
         "wall time (s)": round(time.time() - started, 1),
     }

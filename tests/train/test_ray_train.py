@@ -1,5 +1,7 @@
 """Ray Train with 2 workers under MultiWorkerMirroredStrategy, on a real local Ray cluster."""
 
+import copy
+import json
 import os
 
 import h5py
@@ -7,10 +9,11 @@ import numpy as np
 import pytest
 
 from aisd_ray import stages
+from aisd_ray.cli import main
 from aisd_ray.data.prepare import prepare
 from aisd_ray.data.synthetic import write_synthetic_aisd
 from aisd_ray.train import checkpoint as ckpt
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, volume_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +29,44 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-@pytest.mark.parametrize("_shard_store", ["tfrecord"], indirect=True)
-def test_two_workers_train_in_sync(ray_cluster, shard_store, tmp_path, monkeypatch):
-    """TFRecord shards (raw rows) read by the workers directly (the default reader, "shards"); Parquet
-    shards through Ray Data, with fp16, are the killed-worker test's run below.
-    Paths are given relative to the caller's directory, as users type them; workers run elsewhere."""
-    cfg, shards = shard_store
-    assert cfg.data.shard_format == "tfrecord" and cfg.train.reader == "shards"
+@pytest.fixture(scope="module")
+def ct_source(tmp_path_factory):
+    """Six synthetic CT patients in HU (nnU-Net layout, 64 px, 4 slices): 4 train, 1 valid, 1 test."""
+    cfg = volume_config("nnunet", 6, 1, 64, 4)
+    return cfg, stages.synthesize(cfg, str(tmp_path_factory.mktemp("ct")), progress=False)
+
+
+@pytest.mark.parametrize("channels, fmt", [("neighbours", "tfrecord"), ("symmetry", "parquet")])
+def test_two_workers_train_in_sync_and_evaluate_with_ct_channels(ray_cluster, ct_source, channels, fmt, tmp_path,
+                                                                  monkeypatch, capsys):
+    """CT volumes made into neighbours (TFRecord, raw rows, read by the workers directly: the default
+    reader) or symmetry channels (Parquet, PNG rows); Parquet through Ray Data, with fp16, is the
+    killed-worker test's run below. Paths are given relative to the caller's directory, as users
+    type them; workers run elsewhere. The export records its channel mode and evaluate scores it."""
+    cfg, root = ct_source
+    cfg = copy.deepcopy(cfg)
+    cfg.data.channels, cfg.data.shard_format = channels, fmt
+    cfg.data.row_encoding = "raw" if fmt == "tfrecord" else "png"
+    cfg.data.source_dir = str(root)
+    assert cfg.train.reader == "shards"
     cfg.train.backend, cfg.train.num_workers, cfg.train.epochs = "ray", 2, 2
     monkeypatch.chdir(tmp_path)
-    shards, root = os.path.relpath(shards), "runs"
-    last = stages.train(cfg, shards, root)
-    history = ckpt.list_checkpoints(stages.run_uri(cfg, root))[-1][1].history
+    prepare(cfg, "shards", progress=False)
+    last = stages.train(cfg, "shards", "runs")
+    run = stages.run_uri(cfg, "runs")
+    history = ckpt.list_checkpoints(run)[-1][1].history
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[1]["loss"] < history[0]["loss"]
     # the all-reduce kept both workers' weights identical after every epoch
     assert all(row["replica_weight_spread"] == 0.0 for row in history)
     assert last["epoch"] == 2
+
+    export, _ = stages.export(run)
+    assert json.loads(open(os.path.join(export, "export.json")).read())["channels"] == channels
+    assert main(["evaluate", "--model", export, "--data", "shards", "--output", "eval", "--no-overlays"]) == 0
+    report = json.loads(open("eval/metrics.json").read())
+    assert report["cases"]["cases"] == 1 and "case_hd95_mm_median" in report["cases"]
+    assert report["images"] == 4 and "over 4 images" in capsys.readouterr().out  # the test patient's 4 slices
 
 
 @pytest.fixture(scope="module")
