@@ -21,6 +21,7 @@ from aisd_ray.flags import (  # noqa: E402
     add_tta,
     check_evaluate,
     flag_overrides,
+    given_tta,
     synthetic_test_cases,
 )
 from aisd_ray.provenance import package_version  # noqa: E402
@@ -131,7 +132,7 @@ def cmd_evaluate(args) -> None:
 
     report = stages.evaluate(cfg, args.output, model=args.model, shards=args.data, split=args.split or "test",
                              predictions=args.predictions, masks=args.masks, overlays=not args.no_overlays,
-                             choose_postprocessing=args.choose_postprocessing)
+                             choose_postprocessing=args.choose_postprocessing, tta=given_tta(args))
     if "images" not in report:  # label volumes, scored per case
         print(f"case Dice {report['case_dice_mean']:.4f} (mean), HD95 {report['case_hd95_mm_median']:.2f} mm "
               f"(median), volume error {report['case_avd_ml_median']:.2f} mL (median), lesion F1 "
@@ -143,7 +144,6 @@ def cmd_evaluate(args) -> None:
         print(f"{name} Dice {report[f'{name}_dice']:.4f} (pooled), {report[f'{name}_dice_per_image']:.4f} (per image)")
     if "postprocessing" in report:
         from aisd_ray.postprocess import describe
-
         chosen = " (chosen here, written into the export)" if args.choose_postprocessing else ""
         print(f"tta {'on' if report['tta'] else 'off'}; case volumes post-processed: "
               f"{describe(report['postprocessing'])}{chosen}")
@@ -156,7 +156,7 @@ def cmd_infer(args) -> None:
         raise ConfigError("give --input (or --images) and --output (or a config whose [infer] section names them)")
     from aisd_ray import stages
 
-    done = stages.infer(cfg, args.model)
+    done = stages.infer(cfg, args.model, tta=given_tta(args))
     if done.cases:
         for case in done.cases:
             print(f"{case['case_id']}: lesion {case['lesion_ml']:.2f} mL in {case['lesion_count']} lesion(s)")

@@ -217,7 +217,7 @@ def crossval(cfg: Config, output: str, progress: bool = True) -> dict[str, Any]:
              oof.get("case_dice_mean", math.nan), postprocess.describe(choice))
     ensemble = storage.join(output, "ensemble")
     write_ensemble([r["export"] for r in rows], ensemble, choice,
-                   {"folds": folds, "out_of_fold": oof, "config": cfg.to_dict()})
+                   {"folds": folds, "tta": cfg.eval.tta, "out_of_fold": oof, "config": cfg.to_dict()})
     summary: dict[str, Any] = {"folds": folds, "concurrent": at_once, "per_fold": rows, "out_of_fold": oof,
                                "postprocessing": choice, "ensemble": ensemble}
     store = shards.ShardStore.open(fold_config(cfg, output, 0).data.shards_dir, cfg, checksums=False)

@@ -198,19 +198,20 @@ def _batched(records: Iterable[dict], size: int):
 
 def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str = "test",
                     batch_size: int = 4, progress: bool = True, overlays: bool = True,
-                    store: shards.ShardStore | None = None, tta: bool = False,
+                    store: shards.ShardStore | None = None, tta: bool | None = None,
                     choose_postprocessing: bool = False, write_volumes: bool = False) -> dict[str, Any]:
     """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv and,
     with ``overlays``, ``overlays/<name>.png`` per slice (found, false and missed lesion pixels).
     ``store``: the command's already opened store, else it is opened (and verified) here. ``tta``:
-    mirroring test-time augmentation (``LoadedExport``). ``choose_postprocessing`` (the ``valid``
-    split only, so the test split never decides it): choose the post-processing on this split's
-    cases (``postprocess.choose``), write it into the export (``postprocess.json``) and score with
-    it; DataError when the split's slices carry no case ids. ``write_volumes``: also write each case's
-    predicted label map (the network's, before post-processing) and its ground truth as NIfTI at
-    model resolution (``VOLUMES``: ``predictions/<case>.nii.gz``, ``labels/<case>.nii.gz``,
-    ``volume_write.write_model_grid``), as nnU-Net keeps a fold's validation predictions; DataError
-    when the store does not know every case's spacing (prepare CT volumes)."""
+    mirroring test-time augmentation (``LoadedExport``; None: the export's own choice).
+    ``choose_postprocessing`` (the ``valid`` split only, so the test split never decides it): choose
+    the post-processing on this split's cases (``postprocess.choose``), write it into the export
+    (``postprocess.json``) and score with it; DataError when the split's slices carry no case ids.
+    ``write_volumes``: also write each case's predicted label map (the network's, before
+    post-processing) and its ground truth as NIfTI at model resolution (``VOLUMES``:
+    ``predictions/<case>.nii.gz``, ``labels/<case>.nii.gz``, ``volume_write.write_model_grid``), as
+    nnU-Net keeps a fold's validation predictions; DataError when the store does not know every
+    case's spacing (prepare CT volumes)."""
     if choose_postprocessing and split != "valid":
         raise ValueError(f"post-processing is chosen on the valid split only, not {split!r}")
     model = LoadedExport(export_uri, tta=tta)

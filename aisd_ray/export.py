@@ -82,6 +82,7 @@ def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str,
             "rgb_map": [list(c) for c in cfg.data.rgb_map],
             "windows": [list(w) for w in cfg.data.windows],  # HU (level, width): how CT volumes become input
             "channels": cfg.data.channels,  # what the channels hold (data.channels); image.channels counts them
+            "tta": cfg.eval.tta,  # mirroring TTA by default when this export predicts (eval.tta of its training)
             "parameters": int(model.count_params()),
             **(extra or {}),
             "config": cfg.to_dict(),
@@ -171,16 +172,17 @@ class LoadedExport:
     forward pass): with ``tta`` (this object's default, or ``predict``'s argument) a prediction is
     nnU-Net's mirroring restricted to the axial slice's left-right axis: the softmax probabilities
     of the image and of its mirror (width axis flipped, predicted, flipped back) averaged, the labels
-    their argmax. Twice the compute (an ensemble of K: 2K forward passes). ``eval.tta`` sets it for
-    ``evaluate --model`` and ``infer``.
+    their argmax. Twice the compute (an ensemble of K: 2K forward passes). The export records its
+    training config's ``eval.tta`` as ``tta``: the default here, which ``tta`` (``--tta``/``--no-tta``
+    of ``evaluate --model`` and ``infer``) overrides.
 
     ``postprocess``: the export's post-processing choice (``postprocess.json``, written by
     ``evaluate --choose-postprocessing`` or ``crossval``; ``postprocess.NONE`` when absent), which
     the per-case 3-D scoring and ``infer`` of CT patients apply; the network's predictions here are
     never altered."""
 
-    def __init__(self, uri: str, tta: bool = False):
-        self.uri, self.tta = uri, bool(tta)
+    def __init__(self, uri: str, tta: bool | None = None):
+        self.uri = uri
         self._copy = storage.local_copy(uri)
         folder = self._copy.__enter__()
         if (folder / ENSEMBLE).is_file():
@@ -197,6 +199,8 @@ class LoadedExport:
             members = [_member(folder, uri)]
             self.info = members[0][0]
         self.members = len(members)
+        # the caller's choice, else the export's own (export.json / ensemble.json "tta", from eval.tta)
+        self.tta = bool(self.info.get("tta", False)) if tta is None else bool(tta)
         self.postprocess = postprocess.load(folder, storage.join(uri, postprocess.FILE))
         self._modules = [module for _, module in members]  # kept alive: the signatures belong to them
         self._fns = [module.signatures[SIGNATURE] for module in self._modules]

@@ -141,8 +141,13 @@ def add_tta(p: argparse.ArgumentParser) -> None:
     """--tta / --no-tta: mirroring test-time augmentation on or off (``eval.tta``)."""
     both = p.add_mutually_exclusive_group()
     both.add_argument("--tta", action="store_true", help="average each prediction with that of the image's "
-                      "left-right mirror, twice the compute (else eval.tta, off)")
-    both.add_argument("--no-tta", action="store_true", help="plain predictions (else eval.tta)")
+                      "left-right mirror, twice the compute (else as the export records it: its training's eval.tta)")
+    both.add_argument("--no-tta", action="store_true", help="plain predictions")
+
+
+def given_tta(args) -> bool | None:
+    """--tta: True, --no-tta: False, neither: None (the export's own choice, its ``tta``)."""
+    return True if getattr(args, "tta", False) else False if getattr(args, "no_tta", False) else None
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

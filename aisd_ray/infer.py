@@ -27,7 +27,7 @@ from aisd_ray.progress import progress_bar
 
 
 def infer_folder(export_uri: str, images_dir: str | Path, out_uri: str, batch_size: int = 4,
-                 overlays: bool = True, progress: bool = True, tta: bool = False) -> list[str]:
+                 overlays: bool = True, progress: bool = True, tta: bool | None = None) -> list[str]:
     """Segment every image of ``images_dir``; return the written mask names."""
     with storage.local_copy(str(images_dir)) as local:  # a gs:// folder is copied first
         return _infer(LoadedExport(export_uri, tta=tta), images_dir, local, out_uri, batch_size, overlays, progress)

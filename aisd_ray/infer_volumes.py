@@ -144,7 +144,7 @@ def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray
 
 
 def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_size: int = 4,
-                  probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool = False,
+                  probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool | None = None,
                   postprocessing: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Segment every case of ``input_path``; return their summaries. A case that is not a CT volume
     is a VolumeError (one line naming the file) and leaves no output folder. ``model``: an already

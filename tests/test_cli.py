@@ -10,7 +10,8 @@ from aisd_ray.cli import build_parser, main
 from aisd_ray.config import builtin_config
 
 TINY = str(builtin_config("tiny"))
-COMMANDS = ["inspect", "synthesize", "prepare", "train", "export", "evaluate", "infer", "demo", "sweep", "configs"]
+COMMANDS = ["inspect", "synthesize", "prepare", "train", "export", "evaluate", "infer", "demo", "sweep", "crossval",
+            "configs"]
 SEED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "seed" / "train_eval_infer.config"
 
 

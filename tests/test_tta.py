@@ -2,6 +2,7 @@
 prediction, chosen per config (eval.tta, --tta/--no-tta) and recorded in metrics.json."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,3 +57,23 @@ def test_evaluation_records_whether_tta_was_used(trained_run, tmp_path, capsys):
         assert f"tta {'on' if flag == '--tta' else 'off'}; case volumes post-processed: none" in capsys.readouterr().out
     plain = evaluate_export(export_uri, shards_uri, str(tmp_path / "default"), overlays=False, progress=False)
     assert plain["tta"] is False and plain["lesion_dice"] == pytest.approx(figures["--no-tta"])
+
+
+def test_an_export_predicts_with_the_tta_its_training_config_chose_unless_told(trained_run, tmp_path, capsys):
+    """export.json records eval.tta; evaluate and infer use it when neither --tta nor --no-tta is given."""
+    import shutil
+
+    from aisd_ray.cli import main
+
+    _, shards_uri, _, export_uri = trained_run
+    assert json.loads((Path(export_uri) / "export.json").read_text())["tta"] is False
+    chosen = tmp_path / "export-tta"
+    shutil.copytree(export_uri, chosen)
+    info = json.loads((chosen / "export.json").read_text())
+    (chosen / "export.json").write_text(json.dumps({**info, "tta": True}))
+    assert LoadedExport(str(chosen)).tta is True and LoadedExport(str(chosen), tta=False).tta is False
+    for flags, expected in (([], True), (["--no-tta"], False)):
+        out = tmp_path / f"eval{len(flags)}"
+        assert main(["evaluate", "--model", str(chosen), "--data", shards_uri, "--output", str(out),
+                     "--no-overlays", *flags]) == 0
+        assert json.loads((out / "metrics.json").read_text())["tta"] is expected

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aisd_ray import storage, track
-from aisd_ray.postprocess import describe
 from aisd_ray.config import AISD_TEST_CASES, Config
 from aisd_ray.data.shards import ShardStore
+from aisd_ray.postprocess import describe
 from aisd_ray.stages.data import prepare_store, synthetic_source
 from aisd_ray.stages.run import _require_shared_storage, export, on_node, run_uri, train
 from aisd_ray.stages.score import infer
