@@ -26,8 +26,13 @@ demo: $(BIN)/.installed
 tune-demo: $(BIN)/.installed
 	$(BIN)/aisd-ray tune --data $(DEMO_OUTPUT)/shards --output runs/tune-demo
 
+# The demo over seeds on both backends, then the accuracy pieces side by side (sweep --variants) at
+# the size the README's table was measured at: several hours on 2 CPU cores, resumable.
+VARIANTS_SET ?= --set model.image_width=96 --set model.image_height=96 --set synthetic.num_cases=24 \
+	--set train.epochs=14 --set train.learning_rate=0.002 --set train.batch_size=8
 sweep: $(BIN)/.installed
 	$(BIN)/aisd-ray sweep --output runs/sweep
+	$(BIN)/aisd-ray sweep --variants --output runs/variants $(VARIANTS_SET)
 
 # Two test processes, each given whole modules (one Ray cluster per module), the slow ones first
 # (tests/conftest.py orders them): on 2 cores one computes while the other waits on Ray.

@@ -25,6 +25,9 @@ from scipy import ndimage
 
 # Lesions are 26-connected in (slice, row, column): touching across a face, edge or corner.
 CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+# A lesion Dice below this means a model that finds next to no lesion: the one line between a
+# collapsed model and a weak one, drawn by the pipeline (test split), tune (best val_score) and sweep.
+COLLAPSED_BELOW = 0.1
 
 
 def lesion_counts(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:

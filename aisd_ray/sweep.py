@@ -22,13 +22,11 @@ from typing import Any
 
 from aisd_ray import provenance, stages, storage
 from aisd_ray.config import Config
+from aisd_ray.metrics import COLLAPSED_BELOW  # a run also counts as collapsed when its training diverged
 from aisd_ray.train import TrainingFailed
 from aisd_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
-# A run counts as collapsed when its test lesion Dice (pooled) is below this (it predicts next
-# to nothing) or its training ended diverged.
-COLLAPSED_BELOW = 0.1
 
 
 @dataclass

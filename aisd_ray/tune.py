@@ -35,15 +35,13 @@ from aisd_ray.config import WHOLE_NUMBER_KEYS, Config, apply_params, config_from
 from aisd_ray.data import shards
 from aisd_ray.data.layout import DataError
 from aisd_ray.evaluate import evaluate_export
+from aisd_ray.metrics import COLLAPSED_BELOW
 from aisd_ray.train import TrainingFailed
 from aisd_ray.train.checkpoint import LEGACY_SCORE, SCORE, best_row, diverged, score_of
 from aisd_ray.train.ray_session import ensure_ray, require_shared_storage, run_on_worker
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # the trial function only waits on its Train run; zero is refused
-# A best val_score below this means the model finds next to no lesion: the line stages.pipeline
-# draws for a collapsed model on the test split.
-COLLAPSED_BELOW = 0.1
 STATUSES = ("ok", "below floor", "collapsed", "diverged", "error")
 DEFAULT, SAMPLED = "base config", "sampled"  # the leaderboard's origin column
 

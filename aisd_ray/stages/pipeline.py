@@ -12,6 +12,7 @@ from typing import Any
 from aisd_ray import storage, track
 from aisd_ray.config import AISD_TEST_CASES, Config
 from aisd_ray.data.shards import ShardStore
+from aisd_ray.metrics import COLLAPSED_BELOW
 from aisd_ray.postprocess import describe
 from aisd_ray.stages.data import prepare_store, synthetic_source
 from aisd_ray.stages.run import _require_shared_storage, export, on_node, run_uri, train
@@ -90,7 +91,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
         result.outputs["test masks (NIfTI) + summary.json + preview.png" if done.cases
                        else "test masks + overlays"] = done.output
 
-    collapsed = report["lesion_dice"] < 0.1  # a diverged run stopped at train() (TrainingFailed)
+    collapsed = report["lesion_dice"] < COLLAPSED_BELOW  # a diverged run stopped at train() (TrainingFailed)
     if collapsed:
         log.warning("\n%s\nTHIS RUN ENDED COLLAPSED: test lesion Dice %.3f (pooled); %s.\nIts model predicts (next "
                     "to) no lesion. See %s/history.csv; try another train.seed, a lower train.learning_rate or "
