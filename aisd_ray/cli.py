@@ -22,6 +22,7 @@ from aisd_ray.flags import (  # noqa: E402
     check_evaluate,
     flag_overrides,
     given_tta,
+    sweep_plan,
     synthetic_test_cases,
 )
 from aisd_ray.provenance import package_version  # noqa: E402
@@ -204,15 +205,9 @@ def cmd_sweep(args) -> None:
     from aisd_ray import stages, sweep, sweep_variants
 
     cfg = _config(args)
-    if args.variants:
-        plan = sweep_variants.VariantPlan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds)
-    else:
-        plan = sweep.Plan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds,
-                          ray_train_seeds=args.ray_train_seeds, ray_workers=args.ray_workers)
-    if not plan.synthetic_seeds or not (plan.train_seeds or getattr(plan, "ray_train_seeds", ())):
-        raise ConfigError("give at least one --synthetic-seeds and one --train-seeds or --ray-train-seeds")
-    print((sweep_variants if args.variants else sweep).table(stages.sweep(cfg, args.output, plan)))
-    print(f"figures: {storage.join(args.output, 'variants.json' if args.variants else 'sweep.json')}")
+    plan, output = sweep_plan(args)
+    print((sweep_variants if args.variants else sweep).table(stages.sweep(cfg, output, plan)))
+    print(f"figures: {storage.join(output, 'variants.json' if args.variants else 'sweep.json')}")
 
 
 def cmd_crossval(args) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 
 from aisd_ray import postprocess, provenance, stages, storage
 from aisd_ray.config import Config, ConfigError, config_from_dict, load_config
-from aisd_ray.data import shards
+from aisd_ray.data import shards, volume_source
 from aisd_ray.data.layout import DataError
 from aisd_ray.evaluate import VOLUMES, evaluate_export
 from aisd_ray.evaluate_volumes import evaluate_nifti_folders
@@ -68,18 +68,26 @@ def fold_config(cfg: Config, output: str, k: int) -> Config:
     return fold
 
 
+# keys a rerun may change: where it runs and is tracked, not what is trained or scored
+RERUN_MAY_CHANGE = {("train", "backend"), ("run", "mlflow_tracking_uri"), ("run", "shared_filesystem"),
+                    ("eval", "batch_size")}
+
+
 def _check_output(cfg: Config, output: str) -> None:
-    """A rerun continues the same cross-validation: refuse another fold count or model."""
+    """A rerun continues the same cross-validation: its finished folds, exports and scores are kept,
+    so refuse any other config (but ``RERUN_MAY_CHANGE``), naming the keys, before anything runs."""
     uri = storage.join(output, "config.toml")
     if storage.exists(uri):
         with tempfile.TemporaryDirectory(prefix="aisd-config-") as tmp:
             (Path(tmp) / "config.toml").write_bytes(storage.read_bytes(uri))
-            old = load_config(Path(tmp) / "config.toml")
-        changed = [f"data.folds {old.data.folds} -> {cfg.data.folds}"] if old.data.folds != cfg.data.folds else []
-        changed += [f"[model] {k}" for k, v in cfg.to_dict()["model"].items() if old.to_dict()["model"].get(k) != v]
+            old = load_config(Path(tmp) / "config.toml").to_dict()
+        changed = [f"{section}.{key} {old.get(section, {}).get(key)!r} -> {value!r}"
+                   for section, values in cfg.to_dict().items() if isinstance(values, dict)
+                   for key, value in values.items()
+                   if (section, key) not in RERUN_MAY_CHANGE and old.get(section, {}).get(key) != value]
         if changed:
-            raise ConfigError(f"{output}: holds another cross-validation ({'; '.join(changed)}); rerun with its "
-                              "config to resume, or give a new --output")
+            raise ConfigError(f"{output}: holds a cross-validation with another config ({'; '.join(changed)}); "
+                              "rerun with its config (config.toml there) to resume, or give a new --output")
     storage.ensure_dir(output)
     storage.write_text(uri, cfg.to_toml())
 
@@ -137,12 +145,16 @@ def _train_folds(cfg: Config, output: str, folds: int) -> int:
                            run_config=tune.RunConfig(name="crossval", storage_path=tune_root, storage_filesystem=fs,
                                                      failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    failed = [f"fold {r.config.get('fold')}: {str(r.error).strip().splitlines()[-1][:300]}"
-              for r in (grid[i] for i in range(len(grid))) if r.error is not None]
+    failed = [f"fold {r.config.get('fold')}: {_last_line(r.error)}" for r in (grid[i] for i in range(len(grid)))
+              if r.error is not None]
     if failed:
         raise TrainingFailed(f"{output}: {len(failed)} of {folds} folds failed ({'; '.join(failed)}); rerun the same "
                              "command to continue them")
     return at_once
+
+
+def _last_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
 
 
 def _score_fold(cfg: Config, output: str, k: int) -> dict[str, Any]:
@@ -201,6 +213,10 @@ def crossval(cfg: Config, output: str, progress: bool = True) -> dict[str, Any]:
     if folds < 2:
         raise ConfigError(f"[data] folds: cross-validation needs at least 2 folds, got {folds} (--folds K)")
     output = storage.absolute(output)
+    source = cfg.data.source_dir
+    if source and storage.is_local(source) and not volume_source.volume_layout(source):
+        raise DataError(f"{source}: cross-validation needs CT volumes with their spacing (an nnU-Net dataset, DICOM "
+                        "case folders with labels/, the AISD DICOM release)")
     _check_output(cfg, output)
     for k in range(folds):
         fold = fold_config(cfg, output, k)

@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 
 from aisd_ray import postprocess, provenance, storage
-from aisd_ray.config import Config, DataConfig
+from aisd_ray.config import Config, DataConfig, config_from_dict
 from aisd_ray.model import build_flexunet
 from aisd_ray.train import checkpoint as ckpt
 
@@ -124,8 +124,10 @@ def write_ensemble(member_uris: list[str], out_uri: str, choice: dict[str, Any] 
                    extra: dict[str, Any] | None = None) -> str:
     """Write an ensemble export (see the module) of the exports ``member_uris`` to ``out_uri``,
     atomically: each member copied whole into ``fold_<i>/``, ``ensemble.json``, ``postprocess.json``
-    (``choice``, when given) and ``.complete`` last. ValueError when the members disagree on what
-    they take or give (``SHARED_KEYS``); FileNotFoundError for an incomplete member."""
+    (``choice``, when given) and ``.complete`` last. ``extra``: more for ``ensemble.json`` (its
+    ``tta`` default: every member's recorded ``tta``; its ``config``: the first member's).
+    ValueError when the members disagree on what they take or give (``SHARED_KEYS``);
+    FileNotFoundError for an incomplete member."""
     infos = []
     for uri in member_uris:
         if not storage.exists(storage.join(uri, storage.COMPLETE)):
@@ -140,9 +142,11 @@ def write_ensemble(member_uris: list[str], out_uri: str, choice: dict[str, Any] 
     with storage.staged_dir(out_uri) as folder:
         for name, uri in zip(names, member_uris):
             storage.download_tree(uri, folder / name)
+        config = extra.get("config") if extra and "config" in extra else infos[0].get("config", {})
         info = {"kind": "ensemble", "members": names, "combine": "mean of the members' softmax probabilities",
-                **{k: infos[0].get(k) for k in SHARED_KEYS}, **(extra or {}),
-                "provenance": provenance.facts(json.dumps(infos[0].get("config", {}), sort_keys=True))}
+                **{k: infos[0].get(k) for k in SHARED_KEYS},
+                "tta": all(i.get("tta", False) for i in infos),  # the members' own default, unless extra says
+                **(extra or {}), "provenance": provenance.facts(config_from_dict(config).to_toml())}
         (folder / ENSEMBLE).write_text(json.dumps(info, indent=2, default=str))
         if choice is not None:
             (folder / postprocess.FILE).write_text(json.dumps(postprocess.check(choice, out_uri), indent=2))

@@ -170,8 +170,8 @@ def seeds(text: str) -> tuple[int, ...]:
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     """``sweep``'s options: the seeds of the backend sweep, or ``--variants``."""
     add_config(p, "demo")
-    p.add_argument("--output", default="runs/sweep", help="sweep folder: one output folder per run, sweep.json "
-                                                          "(default: %(default)s)")
+    p.add_argument("--output", help="sweep folder: one output folder per run, sweep.json or variants.json "
+                                    "(default: runs/sweep, with --variants runs/variants)")
     p.add_argument("--variants", action="store_true", help="compare the input channel modes, mirroring TTA, "
                    "post-processing and the 5-fold ensemble against the original's input, every one over "
                    "--train-seeds x --synthetic-seeds on the local backend (variants.json)")
@@ -180,6 +180,25 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-seeds", type=seeds, default=(2024, 7), metavar="N,N,...",
                    help="synthetic.seed values (data sets) for the local runs; the Ray runs use the first "
                         "(default: 2024,7)")
-    p.add_argument("--ray-train-seeds", type=seeds, default=(1, 2, 3), metavar="N,N,...",
+    p.add_argument("--ray-train-seeds", type=seeds, metavar="N,N,...",
                    help="train.seed values on the Ray backend; empty to skip it (default: 1,2,3)")
-    p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers per Ray run (default: 2)")
+    p.add_argument("--ray-workers", type=int, help="Ray Train workers per Ray run (default: 2)")
+
+
+def sweep_plan(args):
+    """(plan, output folder) of ``sweep``: a ``sweep_variants.VariantPlan`` with --variants (which
+    refuses the Ray options: its runs are local), else a ``sweep.Plan``. ConfigError for no seeds."""
+    from aisd_ray import sweep, sweep_variants
+
+    if args.variants:
+        refuse(args, "with --variants (every variant trains on the local backend)", "ray_train_seeds", "ray_workers")
+        plan = sweep_variants.VariantPlan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds)
+        ray_seeds = ()
+    else:
+        ray_seeds = (1, 2, 3) if args.ray_train_seeds is None else args.ray_train_seeds
+        plan = sweep.Plan(train_seeds=args.train_seeds, synthetic_seeds=args.synthetic_seeds,
+                          ray_train_seeds=ray_seeds, ray_workers=args.ray_workers or 2)
+    if not plan.synthetic_seeds or not (plan.train_seeds or ray_seeds):
+        raise ConfigError("give at least one --synthetic-seeds and one --train-seeds"
+                          + ("" if args.variants else " or --ray-train-seeds"))
+    return plan, args.output or ("runs/variants" if args.variants else "runs/sweep")

@@ -24,6 +24,7 @@ baseline's run of the same data set and seed. Each finished unit writes its figu
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -62,13 +63,20 @@ def _figures(report: dict[str, Any]) -> dict[str, float]:
             "lesion_f1": cases.get("case_lesion_f1_pooled", math.nan)}
 
 
-def _once(folder: str, compute: Callable[[], dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """``compute()`` (variant -> figures) unless ``folder/figures.json`` has them from an earlier run."""
+def _once(folder: str, compute: Callable[[], dict[str, dict[str, float]]], cfg: Config
+          ) -> dict[str, dict[str, float]]:
+    """``compute()`` (variant -> figures) unless ``folder/figures.json`` has them from an earlier run
+    of the same config (its hash: other ``--set`` values, another plan's seeds, are computed anew;
+    the runs' folders resume or are refused as each stage does)."""
     uri = storage.join(folder, "figures.json")
+    digest = hashlib.sha256(cfg.to_toml().encode()).hexdigest()
     if storage.exists(uri):
-        return json.loads(storage.read_bytes(uri))
+        saved = json.loads(storage.read_bytes(uri))
+        if saved.get("config_sha256") == digest:
+            return saved["figures"]
+        log.warning("%s: from another config; computing it again", uri)
     figures = compute()
-    storage.write_json(uri, figures)
+    storage.write_json(uri, {"config_sha256": digest, "figures": figures})
     return figures
 
 
@@ -89,11 +97,11 @@ def _channel_runs(cfg: Config, root: str, source: str, mode: str, seed: int) -> 
     def score(name: str, split: str = "test", **options) -> dict[str, Any]:
         return evaluate_export(export_uri, store, storage.join(run, name), split, batch, False, False, **options)
 
-    out = {mode: _figures(score("eval-test"))}
+    out = {mode: _figures(score("eval-test", tta=False))}
     if mode == BASELINE:
         out["grey + TTA"] = _figures(score("eval-test-tta", tta=True))
-        score("eval-valid-choose", "valid", choose_postprocessing=True)  # writes postprocess.json into the export
-        out["grey + post-processing"] = _figures(score("eval-test-postprocessed"))
+        score("eval-valid-choose", "valid", tta=False, choose_postprocessing=True)  # writes postprocess.json
+        out["grey + post-processing"] = _figures(score("eval-test-postprocessed", tta=False))
     return out
 
 
@@ -147,7 +155,10 @@ def sweep_variants(cfg: Config, output: str, plan: VariantPlan, progress: bool =
             units.append(("ensemble", partial(_ensemble, data_cfg, root, str(source), seed, plan.folds)))
             for name, compute in units:
                 log.info("variants: %s, training seed %d, data set %d", name, seed, data_seed)
-                for variant, figures in _once(storage.join(root, "figures", f"{name}-seed{seed}"), compute).items():
+                unit_cfg = copy.deepcopy(data_cfg)
+                unit_cfg.train.seed = seed
+                found = _once(storage.join(root, "figures", f"{name}-seed{seed}"), compute, unit_cfg)
+                for variant, figures in found.items():
                     runs.append({"variant": variant, "synthetic_seed": data_seed, "train_seed": seed, **figures})
     report = {"provenance": provenance.facts(cfg.to_toml()), "config": cfg.to_dict(),
               "plan": {"train_seeds": list(plan.train_seeds), "synthetic_seeds": list(plan.synthetic_seeds),

@@ -1,4 +1,5 @@
-"""`ray job submit ... -- python jobs/crossval.py [flags]`: patient k-fold cross-validation; the folds' ensemble is exported.
+"""`ray job submit ... -- python jobs/crossval.py [flags]`: patient k-fold cross-validation, the
+folds trained at once on the cluster; the folds' ensemble is exported.
 
 Same flags as `aisd-ray crossval` (see `--help`); a failure exits non-zero with the reason.
 """

@@ -3,12 +3,14 @@ out-of-fold figures, the ensemble export that evaluate and infer take, a rerun t
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
 
 from aisd_ray.cli import main
 from aisd_ray.config import DataConfig
+from aisd_ray.data.layout import DataError
 from aisd_ray.data.raw import split_cases
 from aisd_ray.export import LoadedExport
 from aisd_ray.stages import synthesize
@@ -26,7 +28,7 @@ def test_folds_partition_the_non_test_patients_and_keep_the_test_split():
     for s in splits:
         assert set(s["train"]) | set(s["valid"]) == set(cases) - {"0000003"} and not set(s["train"]) & set(s["valid"])
         assert s["test"] == ["0000003"]
-    with pytest.raises(Exception, match="only 2 non-test case"):
+    with pytest.raises(DataError, match="only 2 non-test case"):
         split_cases(cases[:3], DataConfig(test_cases=("0000000",), folds=3))
 
 
@@ -41,13 +43,13 @@ def test_bad_fold_settings_exit_2_naming_the_key(args, message, tmp_path, capsys
     assert not (tmp_path / "cv").exists()
 
 
-def test_png_slices_are_refused_before_anything_trains(synthetic_root, tmp_path, capsys):
+def test_png_slices_are_refused_before_anything_is_written(synthetic_root, tmp_path, capsys):
     out = tmp_path / "cv"
     assert main(["crossval", "--config", "tiny", "--folds", "2", "--source", str(synthetic_root),
                  "--output", str(out), "--backend", "local"]) == 2
     err = capsys.readouterr().err
-    assert "data.folds = 2" in err and "patient" in err
-    assert not (out / "runs").exists()
+    assert "cross-validation needs CT volumes with their spacing" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def volumes(tmp_path_factory):
 
 
 def test_three_folds_train_on_ray_and_leave_oof_figures_and_an_ensemble_that_infer_uses(
-        ray_cluster, volumes, tmp_path, capsys):
+        ray_cluster, volumes, tmp_path, capsys, caplog):
     cfg, root = volumes
     config = tmp_path / "cv.toml"
     config.write_text(cfg.to_toml())
@@ -82,7 +84,7 @@ def test_three_folds_train_on_ray_and_leave_oof_figures_and_an_ensemble_that_inf
     assert summary["concurrent"] == 2
     started = {k: (out / "runs" / f"fold_{k}" / "config.toml").stat().st_mtime for k in range(3)}
     ended = {k: (out / "runs" / f"fold_{k}" / "history.csv").stat().st_mtime for k in range(3)}
-    assert min(started[0], started[1]) < min(ended[0], ended[1])
+    assert max(started[0], started[1]) < min(ended[0], ended[1])
 
     # out-of-fold: every non-test case scored once, in mm and mL, from the fold models' NIfTIs
     oof = json.loads((out / "oof" / "metrics.json").read_text())
@@ -109,12 +111,19 @@ def test_three_folds_train_on_ray_and_leave_oof_figures_and_an_ensemble_that_inf
     case = json.loads(next((tmp_path / "masks" / "cases").glob("*/summary.json")).read_text())
     assert case["lesion_ml"] >= 0 and list((tmp_path / "masks").glob("*.nii.gz"))
 
-    # the same command again resumes: nothing is retrained, the figures are the same
-    assert main(args) == 0
+    # the same command again resumes: the Tune experiment is restored, nothing is retrained, re-exported
+    # or re-scored, the figures are the same
+    kept = {p: p.stat().st_mtime_ns for k in range(3) for p in (out / f"fold_{k}" / "export" / ".complete",
+                                                                out / f"fold_{k}" / "validation" / ".complete")}
+    with caplog.at_level(logging.INFO, logger="aisd_ray"):
+        assert main(args) == 0
+    assert "resuming" in caplog.text and "finished folds are kept" in caplog.text
     assert {k: (out / "runs" / f"fold_{k}" / "history.csv").read_text() for k in range(3)} == histories
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
     again = json.loads((out / "crossval.json").read_text())
     assert again["out_of_fold"] == summary["out_of_fold"]
 
-    # another fold count in the same folder is refused, naming it
-    assert main([*args[:4], "5", *args[5:]]) == 2
-    assert "data.folds 3 -> 5" in capsys.readouterr().err
+    # another config in the same folder is refused, naming what changed, before anything runs
+    capsys.readouterr()
+    assert main([*args, "--set", "data.split_seed=1"]) == 2
+    assert "data.split_seed 2024 -> 1" in capsys.readouterr().err

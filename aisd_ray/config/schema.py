@@ -278,8 +278,8 @@ class TuneConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 4
-    # mirroring test-time augmentation in evaluate --model and infer (export.LoadedExport); off until a
-    # measured sweep on real data says it helps (docs/training.md, test-time augmentation)
+    # mirroring test-time augmentation (export.LoadedExport): the export records it as its default for
+    # evaluate --model and infer (whose --tta/--no-tta override it); pipeline, demo and crossval use it
     tta: bool = False
 
 
