@@ -174,7 +174,7 @@ def inference(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]]:
     m = cfg.model
     model = build_flexunet(m)
     export_model(cfg, model, str(root / "export"))
-    served = LoadedExport(str(root / "export"))
+    served = LoadedExport(str(root / "export"), tta=False)  # one forward pass: the signature against Keras
     out = []
     for batch in (1, 8):
         images = np.random.default_rng(0).integers(0, 256, (batch, m.image_height, m.image_width, m.image_channels),

@@ -221,9 +221,10 @@ def cmd_crossval(args) -> None:
 def cmd_configs(args) -> None:
     from aisd_ray.config import CONFIG_DIR
 
-    for path in sorted(CONFIG_DIR.glob("*.toml")):
+    paths = sorted(CONFIG_DIR.glob("*.toml"))
+    for path in paths:
         first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        print(f"{path.stem:<10} {first}")
+        print(f"{path.stem:<{max(len(p.stem) for p in paths)}} {first}")
     print(f"\n(in {CONFIG_DIR}; use one with --config NAME)")
 
 

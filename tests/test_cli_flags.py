@@ -65,7 +65,7 @@ def test_flag_values_keep_their_type_and_text(tmp_path):
     assert (cfg.infer.images_dir, cfg.infer.output_dir, cfg.eval.batch_size, cfg.infer.overlays) == ("i", "o", 2, False)
     for command in (["infer", "--model", "m", "--images", "i"], ["evaluate", "--model", "m", "--data", "d",
                                                                 "--output", "o"]):
-        for flags, tta in (([], False), (["--tta"], True), (["--no-tta"], False)):
+        for flags, tta in (([], True), (["--tta"], True), (["--no-tta"], False)):
             assert _config(build_parser().parse_args([*command, *flags])).eval.tta is tta
     assert _config(build_parser().parse_args(["infer", "--model", "m", "--set", "eval.tta=true"])).eval.tta is True
 
@@ -89,7 +89,7 @@ def test_a_folder_with_quotes_and_spaces_prepares_through_the_flag(synthetic_roo
     (["infer", "--model", "m", "--images", "i", "--output", "{out}", "--batch-size", "0"],
      "aisd-ray infer: error: --batch-size 0 (on <defaults>): [eval] batch_size: must be >= 1, got 0"),
     (["infer", "--model", "m", "--config", "nosuch", "--images", "i", "--output", "{out}"],
-     "aisd-ray infer: error: no built-in config 'nosuch' (known: aisd512, demo, tiny, tune-demo)"),
+     "aisd-ray infer: error: no built-in config 'nosuch' (known: aisd512, aisd512-recommended, demo, tiny, tune-demo)"),
     (["evaluate", "--model", "m", "--data", "d", "--config", "tiny", "--set", "eval.batch_size=2",
       "--output", "{out}"],
      "aisd-ray evaluate: error: --config, --set: not used with --model (the export holds its own config; "

@@ -92,7 +92,7 @@ def test_training_rows_and_history_have_each_class(real_run):
         assert best["epoch"] == -max(scored)[1]
 
     # the best epoch's validation figures against a count of the export's predictions on the valid split
-    truth, pred = _split_labels(LoadedExport(export_uri), shards, "valid")
+    truth, pred = _split_labels(LoadedExport(export_uri, tta=False), shards, "valid")
     assert len(truth) == 6
     for k, name in enumerate(NAMES, start=1):
         tp, fp, fn = _counts(truth, pred, k)

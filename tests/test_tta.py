@@ -22,7 +22,7 @@ def test_tta_is_symmetric_under_the_mirror_and_not_the_plain_prediction(trained_
     _, shards_uri, _, export_uri = trained_run
     images = _test_images(shards_uri)
     mirrored = images[:, :, ::-1]
-    model = LoadedExport(export_uri)
+    model = LoadedExport(export_uri, tta=False)
     tta = model.predict(images, tta=True)["probabilities"].numpy()
     tta_of_mirror = model.predict(mirrored, tta=True)["probabilities"].numpy()
     assert tta.shape == images.shape[:3] + (2,) and tta.dtype == np.float32
@@ -56,7 +56,8 @@ def test_evaluation_records_whether_tta_was_used(trained_run, tmp_path, capsys):
         figures[flag] = saved["lesion_dice"]
         assert f"tta {'on' if flag == '--tta' else 'off'}; case volumes post-processed: none" in capsys.readouterr().out
     plain = evaluate_export(export_uri, shards_uri, str(tmp_path / "default"), overlays=False, progress=False)
-    assert plain["tta"] is False and plain["lesion_dice"] == pytest.approx(figures["--no-tta"])
+    # without a flag, as the export records it: the tiny config's eval.tta, the default (on)
+    assert plain["tta"] is True and plain["lesion_dice"] == pytest.approx(figures["--tta"])
 
 
 def test_an_export_predicts_with_the_tta_its_training_config_chose_unless_told(trained_run, tmp_path, capsys):
@@ -66,13 +67,13 @@ def test_an_export_predicts_with_the_tta_its_training_config_chose_unless_told(t
     from aisd_ray.cli import main
 
     _, shards_uri, _, export_uri = trained_run
-    assert json.loads((Path(export_uri) / "export.json").read_text())["tta"] is False
-    chosen = tmp_path / "export-tta"
+    assert json.loads((Path(export_uri) / "export.json").read_text())["tta"] is True  # eval.tta's default
+    chosen = tmp_path / "export-no-tta"
     shutil.copytree(export_uri, chosen)
     info = json.loads((chosen / "export.json").read_text())
-    (chosen / "export.json").write_text(json.dumps({**info, "tta": True}))
-    assert LoadedExport(str(chosen)).tta is True and LoadedExport(str(chosen), tta=False).tta is False
-    for flags, expected in (([], True), (["--no-tta"], False)):
+    (chosen / "export.json").write_text(json.dumps({**info, "tta": False}))  # as trained with eval.tta = false
+    assert LoadedExport(str(chosen)).tta is False and LoadedExport(str(chosen), tta=True).tta is True
+    for flags, expected in (([], False), (["--tta"], True)):
         out = tmp_path / f"eval{len(flags)}"
         assert main(["evaluate", "--model", str(chosen), "--data", shards_uri, "--output", str(out),
                      "--no-overlays", *flags]) == 0

@@ -279,8 +279,9 @@ class TuneConfig:
 class EvalConfig:
     batch_size: int = 4
     # mirroring test-time augmentation (export.LoadedExport): the export records it as its default for
-    # evaluate --model and infer (whose --tta/--no-tta override it); pipeline, demo and crossval use it
-    tta: bool = False
+    # evaluate --model and infer (whose --tta/--no-tta override it); pipeline, demo and crossval use it.
+    # On: it raised test case Dice in the paired runs of `sweep --variants` (docs/performance.md)
+    tta: bool = True
 
 
 @dataclass
