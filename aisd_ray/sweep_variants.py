@@ -43,6 +43,7 @@ CHANNELS = ("grey", "neighbours", "symmetry", "windows")
 # brain (level 40, width 80, the AISD PNGs' window), a narrow stroke window (35, 30) in which a few HU of
 # early ischaemic change spans several grey levels, and a wide one (40, 400) that keeps bone and air apart
 WINDOWS = ((40.0, 80.0), (35.0, 30.0), (40.0, 400.0))
+BRAIN = ((40.0, 80.0),)  # the other modes' one window (grey: replicated, as the AISD PNGs; the others: their first)
 VARIANTS = ("grey", "neighbours", "symmetry", "windows", "grey + TTA", "grey + post-processing",
             "grey 5-fold ensemble")
 BASELINE = "grey"
@@ -85,7 +86,7 @@ def _channel_runs(cfg: Config, root: str, source: str, mode: str, seed: int) -> 
     the grey run also with TTA and with the post-processing chosen on its valid split."""
     run_cfg = copy.deepcopy(cfg)
     run_cfg.data.channels, run_cfg.train.seed, run_cfg.run.name = mode, seed, f"{mode}-seed{seed}"
-    run_cfg.data.windows = WINDOWS if mode == "windows" else cfg.data.windows
+    run_cfg.data.windows = WINDOWS if mode == "windows" else BRAIN
     run_cfg.data.source_dir, run_cfg.data.shards_dir = source, storage.join(root, f"shards-{mode}")
     store = run_cfg.data.shards_dir
     stages.prepare(run_cfg, progress=False)
@@ -107,7 +108,8 @@ def _channel_runs(cfg: Config, root: str, source: str, mode: str, seed: int) -> 
 
 def _ensemble(cfg: Config, root: str, source: str, seed: int, folds: int) -> dict[str, dict[str, float]]:
     cv_cfg = copy.deepcopy(cfg)
-    cv_cfg.data.channels, cv_cfg.train.seed, cv_cfg.data.folds = BASELINE, seed, folds
+    cv_cfg.data.channels, cv_cfg.data.windows, cv_cfg.train.seed, cv_cfg.data.folds = BASELINE, BRAIN, seed, folds
+    cv_cfg.eval.tta = False  # the ensemble alone: TTA is a variant of its own
     cv_cfg.data.source_dir = source
     summary = stages.crossval(cv_cfg, storage.join(root, f"crossval-seed{seed}"), progress=False)
     t = summary["ensemble_test"]
