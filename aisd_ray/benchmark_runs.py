@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from aisd_ray import storage
-from aisd_ray.benchmark import Sizes, bench_config, dataset, figure, repeat
+from aisd_ray.benchmark import Sizes, bench_config, dataset, demo_config, figure, repeat
 from aisd_ray.config import Config, builtin_config, load_config
 from aisd_ray.gpu_probe import PEAK_FLOPS, flops_per_image
 
@@ -106,7 +106,7 @@ def bare_step(cfg: Config, slices: int) -> float:
 
 def memory_child(slices: int, workdir: str, tiny: bool) -> None:
     """Run in a subprocess: a short local training run at the demo config; print its peak RSS."""
-    cfg = bench_config(True, []) if tiny else load_config(builtin_config("demo"))
+    cfg = bench_config(True, []) if tiny else demo_config()
     store = dataset(cfg, Path(workdir), slices, "parquet")
     last = train_run(cfg, store, Path(workdir) / f"mem-{slices}", "local", 1, Sizes.for_mode(tiny).epochs)
     print(json.dumps({"peak_rss_mib": _peak_rss_mib(), "epoch_seconds": last["epoch_seconds"]}))

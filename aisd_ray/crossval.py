@@ -232,15 +232,21 @@ def crossval(cfg: Config, output: str, progress: bool = True) -> dict[str, Any]:
     log.info("out-of-fold: %d cases, case Dice %.4f mean; post-processing chosen on them: %s", oof.get("cases", 0),
              oof.get("case_dice_mean", math.nan), postprocess.describe(choice))
     ensemble = storage.join(output, "ensemble")
-    write_ensemble([r["export"] for r in rows], ensemble, choice,
-                   {"folds": folds, "tta": cfg.eval.tta, "out_of_fold": oof, "config": cfg.to_dict()})
+    if not storage.exists(storage.join(ensemble, storage.COMPLETE)):  # a rerun of the same config keeps it
+        write_ensemble([r["export"] for r in rows], ensemble, choice,
+                       {"folds": folds, "tta": cfg.eval.tta, "out_of_fold": oof, "config": cfg.to_dict()})
     summary: dict[str, Any] = {"folds": folds, "concurrent": at_once, "per_fold": rows, "out_of_fold": oof,
                                "postprocessing": choice, "ensemble": ensemble}
     store = shards.ShardStore.open(fold_config(cfg, output, 0).data.shards_dir, cfg, checksums=False)
-    if "test" in store.manifest["splits"]:
-        report = stages.on_node(cfg, cfg.train.backend == "ray", evaluate_export, ensemble, store.uri,
-                                storage.join(output, "ensemble_test"), "test", cfg.eval.batch_size, False, False,
-                                tta=cfg.eval.tta)
+    tested = storage.join(output, "ensemble_test")
+    if storage.exists(storage.join(tested, storage.COMPLETE)):
+        report = json.loads(storage.read_bytes(storage.join(tested, "metrics.json")))
+    elif "test" in store.manifest["splits"]:
+        report = stages.on_node(cfg, cfg.train.backend == "ray", evaluate_export, ensemble, store.uri, tested,
+                                "test", cfg.eval.batch_size, False, False, tta=cfg.eval.tta)
+    else:
+        report = None
+    if report:
         cases = report.get("cases", {})
         keys = ("case_dice_mean", "case_dice_median", "case_hd95_mm_median", "case_lesion_f1_pooled")
         summary["ensemble_test"] = {"lesion_dice_pooled": report["lesion_dice"],
