@@ -256,23 +256,29 @@ def crossval(cfg: Config, output: str, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def _f(value: Any, spec: str) -> str:
+    """A figure for the table: NaN, or None (NaN as JSON gives it back), as "nan"."""
+    return f"{math.nan if value is None else value:{spec}}"
+
+
 def table(summary: dict[str, Any]) -> str:
     """The printed report: one line per fold, the out-of-fold figures, the ensemble's test figures."""
     lines = [f"{'fold':<6} {'valid cases':>11} {'best epoch':>10} {'val Dice':>8} {'OOF case Dice':>13}"]
     for r in summary["per_fold"]:
-        lines.append(f"{r['fold']:<6} {r['valid_cases']:>11} {r['best_epoch']!s:>10} {r['val_lesion_dice']:>8.4f} "
-                     f"{r['oof_case_dice_mean']:>13.4f}")
+        lines.append(f"{r['fold']:<6} {r['valid_cases']:>11} {r['best_epoch']!s:>10} "
+                     f"{_f(r['val_lesion_dice'], '>8.4f')} {_f(r['oof_case_dice_mean'], '>13.4f')}")
     o = summary["out_of_fold"]
-    lines += ["", f"out of fold ({o.get('cases', 0)} cases): case Dice {o.get('case_dice_mean', math.nan):.4f} mean, "
-              f"{o.get('case_dice_median', math.nan):.4f} median; pooled lesion Dice "
-              f"{o['lesion_dice_pooled']:.4f}; HD95 {o.get('case_hd95_mm_median', math.nan):.2f} mm (median); "
-              f"lesion F1 {o.get('case_lesion_f1_pooled', math.nan):.3f}",
+    lines += ["", f"out of fold ({o.get('cases', 0)} cases): case Dice {_f(o.get('case_dice_mean'), '.4f')} mean, "
+              f"{_f(o.get('case_dice_median'), '.4f')} median; pooled lesion Dice "
+              f"{_f(o.get('lesion_dice_pooled'), '.4f')}; HD95 {_f(o.get('case_hd95_mm_median'), '.2f')} mm "
+              f"(median); lesion F1 {_f(o.get('case_lesion_f1_pooled'), '.3f')}",
               f"post-processing chosen on them: {postprocess.describe(summary['postprocessing'])} (case Dice "
-              f"{o['case_dice_mean_postprocessed']:.4f})"]
+              f"{_f(o.get('case_dice_mean_postprocessed'), '.4f')})"]
     t = summary.get("ensemble_test")
     if t:
-        lines.append(f"ensemble of {summary['folds']} on the test split: case Dice {t['case_dice_mean']:.4f} mean, "
-                     f"pooled lesion Dice {t['lesion_dice_pooled']:.4f}, HD95 {t['case_hd95_mm_median']:.2f} mm "
-                     f"(median), lesion F1 {t['case_lesion_f1_pooled']:.3f}")
+        lines.append(f"ensemble of {summary['folds']} on the test split: case Dice {_f(t['case_dice_mean'], '.4f')} "
+                     f"mean, pooled lesion Dice {_f(t['lesion_dice_pooled'], '.4f')}, HD95 "
+                     f"{_f(t['case_hd95_mm_median'], '.2f')} mm (median), lesion F1 "
+                     f"{_f(t['case_lesion_f1_pooled'], '.3f')}")
     lines += [f"{summary['folds']} folds, {summary['concurrent']} at once; ensemble export: {summary['ensemble']}"]
     return "\n".join(lines)

@@ -112,7 +112,7 @@ def _ensemble(cfg: Config, root: str, source: str, seed: int, folds: int) -> dic
     cv_cfg.eval.tta = False  # the ensemble alone: TTA is a variant of its own
     cv_cfg.data.source_dir = source
     summary = stages.crossval(cv_cfg, storage.join(root, f"crossval-seed{seed}"), progress=False)
-    t = summary["ensemble_test"]
+    t = {k: math.nan if v is None else v for k, v in summary["ensemble_test"].items()}  # NaN read back from JSON
     return {"grey 5-fold ensemble": {"case_dice": t["case_dice_mean"], "lesion_dice": t["lesion_dice_pooled"],
                                      "hd95_mm": t["case_hd95_mm_median"], "lesion_f1": t["case_lesion_f1_pooled"]}}
 
