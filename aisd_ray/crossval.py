@@ -214,7 +214,12 @@ def crossval(cfg: Config, output: str, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"[data] folds: cross-validation needs at least 2 folds, got {folds} (--folds K)")
     output = storage.absolute(output)
     source = cfg.data.source_dir
-    if source and storage.is_local(source) and not volume_source.volume_layout(source):
+    if not source:
+        raise ConfigError("give --source or data.source_dir: CT volumes (an nnU-Net dataset, DICOM case folders with "
+                          "labels/, the AISD DICOM release)")
+    if storage.is_local(source) and not Path(source).exists():
+        raise DataError(f"{source}: not found")
+    if storage.is_local(source) and not volume_source.volume_layout(source):
         raise DataError(f"{source}: cross-validation needs CT volumes with their spacing (an nnU-Net dataset, DICOM "
                         "case folders with labels/, the AISD DICOM release)")
     _check_output(cfg, output)

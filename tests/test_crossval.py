@@ -43,6 +43,16 @@ def test_bad_fold_settings_exit_2_naming_the_key(args, message, tmp_path, capsys
     assert not (tmp_path / "cv").exists()
 
 
+@pytest.mark.parametrize("source, message", [(None, "give --source or data.source_dir"),
+                                             ("nothere", "nothere: not found")])
+def test_no_source_or_a_missing_one_is_refused_before_anything_is_written(source, message, tmp_path, capsys):
+    out = tmp_path / "cv"
+    given = ["--source", str(tmp_path / source)] if source else []
+    assert main(["crossval", "--config", "tiny", "--folds", "2", "--output", str(out), *given]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_png_slices_are_refused_before_anything_is_written(synthetic_root, tmp_path, capsys):
     out = tmp_path / "cv"
     assert main(["crossval", "--config", "tiny", "--folds", "2", "--source", str(synthetic_root),
