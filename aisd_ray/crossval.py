@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from aisd_ray import postprocess, provenance, stages, storage
-from aisd_ray.config import Config, ConfigError, config_from_dict, load_config
+from aisd_ray.config import Config, ConfigError, config_from_dict
 from aisd_ray.data import shards, volume_source
 from aisd_ray.data.layout import DataError
 from aisd_ray.evaluate import VOLUMES, evaluate_export
@@ -78,9 +78,7 @@ def _check_output(cfg: Config, output: str) -> None:
     so refuse any other config (but ``RERUN_MAY_CHANGE``), naming the keys, before anything runs."""
     uri = storage.join(output, "config.toml")
     if storage.exists(uri):
-        with tempfile.TemporaryDirectory(prefix="aisd-config-") as tmp:
-            (Path(tmp) / "config.toml").write_bytes(storage.read_bytes(uri))
-            old = load_config(Path(tmp) / "config.toml").to_dict()
+        old = stages.run_config(output).to_dict()  # config.toml read as a run folder's is
         changed = [f"{section}.{key} {old.get(section, {}).get(key)!r} -> {value!r}"
                    for section, values in cfg.to_dict().items() if isinstance(values, dict)
                    for key, value in values.items()
