@@ -1,0 +1,141 @@
+"""The common ground of the CT volume readers: ``Volume`` (one CT in Hounsfield units in the canonical
+orientation), its grids (``Geometry``), ``VolumeError``, the one check that values are Hounsfield units
+(``as_hu``), and the names of NIfTI files and cases. ``dicom_series`` and ``nifti_volume`` read into it;
+``volume`` is the door the rest of the package uses.
+
+Canonical orientation: ``Volume.hu`` is (Z, Y, X) with z running inferior to superior, y anterior to
+posterior, x patient right to left (``DICOMOrient(image, "LPS")``: the radiological display of an
+axial slice). ``volume_write`` puts a canonical array back into the input's exact grid, so a mask
+written for a case overlays its original series.
+
+Privacy: header values other than geometry, Modality and UIDs are never kept; a ``Volume``, its
+messages and what ``volume_write`` writes carry only the case ID and the geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from aisd_ray.data.layout import DataError
+
+CANONICAL = "LPS"
+
+
+class VolumeError(DataError):
+    """A volume or label file that cannot be used; the one-line message names the file or folder."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """An ITK image grid: ``size`` (x, y, z) voxels, ``spacing`` (x, y, z) mm, ``origin`` (x, y, z)
+    mm in LPS, ``direction`` 9 floats row-major (column j: axis j's direction), orientation ``code``."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    code: str
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()),
+                   sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()))
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        """Give ``image`` (of this size) this spacing, origin and direction; returns it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """One CT volume. ``hu``: (Z, Y, X) int16 Hounsfield units in the canonical orientation (module
+    docstring); ``spacing``: (z, y, x) mm, z the distance between slice centres along their normal;
+    ``kind``: "dicom" or "nifti"; ``source``: the path read; ``gantry_tilt_deg``: 0 for none.
+    ``input_geometry``/``canonical_geometry``: the grids before and after reorientation."""
+
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    case_id: str
+    source: str
+    kind: str
+    gantry_tilt_deg: float
+    input_geometry: Geometry = field(repr=False)
+    canonical_geometry: Geometry = field(repr=False)
+
+    @property
+    def voxel_ml(self) -> float:
+        """One voxel's volume in mL (spacing product in mm^3 / 1000)."""
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def __repr__(self) -> str:
+        return (f"Volume(case_id={self.case_id!r}, kind={self.kind!r}, shape={self.hu.shape}, "
+                f"spacing={tuple(round(s, 4) for s in self.spacing)}, gantry_tilt_deg={self.gantry_tilt_deg:.2f}, "
+                f"source={self.source!r})")
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True for an existing ``.nii`` or ``.nii.gz`` file."""
+    path = Path(path)
+    return path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file()
+
+
+def nifti_stem(name: str) -> str:
+    """A file name without ``.nii.gz`` or ``.nii`` (any case); other names as they are."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def nifti_named(folder: str | Path, stem: str) -> Path | None:
+    """``folder/<stem>.nii.gz`` or ``.nii``, whichever exists (None if neither)."""
+    return next((p for p in (Path(folder) / f"{stem}{s}" for s in NIFTI_SUFFIXES) if p.is_file()), None)
+
+
+def case_id_of(path: str | Path) -> str:
+    """A case's ID from its path: a folder's name, or a file's name without ``.nii(.gz)`` and without
+    nnU-Net's ``_0000`` channel suffix."""
+    name = Path(path).name
+    stem = nifti_stem(name)
+    if stem == name:
+        return name
+    return stem[:-5] if stem.endswith("_0000") else stem
+
+
+def one_line(exc: BaseException) -> str:
+    """ITK's multi-line exception text reduced to its last line, the reason."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    return reason.removeprefix("sitk::ERROR:").strip()[:300]
+
+
+def as_hu(values: np.ndarray, where: Path) -> np.ndarray:
+    """Values rounded to whole HU as int16; NaN or values beyond int16 are a VolumeError."""
+    if not np.all(np.isfinite(values)):
+        raise VolumeError(f"{where}: NaN or infinite values; not a CT in Hounsfield units")
+    rounded = np.rint(values) if values.dtype.kind == "f" else values
+    lo, hi = float(rounded.min()), float(rounded.max())
+    if lo < -32768 or hi > 32767:
+        raise VolumeError(f"{where}: values {lo:g}..{hi:g} HU do not fit 16 bits; not a CT in Hounsfield units")
+    return rounded.astype(np.int16)
+
+
+def build_volume(image: sitk.Image, hu: np.ndarray, case_id: str, source: Path, kind: str, tilt: float) -> Volume:
+    out = sitk.GetImageFromArray(hu)
+    out.CopyInformation(image)
+    canonical = sitk.DICOMOrient(out, CANONICAL)
+    return Volume(sitk.GetArrayFromImage(canonical), tuple(float(s) for s in canonical.GetSpacing()[::-1]),
+                  case_id, str(source), kind, tilt, Geometry.of(out), Geometry.of(canonical))
+
+
