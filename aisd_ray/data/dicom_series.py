@@ -65,6 +65,28 @@ def is_dicom_series(path: str | Path) -> bool:
     return path.is_dir() and any(_is_dicom_file(p) for p in _files(path))
 
 
+def dicom_below(folder: str | Path, depth: int = 4, tries: int = 200) -> Path | None:
+    """A DICOM file in ``folder`` or its sub-folders down to ``depth`` levels (OS metadata aside),
+    found within ``tries`` files read; None when there is none: how a refusal of a folder without
+    images knows to speak of DICOM (a patient/study/series tree given where a series is expected)."""
+    folder, left = Path(folder), tries
+    level = [folder] if folder.is_dir() else []
+    for _ in range(depth + 1):
+        below = []
+        for where in level:
+            for path in sorted(where.iterdir()):
+                if is_metadata(path.name, dot_files=path.is_dir()):  # dot-folders aside, dot-files read
+                    continue
+                if path.is_dir():
+                    below.append(path)
+                elif left > 0:
+                    left -= 1
+                    if _is_dicom_file(path):
+                        return path
+        level = below
+    return None
+
+
 def _vec(ds: pydicom.Dataset, keyword: str, path: Path) -> np.ndarray:
     if keyword not in ds or ds[keyword].value is None:
         raise VolumeError(f"{path}: no {keyword}; cannot place the slice")

@@ -181,12 +181,11 @@ def test_other_multi_frame_objects_are_refused_by_kind(tmp_path):
 
 
 def test_pydicom_data_enhanced_ct_reads_or_is_refused_by_name(tmp_path):
-    pytest.importorskip("pydicom_data")
     from pydicom.data import get_testdata_file
 
-    source = get_testdata_file("eCT_Supplemental.dcm")
+    source = get_testdata_file("eCT_Supplemental.dcm", download=False)  # from the pydicom-data package
     if source is None:
-        pytest.skip("eCT_Supplemental.dcm not installed")
+        pytest.skip("eCT_Supplemental.dcm not installed (pip install pydicom-data)")
     (tmp_path / "ect").mkdir()
     shutil.copy(source, tmp_path / "ect" / "eCT_Supplemental.dcm")
     found = read_volume(tmp_path / "ect")
@@ -219,6 +218,18 @@ def test_dot_named_files_are_dicom_when_they_read_as_dicom(tmp_path, case, contr
     assert is_volume_input(root / "ws") and is_volume_input(root)  # infer --input picks the DICOM reader
     (root / "ws" / names[3]).unlink()
     refused(root / "ws", r"ws: missing slice\(s\)")  # a refusal that speaks of DICOM, not PNG
+
+
+def test_a_folder_with_dicom_deeper_is_refused_as_dicom_not_png(tmp_path, case):
+    from aisd_ray.infer import _infer
+
+    hu, _, spacing = case
+    write_dicom_series(hu, spacing, tmp_path / "PA0" / "ST0" / "SE0", "p", names=[f".IM{k}" for k in range(SLICES)])
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with pytest.raises(DataError, match=r"no images \(\.png, \.jpg, \.\.\.\) and no DICOM series here or one folder "
+                                        r"down, but DICOM files deeper \(e\.g\. PA0/ST0/SE0/\.IM0\): give the series"):
+        _infer(None, tmp_path, tmp_path, str(tmp_path / "out"), 1, False, False)  # refused before any model use
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("path, dot_files, metadata", [
