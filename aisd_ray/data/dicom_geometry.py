@@ -14,9 +14,10 @@ one position; one slice spacing. Spacing comes in three kinds:
   refused with the steps, never called a missing slice. Reading such a series on its real positions
   (resampled for the model, the mask put back slab by slab) is not done: it is resampled first.
 
-Gantry tilt (``tilt_findings``: logged and recorded): a tilted series' slices are sheared, not rotated: the step is the distance between
-slices along their normal, so base area x perpendicular height keeps volumes in mL right; the tilt
-is the angle between the slice normal and the line through the first and last slice's positions.
+Gantry tilt (``tilt_findings``: logged and recorded): a tilted series' slices are sheared, not
+rotated: the step is the distance between slices along their normal, so base area x perpendicular
+height keeps volumes in mL right; the tilt is the angle between the slice normal and the line
+through the first and last slice's positions.
 """
 
 from __future__ import annotations

@@ -117,6 +117,11 @@ def _check_series(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]) -> 
     modalities = sorted({str(ds.get("Modality", "none")) for _, ds in headers})
     if modalities != ["CT"]:
         raise VolumeError(f"{folder}: Modality {', '.join(modalities)}, not CT")
+    stripped = [path.name for path, ds in headers if "RescaleIntercept" not in ds]
+    if 0 < len(stripped) < len(headers):
+        raise VolumeError(f"{folder}: {len(stripped)} of {len(headers)} file(s) without RescaleIntercept (e.g. "
+                          f"{stripped[0]}): their stored values are not Hounsfield units; restore "
+                          "RescaleSlope/RescaleIntercept")
     for keyword in ("ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         for path, ds in headers:
             if keyword not in ds:

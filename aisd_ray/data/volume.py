@@ -25,8 +25,8 @@ from aisd_ray.data.volume_base import (CANONICAL, Geometry, Volume, VolumeError,
                                        nifti_stem)
 
 __all__ = ["CANONICAL", "Geometry", "LabelVolume", "Volume", "VolumeError", "case_id_of", "check_same_grid",
-           "dicom_below", "dicom_files", "is_dicom_series", "is_nifti", "list_cases", "nifti_named", "nifti_stem", "read_label_volume",
-           "read_labels", "read_volume"]
+           "dicom_below", "dicom_files", "is_dicom_series", "is_nifti", "list_cases", "nifti_named", "nifti_stem",
+           "read_label_volume", "read_labels", "read_volume"]
 
 
 def read_volume(path: str | Path, case_id: str | None = None) -> Volume:

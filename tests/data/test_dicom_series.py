@@ -4,7 +4,6 @@ must stay right. Every series is written with pydicom (or SimpleITK for JPEG) an
 right value is the same head read from the plain series (the control)."""
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -63,6 +62,19 @@ def test_a_series_without_rescale_tags_is_refused_by_name(tmp_path, case, contro
     message = refused(tmp_path / "stripped", r"stripped: values \d+\.\.\d+ are not Hounsfield units \(no air below "
                                              r"0 HU: no RescaleIntercept in the DICOM headers")
     assert "restore RescaleSlope/RescaleIntercept" in message
+
+
+def test_neighbours_of_stripped_rescale_tags_are_refused_too(tmp_path, case):
+    hu, _, spacing = case
+    # stored HU + 1000, signed: air about 0 with noise either side, so some values lie below 0
+    write_dicom_series(hu, spacing, tmp_path / "minus1000", "m", intercept=-1000, rescale_tags=False)
+    refused(tmp_path / "minus1000", r"values -\d+\.\.\d+ are not Hounsfield units \(no air: nothing below -500 HU, .*"
+                                    r"no RescaleIntercept in the DICOM headers")
+    written = write_dicom_series(hu, spacing, tmp_path / "some", "some")  # one file stripped, the others not
+    ds = pydicom.dcmread(written[4])
+    del ds.RescaleIntercept, ds.RescaleSlope
+    ds.save_as(written[4])
+    refused(tmp_path / "some", rf"some: 1 of {SLICES} file\(s\) without RescaleIntercept \(e\.g\. {written[4].name}\)")
 
 
 @pytest.mark.parametrize("name, transform, match", [
@@ -154,7 +166,8 @@ def test_enhanced_ct_frames_are_checked_as_a_series_slices(tmp_path, case):
     frames = ds.PerFrameFunctionalGroupsSequence
     frames[1].PlanePositionSequence[0].ImagePositionPatient = frames[0].PlanePositionSequence[0].ImagePositionPatient
     ds.save_as(path)
-    refused(path.parent, r"volume\.dcm: two slices at one position \(.* mm along the slice normal: frame \d, frame \d\)")
+    refused(path.parent, r"volume\.dcm: two slices at one position \(.* mm along the slice normal: frame \d, "
+                         r"frame \d\)")
     del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
     ds.save_as(path)
     refused(path.parent, r"volume\.dcm: no ImagePositionPatient in the functional groups \(PlanePositionSequence\) "
@@ -169,7 +182,8 @@ def test_other_multi_frame_objects_are_refused_by_kind(tmp_path):
     meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = meta.MediaStorageSOPClassUID, generate_uid(), generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
     ds.Modality, ds.NumberOfFrames, ds.Rows, ds.Columns = "OT", 8, 16, 16
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored = 1, "MONOCHROME2", 16, 16
     ds.HighBit, ds.PixelRepresentation = 15, 0
@@ -323,3 +337,25 @@ def test_a_scout_under_the_same_series_uid_is_named_as_another_orientation(tmp_p
     ds.save_as(tmp_path / "scout" / "zz-localizer.dcm")
     refused(tmp_path / "scout", r"scout: 1 of 9 file\(s\) differ from the others in ImageOrientationPatient \(e\.g\. "
                                 r"zz-localizer\.dcm\): a localizer \(scout\)")
+
+
+# the CLI: exit 2, one line naming the folder and the reason, nothing written
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ({"rescale_tags": False}, "no RescaleIntercept in the DICOM headers"),
+    ({"z_mm": [0, 2.5, 5, 7.5, 12.5, 17.5, 22.5, 27.5]}, "slice spacing varies: 2.50 mm x3, then 5.00 mm x4"),
+])
+def test_infer_refuses_the_case_in_one_line_before_anything_is_written(tmp_path, case, capsys, variant, reason):
+    from aisd_ray.cli import main
+
+    hu, _, spacing = case
+    names = [f".CT..0003.{k + 1:04d}...IMA" for k in range(SLICES)]  # dot-named: read as DICOM all the same
+    write_dicom_series(hu, spacing, tmp_path / "in" / "p1", "p1", names=names, **variant)
+    # the cases are read before the export is loaded: a refused case needs no model
+    assert main(["infer", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "in"), "--output",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'in' / 'p1'}: " in err[0] and reason in err[0], err
+    assert "PNG" not in err[0] and "images (" not in err[0]
+    assert not (tmp_path / "out").exists()
