@@ -75,8 +75,8 @@ def dicom_below(folder: str | Path, depth: int = 4, tries: int = 200) -> Path | 
         below = []
         for where in level:
             for path in sorted(where.iterdir()):
-                if is_metadata(path.name, dot_files=path.is_dir()):  # dot-folders aside, dot-files read
-                    continue
+                if is_metadata(path.name, dot_files=path.is_dir()) or path.name.upper() == "DICOMDIR":
+                    continue  # dot-folders aside, dot-files read; a DICOMDIR is an index, not an image
                 if path.is_dir():
                     below.append(path)
                 elif left > 0:

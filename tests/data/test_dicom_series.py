@@ -240,10 +240,31 @@ def test_a_folder_with_dicom_deeper_is_refused_as_dicom_not_png(tmp_path, case):
     hu, _, spacing = case
     write_dicom_series(hu, spacing, tmp_path / "PA0" / "ST0" / "SE0", "p", names=[f".IM{k}" for k in range(SLICES)])
     (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    from pydicom.data import get_testdata_file
+
+    shutil.copy(get_testdata_file("DICOMDIR", download=False), tmp_path / "DICOMDIR")  # a CD's index, not named
     with pytest.raises(DataError, match=r"no images \(\.png, \.jpg, \.\.\.\) and no DICOM series here or one folder "
                                         r"down, but DICOM files deeper \(e\.g\. PA0/ST0/SE0/\.IM0\): give the series"):
         _infer(None, tmp_path, tmp_path, str(tmp_path / "out"), 1, False, False)  # refused before any model use
     assert not (tmp_path / "out").exists()
+
+
+def test_dot_named_dicom_members_of_a_zip_are_extracted_and_apple_double_is_not(tmp_path, case, control):
+    import zipfile
+
+    from aisd_ray.data.aisd_dicom import _series_folder
+
+    hu, _, spacing = case
+    written = write_dicom_series(hu, spacing, tmp_path / "src", "z", names=[f".CT.{k}.IMA" for k in range(SLICES)])
+    (tmp_path / "release").mkdir()
+    with zipfile.ZipFile(tmp_path / "release" / "dicom.zip", "w") as archive:
+        for path in written:
+            archive.write(path, f"dicom/0073410/{path.name}")
+            archive.writestr(f"__MACOSX/dicom/0073410/._{path.name}", b"\x00\x05\x16\x07")
+        archive.writestr("dicom/0073410/._.CT.0.IMA", b"\x00\x05\x16\x07")
+    folder = _series_folder(tmp_path / "release", tmp_path / "work") / "dicom" / "0073410"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in written)
+    same_volume(read_volume(folder), control)
 
 
 @pytest.mark.parametrize("path, dot_files, metadata", [
