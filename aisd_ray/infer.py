@@ -37,6 +37,13 @@ def _infer(model: LoadedExport, images_dir, local: Path, out_uri: str, batch_siz
            progress: bool) -> list[str]:
     paths = sorted(layout.list_images(local).values())
     if not paths:
+        from aisd_ray.data.volume import dicom_below
+
+        dicom = dicom_below(local)
+        if dicom is not None:  # a patient/study/series tree: speak of DICOM, not PNG
+            raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...) and no DICOM series here or one "
+                                   f"folder down, but DICOM files deeper (e.g. {dicom.relative_to(local)}): give "
+                                   "the series folder, or a folder of series folders")
         raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...) found")
     written = []
     bar = progress_bar(total=len(paths), desc="infer", unit="image", enabled=progress)

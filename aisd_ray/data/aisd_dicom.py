@@ -47,7 +47,7 @@ def _series_folder(root: Path, workdir: Path) -> Path:
     try:
         with zipfile.ZipFile(root / "dicom.zip") as archive:
             for member in archive.infolist():
-                if not member.is_dir() and not is_metadata(member.filename):
+                if not member.is_dir() and not is_metadata(member.filename, dot_files=False):
                     archive.extract(member, out)
     except zipfile.BadZipFile as exc:
         raise DataError(f"{root / 'dicom.zip'}: not a readable zip file: {exc}") from None

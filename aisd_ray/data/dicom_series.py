@@ -1,13 +1,17 @@
 """DICOM series folders read into a ``Volume``.
 
 SimpleITK reads the pixels (applying RescaleSlope/Intercept); pydicom reads the headers
-(``stop_before_pixels``) for the checks ITK does not make: one series, CT, one orientation, axial, no
-missing or duplicated slice, and the slice order, which comes from ImagePositionPatient along the
-slice normal, never from file names or InstanceNumber.
+(``stop_before_pixels``) for the checks ITK does not make: one series, CT, one orientation and size,
+and the grid of ``dicom_geometry`` (axial, ordered by ImagePositionPatient along the slice normal,
+one slice spacing: no missing slice, no varying spacing, no two slices at one position). The values
+go through the one HU check of every reader (``volume_base.as_hu``), told when the headers lack
+RescaleIntercept. An enhanced CT (one multi-frame file) is read by ``dicom_multiframe``.
 
-Gantry tilt: a tilted series' slices are sheared, not rotated: each slice's pixels stay as scanned;
-the z spacing is the distance between slices along their normal, so base area x perpendicular height
-(``Volume.voxel_ml``) keeps volumes in mL right; ``gantry_tilt_deg`` records the angle.
+A file is DICOM when it reads as DICOM, whatever its name (``.CT..0003.0001...IMA``, no extension);
+only known OS metadata names (``._*``, ``.DS_Store``, ``Thumbs.db``: ``layout.is_metadata`` with
+``dot_files=False``) and a DICOMDIR (a CD's index) are skipped by name.
+
+Gantry tilt: recorded as ``gantry_tilt_deg`` and as a ``Finding("gantry_tilt", ...)``, and logged.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
+from aisd_ray.data.dicom_geometry import slice_grid, tilt_findings
+from aisd_ray.data.dicom_multiframe import is_multiframe, read_multiframe
 from aisd_ray.data.layout import is_metadata
 from aisd_ray.data.volume_base import Volume, VolumeError, as_hu, build_volume, one_line
 
 log = logging.getLogger(__name__)
-AXIAL_LIMIT_DEG = 45.0  # a slice normal farther than this from the patient's z axis is not axial
-GAP_FACTOR = 1.5  # a step between neighbouring slices over this x the median step is a missing slice
 NON_DICOM_SUFFIXES = (".nii", ".gz", ".json", ".png", ".jpg", ".txt", ".csv", ".zip", ".md", ".xml")
 
 
@@ -45,8 +49,9 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _files(folder: Path) -> list[Path]:
-    """A folder's files but OS metadata and a DICOMDIR (a CD's index, not an image)."""
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and not is_metadata(p.name) and p.name != "DICOMDIR"]
+    """A folder's files but known OS metadata names and a DICOMDIR (a CD's index, not an image)."""
+    return [p for p in sorted(folder.iterdir())
+            if p.is_file() and not is_metadata(p.name, dot_files=False) and p.name.upper() != "DICOMDIR"]
 
 
 def dicom_files(folder: str | Path) -> list[Path]:
@@ -58,6 +63,28 @@ def is_dicom_series(path: str | Path) -> bool:
     """True for a folder holding at least one DICOM file (OS metadata files aside)."""
     path = Path(path)
     return path.is_dir() and any(_is_dicom_file(p) for p in _files(path))
+
+
+def dicom_below(folder: str | Path, depth: int = 4, tries: int = 200) -> Path | None:
+    """A DICOM file in ``folder`` or its sub-folders down to ``depth`` levels (OS metadata aside),
+    found within ``tries`` files read; None when there is none: how a refusal of a folder without
+    images knows to speak of DICOM (a patient/study/series tree given where a series is expected)."""
+    folder, left = Path(folder), tries
+    level = [folder] if folder.is_dir() else []
+    for _ in range(depth + 1):
+        below = []
+        for where in level:
+            for path in sorted(where.iterdir()):
+                if is_metadata(path.name, dot_files=path.is_dir()) or path.name.upper() == "DICOMDIR":
+                    continue  # dot-folders aside, dot-files read; a DICOMDIR is an index, not an image
+                if path.is_dir():
+                    below.append(path)
+                elif left > 0:
+                    left -= 1
+                    if _is_dicom_file(path):
+                        return path
+        level = below
+    return None
 
 
 def _vec(ds: pydicom.Dataset, keyword: str, path: Path) -> np.ndarray:
@@ -90,57 +117,54 @@ def _check_series(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]) -> 
     modalities = sorted({str(ds.get("Modality", "none")) for _, ds in headers})
     if modalities != ["CT"]:
         raise VolumeError(f"{folder}: Modality {', '.join(modalities)}, not CT")
-    first_path, first = headers[0]
+    stripped = [path.name for path, ds in headers if "RescaleIntercept" not in ds]
+    if 0 < len(stripped) < len(headers):
+        raise VolumeError(f"{folder}: {len(stripped)} of {len(headers)} file(s) without RescaleIntercept (e.g. "
+                          f"{stripped[0]}): their stored values are not Hounsfield units; restore "
+                          "RescaleSlope/RescaleIntercept")
     for keyword in ("ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         for path, ds in headers:
             if keyword not in ds:
                 raise VolumeError(f"{path}: no {keyword}")
-            if keyword in ("Rows", "Columns"):
-                same = ds[keyword].value == first[keyword].value
-            else:
-                same = np.allclose(_vec(ds, keyword, path), _vec(first, keyword, first_path), atol=1e-4)
-            if not same:
-                raise VolumeError(f"{folder}: slices differ in {keyword} ({first_path.name}, {path.name})")
+        values = [tuple(np.round(_vec(ds, keyword, path), 4)) if keyword in ("ImageOrientationPatient", "PixelSpacing")
+                  else ds[keyword].value for path, ds in headers]
+        common = max(set(values), key=values.count)
+        odd = [path.name for (path, _), value in zip(headers, values) if value != common]
+        if odd:
+            raise VolumeError(f"{folder}: {len(odd)} of {len(headers)} file(s) differ from the others in {keyword} "
+                              f"(e.g. {odd[0]}): a localizer (scout) or another image under the same series? one "
+                              "orientation and size per series expected")
 
 
 def _order(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]):
-    """Slices sorted along their normal: (paths, row, col, normal, first position, z step mm, tilt deg)."""
-    iop = _vec(headers[0][1], "ImageOrientationPatient", headers[0][0])
-    row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-    normal = np.cross(row, col)
-    normal /= np.linalg.norm(normal)
-    off_axis = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
-    if off_axis > AXIAL_LIMIT_DEG:
-        raise VolumeError(f"{folder}: not an axial series (slice normal {off_axis:.0f} degrees from the patient's "
-                          "z axis)")
+    """The slices' grid (``dicom_geometry.slice_grid``) and their files in its order."""
+    first_path, first = headers[0]
     positions = np.stack([_vec(ds, "ImagePositionPatient", path) for path, ds in headers])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    paths, positions, along = [headers[i][0] for i in order], positions[order], along[order]
-    steps = np.diff(along)
-    if len(steps) == 0:
-        ds = headers[0][1]
-        thickness = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
-        return paths, row, col, normal, positions[0], thickness, 0.0
-    median = float(np.median(steps))
-    for k, step in enumerate(steps):
-        if step < max(1e-3, 0.01 * median):
-            raise VolumeError(f"{folder}: two slices at one position ({along[k]:.2f} mm along the slice normal: "
-                              f"{paths[k].name}, {paths[k + 1].name})")
-        if step > GAP_FACTOR * median:
-            raise VolumeError(f"{folder}: missing slice(s): a gap of {step:.2f} mm between the slices at "
-                              f"{along[k]:.2f} and {along[k + 1]:.2f} mm (median step {median:.2f} mm)")
-    advance = positions[-1] - positions[0]
-    cos_tilt = min(1.0, abs(float(advance @ normal)) / float(np.linalg.norm(advance)))
-    return paths, row, col, normal, positions[0], median, float(np.degrees(np.arccos(cos_tilt)))
+    thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    grid = slice_grid(folder, _vec(first, "ImageOrientationPatient", first_path), positions,
+                      [path.name for path, _ in headers], thickness)
+    return grid, [headers[i][0] for i in grid.order]
+
+
+def _rescale_cause(headers: list[tuple[Path, pydicom.Dataset]]) -> str:
+    """The likely cause of stored values that are not HU, for ``as_hu``'s message."""
+    if any("RescaleIntercept" not in ds for _, ds in headers):
+        return ("no RescaleIntercept in the DICOM headers: stored values without their rescale, e.g. stripped "
+                "by an anonymiser; restore RescaleSlope/RescaleIntercept")
+    return "the series' RescaleSlope/RescaleIntercept do not give Hounsfield units"
 
 
 def read_dicom(folder: Path, case_id: str) -> Volume:
+    """One DICOM series folder (or one enhanced CT file in it) as a ``Volume``; VolumeError naming
+    the folder or file for anything ``read_volume`` refuses."""
     headers = _dicom_headers(folder)
+    if any(is_multiframe(ds) for _, ds in headers):
+        return read_multiframe(folder, headers, case_id)
     _check_series(folder, headers)
-    paths, row, col, normal, origin, z_step, tilt = _order(folder, headers)
+    grid, paths = _order(folder, headers)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in paths])
+    reader.SetSpacingWarningRelThreshold(1.0)  # the spacing is checked above, ITK's warning would only leak
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -149,9 +173,8 @@ def read_dicom(folder: Path, case_id: str) -> Volume:
     if image.GetDimension() != 3 or image.GetSize() != (cols, rows, len(paths)):
         raise VolumeError(f"{folder}: pixels read as {image.GetSize()}, expected {(cols, rows, len(paths))}")
     dy, dx = _vec(headers[0][1], "PixelSpacing", headers[0][0])
-    image.SetSpacing((float(dx), float(dy), float(z_step)))  # ITK's z spacing differs under a tilt
-    image.SetOrigin(tuple(float(v) for v in origin))
-    image.SetDirection(tuple(float(v) for v in np.stack([row, col, normal], axis=1).ravel()))
-    return build_volume(image, as_hu(sitk.GetArrayFromImage(image), folder), case_id, folder, "dicom", tilt)
-
-
+    image.SetSpacing((float(dx), float(dy), grid.step))  # ITK's z spacing differs under a tilt
+    image.SetOrigin(tuple(float(v) for v in grid.origin))
+    image.SetDirection(grid.direction)
+    hu = as_hu(sitk.GetArrayFromImage(image), folder, _rescale_cause(headers))
+    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, tilt_findings(folder, grid.tilt_deg))

@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Files and folders an operating system writes beside data, never data themselves: macOS Finder's
 # "Compress" adds __MACOSX/ with an AppleDouble "._<name>" per file, and .DS_Store; Windows
-# Explorer writes Thumbs.db and desktop.ini. Any other dot-file or dot-folder counts as metadata too.
-METADATA_NAMES = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+# Explorer writes Thumbs.db and desktop.ini; macOS also writes the dot-names below on a volume. Any
+# other dot-file or dot-folder counts as metadata too, except where a caller reads files by content
+# (``dot_files=False``: a workstation's DICOM export names its files ``.CT..0003.0001...IMA``).
+METADATA_NAMES = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", ".ds_store",
+                            ".localized", ".apdisk", ".spotlight-v100", ".trashes", ".fseventsd", ".temporaryitems",
+                            ".documentrevisions-v100"})
 
 
 class DataError(ValueError):
@@ -50,13 +54,16 @@ class Sample:
     slice_index: int = -1
 
 
-def is_metadata(path: str | Path) -> bool:
+def is_metadata(path: str | Path, dot_files: bool = True) -> bool:
     """True for an entry that is operating-system metadata, never data: anything under ``__MACOSX/``,
-    an AppleDouble ``._*`` file, ``.DS_Store`` and other dot-files or dot-folders, ``Thumbs.db``,
-    ``desktop.ini``. ``path`` is a relative POSIX path (a zip member) or a path; every part counts.
-    The one rule shared by the original tree's listing (``list_images``) and the raw release's."""
+    an AppleDouble ``._*`` file, ``.DS_Store``, ``Thumbs.db``, ``desktop.ini`` (``METADATA_NAMES``)
+    and, with ``dot_files`` (the default), any other dot-file or dot-folder. ``path`` is a relative
+    POSIX path (a zip member) or a path; every part counts. The one rule shared by the original
+    tree's listing (``list_images``), the raw release's, and (``dot_files=False``, where a file is
+    data when its content says so) the DICOM series listing."""
     parts = PurePosixPath(Path(path).as_posix() if isinstance(path, Path) else str(path).replace("\\", "/")).parts
-    return any(p.startswith(".") and p not in (".", "..") or p.lower() in METADATA_NAMES for p in parts)
+    return any(p.lower() in METADATA_NAMES or p.startswith("._")
+               or dot_files and p.startswith(".") and p not in (".", "..") for p in parts)
 
 
 def report_metadata(where: str | Path, skipped: list[str]) -> None:

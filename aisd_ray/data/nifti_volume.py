@@ -28,11 +28,6 @@ def read_nifti_image(path: Path) -> sitk.Image:
 def read_nifti(path: Path, case_id: str) -> Volume:
     image = read_nifti_image(path)
     values = sitk.GetArrayFromImage(image)
-    if values.size and np.all(np.isfinite(values)) and float(values.min()) >= 0:
-        # A head CT in HU holds air (about -1000 HU) around the head: no negative value at all means
-        # another scale (0..1 normalised, 8-bit windowed, or stored values without their intercept).
-        raise VolumeError(f"{path}: values {float(values.min()):g}..{float(values.max()):g} are not Hounsfield "
-                          "units (no air below 0 HU: a normalised, windowed or unscaled image?)")
     return build_volume(image, as_hu(values, path), case_id, path, "nifti", 0.0)
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageFilter
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian,
+                         generate_uid)
 from pydicom.valuerep import DS
 
 from aisd_ray.config import SyntheticConfig
@@ -184,7 +185,8 @@ def _save_atomic(ds: Dataset, path: Path) -> None:
 def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], folder: str | Path, case_id: str,
                        patient_name: str | None = None, birth_date: str | None = None, slope: float = 1,
                        intercept: float = -1024, shuffle: bool = True, tilt_deg: float = 0.0, seed: int = 0,
-                       patient_id: str | None = None) -> list[Path]:
+                       patient_id: str | None = None, z_mm: list[float] | None = None, names: list[str] | None = None,
+                       rescale_tags: bool = True, syntax: str = ExplicitVRLittleEndian) -> list[Path]:
     """Write a canonical (Z, Y, X) HU int16 array as a CT series of one file per slice (Explicit VR
     Little Endian, new UIDs, stored = (HU - intercept) / slope as uint16 or int16). Returns the files
     in position order (inferior first).
@@ -195,7 +197,11 @@ def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], fold
     along patient z by ``spacing[0]`` (the table step), so slices lie ``spacing[0] * cos(tilt)``
     apart along their normal. ``patient_name``, ``birth_date``, ``patient_id`` are written only when
     given (the tests use them to show nothing leaks); ``case_id`` is written as a pseudonymous
-    PatientID otherwise. Raises ValueError for HU that stored values cannot represent."""
+    PatientID otherwise. ``z_mm``: each slice's table position (mm from the first; default
+    ``k * spacing[0]``: a varying spacing, a gap); ``names``: the files' names in position order;
+    ``rescale_tags`` False leaves RescaleSlope/Intercept out (as an anonymiser that strips them:
+    the stored values stay HU - intercept); ``syntax``: the transfer syntax (RLE Lossless is
+    encoded by pydicom). Raises ValueError for HU that stored values cannot represent."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stored = _stored(np.asarray(hu), slope, intercept)
@@ -226,20 +232,74 @@ def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], fold
         if birth_date is not None:
             ds.PatientBirthDate = birth_date
         ds.InstanceNumber = int(instance[k])
-        ds.ImagePositionPatient = [DS(v, auto_format=True) for v in (x0, y0, z0 + k * spacing[0])]
+        table = z_mm[k] if z_mm is not None else k * spacing[0]
+        ds.ImagePositionPatient = [DS(v, auto_format=True) for v in (x0, y0, z0 + table)]
         ds.ImageOrientationPatient = [DS(v, auto_format=True) for v in row + col]
         ds.PixelSpacing = [DS(spacing[1], auto_format=True), DS(spacing[2], auto_format=True)]
         ds.SliceThickness = DS(spacing[0] * np.cos(tilt), auto_format=True)
         ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
         ds.PixelRepresentation = 0 if stored.dtype == np.uint16 else 1
-        ds.RescaleSlope, ds.RescaleIntercept = DS(slope, auto_format=True), DS(intercept, auto_format=True)
-        ds.RescaleType, ds.WindowCenter, ds.WindowWidth = "HU", 40, 80
+        if rescale_tags:
+            ds.RescaleSlope, ds.RescaleIntercept = DS(slope, auto_format=True), DS(intercept, auto_format=True)
+            ds.RescaleType = "HU"
+        ds.WindowCenter, ds.WindowWidth = 40, 80
         ds.PixelData = np.ascontiguousarray(stored[k]).astype(stored.dtype.newbyteorder("<")).tobytes()
-        name = (rng.bytes(6).hex() + (".dcm" if k % 2 else "")) if shuffle else f"{k + 1:04d}.dcm"
+        if syntax != ExplicitVRLittleEndian:
+            ds.compress(syntax)
+        name = (names[k] if names is not None else (rng.bytes(6).hex() + (".dcm" if k % 2 else "")) if shuffle
+                else f"{k + 1:04d}.dcm")
         _save_atomic(ds, folder / name)
         paths.append(folder / name)
     return paths
+
+
+def write_enhanced_ct(hu: np.ndarray, spacing: tuple[float, float, float], path: str | Path, case_id: str,
+                      seed: int = 0, intercept: float = -1024) -> Path:
+    """Write a canonical (Z, Y, X) HU int16 array as one Enhanced CT Image Storage file (multi-frame,
+    Explicit VR Little Endian, stored = HU - intercept as uint16): orientation, pixel spacing and
+    rescale in the shared functional groups, each frame's ImagePositionPatient in its per-frame
+    group, the frames in a shuffled order. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored = _stored(np.asarray(hu), 1, intercept)
+    n, rows, cols = stored.shape
+    order = np.random.default_rng([seed, _case_key(case_id)]).permutation(n)
+    x0, y0, z0 = _centred_origin(stored.shape, spacing, -37.5)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EnhancedCTImageStorage, generate_uid()
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality, ds.ImageType, ds.PatientID, ds.InstanceNumber = "CT", ["ORIGINAL", "PRIMARY", "AXIAL"], case_id, 1
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.NumberOfFrames = n
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [Dataset()]
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence = [Dataset()]
+    shared.PixelMeasuresSequence[0].PixelSpacing = [DS(spacing[1], auto_format=True), DS(spacing[2], auto_format=True)]
+    shared.PixelMeasuresSequence[0].SliceThickness = DS(spacing[0], auto_format=True)
+    shared.PixelValueTransformationSequence = [Dataset()]
+    transform = shared.PixelValueTransformationSequence[0]
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 1, DS(intercept, auto_format=True), "HU"
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k in order:
+        frame = Dataset()
+        frame.PlanePositionSequence = [Dataset()]
+        frame.PlanePositionSequence[0].ImagePositionPatient = [DS(v, auto_format=True)
+                                                                for v in (x0, y0, z0 + k * spacing[0])]
+        frame.FrameContentSequence = [Dataset()]
+        frame.FrameContentSequence[0].InStackPositionNumber = int(k) + 1
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.ascontiguousarray(stored[order]).astype("<u2").tobytes()
+    _save_atomic(ds, path)
+    return path
 
 
 def _write_json(data: dict, path: Path) -> None:

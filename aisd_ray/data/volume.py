@@ -18,25 +18,27 @@ from pathlib import Path
 
 import numpy as np
 
-from aisd_ray.data.dicom_series import dicom_files, is_dicom_series, read_dicom
+from aisd_ray.data.dicom_series import dicom_below, dicom_files, is_dicom_series, read_dicom
 from aisd_ray.data.layout import is_metadata
 from aisd_ray.data.nifti_volume import LabelVolume, check_same_grid, read_label_volume, read_nifti
 from aisd_ray.data.volume_base import (CANONICAL, Geometry, Volume, VolumeError, case_id_of, is_nifti, nifti_named,
                                        nifti_stem)
 
 __all__ = ["CANONICAL", "Geometry", "LabelVolume", "Volume", "VolumeError", "case_id_of", "check_same_grid",
-           "dicom_files", "is_dicom_series", "is_nifti", "list_cases", "nifti_named", "nifti_stem", "read_label_volume",
-           "read_labels", "read_volume"]
+           "dicom_below", "dicom_files", "is_dicom_series", "is_nifti", "list_cases", "nifti_named", "nifti_stem",
+           "read_label_volume", "read_labels", "read_volume"]
 
 
 def read_volume(path: str | Path, case_id: str | None = None) -> Volume:
-    """Read one CT volume: a DICOM series folder (files with or without ``.dcm``; OS metadata is
-    skipped) or a ``.nii``/``.nii.gz`` file. ``case_id`` defaults to ``case_id_of(path)``.
+    """Read one CT volume: a DICOM series folder (files read as DICOM by content, any name; known OS
+    metadata names skipped; or one enhanced CT file) or a ``.nii``/``.nii.gz`` file. ``case_id``
+    defaults to ``case_id_of(path)``.
 
     DICOM: one series, Modality CT, one orientation and size, axial (normal within 45 degrees of the
-    patient's z axis), ordered by ImagePositionPatient along the slice normal, no missing slice (a
-    step over 1.5x the median) and no two at one position. NIfTI: 3-D, one value per voxel, some
-    value below 0 (air), float values rounded to whole HU. Values must fit int16.
+    patient's z axis), ordered by ImagePositionPatient along the slice normal, one slice spacing (no
+    missing slice, no varying spacing: ``dicom_geometry``) and no two at one position. NIfTI: 3-D,
+    one value per voxel. Every reader: values in HU (``volume_base.as_hu``: air present, float
+    values rounded to whole HU, fitting int16).
     Raises VolumeError (one line naming the file or folder) for anything else."""
     path = Path(path)
     case_id = case_id or case_id_of(path)

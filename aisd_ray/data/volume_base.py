@@ -54,12 +54,25 @@ class Geometry:
         return image
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One QA observation about a case: ``check`` a snake_case name, ``status`` one of "pass",
+    "warn", "fail", "skipped"; ``value`` and ``expected`` JSON-able (numbers, strings, lists or
+    None); ``message`` one line without patient data."""
+    check: str
+    status: str
+    value: object = None
+    expected: object = None
+    message: str = ""
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """One CT volume. ``hu``: (Z, Y, X) int16 Hounsfield units in the canonical orientation (module
     docstring); ``spacing``: (z, y, x) mm, z the distance between slice centres along their normal;
     ``kind``: "dicom" or "nifti"; ``source``: the path read; ``gantry_tilt_deg``: 0 for none.
-    ``input_geometry``/``canonical_geometry``: the grids before and after reorientation."""
+    ``input_geometry``/``canonical_geometry``: the grids before and after reorientation.
+    ``findings``: what the reader noticed (gantry tilt, ...), ``Finding`` records."""
 
     hu: np.ndarray
     spacing: tuple[float, float, float]
@@ -69,6 +82,7 @@ class Volume:
     gantry_tilt_deg: float
     input_geometry: Geometry = field(repr=False)
     canonical_geometry: Geometry = field(repr=False)
+    findings: tuple[Finding, ...] = ()
 
     @property
     def voxel_ml(self) -> float:
@@ -120,22 +134,44 @@ def one_line(exc: BaseException) -> str:
     return reason.removeprefix("sitk::ERROR:").strip()[:300]
 
 
-def as_hu(values: np.ndarray, where: Path) -> np.ndarray:
-    """Values rounded to whole HU as int16; NaN or values beyond int16 are a VolumeError."""
+AIR_HU = -500.0  # a head CT in HU holds air (about -1000 HU) around the head or in its sinuses: below this
+
+
+def as_hu(values: np.ndarray, where: Path, cause: str = "") -> np.ndarray:
+    """``values`` (any shape, any numeric dtype) as whole Hounsfield units, int16, after the one
+    check every reader makes that they are HU. ``where``: the file or folder named in the error;
+    ``cause``: the reader's likely cause when they are not (e.g. "no RescaleIntercept in the DICOM
+    headers"), added to the message.
+
+    Raises VolumeError for NaN or infinite values, values beyond int16, and values that are not HU:
+    none below 0 (no air: a 0..1 normalised, 8-bit windowed, or unscaled image, such as DICOM
+    stored values HU + 1024 without their intercept), or a lowest value above ``AIR_HU`` (no air
+    at all: a z-scored, windowed or brain-only image)."""
     if not np.all(np.isfinite(values)):
         raise VolumeError(f"{where}: NaN or infinite values; not a CT in Hounsfield units")
     rounded = np.rint(values) if values.dtype.kind == "f" else values
+    if not rounded.size:
+        raise VolumeError(f"{where}: no voxels; not a CT volume")
     lo, hi = float(rounded.min()), float(rounded.max())
     if lo < -32768 or hi > 32767:
         raise VolumeError(f"{where}: values {lo:g}..{hi:g} HU do not fit 16 bits; not a CT in Hounsfield units")
+    shown = f"{float(values.min()):g}..{float(values.max()):g}"
+    if float(values.min()) >= 0:
+        raise VolumeError(f"{where}: values {shown} are not Hounsfield units (no air below 0 HU: "
+                          f"{cause or 'a normalised, windowed or unscaled image?'})")
+    if lo > AIR_HU:
+        raise VolumeError(f"{where}: values {shown} are not Hounsfield units (no air: nothing below {AIR_HU:g} HU, "
+                          f"where a head CT's air lies at about -1000 HU: "
+                          f"{cause or 'a normalised, windowed or brain-only image?'})")
     return rounded.astype(np.int16)
 
 
-def build_volume(image: sitk.Image, hu: np.ndarray, case_id: str, source: Path, kind: str, tilt: float) -> Volume:
+def build_volume(image: sitk.Image, hu: np.ndarray, case_id: str, source: Path, kind: str, tilt: float,
+                 findings: tuple[Finding, ...] = ()) -> Volume:
     out = sitk.GetImageFromArray(hu)
     out.CopyInformation(image)
     canonical = sitk.DICOMOrient(out, CANONICAL)
     return Volume(sitk.GetArrayFromImage(canonical), tuple(float(s) for s in canonical.GetSpacing()[::-1]),
-                  case_id, str(source), kind, tilt, Geometry.of(out), Geometry.of(canonical))
+                  case_id, str(source), kind, tilt, Geometry.of(out), Geometry.of(canonical), tuple(findings))
 
 
