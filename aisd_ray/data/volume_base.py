@@ -54,6 +54,18 @@ class Geometry:
         return image
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One QA observation about a case: ``check`` a snake_case name, ``status`` one of "pass",
+    "warn", "fail", "skipped"; ``value`` and ``expected`` JSON-able (numbers, strings, lists or
+    None); ``message`` one line without patient data."""
+    check: str
+    status: str
+    value: object = None
+    expected: object = None
+    message: str = ""
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """One CT volume. ``hu``: (Z, Y, X) int16 Hounsfield units in the canonical orientation (module
@@ -69,6 +81,7 @@ class Volume:
     gantry_tilt_deg: float
     input_geometry: Geometry = field(repr=False)
     canonical_geometry: Geometry = field(repr=False)
+    findings: tuple[Finding, ...] = ()
 
     @property
     def voxel_ml(self) -> float:
