@@ -208,10 +208,13 @@ def record(vol: Volume, head: HeadModel) -> dict[str, Any]:
     return {"values": case_domain(vol, head), "findings": as_json(found)}
 
 
-def manifest_findings(manifest: dict[str, Any], cases: Iterable[str], domain: dict[str, Any] | None
+def manifest_findings(manifest: dict[str, Any], split: str, domain: dict[str, Any] | None
                       ) -> dict[str, list[Finding]]:
-    """Per case of a store prepared from volumes: its recorded findings, then its recorded values
-    against ``domain`` (an export's). Cases the manifest has no QA record for are left out."""
-    recorded = (manifest.get("source") or {}).get("qa") or {}
+    """Per case of ``split`` of a store prepared from volumes: its recorded findings, then its
+    recorded values against ``domain`` (an export's). Empty for a store without QA records (PNG
+    slices, a store prepared before them)."""
+    source = manifest.get("source") or {}
+    recorded = source.get("qa") or {}
+    cases = (source.get("cases") or {}).get(split) or []
     return {case: from_json(recorded[case]["findings"]) + domain_findings(recorded[case]["values"], domain)
             for case in cases if case in recorded}

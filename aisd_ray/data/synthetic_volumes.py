@@ -184,7 +184,7 @@ def _save_atomic(ds: Dataset, path: Path) -> None:
 def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], folder: str | Path, case_id: str,
                        patient_name: str | None = None, birth_date: str | None = None, slope: float = 1,
                        intercept: float = -1024, shuffle: bool = True, tilt_deg: float = 0.0, seed: int = 0,
-                       patient_id: str | None = None) -> list[Path]:
+                       patient_id: str | None = None, contrast_agent: str | None = None) -> list[Path]:
     """Write a canonical (Z, Y, X) HU int16 array as a CT series of one file per slice (Explicit VR
     Little Endian, new UIDs, stored = (HU - intercept) / slope as uint16 or int16). Returns the files
     in position order (inferior first).
@@ -195,7 +195,8 @@ def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], fold
     along patient z by ``spacing[0]`` (the table step), so slices lie ``spacing[0] * cos(tilt)``
     apart along their normal. ``patient_name``, ``birth_date``, ``patient_id`` are written only when
     given (the tests use them to show nothing leaks); ``case_id`` is written as a pseudonymous
-    PatientID otherwise. Raises ValueError for HU that stored values cannot represent."""
+    PatientID otherwise. ``contrast_agent``: ContrastBolusAgent (0018,0010), a contrast-enhanced
+    series' tag, written only when given. Raises ValueError for HU that stored values cannot represent."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stored = _stored(np.asarray(hu), slope, intercept)
@@ -225,6 +226,8 @@ def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], fold
             ds.PatientName = patient_name
         if birth_date is not None:
             ds.PatientBirthDate = birth_date
+        if contrast_agent is not None:
+            ds.ContrastBolusAgent = contrast_agent
         ds.InstanceNumber = int(instance[k])
         ds.ImagePositionPatient = [DS(v, auto_format=True) for v in (x0, y0, z0 + k * spacing[0])]
         ds.ImageOrientationPatient = [DS(v, auto_format=True) for v in row + col]
