@@ -443,3 +443,15 @@ def test_evaluate_reports_qa_per_case_and_strict_refuses(trained_on, export_with
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "QA slice_spacing_mm = 5.0, expected [0.625, 0.625]" in err[0]
     assert "manifest.json: case " in err[0] and not (tmp_path / "strict").exists()
+
+
+@pytest.mark.parametrize("args,line", [
+    (["infer", "--model", "m", "--images", "{tmp}", "--output", "{tmp}/out", "--strict"],
+     "aisd-ray infer: error: --strict: the QA gate checks CT volumes (--input); {tmp} is not one"),
+    (["evaluate", "--predictions", "p", "--masks", "m", "--strict", "--output", "{tmp}/out"],
+     "aisd-ray evaluate: error: --strict: not used with --predictions (masks are scored as they are)"),
+])
+def test_strict_where_there_is_no_qa_gate_is_refused(tmp_path, capsys, args, line):
+    assert main([a.format(tmp=tmp_path) for a in args]) == 2
+    assert capsys.readouterr().err.strip() == line.format(tmp=tmp_path)
+    assert not (tmp_path / "out").exists()

@@ -63,6 +63,10 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
                      tta=tta, strict=strict)
         return Inferred(out, cases=cases)
+    if strict:
+        from aisd_ray.config import ConfigError
+
+        raise ConfigError(f"--strict: the QA gate checks CT volumes (--input); {source} is not one")
     from aisd_ray.infer import infer_folder
 
     written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,
