@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pydicom
+import pydicom.errors
 
 from aisd_ray.data.dicom_series import dicom_files
 from aisd_ray.data.head import HeadModel
@@ -122,14 +123,17 @@ def domain_findings(values: dict[str, Any], domain: dict[str, Any] | None) -> li
 
 
 def contrast_named(vol: Volume) -> bool | None:
-    """Whether the first DICOM file of ``vol`` names a contrast agent (True/False); None for NIfTI,
-    which has no such header. The agent's text is never returned."""
+    """Whether the first DICOM file of ``vol`` (a series folder, or one multi-frame file) names a
+    contrast agent (True/False); None for NIfTI, which has no such header, or a header that cannot
+    be read again. The agent's text is never returned."""
     if vol.kind != "dicom":
         return None
-    files = dicom_files(vol.source)
-    if not files:
+    source = Path(vol.source)
+    files = [source] if source.is_file() else dicom_files(source) if source.is_dir() else []
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True, specific_tags=list(CONTRAST_TAGS))
+    except (IndexError, OSError, ValueError, EOFError, pydicom.errors.InvalidDicomError):
         return None
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True, specific_tags=list(CONTRAST_TAGS))
     return any(tag in ds and ds[tag].value not in (None, "", []) for tag in CONTRAST_TAGS)
 
 
@@ -138,7 +142,9 @@ def physics_findings(vol: Volume, head: HeadModel) -> list[Finding]:
     found = list(getattr(vol, "findings", ()) or ())
     named = contrast_named(vol)
     if named is None:
-        found.append(Finding("contrast_agent", "skipped", None, False, "a NIfTI file has no contrast header"))
+        why = ("no DICOM header to check for a contrast agent (NIfTI)" if vol.kind != "dicom" else
+               "the DICOM header could not be read again for the contrast check")
+        found.append(Finding("contrast_agent", "skipped", None, False, why))
     else:
         found.append(Finding("contrast_agent", "warn" if named else "pass", named, False,
                              "a contrast agent is named in the DICOM header; the model knows non-contrast CT"
