@@ -18,6 +18,7 @@ from aisd_ray.flags import (  # noqa: E402
     add_evaluate_arguments,
     add_run_options,
     add_sweep_arguments,
+    add_strict,
     add_tta,
     check_evaluate,
     flag_overrides,
@@ -133,7 +134,7 @@ def cmd_evaluate(args) -> None:
 
     report = stages.evaluate(cfg, args.output, model=args.model, shards=args.data, split=args.split or "test",
                              predictions=args.predictions, masks=args.masks, overlays=not args.no_overlays,
-                             choose_postprocessing=args.choose_postprocessing, tta=given_tta(args))
+                             choose_postprocessing=args.choose_postprocessing, tta=given_tta(args), strict=args.strict)
     if "images" not in report:  # label volumes, scored per case
         print(f"case Dice {report['case_dice_mean']:.4f} (mean), HD95 {report['case_hd95_mm_median']:.2f} mm "
               f"(median), volume error {report['case_avd_ml_median']:.2f} mL (median), lesion F1 "
@@ -157,7 +158,7 @@ def cmd_infer(args) -> None:
         raise ConfigError("give --input (or --images) and --output (or a config whose [infer] section names them)")
     from aisd_ray import stages
 
-    done = stages.infer(cfg, args.model, tta=given_tta(args))
+    done = stages.infer(cfg, args.model, tta=given_tta(args), strict=args.strict)
     if done.cases:
         for case in done.cases:
             print(f"{case['case_id']}: lesion {case['lesion_ml']:.2f} mL in {case['lesion_count']} lesion(s)")
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", action="store_true", help="CT patients: also each case's lesion "
                                                                  "probability map (else infer.probabilities)")
     add_tta(p)
+    add_strict(p)
     p.set_defaults(func=cmd_infer)
 
     p = add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")

@@ -6,7 +6,11 @@ where the score is defined), the original's background-inclusive ``dice_coef_mul
 beside them for comparison, and a ``per_image`` list. Scoring an export also writes the
 original's ``evaluation.csv`` (``<loss>,<value>`` and ``<metric>,<value>`` lines), and, where
 the shards know each slice's case (the raw release), per-case volume scores:
-``per_case.csv``, a ``cases`` block in metrics.json and ``volume_agreement.png``.
+``per_case.csv``, a ``cases`` block in metrics.json and ``volume_agreement.png``. On a store
+prepared from CT volumes each case is also checked by the QA gate (``data/qa.py``): its recorded
+findings and its recorded values against the export's training domain, a ``qa`` column in
+``per_case.csv`` ("pass" or "warn: <check>, ..."), every finding in metrics.json's ``qa`` block,
+one log line per warning; with ``strict`` the first warning refuses the evaluation (one line).
 
 ``tta`` and ``postprocessing`` in metrics.json say how an export's predictions were made: mirroring
 test-time augmentation on or off (``export.LoadedExport``), and the export's post-processing choice
@@ -31,7 +35,7 @@ import numpy as np
 
 from aisd_ray import metrics, plots, postprocess, render, storage, volume_metrics
 from aisd_ray.config import DataConfig
-from aisd_ray.data import layout, masks, shards
+from aisd_ray.data import layout, masks, qa, shards
 from aisd_ray.export import LoadedExport
 from aisd_ray.losses import categorical_crossentropy
 from aisd_ray.progress import progress_bar
@@ -199,7 +203,8 @@ def _batched(records: Iterable[dict], size: int):
 def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str = "test",
                     batch_size: int = 4, progress: bool = True, overlays: bool = True,
                     store: shards.ShardStore | None = None, tta: bool | None = None,
-                    choose_postprocessing: bool = False, write_volumes: bool = False) -> dict[str, Any]:
+                    choose_postprocessing: bool = False, write_volumes: bool = False,
+                    strict: bool = False) -> dict[str, Any]:
     """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv and,
     with ``overlays``, ``overlays/<name>.png`` per slice (found, false and missed lesion pixels).
     ``store``: the command's already opened store, else it is opened (and verified) here. ``tta``:
@@ -211,7 +216,8 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     post-processing) and its ground truth as NIfTI at model resolution (``VOLUMES``:
     ``predictions/<case>.nii.gz``, ``labels/<case>.nii.gz``, ``volume_write.write_model_grid``), as
     nnU-Net keeps a fold's validation predictions; DataError when the store does not know every
-    case's spacing (prepare CT volumes)."""
+    case's spacing (prepare CT volumes). ``strict``: a case the QA gate warns of is a DataError (one
+    line: the store, the case, the check, its value and the training range), nothing written."""
     if choose_postprocessing and split != "valid":
         raise ValueError(f"post-processing is chosen on the valid split only, not {split!r}")
     model = LoadedExport(export_uri, tta=tta)
@@ -220,9 +226,13 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     shards.check_input(shards_uri, manifest, (model.height, model.width, model.channels), model.windows,
                        model.channel_mode, takes, takes, takes,
                        "evaluate it on shards prepared with the config it was trained with")
+    found = qa.manifest_findings(manifest, split, getattr(model, "domain", None))
+    for case, findings in found.items():
+        qa.refuse_if_strict(strict, storage.join(shards_uri, shards.MANIFEST), case, findings)
+        qa.log_warnings(case, findings)
     with storage.staged_dir(out_uri) as folder:  # appears complete or not at all
         return _score_split(model, shards_uri, manifest, split, str(folder), batch_size, progress, overlays,
-                            choose_postprocessing, write_volumes)
+                            choose_postprocessing, write_volumes, found)
 
 
 def _postprocessing(model: LoadedExport, volumes: CaseVolumes, spacing: dict, shards_uri: str, split: str,
@@ -256,8 +266,8 @@ def _write_volumes(out: str, volumes: CaseVolumes, spacing: dict, where: str) ->
 
 
 def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: str, out: str, batch_size: int,
-                 progress: bool, overlays: bool, choose: bool = False, write_volumes: bool = False
-                 ) -> dict[str, Any]:
+                 progress: bool, overlays: bool, choose: bool = False, write_volumes: bool = False,
+                 found: dict[str, list] | None = None) -> dict[str, Any]:
     total = manifest["splits"][split]["records"] if split in manifest["splits"] else 0
     names, counts, class_counts, losses, seed_dice = [], [], [], [], []
     num_classes = len(model.rgb_map)
@@ -292,6 +302,10 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
     extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed,
                              "tta": model.tta, "postprocessing": {**choice, "applied_to": "per-case volumes"}}
     case_rows = volumes.scores(spacing, choice)
+    if found:
+        extra["qa"] = {case: qa.as_json(findings) for case, findings in found.items()}
+        for row in case_rows:
+            row["qa"] = qa.label(found.get(row["case_id"], ()))
     if case_rows:
         extra["cases"] = {**_write_cases(out, case_rows, foreground), "per_case": case_rows}
     report = _write_report(out, names, counts_arr, extra,

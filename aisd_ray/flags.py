@@ -90,6 +90,13 @@ def refuse(args, why: str, *dests: str) -> None:
         raise ConfigError(f"{', '.join(given)}: not used {why}")
 
 
+def add_strict(p: argparse.ArgumentParser) -> None:
+    """--strict: a QA warning (``data/qa.py``) refuses the case, exit 2 with one line."""
+    p.add_argument("--strict", action="store_true", help="CT volumes: refuse a case the QA gate warns of (outside "
+                   "the export's training domain, a contrast agent named, not a head), with one line naming the "
+                   "case, the check, its value and the training range")
+
+
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """``evaluate``'s options: an export on a split, or predictions against masks (``check_evaluate``)."""
     add_config(p)
@@ -104,6 +111,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-overlays", action="store_true", help="no overlays/ folder (found, false and missed "
                                                                "lesion pixels per slice)")
     add_tta(p)
+    add_strict(p)
     p.add_argument("--choose-postprocessing", action="store_true", help="with --split valid: choose the "
                    "post-processing (none, remove small lesions, keep the largest) on the split's cases and "
                    "write it into the export as postprocess.json")
@@ -115,7 +123,8 @@ def check_evaluate(args) -> None:
     other mode, a missing one, or --choose-postprocessing off the valid split is refused."""
     if args.predictions:
         refuse(args, "with --predictions (masks are scored as they are)",
-               "model", "data", "split", "batch_size", "no_overlays", "tta", "no_tta", "choose_postprocessing")
+               "model", "data", "split", "batch_size", "no_overlays", "tta", "no_tta", "choose_postprocessing",
+               "strict")
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
         return

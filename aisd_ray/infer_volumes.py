@@ -14,12 +14,17 @@ Output, in nnU-Net's convention for a predictions folder (``evaluate --predictio
 - ``<case>.nii.gz``: uint8 class ids in the input's geometry;
 - ``cases/<case>/summary.json``: lesion volume in mL, the 3-D lesions (26-connected components:
   each one's mL and slice range, largest first), spacing, shape, windows, channel mode, gantry
-  tilt, ``tta``, the ``postprocessing`` applied and the mL it removed;
+  tilt, ``tta``, the ``postprocessing`` applied and the mL it removed, and ``qa``: the QA gate's
+  findings (``data/qa.py``: each check's name, status, value, training range and one-line message;
+  the domain checks against the export's ``domain``, skipped for an export that records none);
 - ``cases/<case>/preview.png``: the slices that hold lesion, windowed, the lesion outlined, mL in
-  the title (the middle slices when there is none);
+  the title (the middle slices when there is none), and the first QA warning;
 - ``cases/<case>/probabilities.nii.gz`` (with ``probabilities=True``): float32 lesion probability,
   the network's (with TTA if on), before post-processing;
-- ``cases.csv``: one row per case.
+- ``cases.csv``: one row per case; its ``qa`` column "pass" or "warn: <check>, ...".
+
+Each QA warning is also logged, one line per warning; with ``strict`` the first one refuses the case
+(a VolumeError of one line: the case, the check, its value and the training range), nothing written.
 
 Only the case ID (the file or folder name given) and the geometry are written: no DICOM header
 value (names, dates, accession numbers) reaches an output or a log line. The output folder appears
@@ -35,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from aisd_ray import postprocess, render, storage, volume_metrics
-from aisd_ray.data import volume, volume_write
+from aisd_ray.data import qa, volume, volume_write
 from aisd_ray.data.channels import model_input
+from aisd_ray.data.head import head_model
 from aisd_ray.data.windows import InPlane
 from aisd_ray.export import LoadedExport
 from aisd_ray.progress import progress_bar
@@ -123,15 +129,23 @@ def preview(vol: volume.Volume, labels: np.ndarray, windows, info: dict[str, Any
         mask = plane.labels_to_model(labels[k])
         tiles.append((f"slice {k}: {volume_metrics.volume_ml(labels[k:k + 1] > 0, vol.spacing):.2f} mL",
                       render.overlay(image, mask)))
-    title = (f"{vol.case_id}: lesion {info['lesion_ml']:.2f} mL in {info['lesion_count']} lesion(s)"
-             if with_lesion else f"{vol.case_id}: no lesion found")
     buf = io.BytesIO()
-    render.gallery(tiles, title, columns=4, legend=(("lesion", render.OUTLINE),)).save(buf, format="PNG")
+    render.gallery(tiles, preview_title(vol.case_id, info, bool(with_lesion)), columns=4,
+                   legend=(("lesion", render.OUTLINE),)).save(buf, format="PNG")
     return buf.getvalue()
 
 
+def preview_title(case_id: str, info: dict[str, Any], with_lesion: bool) -> str:
+    """The preview's title: the lesion mL and count (or "no lesion found"), and the first QA
+    warning of ``info["qa"]`` by its check's name."""
+    title = (f"{case_id}: lesion {info['lesion_ml']:.2f} mL in {info['lesion_count']} lesion(s)"
+             if with_lesion else f"{case_id}: no lesion found")
+    first = qa.warnings(qa.from_json(info.get("qa", ())))
+    return f"{title}  |  QA warn: {first[0].check}" if first else title
+
+
 CSV_FIELDS = ("case_id", "lesion_ml", "lesion_count", "largest_lesion_ml", "slices", "spacing_mm_zyx", "input",
-              "gantry_tilt_deg")
+              "gantry_tilt_deg", "qa")
 
 
 def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray, model: Any) -> np.ndarray:
@@ -145,13 +159,14 @@ def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray
 
 def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_size: int = 4,
                   probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool | None = None,
-                  postprocessing: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  postprocessing: dict[str, Any] | None = None, strict: bool = False) -> list[dict[str, Any]]:
     """Segment every case of ``input_path``; return their summaries. A case that is not a CT volume
     is a VolumeError (one line naming the file) and leaves no output folder. ``model``: an already
     loaded export (anything with its ``height``, ``width``, ``channels``, ``windows`` and
     ``predict``; its ``channel_mode``, ``tta`` and ``postprocess`` where it has them), else the
     export is loaded, with ``tta``, once the first case has been read. ``postprocessing``: a choice
-    used instead of the export's own (``postprocess.py``)."""
+    used instead of the export's own (``postprocess.py``). ``strict``: a QA warning refuses its case
+    (``qa.refuse_if_strict``) before anything is written."""
     cases = volume_cases(input_path)
     summaries = []
     bar = progress_bar(total=len(cases), desc="infer", unit="case", enabled=progress)
@@ -160,13 +175,17 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
             vol = volume.read_volume(path, case_id)
             model = model or LoadedExport(export_uri, tta=tta)
             choice = postprocessing or getattr(model, "postprocess", None) or postprocess.NONE
+            findings = qa.check_case(vol, head_model(vol.hu, vol.spacing), getattr(model, "domain", None))
+            qa.refuse_if_strict(strict, path, case_id, findings)
+            qa.log_warnings(case_id, findings)
             raw, lesion = segment(model, vol, batch_size)
             labels = postprocessed(choice, vol, raw, model)
             volume_write.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")
             info = summary(vol, labels, model.windows, getattr(model, "channel_mode", "grey"))
             removed = volume_metrics.volume_ml(raw > 0, vol.spacing) - volume_metrics.volume_ml(labels > 0, vol.spacing)
             info.update(tta=bool(getattr(model, "tta", False)), postprocessing={
-                **{k: choice.get(k) for k in postprocess.NONE}, "removed_ml": round(removed, 3)})
+                **{k: choice.get(k) for k in postprocess.NONE}, "removed_ml": round(removed, 3)},
+                qa=qa.as_json(findings))
             case_dir = folder / "cases" / case_id
             case_dir.mkdir(parents=True)
             storage.write_json(str(case_dir / "summary.json"), info)
@@ -185,5 +204,6 @@ def _write_cases_csv(path: Path, summaries: list[dict[str, Any]]) -> None:
         "case_id": s["case_id"], "lesion_ml": s["lesion_ml"], "lesion_count": s["lesion_count"],
         "largest_lesion_ml": s["lesions"][0]["volume_ml"] if s["lesions"] else 0.0,
         "slices": s["shape_zyx"][0], "spacing_mm_zyx": " ".join(map(str, s["spacing_mm_zyx"])),
-        "input": s["input"], "gantry_tilt_deg": s["gantry_tilt_deg"]} for s in summaries], list(CSV_FIELDS))
+        "input": s["input"], "gantry_tilt_deg": s["gantry_tilt_deg"],
+        "qa": qa.label(qa.from_json(s["qa"]))} for s in summaries], list(CSV_FIELDS))
 

@@ -186,7 +186,8 @@ def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], fold
                        patient_name: str | None = None, birth_date: str | None = None, slope: float = 1,
                        intercept: float = -1024, shuffle: bool = True, tilt_deg: float = 0.0, seed: int = 0,
                        patient_id: str | None = None, z_mm: list[float] | None = None, names: list[str] | None = None,
-                       rescale_tags: bool = True, syntax: str = ExplicitVRLittleEndian) -> list[Path]:
+                       rescale_tags: bool = True, syntax: str = ExplicitVRLittleEndian,
+                       contrast_agent: str | None = None) -> list[Path]:
     """Write a canonical (Z, Y, X) HU int16 array as a CT series of one file per slice (Explicit VR
     Little Endian, new UIDs, stored = (HU - intercept) / slope as uint16 or int16). Returns the files
     in position order (inferior first).
@@ -201,7 +202,8 @@ def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], fold
     ``k * spacing[0]``: a varying spacing, a gap); ``names``: the files' names in position order;
     ``rescale_tags`` False leaves RescaleSlope/Intercept out (as an anonymiser that strips them:
     the stored values stay HU - intercept); ``syntax``: the transfer syntax (RLE Lossless is
-    encoded by pydicom). Raises ValueError for HU that stored values cannot represent."""
+    encoded by pydicom); ``contrast_agent``: ContrastBolusAgent (0018,0010), a contrast-enhanced
+    series' tag, written only when given. Raises ValueError for HU that stored values cannot represent."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stored = _stored(np.asarray(hu), slope, intercept)
@@ -231,6 +233,8 @@ def write_dicom_series(hu: np.ndarray, spacing: tuple[float, float, float], fold
             ds.PatientName = patient_name
         if birth_date is not None:
             ds.PatientBirthDate = birth_date
+        if contrast_agent is not None:
+            ds.ContrastBolusAgent = contrast_agent
         ds.InstanceNumber = int(instance[k])
         table = z_mm[k] if z_mm is not None else k * spacing[0]
         ds.ImagePositionPatient = [DS(v, auto_format=True) for v in (x0, y0, z0 + table)]

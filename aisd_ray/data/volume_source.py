@@ -21,7 +21,11 @@ spacing, canonical axial orientation), its channels built at its own size (``dat
 folder while the shards are written; a case whose labels do not match its image's geometry, or hold
 a class id the model lacks, or without a head to find the midline of, is named before anything is
 written. The manifest's ``source.geometry`` gives each case's shape, spacing (mm) and model-size
-spacing, so that evaluation reports volumes in mL and distances in mm.
+spacing, so that evaluation reports volumes in mL and distances in mm. ``source.qa`` gives each
+case's QA record (``qa.record``: its domain values, its physics and coverage findings; warnings are
+logged one line each) and ``source.domain`` the union of the training cases' values
+(``qa.union_domain``), which an export copies as the domain its inputs are checked against. QA only
+records here: no case is left out or changed by it.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from typing import Any, Callable
 import numpy as np
 
 from aisd_ray.config import DataConfig
-from aisd_ray.data import volume
+from aisd_ray.data import qa, volume
 from aisd_ray.data.aisd_dicom import aisd_dicom_cases, is_aisd_dicom
 from aisd_ray.data.channels import model_input
+from aisd_ray.data.head import head_model
 from aisd_ray.data.layout import DataError, Sample, SliceRef, is_metadata
 from aisd_ray.data.raw import split_cases
 from aisd_ray.data.windows import InPlane
@@ -182,9 +187,11 @@ def _class_ids(labels: np.ndarray, case: Case, data: DataConfig, num_classes: in
 
 def _process(case: Case, folder: Path, data: DataConfig, height: int, width: int, channels: int,
              num_classes: int) -> dict[str, Any]:
-    """Read one case, write its model-size slices (images, labels) as .npy; return its geometry.
-    The channels (``data.channels``) are built from the whole volume at its own size, then resized."""
+    """Read one case, write its model-size slices (images, labels) as .npy; return its geometry,
+    with its QA record under "qa" (``qa.record``). The channels (``data.channels``) are built from
+    the whole volume at its own size, then resized."""
     vol = volume.read_volume(case.image, case.case_id)
+    record = qa.record(vol, head_model(vol.hu, vol.spacing))
     labels = (case.labels(vol) if callable(case.labels) else  # the AISD masks: class ids already
               _class_ids(volume.read_labels(case.labels, like=vol), case, data, num_classes))
     z, h, w = vol.hu.shape
@@ -198,7 +205,7 @@ def _process(case: Case, folder: Path, data: DataConfig, height: int, width: int
     np.save(folder / f"{case.case_id}_labels.npy", model_labels)
     return {"shape": [z, h, w], "spacing_mm": [float(s) for s in vol.spacing],
             "model_spacing_mm": [float(vol.spacing[0]), *map(float, plane.model_spacing)],
-            "kind": vol.kind, "gantry_tilt_deg": round(float(vol.gantry_tilt_deg), 3)}
+            "kind": vol.kind, "gantry_tilt_deg": round(float(vol.gantry_tilt_deg), 3), "qa": record}
 
 
 def _load(tmp: tempfile.TemporaryDirectory, case_id: str, k: int, name: str) -> Sample:
@@ -227,12 +234,14 @@ def read_volume_source(root: str | Path, data: DataConfig, height: int, width: i
     cases, info = list_volume_cases(root, data, num_classes, folder)
     reading = LabelReading(info.pop("mask_values", "raw_labels" if data.mask_values == "raw_labels" else "class_ids"))
     geometry: dict[str, Any] = {}
+    records: dict[str, Any] = {}
     refs: dict[str, list[SliceRef]] = {}
     bar = progress_bar(total=sum(len(c) for c in cases.values()), desc="read volumes", unit="case", enabled=progress)
     for split, split_cases_ in cases.items():
         refs[split] = []
         for case in split_cases_:
             geo = geometry[case.case_id] = _process(case, folder, data, height, width, channels, num_classes)
+            records[case.case_id] = geo.pop("qa")
             refs[split] += [SliceRef(f"{case.case_id}_{k}", f"{case.stamp}/{k}",
                                      partial(_load, tmp, case.case_id, k, f"{case.case_id}_{k}"),
                                      partial(_load_labels, tmp, case.case_id, k), reading)
@@ -240,6 +249,9 @@ def read_volume_source(root: str | Path, data: DataConfig, height: int, width: i
             bar.update()
     bar.close()
     info["geometry"] = geometry
+    info["qa"] = records
+    trained = [c.case_id for c in cases.get("train", ())] or list(records)  # what the model learns from
+    info["domain"] = qa.union_domain(records[c]["values"] for c in trained)
     info["windows"] = [list(w) for w in data.windows]
     info["channels"] = data.channels
     return VolumeSplits(refs, info)

@@ -14,12 +14,13 @@ from aisd_ray.stages.run import on_node
 def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | None = None, split: str = "test",
              predictions: str | None = None, masks: str | None = None, overlays: bool = True,
              progress: bool = True, choose_postprocessing: bool = False,
-             tta: bool | None = None) -> dict[str, Any]:
+             tta: bool | None = None, strict: bool = False) -> dict[str, Any]:
     """Score an export on a split of a shard store (``model``, ``shards``; mirroring TTA per ``tta``,
     None: as the export records it; with ``choose_postprocessing``, on the valid split, the export's post-processing
     is chosen on its cases and written into the export first), or predictions against ground truth
     without a model (``predictions``, ``masks``: mask PNGs, or NIfTI label volumes scored per case
-    in mm and mL); write metrics.json and its companions under ``output``."""
+    in mm and mL); write metrics.json and its companions under ``output``. ``strict``: a case of a
+    store prepared from volumes that QA warns of is refused (``evaluate.evaluate_export``)."""
     if predictions:
         from aisd_ray.evaluate_volumes import evaluate_nifti_folders, is_nifti_folder
 
@@ -31,7 +32,8 @@ def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | N
     from aisd_ray import evaluate as scoring
 
     return scoring.evaluate_export(model, shards, output, split, cfg.eval.batch_size, progress=progress,
-                                   overlays=overlays, tta=tta, choose_postprocessing=choose_postprocessing)
+                                   overlays=overlays, tta=tta, choose_postprocessing=choose_postprocessing,
+                                   strict=strict)
 
 
 @dataclass
@@ -44,12 +46,13 @@ class Inferred:
 
 
 def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool = True,
-          tta: bool | None = None) -> Inferred:
+          tta: bool | None = None, strict: bool = False) -> Inferred:
     """Segment ``infer.images_dir`` into ``infer.output_dir`` with an export: CT patients (a DICOM
     series folder, a NIfTI file, or a folder of them) give NIfTI masks in the scan's geometry with
     lesion volumes (``infer_volumes``); a folder of images gives mask PNGs (``infer``). With
     ``on_worker``, as a Ray task on a training node. ``tta``: mirroring TTA on or off; None: as the
-    export records it (its training config's ``eval.tta``)."""
+    export records it (its training config's ``eval.tta``). ``strict``: CT patients: a QA warning
+    refuses its case (``infer_volumes``)."""
     from aisd_ray.infer_volumes import is_volume_input
 
     source, out = cfg.infer.images_dir, storage.absolute(cfg.infer.output_dir)
@@ -58,8 +61,12 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
 
         cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
-                     tta=tta)
+                     tta=tta, strict=strict)
         return Inferred(out, cases=cases)
+    if strict:
+        from aisd_ray.config import ConfigError
+
+        raise ConfigError(f"--strict: the QA gate checks CT volumes (--input); {source} is not one")
     from aisd_ray.infer import infer_folder
 
     written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,
