@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from aisd_ray import metrics, plots, postprocess, render, storage, volume_metrics
+from aisd_ray import input_kind, metrics, plots, postprocess, render, storage, volume_metrics
 from aisd_ray.config import DataConfig
 from aisd_ray.data import layout, masks, shards
 from aisd_ray.export import LoadedExport
@@ -220,6 +220,9 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     shards.check_input(shards_uri, manifest, (model.height, model.width, model.channels), model.windows,
                        model.channel_mode, takes, takes, takes,
                        "evaluate it on shards prepared with the config it was trained with")
+    input_kind.check(model.input, input_kind.of_source(manifest.get("source"))["kind"],  # the rule infer applies
+                     storage.join(shards_uri, shards.MANIFEST), export_uri, model.windows,
+                     "evaluate it on shards prepared from the input it was trained on")
     with storage.staged_dir(out_uri) as folder:  # appears complete or not at all
         return _score_split(model, shards_uri, manifest, split, str(folder), batch_size, progress, overlays,
                             choose_postprocessing, write_volumes)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from aisd_ray import postprocess, render, storage, volume_metrics
+from aisd_ray import input_kind, postprocess, render, storage, volume_metrics
 from aisd_ray.data import volume, volume_write
 from aisd_ray.data.channels import model_input
 from aisd_ray.data.windows import InPlane
@@ -158,7 +158,9 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     with storage.staged_dir(out_uri) as folder:
         for case_id, path in cases.items():
             vol = volume.read_volume(path, case_id)
-            model = model or LoadedExport(export_uri, tta=tta)
+            if model is None:
+                model = LoadedExport(export_uri, tta=tta)
+                input_kind.check(model.input, input_kind.CT_HU, str(input_path), export_uri, model.windows)
             choice = postprocessing or getattr(model, "postprocess", None) or postprocess.NONE
             raw, lesion = segment(model, vol, batch_size)
             labels = postprocessed(choice, vol, raw, model)

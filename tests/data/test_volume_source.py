@@ -112,8 +112,8 @@ def _as_v1(root):
 
 
 def _rows(shards, manifest):
-    return {split: {r["name"]: [a.tobytes() for a in record_to_arrays(r)] for r in iter_records(shards, manifest, split)}
-            for split in manifest["splits"]}
+    return {split: {r["name"]: [a.tobytes() for a in record_to_arrays(r)]
+                    for r in iter_records(shards, manifest, split)} for split in manifest["splits"]}
 
 
 @pytest.mark.parametrize("rewrite", [
