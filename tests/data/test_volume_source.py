@@ -204,6 +204,28 @@ def test_a_v1_dataset_json_is_checked_as_v2_is(nnunet_source, tmp_path, change, 
     assert not (tmp_path / "shards").exists()
 
 
+def test_the_handed_nnunet_cases_through_the_cli(nnunet_source, tmp_path, capsys):
+    """Case 7: a v1 dataset.json (a traceback before) prepares, exit 0. Case 8: a label without its
+    image, numTraining 4 with 3 images: exit 2, one line naming the orphan label, nothing written."""
+    from aisd_ray.cli import main
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(_cfg("nnunet").to_toml())
+    v1 = _copy(nnunet_source, tmp_path / "v1")
+    _as_v1(v1)
+    assert main(["prepare", "--config", str(config), "--source", str(v1), "--output", str(tmp_path / "a")]) == 0
+    root = _copy(nnunet_source, tmp_path / "orphan")
+    image = _first(root, "imagesTr")
+    image.unlink()
+    assert _dataset_json(root)["numTraining"] == 4 and len(list((root / "imagesTr").iterdir())) == 3
+    capsys.readouterr()
+    assert main(["prepare", "--config", str(config), "--source", str(root), "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    label = root / "labelsTr" / image.name.replace("_0000", "")
+    assert len(err.splitlines()) == 1 and f"{label}: a label volume without its image imagesTr/{image.name}" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_labels_off_the_images_grid_or_with_an_unknown_class_are_named(nnunet_source, tmp_path):
     import SimpleITK as sitk
 
