@@ -30,18 +30,6 @@ class VolumeError(DataError):
 
 
 @dataclass(frozen=True)
-class Finding:
-    """One QA observation about a case: ``check`` a snake_case name, ``status`` one of "pass",
-    "warn", "fail", "skipped"; ``value`` and ``expected`` JSON-able (numbers, strings, lists or
-    None); ``message`` one line without patient data."""
-    check: str
-    status: str
-    value: object = None
-    expected: object = None
-    message: str = ""
-
-
-@dataclass(frozen=True)
 class Geometry:
     """An ITK image grid: ``size`` (x, y, z) voxels, ``spacing`` (x, y, z) mm, ``origin`` (x, y, z)
     mm in LPS, ``direction`` 9 floats row-major (column j: axis j's direction), orientation ``code``."""
@@ -64,6 +52,18 @@ class Geometry:
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One QA observation about a case: ``check`` a snake_case name, ``status`` one of "pass",
+    "warn", "fail", "skipped"; ``value`` and ``expected`` JSON-able (numbers, strings, lists or
+    None); ``message`` one line without patient data."""
+    check: str
+    status: str
+    value: object = None
+    expected: object = None
+    message: str = ""
 
 
 @dataclass(frozen=True, eq=False)
