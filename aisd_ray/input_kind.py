@@ -130,5 +130,6 @@ def check(trained: dict[str, Any] | None, given: str, where: str, export: str, w
 
 
 def _logged(finding: Finding, where: str) -> Finding:
-    log.warning("%s: QA %s %s: %s", where, finding.check, finding.status, finding.message)
+    status = "" if finding.status == "warn" else f" {finding.status}"  # "<where>: QA <check>: <message>" for a warning
+    log.warning("%s: QA %s%s: %s", where, finding.check, status, finding.message)
     return finding

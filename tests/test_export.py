@@ -186,10 +186,10 @@ def test_evaluate_applies_infers_rule_to_a_store_of_the_other_kind(ct_run, train
     with caplog.at_level("WARNING", logger="aisd_ray"):
         evaluate_export(trained_run[3], ct_shards, str(tmp_path / "ct-under-png"), progress=False, overlays=False)
         evaluate_export(ct_run[4], png_shards, str(tmp_path / "png-under-ct"), progress=False, overlays=False)
-    warnings = [r.getMessage() for r in caplog.records if "QA input_kind warn" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "QA input_kind:" in r.getMessage()]
     assert len(warnings) == 2
-    assert "manifest.json: QA input_kind warn: CT volumes in HU given to the export" in warnings[0]
-    assert "manifest.json: QA input_kind warn: 8-bit image slices given to the export" in warnings[1]
+    assert "manifest.json: QA input_kind: CT volumes in HU given to the export" in warnings[0]
+    assert "manifest.json: QA input_kind: 8-bit image slices given to the export" in warnings[1]
 
     cfg = load_config(builtin_config("tiny"), ["data.channels='windows'",
                                                "data.windows=[[40, 80], [35, 30], [40, 400]]"])

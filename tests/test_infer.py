@@ -75,7 +75,7 @@ def test_a_real_export_segments_a_dicom_series_and_a_nifti_and_evaluate_scores_t
     printed = capsys.readouterr().out
     # trained on 8-bit slices, given CT volumes: segmented through its window, with one QA warning line
     [warning] = [r.getMessage() for r in caplog.records if "QA input_kind" in r.getMessage()]
-    assert warning.startswith(f"{patients}: QA input_kind warn: CT volumes in HU given to the export")
+    assert warning.startswith(f"{patients}: QA input_kind: CT volumes in HU given to the export")
     assert "1000002: lesion" in printed and "1000003: lesion" in printed
     for case in ("1000002", "1000003"):
         mask = sitk.ReadImage(str(out / f"{case}.nii.gz"))
@@ -153,8 +153,8 @@ def test_8bit_slices_to_an_export_of_one_grey_hu_window_are_segmented_with_a_qa_
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     qa = json.loads((tmp_path / "out" / "qa.json").read_text())
     assert qa == {"checks": [{"check": "input_kind", "status": "warn", "value": "slices_8bit", "expected": "ct_hu",
-                              "message": warning.split("QA input_kind warn: ", 1)[1]}]}
-    assert warning.startswith(f"{slices}: QA input_kind warn: 8-bit image slices given to the export {export}, "
+                              "message": warning.split("QA input_kind: ", 1)[1]}]}
+    assert warning.startswith(f"{slices}: QA input_kind: 8-bit image slices given to the export {export}, "
                               "trained on CT volumes in HU through the window (40, 80) HU")
 
 
