@@ -178,3 +178,29 @@ def test_8bit_slices_to_an_8bit_export_pass_and_to_an_export_from_before_are_sai
     assert check["status"] == "skipped" and check["expected"] == "unknown"
     [line] = [r.getMessage() for r in caplog.records if "QA" in r.getMessage()]
     assert "does not record the kind of input it was trained on" in line and "cannot be checked" in line
+
+
+def test_the_demos_export_refuses_prewindowed_png_slices_naming_what_it_expects(synthetic_root, tmp_path, capsys):
+    """Case 10 as handed: the demo's export (trained on CT volumes through three HU windows) and
+    pre-windowed 8-bit PNG slices: exit 2, one line, no mask written. The export learnt its input
+    from its run's record of the store."""
+    from aisd_ray.cli import main
+    from aisd_ray.export import LoadedExport
+
+    demo = tmp_path / "demo"
+    settings = ["synthetic.layout='nnunet'", "synthetic.num_cases=10", "synthetic.slices_per_case=6",
+                "synthetic.num_test_cases=2", "synthetic.size=96", "train.backend='local'", "train.epochs=1",
+                "data.channels='windows'", "data.windows=[[40, 80], [35, 30], [40, 400]]"]  # the demo's channels
+    assert main(["demo", "--config", "tiny", "--output", str(demo), "-q", *[a for s in settings
+                                                                         for a in ("--set", s)]]) == 0
+    source = json.loads((demo / "shards" / "manifest.json").read_text())["source"]
+    export = demo / "tiny" / "export"
+    assert LoadedExport(str(export)).input == {"kind": "ct_hu", "windows": source["windows"], "channels": "windows"}
+    slices = synthetic_root / "test" / "images"  # 8-bit PNG slices, windowed once by their maker
+    capsys.readouterr()
+    assert main(["infer", "--model", str(export), "--images", str(slices), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{slices}: 8-bit image slices, but the export {export} expects CT volumes in HU, made into channels " \
+           "'windows' through the window(s) (40, 80), (35, 30), (40, 400) HU" in err
+    assert not (tmp_path / "out").exists()
