@@ -113,11 +113,11 @@ def check(trained: dict[str, Any] | None, given: str, where: str, export: str, w
     if expected == given:
         return Finding(CHECK, "pass", given, expected)
     if given == SLICES_8BIT:
-        windows, mode = trained.get("windows") or [], trained.get("channels", "grey")
-        distinct = sorted({tuple(w) for w in windows})
+        seen, mode = trained.get("windows") or [], trained.get("channels", "grey")  # the training's windows
+        distinct = sorted({tuple(w) for w in seen})
         if mode != "grey" or len(distinct) != 1:
             raise DataError(f"{where}: 8-bit image slices, but the export {export} expects CT volumes in HU, made "
-                            f"into channels {mode!r} through the window(s) {_windows(windows)} HU, which 8-bit slices "
+                            f"into channels {mode!r} through the window(s) {_windows(seen)} HU, which 8-bit slices "
                             f"cannot give: {advice}")
         message = (f"8-bit image slices given to the export {export}, trained on CT volumes in HU through the window "
                    f"{_windows(distinct)} HU: segmented as if each slice had been windowed so; slices windowed "
