@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from aisd_ray import metrics, plots, postprocess, render, storage, volume_metrics
+from aisd_ray import input_kind, metrics, plots, postprocess, render, storage, volume_metrics
 from aisd_ray.config import DataConfig
 from aisd_ray.data import layout, masks, qa, shards
 from aisd_ray.export import LoadedExport
@@ -226,6 +226,9 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     shards.check_input(shards_uri, manifest, (model.height, model.width, model.channels), model.windows,
                        model.channel_mode, takes, takes, takes,
                        "evaluate it on shards prepared with the config it was trained with")
+    input_kind.check(model.input, input_kind.of_source(manifest.get("source"))["kind"],  # the rule infer applies
+                     storage.join(shards_uri, shards.MANIFEST), export_uri, model.windows,
+                     "evaluate it on shards prepared from the input it was trained on")
     found = qa.manifest_findings(manifest, split, getattr(model, "domain", None))
     for case, findings in found.items():
         qa.refuse_if_strict(strict, storage.join(shards_uri, shards.MANIFEST), case, findings)

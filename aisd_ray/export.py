@@ -9,15 +9,20 @@ Layout of an export folder:
 - ``model.keras``: the same network for Keras users;
 - ``export.json``: input size, channels, class names, rgb_map, the source checkpoint and its
   validation metrics, the full config and its provenance (package versions, git commit, config
-  hash, machine), so ``aisd-ray infer`` needs only this folder;
+  hash, machine), so ``aisd-ray infer`` needs only this folder; ``input``, the kind of input it was
+  trained on ({"kind": "ct_hu", "windows": [[level, width], ...] HU, "channels": mode} for CT
+  volumes, {"kind": "slices_8bit"} for 8-bit slices: ``input_kind.py``, which says what else it
+  may be given), and ``domain``, the ranges of what its training cases were ({name: [lo, hi],
+  "cases": n}, from the store's manifest), both as its run recorded its store; an export from a
+  run that recorded neither has neither (``LoadedExport.input_kind`` "unknown", ``domain`` None);
 - ``.complete``: written last; a folder without it is an interrupted export and is refused.
 
 An *ensemble* export (``crossval``'s, ``write_ensemble``) is a folder of member exports
 (``fold_0/`` ... each as above) with ``ensemble.json`` in place of ``export.json`` (the members'
-common input size, channels, windows and classes, the member folders, the cross-validation's
-figures) and its own ``postprocess.json`` and ``.complete``. ``LoadedExport`` takes either kind:
-an ensemble's prediction is the mean of its members' softmax probabilities (nnU-Net's ensembling
-of fold models), its labels their argmax.
+common input size, channels, windows, input kind and classes, the union of their domains, the
+member folders, the cross-validation's figures) and its own ``postprocess.json`` and ``.complete``.
+``LoadedExport`` takes either kind: an ensemble's prediction is the mean of its members' softmax
+probabilities (nnU-Net's ensembling of fold models), its labels their argmax.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from aisd_ray import postprocess, provenance, storage
+from aisd_ray import input_kind, postprocess, provenance, storage
 from aisd_ray.config import Config, DataConfig, config_from_dict
+from aisd_ray.data import qa
 from aisd_ray.model import build_flexunet
 from aisd_ray.train import checkpoint as ckpt
 
@@ -39,8 +45,9 @@ SAVED_MODEL = "saved_model"
 KERAS_FILE = "model.keras"
 INFO = "export.json"
 ENSEMBLE = "ensemble.json"
-# what every member of an ensemble must share, as export.json gives it
-SHARED_KEYS = ("image", "num_classes", "class_names", "rgb_map", "windows", "channels")
+# what every member of an ensemble must share, as export.json gives it ("input" absent from all
+# the members of an ensemble written before it existed, and from its ensemble.json: still equal)
+SHARED_KEYS = ("image", "num_classes", "class_names", "rgb_map", "windows", "channels", "input")
 SIGNATURE = "serving_default"
 FLOAT_SIGNATURE = "serving_float32"
 
@@ -96,7 +103,8 @@ def export_best(cfg: Config, run_uri: str, out_uri: str) -> tuple[str, dict[str,
     """Export the run's best candidate checkpoint (``checkpoint.ranked``: the best validation lesion
     Dice of an epoch with finite losses and weights, the earlier epoch on a tie) that loads; the
     checkpoint's uri and its epoch's figures. A better one whose weights do not load is skipped
-    with one warning naming it. FileNotFoundError for a run without checkpoints;
+    with one warning naming it. The run's record of its store (``input_kind.RUN_RECORD``) gives the
+    export its ``input`` and ``domain``. FileNotFoundError for a run without checkpoints;
     ``checkpoint.CheckpointError`` naming the run when none is a candidate or none loads."""
     found = ckpt.list_checkpoints(run_uri)
     if not found:
@@ -115,7 +123,8 @@ def export_best(cfg: Config, run_uri: str, out_uri: str) -> tuple[str, dict[str,
         if skipped:
             log.warning("%s; exporting %s (epoch %d, the best that loads) instead", "; ".join(skipped),
                         checkpoint_uri, state.epoch)
-        export_model(cfg, model, out_uri, {"checkpoint": checkpoint_uri, "validation": metrics})
+        export_model(cfg, model, out_uri, {"checkpoint": checkpoint_uri, "validation": metrics,
+                                           **input_kind.read_run_record(run_uri)})
         return checkpoint_uri, metrics
     raise ckpt.CheckpointError(f"{run_uri}: no candidate checkpoint loads: {'; '.join(skipped)}")
 
@@ -125,7 +134,8 @@ def write_ensemble(member_uris: list[str], out_uri: str, choice: dict[str, Any] 
     """Write an ensemble export (see the module) of the exports ``member_uris`` to ``out_uri``,
     atomically: each member copied whole into ``fold_<i>/``, ``ensemble.json``, ``postprocess.json``
     (``choice``, when given) and ``.complete`` last. ``extra``: more for ``ensemble.json`` (its
-    ``tta`` default: every member's recorded ``tta``; its ``config``: the first member's).
+    ``tta`` default: every member's recorded ``tta``; its ``config``: the first member's). Its
+    ``domain``: the union of the members' (``qa.union_domain``), absent when one has none.
     ValueError when the members disagree on what they take or give (``SHARED_KEYS``);
     FileNotFoundError for an incomplete member."""
     infos = []
@@ -146,11 +156,22 @@ def write_ensemble(member_uris: list[str], out_uri: str, choice: dict[str, Any] 
         info = {"kind": "ensemble", "members": names, "combine": "mean of the members' softmax probabilities",
                 **{k: infos[0].get(k) for k in SHARED_KEYS},
                 "tta": all(i.get("tta", False) for i in infos),  # the members' own default, unless extra says
+                **_present(domain=_union([i.get("domain") for i in infos])),
                 **(extra or {}), "provenance": provenance.facts(config_from_dict(config).to_toml())}
         (folder / ENSEMBLE).write_text(json.dumps(info, indent=2, default=str))
         if choice is not None:
             (folder / postprocess.FILE).write_text(json.dumps(postprocess.check(choice, out_uri), indent=2))
     return out_uri
+
+
+def _union(domains: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """An ensemble's training domain: ``qa.union_domain`` of its members'; None when one has none
+    (nothing can then be said of the union)."""
+    return qa.union_domain(domains) if domains and all(domains) else None
+
+
+def _present(**values) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _member(folder, uri: str) -> tuple[dict[str, Any], Any]:
@@ -183,7 +204,10 @@ class LoadedExport:
     ``postprocess``: the export's post-processing choice (``postprocess.json``, written by
     ``evaluate --choose-postprocessing`` or ``crossval``; ``postprocess.NONE`` when absent), which
     the per-case 3-D scoring and ``infer`` of CT patients apply; the network's predictions here are
-    never altered."""
+    never altered.
+
+    ``input``, ``input_kind`` and ``domain``: what it was trained on (the module), None, "unknown"
+    and None for an export from before they were recorded."""
 
     def __init__(self, uri: str, tta: bool | None = None):
         self.uri = uri
@@ -217,6 +241,11 @@ class LoadedExport:
         self.windows = [tuple(w) for w in self.info.get("windows", DataConfig().windows)]
         # data.channels the model was trained with ("grey": exports from before channel modes)
         self.channel_mode = self.info.get("channels", "grey")
+        # what it was trained on (input_kind.py; an ensemble: its members', equal by SHARED_KEYS);
+        # None, "unknown" and None for an export from before exports recorded them
+        self.input = self.info.get("input")
+        self.input_kind = (self.input or {}).get("kind", input_kind.UNKNOWN)
+        self.domain = self.info.get("domain")  # {name: [lo, hi], "cases": n}: the training cases' ranges
 
     def _run(self, fns, images: tf.Tensor, tta: bool | None) -> dict[str, tf.Tensor]:
         tta = self.tta if tta is None else tta

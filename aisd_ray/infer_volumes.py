@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from aisd_ray import postprocess, render, storage, volume_metrics
+from aisd_ray import input_kind, postprocess, render, storage, volume_metrics
 from aisd_ray.data import qa, volume, volume_write
 from aisd_ray.data.channels import model_input
 from aisd_ray.data.head import head_model
@@ -170,14 +170,18 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     cases = volume_cases(input_path)
     summaries = []
     bar = progress_bar(total=len(cases), desc="infer", unit="case", enabled=progress)
+    kind: list = []  # the export's input-kind finding (input_kind.check, logged once), first in every case's QA
     with storage.staged_dir(out_uri) as folder:
         for case_id, path in cases.items():
             vol = volume.read_volume(path, case_id)
-            model = model or LoadedExport(export_uri, tta=tta)
+            if model is None:
+                model = LoadedExport(export_uri, tta=tta)
+                kind = [input_kind.check(model.input, input_kind.CT_HU, str(input_path), export_uri, model.windows)]
             choice = postprocessing or getattr(model, "postprocess", None) or postprocess.NONE
-            findings = qa.check_case(vol, head_model(vol.hu, vol.spacing), getattr(model, "domain", None))
+            own = qa.check_case(vol, head_model(vol.hu, vol.spacing), getattr(model, "domain", None))
+            findings = kind + own
             qa.refuse_if_strict(strict, path, case_id, findings)
-            qa.log_warnings(case_id, findings)
+            qa.log_warnings(case_id, own)
             raw, lesion = segment(model, vol, batch_size)
             labels = postprocessed(choice, vol, raw, model)
             volume_write.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")

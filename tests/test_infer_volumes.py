@@ -446,8 +446,6 @@ def test_evaluate_reports_qa_per_case_and_strict_refuses(trained_on, export_with
 
 
 @pytest.mark.parametrize("args,line", [
-    (["infer", "--model", "m", "--images", "{tmp}", "--output", "{tmp}/out", "--strict"],
-     "aisd-ray infer: error: --strict: the QA gate checks CT volumes (--input); {tmp} is not one"),
     (["evaluate", "--predictions", "p", "--masks", "m", "--strict", "--output", "{tmp}/out"],
      "aisd-ray evaluate: error: --strict: not used with --predictions (masks are scored as they are)"),
 ])

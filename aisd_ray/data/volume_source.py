@@ -3,10 +3,10 @@ the AISD release's DICOM archives beside its mask slices.
 
 Three layouts are recognised by their shape:
 
-- **nnU-Net v2 raw dataset**: ``dataset.json`` (its ``labels`` and ``channel_names``),
-  ``imagesTr/<case>_0000.nii.gz`` with ``labelsTr/<case>.nii.gz``, and ``imagesTs/`` with
-  ``labelsTs/`` (the test split; a test image without labels is skipped and reported). One CT
-  channel (``_0000``) is read; more channels are refused by name.
+- **nnU-Net raw dataset** (v2 or v1): ``dataset.json``, ``imagesTr/<case>_0000.nii.gz`` with
+  ``labelsTr/<case>.nii.gz``, and ``imagesTs/`` with ``labelsTs/`` (the test split; a test image
+  without labels is skipped and reported); ``dataset.json`` and the files checked against each
+  other (``nnunet_dataset.py``: a label without its image, ``numTraining``, one CT channel).
 - **DICOM cases**: one folder per case holding its DICOM series, and ``labels/<case>.nii.gz``
   beside them (a label volume in the series' geometry). Cases named in ``data.test_cases`` are the
   test split.
@@ -31,7 +31,6 @@ records here: no case is left out or changed by it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from aisd_ray.data.aisd_dicom import aisd_dicom_cases, is_aisd_dicom
 from aisd_ray.data.channels import model_input
 from aisd_ray.data.head import head_model
 from aisd_ray.data.layout import DataError, Sample, SliceRef, is_metadata
+from aisd_ray.data.nnunet_dataset import nnunet_cases
 from aisd_ray.data.raw import split_cases
 from aisd_ray.data.windows import InPlane
 from aisd_ray.progress import progress_bar
@@ -78,44 +78,6 @@ class Case:
     stamp: str = ""
 
 
-def _nnunet_side(root: Path, images: str, labels: str) -> tuple[list[Case], list[str]]:
-    """The cases of imagesTr/labelsTr (or Ts); image files without labels, by name."""
-    folder = root / images
-    if not folder.is_dir():
-        return [], []
-    cases, unlabelled = [], []
-    for path in sorted(p for p in folder.iterdir() if not is_metadata(p.name) and volume.is_nifti(p)):
-        stem = volume.nifti_stem(path.name)
-        case, _, channel = stem.rpartition("_")
-        if not case or not (len(channel) == 4 and channel.isdigit()):
-            raise DataError(f"{path}: not named <case>_<4-digit channel>.nii.gz, as nnU-Net's {images}/ is")
-        if channel != "0000":
-            raise DataError(f"{path}: channel {channel}: one CT channel (_0000) is read; this dataset has more")
-        label = volume.nifti_named(root / labels, case)
-        if label is None:
-            unlabelled.append(case)
-        else:
-            cases.append(Case(case, path, label, f"{_stamp(path)}/{_stamp(label)}"))
-    return cases, unlabelled
-
-
-def _dataset_json(root: Path, data: DataConfig, num_classes: int) -> dict[str, Any]:
-    where = root / "dataset.json"
-    try:
-        info = json.loads(where.read_text())
-        labels = info["labels"]
-        channels = info.get("channel_names", {"0": "CT"})
-    except (ValueError, KeyError, TypeError):
-        raise DataError(f"{where}: not an nnU-Net dataset.json (a JSON object with 'labels')") from None
-    if len(channels) != 1:
-        raise DataError(f"{where}: {len(channels)} channels {channels}: one CT channel is read")
-    ids = sorted(int(v) for v in labels.values() if not isinstance(v, list))
-    if ids != list(range(num_classes)):
-        raise DataError(f"{where}: labels {labels} are not the model's {num_classes} classes 0..{num_classes - 1} "
-                        f"({', '.join(data.class_names)})")
-    return info
-
-
 def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int,
                       workdir: Path) -> tuple[dict[str, list[Case]], dict]:
     """Cases per split and what the manifest says of the source. ``workdir``: a temporary folder
@@ -128,15 +90,9 @@ def list_volume_cases(root: str | Path, data: DataConfig, num_classes: int,
         every = [Case(case, series, labels, stamp) for case, series, labels, stamp in found]
         test_ids = set(data.test_cases)
     elif kind == "nnunet":
-        _dataset_json(root, data, num_classes)
-        trained, no_labels_tr = _nnunet_side(root, "imagesTr", "labelsTr")
-        tested, no_labels_ts = _nnunet_side(root, "imagesTs", "labelsTs")
-        if no_labels_tr:
-            raise DataError(f"{root / 'labelsTr'}: no labels for {len(no_labels_tr)} training image(s): "
-                            f"{', '.join(no_labels_tr[:5])}")
-        if no_labels_ts:
-            log.warning("%s: %d test image(s) without labels in labelsTs/ are left out of the test split: %s",
-                        root / "imagesTs", len(no_labels_ts), ", ".join(no_labels_ts[:5]))
+        trained, tested = (
+            [Case(case, image, label, f"{_stamp(image)}/{_stamp(label)}") for case, image, label in side]
+            for side in nnunet_cases(root, tuple(data.class_names), num_classes))
         test_ids = {c.case_id for c in tested} | set(data.test_cases)
         every = trained + tested
     elif kind == "dicom":

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from aisd_ray import provenance, storage, track
+from aisd_ray import input_kind, provenance, storage, track
 from aisd_ray.config import Config, load_config
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
 
     Everything is checked before anything is written: the shard store (manifest against the
     config, every shard's size and SHA-256, once per command), that a worker's share fills a
-    batch, and that a resumed run has the same model; the run's ``config.toml`` is written when
+    batch, and that a resumed run has the same model; the run's ``config.toml`` (and its store's
+    input kind and training domain, ``input_kind.RUN_RECORD``, for its export) is written when
     training starts, so a failed command leaves an existing run as it was. ``store``: the
     command's already opened ``ShardStore`` (the pipeline opens it once for all its stages)."""
     from aisd_ray.config import ConfigError
@@ -71,6 +72,7 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
     storage.write_text(storage.join(run, "config.toml"), toml)
     facts = provenance.facts(toml)
     storage.write_text(storage.join(run, "provenance.json"), json.dumps(facts, indent=2))
+    input_kind.write_run_record(run, store.manifest)  # what export.json says it was trained on
     tracker = track.Tracker.start(cfg, run, facts)  # None unless run.mlflow_tracking_uri
     log.info("training run %s with the %s backend (%d worker%s)", run, cfg.train.backend, workers,
              "s" if workers > 1 else "")

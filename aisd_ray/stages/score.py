@@ -51,8 +51,8 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
     series folder, a NIfTI file, or a folder of them) give NIfTI masks in the scan's geometry with
     lesion volumes (``infer_volumes``); a folder of images gives mask PNGs (``infer``). With
     ``on_worker``, as a Ray task on a training node. ``tta``: mirroring TTA on or off; None: as the
-    export records it (its training config's ``eval.tta``). ``strict``: CT patients: a QA warning
-    refuses its case (``infer_volumes``)."""
+    export records it (its training config's ``eval.tta``). ``strict``: a QA warning refuses its case
+    (``infer_volumes``), or, for images, the input-kind check's warning (``infer``)."""
     from aisd_ray.infer_volumes import is_volume_input
 
     source, out = cfg.infer.images_dir, storage.absolute(cfg.infer.output_dir)
@@ -63,13 +63,9 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
                      tta=tta, strict=strict)
         return Inferred(out, cases=cases)
-    if strict:
-        from aisd_ray.config import ConfigError
-
-        raise ConfigError(f"--strict: the QA gate checks CT volumes (--input); {source} is not one")
     from aisd_ray.infer import infer_folder
 
     written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,
                    cfg.eval.batch_size, overlays=cfg.infer.overlays, progress=progress and not on_worker,
-                   tta=tta)
+                   tta=tta, strict=strict)
     return Inferred(out, written=written)

@@ -91,6 +91,145 @@ def test_a_bad_nnunet_dataset_is_named_and_nothing_is_written(nnunet_source, tmp
     assert not (tmp_path / "shards").exists()
 
 
+def _dataset_json(root):
+    return json.loads((root / "dataset.json").read_text())
+
+
+def _write_dataset_json(root, info):
+    (root / "dataset.json").write_text(json.dumps(info))
+
+
+def _as_v1(root):
+    """nnU-Net v1's dataset.json for the same files: modality, labels {id: name} (the reverse of v2),
+    a training list naming each image without its channel suffix, numTraining, a test list."""
+    cases = sorted(p.name.removesuffix("_0000.nii.gz") for p in (root / "imagesTr").iterdir())
+    tests = sorted(p.name.removesuffix("_0000.nii.gz") for p in (root / "imagesTs").iterdir())
+    _write_dataset_json(root, {
+        "name": "Task001_AISDSynthetic", "tensorImageSize": "3D", "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "lesion"}, "numTraining": len(cases), "numTest": len(tests),
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases],
+        "test": [f"./imagesTs/{c}.nii.gz" for c in tests]})
+
+
+def _rows(shards, manifest):
+    return {split: {r["name"]: [a.tobytes() for a in record_to_arrays(r)]
+                    for r in iter_records(shards, manifest, split)} for split in manifest["splits"]}
+
+
+@pytest.mark.parametrize("rewrite", [
+    _as_v1,  # case 7: nnU-Net v1, read
+    lambda r: _write_dataset_json(r, {**_dataset_json(r), "labels": {"background": "0", "lesion": "1"}}),
+    lambda r: _write_dataset_json(r, {k: v for k, v in _dataset_json(r).items() if k != "numTraining"}),
+], ids=["v1", "v2-ids-as-strings", "v2-without-numTraining"])
+def test_an_nnunet_v1_dataset_json_and_other_readable_forms_give_the_v2_datasets_rows(nnunet_source, tmp_path,
+                                                                                       rewrite):
+    """The control: the same files under the v2 dataset.json. Its label map is unambiguous either way
+    round, so the store holds the same cases, rows and class counts."""
+    cfg = _cfg("nnunet")
+    cfg.data.source_dir = str(nnunet_source)
+    want = prepare(cfg, str(tmp_path / "v2"), progress=False)
+    root = _copy(nnunet_source, tmp_path)
+    rewrite(root)
+    cfg.data.source_dir = str(root)
+    got = prepare(cfg, str(tmp_path / "other"), progress=False)
+    assert got["source"]["cases"] == want["source"]["cases"]
+    assert {s: (e["records"], e["lesion_fraction"]) for s, e in got["splits"].items()} == {
+        s: (e["records"], e["lesion_fraction"]) for s, e in want["splits"].items()}
+    assert _rows(str(tmp_path / "other"), got) == _rows(str(tmp_path / "v2"), want)
+
+
+def _first(root, folder):
+    return sorted((root / folder).iterdir())[0]
+
+
+def _numbered(root, delta):
+    info = _dataset_json(root)
+    _write_dataset_json(root, {**info, "numTraining": info["numTraining"] + delta})
+
+
+@pytest.mark.parametrize("damage, message", [
+    # case 8: a label file with no image, numTraining still counting it: the orphan is named
+    (lambda r: _first(r, "imagesTr").unlink(),
+     r"labelsTr/(\d+).nii.gz: a label volume without its image imagesTr/\1_0000.nii.gz$"),
+    (lambda r: _first(r, "imagesTs").unlink(),
+     r"labelsTs/(\d+).nii.gz: a label volume without its image imagesTs/\1_0000.nii.gz$"),
+    (lambda r: _numbered(r, +1), r"dataset.json: numTraining is 5 but imagesTr/ holds 4 training case\(s\)"),
+    (lambda r: _numbered(r, -1), r"dataset.json: numTraining is 3 but imagesTr/ holds 4 training case\(s\)"),
+    (lambda r: (r / "dataset.json").write_text("{'labels': {'background': 0}"),
+     r"dataset.json: not an nnU-Net dataset.json \(JSON\)"),
+    (lambda r: _write_dataset_json(r, [{"labels": {"background": 0, "lesion": 1}}]),
+     r"dataset.json: not an nnU-Net dataset.json \(a JSON object with 'labels'\)"),
+    (lambda r: _write_dataset_json(r, {k: v for k, v in _dataset_json(r).items() if k != "labels"}),
+     r"dataset.json: not an nnU-Net dataset.json \(a JSON object with 'labels'\)"),
+    (lambda r: _write_dataset_json(r, {**_dataset_json(r), "labels": ["background", "lesion"]}),
+     r"dataset.json: 'labels' is \[\"background\", \"lesion\"\], not a map of class names to ids"),
+    (lambda r: _write_dataset_json(r, {**_dataset_json(r), "labels": {"background": 0, "lesion": [1]}}),
+     r"dataset.json: labels lesion are regions \(lists of label ids, nnU-Net's region-based training\)"),
+    (lambda r: _write_dataset_json(r, {**_dataset_json(r), "labels": {"background": "zero", "lesion": "one"}}),
+     r"dataset.json: labels .* map neither names to class ids \(nnU-Net v2\) nor class ids to names \(v1\)"),
+    (lambda r: _write_dataset_json(r, {**_dataset_json(r), "file_ending": ".mha"}),
+     r"dataset.json: file_ending '.mha': NIfTI images"),
+])
+def test_an_nnunet_dataset_whose_files_and_dataset_json_disagree_is_named(nnunet_source, tmp_path, damage, message):
+    root = _copy(nnunet_source, tmp_path)
+    damage(root)
+    cfg = _cfg("nnunet")
+    cfg.data.source_dir = str(root)
+    with pytest.raises(DataError, match=message):
+        prepare(cfg, str(tmp_path / "shards"), progress=False)
+    assert not (tmp_path / "shards").exists()
+
+
+def _v1_then(change):
+    def damage(root):
+        _as_v1(root)
+        info = _dataset_json(root)
+        change(info)
+        _write_dataset_json(root, info)
+    return damage
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: i.update(labels={"0": "background", "1": "core", "2": "penumbra"}),
+     r"dataset.json: labels .* are not the model's 2 classes 0..1 \(background, lesion\)"),
+    (lambda i: i["training"].append({"image": "./imagesTr/1999999.nii.gz", "label": "./labelsTr/1999999.nii.gz"}),
+     r"dataset.json: training case\(s\) 1999999 listed, but imagesTr/ holds no 1999999_0000.nii.gz"),
+    (lambda i: i["training"].pop(0), r"imagesTr/\d+_0000.nii.gz: not in dataset.json's training list"),
+    (lambda i: i.update(training=["./imagesTr/a.nii.gz"]), r"dataset.json: 'training' is not a list of"),
+    (lambda i: i.update(modality={"0": "CT", "1": "CT"}), r"dataset.json: modality .*: one CT channel is read"),
+])
+def test_a_v1_dataset_json_is_checked_as_v2_is(nnunet_source, tmp_path, change, message):
+    root = _copy(nnunet_source, tmp_path)
+    _v1_then(change)(root)
+    cfg = _cfg("nnunet")
+    cfg.data.source_dir = str(root)
+    with pytest.raises(DataError, match=message):
+        prepare(cfg, str(tmp_path / "shards"), progress=False)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_the_handed_nnunet_cases_through_the_cli(nnunet_source, tmp_path, capsys):
+    """Case 7: a v1 dataset.json (a traceback before) prepares, exit 0. Case 8: a label without its
+    image, numTraining 4 with 3 images: exit 2, one line naming the orphan label, nothing written."""
+    from aisd_ray.cli import main
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(_cfg("nnunet").to_toml())
+    v1 = _copy(nnunet_source, tmp_path / "v1")
+    _as_v1(v1)
+    assert main(["prepare", "--config", str(config), "--source", str(v1), "--output", str(tmp_path / "a")]) == 0
+    root = _copy(nnunet_source, tmp_path / "orphan")
+    image = _first(root, "imagesTr")
+    image.unlink()
+    assert _dataset_json(root)["numTraining"] == 4 and len(list((root / "imagesTr").iterdir())) == 3
+    capsys.readouterr()
+    assert main(["prepare", "--config", str(config), "--source", str(root), "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    label = root / "labelsTr" / image.name.replace("_0000", "")
+    assert len(err.splitlines()) == 1 and f"{label}: a label volume without its image imagesTr/{image.name}" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_labels_off_the_images_grid_or_with_an_unknown_class_are_named(nnunet_source, tmp_path):
     import SimpleITK as sitk
 
