@@ -152,6 +152,9 @@ def read_dicom(folder: Path, case_id: str) -> Volume:
     image.SetSpacing((float(dx), float(dy), float(z_step)))  # ITK's z spacing differs under a tilt
     image.SetOrigin(tuple(float(v) for v in origin))
     image.SetDirection(tuple(float(v) for v in np.stack([row, col, normal], axis=1).ravel()))
-    return build_volume(image, as_hu(sitk.GetArrayFromImage(image), folder), case_id, folder, "dicom", tilt)
+    by_path = dict(headers)  # the slices' positions, in order: the exact (sheared under a tilt) affine
+    positions = np.stack([_vec(by_path[p], "ImagePositionPatient", p) for p in paths])
+    return build_volume(image, as_hu(sitk.GetArrayFromImage(image), folder), case_id, folder, "dicom", tilt,
+                        positions=positions)
 
 
