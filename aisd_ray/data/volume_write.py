@@ -88,7 +88,8 @@ def nifti_header(volume: Volume, shape: tuple[int, ...], dtype: np.dtype) -> nib
         for key, value in volume.nifti.fields.items():
             header[key] = value
     else:
-        header.set_sform(LPS_TO_RAS @ np.asarray(volume.affine, np.float64), code=SCANNER)
+        exact = grid_affine(volume.input_geometry) if volume.affine is None else np.asarray(volume.affine, np.float64)
+        header.set_sform(LPS_TO_RAS @ exact, code=SCANNER)
         header.set_qform(LPS_TO_RAS @ grid_affine(volume.input_geometry), code=SCANNER)
         header.set_xyzt_units("mm", "sec")
     header.set_slope_inter(1.0, 0.0)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from aisd_ray.data.synthetic_volumes import synth_volume, write_dicom_series, write_nifti_case
 from aisd_ray.data.volume import read_labels, read_volume
-from aisd_ray.data.volume_base import NIFTI_GEOMETRY_FIELDS
+from aisd_ray.data.volume_base import NIFTI_GEOMETRY_FIELDS, grid_affine
 from aisd_ray.data.volume_write import to_input_geometry, write_image, write_nifti
 
 SIZE, SLICES = 64, 8
@@ -65,6 +65,8 @@ def test_a_nifti_mask_carries_its_inputs_own_geometry(tmp_path, case, name):
     volume = read_volume(source)
     control = read_volume(write_nifti_case(hu, spacing, tmp_path / "control.nii.gz", "PIR"))
     np.testing.assert_array_equal(volume.hu, control.hu)
+    np.testing.assert_allclose(volume.affine, LPS_RAS @ nib.load(source).affine, atol=1e-6)
+    np.testing.assert_allclose(volume.canonical_affine, grid_affine(volume.canonical_geometry), atol=1e-4)
 
     mask_path = write_nifti(volume, labels, tmp_path / "out" / "mask.nii.gz")
     given, mask = nib.load(source), nib.load(mask_path)
@@ -124,7 +126,7 @@ def test_a_tilted_series_mask_lies_on_each_of_its_slices(tmp_path, case):
             np.testing.assert_allclose(sform @ [i, j, k, 1], LPS_RAS @ np.append(lps, 1), atol=1e-3)
     qform, qcode = mask.header.get_qform(coded=True)  # the nearest rigid grid: row, column, slice normal
     assert qcode == 1
-    np.testing.assert_allclose(LPS_RAS @ qform, _rigid_lps(volume), atol=1e-4)
+    np.testing.assert_allclose(LPS_RAS @ qform, grid_affine(volume.input_geometry), atol=1e-4)
     np.testing.assert_array_equal(read_labels(path, volume), labels)  # read back on the sheared sform
     itk = sitk.ReadImage(str(path))  # ITK drops the sheared sform for the qform: the series' ITK grid
     grid = volume.input_geometry
@@ -132,14 +134,6 @@ def test_a_tilted_series_mask_lies_on_each_of_its_slices(tmp_path, case):
     np.testing.assert_allclose(itk.GetSpacing(), grid.spacing, rtol=1e-5)
     np.testing.assert_allclose(itk.GetOrigin(), grid.origin, atol=1e-3)
     np.testing.assert_allclose(itk.GetDirection(), grid.direction, atol=1e-5)
-
-
-def _rigid_lps(volume):
-    grid = volume.input_geometry
-    out = np.eye(4)
-    out[:3, :3] = np.asarray(grid.direction).reshape(3, 3) * grid.spacing
-    out[:3, 3] = grid.origin
-    return out
 
 
 def test_an_untilted_series_mask_is_what_simpleitk_wrote(tmp_path, case):
