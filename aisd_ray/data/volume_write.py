@@ -2,8 +2,9 @@
 probability maps ``infer`` gives for a patient, on the exact grid of the series or file it read.
 
 nibabel writes them (``write_nifti``), in the input's storage order, atomically, from a fresh header:
-``descrip`` "aisd-ray" and no other text (aux_file, intent_name, db_name empty), the scaling reset
-(scl_slope 1, scl_inter 0), uint8 for labels and float32 for probabilities, and the geometry:
+``descrip`` "aisd-ray" and no other text (aux_file, intent_name, db_name empty), no scaling (the
+input's scl_slope/scl_inter are not copied; nibabel stores NaN, the standard's "none"), uint8 for
+labels and float32 for probabilities, and the geometry:
 
 - a NIfTI input's own qform and sform, both codes, pixdim (with qfac) and units, as stored, so the
   mask lies on its image in every viewer, whichever transform it uses (nibabel, FSL and SPM the
@@ -99,15 +100,18 @@ def nifti_header(volume: Volume, shape: tuple[int, ...], dtype: np.dtype) -> nib
 
 def write_nifti(volume: Volume, array: np.ndarray, path: str | Path) -> Path:
     """Write a canonical (Z, Y, X) array in ``volume``'s input geometry and storage order as
-    ``.nii.gz`` (or ``.nii``) with nibabel, atomically (module docstring: the header). Labels (bool,
-    uint8) stay uint8, probabilities (floats) float32; other integers (an image in HU) keep their type.
+    ``.nii.gz`` (or ``.nii``) with nibabel, atomically (module docstring: the header). Labels (bool, or
+    integers 0..255) are written uint8, probabilities (floats) float32; other integers (an image in HU)
+    keep their type.
     Raises VolumeError for another suffix or shape."""
     path = Path(path)
     if not path.name.lower().endswith((".nii.gz", ".nii")):
         raise VolumeError(f"{path}: a NIfTI name (.nii.gz) expected")
     array = np.asarray(array)
-    if array.dtype == bool or array.dtype.kind == "f":
-        array = array.astype(np.uint8 if array.dtype == bool else np.float32)
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32)
+    elif array.dtype == bool or not array.size or (array.dtype.kind in "iu" and 0 <= array.min() <= array.max() <= 255):
+        array = array.astype(np.uint8)
     stored = sitk.GetArrayFromImage(to_input_geometry(volume, array)).transpose(2, 1, 0)
     header = nifti_header(volume, stored.shape, stored.dtype)
     image = nib.Nifti1Image(np.ascontiguousarray(stored), None, header)

@@ -136,6 +136,16 @@ def test_non_finite_voxels_outside_the_field_of_view_are_air(tmp_path, case, cap
     assert f"case resampled: {message}" in caplog.text
 
 
+def test_a_slice_wholly_outside_the_field_of_view_is_air(tmp_path, case):
+    hu, _, spacing = case
+    qform = plain_affine(hu.shape, spacing)
+    array = hu.astype(np.float32)
+    array[-1] = np.nan  # a resampled volume's top slice, beyond the source's last
+    volume = read_volume(write(array, tmp_path / "top.nii.gz", qform))
+    np.testing.assert_array_equal(volume.hu[:-1], hu[:-1])
+    assert np.all(volume.hu[-1] == -1024) and volume.findings[0].value == SIZE * SIZE
+
+
 def test_non_finite_voxels_that_cannot_be_air_are_refused(tmp_path, case):
     hu, _, spacing = case
     qform = plain_affine(hu.shape, spacing)
