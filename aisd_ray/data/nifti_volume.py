@@ -92,11 +92,25 @@ def rigid_grid(affine: np.ndarray, path: Path) -> tuple[tuple, tuple, tuple, int
             tuple(float(v) for v in direction.ravel()), axis, tilt)
 
 
+def _load(path: Path):
+    """nibabel's image of ``path``; a ``.nii.gz`` that is not gzip-compressed (some tools write them,
+    ITK reads them) is read as the plain ``.nii`` it is."""
+    with open(path, "rb") as fh:
+        plain_gz = path.name.lower().endswith(".gz") and fh.read(2) != b"\x1f\x8b"
+    if not plain_gz:
+        return nib.load(str(path), mmap=False)
+    data = path.read_bytes()
+    try:
+        return nib.Nifti1Image.from_bytes(data)
+    except Exception:  # not NIfTI-1: NIfTI-2, or the error nibabel gives for neither
+        return nib.Nifti2Image.from_bytes(data)
+
+
 def read_nifti_file(path: Path) -> NiftiFile:
     """A 3-D scalar NIfTI (trailing dimensions of size 1 dropped) read with nibabel; anything else is a
     VolumeError naming it."""
     try:
-        img = nib.load(str(path), mmap=False)
+        img = _load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise VolumeError(f"{path}: not a NIfTI-1 or NIfTI-2 file")
         values = np.asanyarray(img.dataobj)

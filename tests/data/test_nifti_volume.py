@@ -193,6 +193,16 @@ def test_scaling_trailing_dimension_and_a_flipped_affine_read_as_the_control(tmp
     np.testing.assert_array_equal(read_volume(tmp_path / "flipped.nii.gz").hu, control.hu)
 
 
+def test_an_uncompressed_file_named_nii_gz_reads_as_the_control(tmp_path, case):
+    hu, labels, spacing = case
+    control = read_volume(write_nifti_case(hu, spacing, tmp_path / "control.nii.gz"))
+    # as some tools (and a copy that decompresses on the fly) leave it
+    write_nifti_case(hu, spacing, tmp_path / "plain.nii").rename(tmp_path / "plain.nii.gz")
+    np.testing.assert_array_equal(read_volume(tmp_path / "plain.nii.gz").hu, control.hu)
+    write_nifti_case(labels, spacing, tmp_path / "labels.nii").rename(tmp_path / "labels.nii.gz")
+    np.testing.assert_array_equal(read_labels(tmp_path / "labels.nii.gz", control), labels)
+
+
 def test_labels_float_255_and_a_tiny_offset_are_accepted_a_gross_one_refused(tmp_path, case):
     hu, labels, spacing = case
     qform = plain_affine(hu.shape, spacing)
