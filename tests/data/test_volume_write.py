@@ -148,3 +148,16 @@ def test_an_untilted_series_mask_is_what_simpleitk_wrote(tmp_path, case):
         assert code == want_code == 1
     np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(before.dataobj))
     np.testing.assert_allclose(mask.header["pixdim"][1:4], before.header["pixdim"][1:4], rtol=1e-6)
+
+
+def test_a_written_mask_copied_with_storage_download_tree_keeps_its_bytes(tmp_path, case):
+    from aisd_ray import storage
+
+    _, labels, _ = case
+    _, volume, path = _series_mask(tmp_path, case, 0.0)
+    (tmp_path / "tree").mkdir()
+    path.rename(tmp_path / "tree" / "mask.nii.gz")
+    assert storage.download_tree(str(tmp_path / "tree"), tmp_path / "copy") == 1
+    copied = tmp_path / "copy" / "mask.nii.gz"
+    assert copied.read_bytes() == (tmp_path / "tree" / "mask.nii.gz").read_bytes()  # still gzip, not inflated
+    np.testing.assert_array_equal(read_labels(copied, volume), labels)
