@@ -38,7 +38,8 @@ from aisd_ray.data.volume_base import (CANONICAL, NIFTI_GEOMETRY_FIELDS, Finding
 log = logging.getLogger(__name__)
 AIR_HU = -1024
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # NIfTI is RAS+, DICOM and ITK LPS+: x and y change sign
-ORTHOGONAL_COS = 1e-4  # two axes whose directions' cosine is below this are orthogonal (0.006 degrees)
+ORTHOGONAL_COS = 1e-3  # two axes whose directions' cosine is below this are orthogonal (0.06 degrees: rounded
+# ImageOrientationPatient values in a converted series stay within it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +60,8 @@ class NiftiFile:
 def rigid_grid(affine: np.ndarray, path: Path) -> tuple[tuple, tuple, tuple, int, float]:
     """ITK's rigid view of an LPS ``affine``: (spacing, origin, direction (9, row-major), slice axis,
     tilt degrees). Slice axis: of the axes whose two others are orthogonal, the most head-to-foot;
-    its direction becomes the slices' normal and its spacing the step along it. VolumeError naming
+    its direction becomes the slices' normal and its spacing the step along it (the exact affine is
+    kept beside this view: ``Volume.affine``). VolumeError naming
     ``path`` for a degenerate affine or a shear within the slices."""
     columns = np.asarray(affine, np.float64)[:3, :3]
     lengths = np.linalg.norm(columns, axis=0)
@@ -75,6 +77,8 @@ def rigid_grid(affine: np.ndarray, path: Path) -> tuple[tuple, tuple, tuple, int
                           "orthogonal): not supported, resample it to a rigid grid")
     axis = max(candidates, key=lambda a: (abs(units[2, a]), -a))
     b, c = others[axis]
+    units[:, c] -= (units[:, b] @ units[:, c]) * units[:, b]  # exactly orthogonal in the rigid view
+    units[:, c] /= np.linalg.norm(units[:, c])
     normal = np.cross(units[:, b], units[:, c])
     normal /= np.linalg.norm(normal)
     step = float(normal @ columns[:, axis])

@@ -101,6 +101,11 @@ def test_a_sheared_sform_reads_as_a_gantry_tilt_or_is_refused(tmp_path, case):
     assert volume.gantry_tilt_deg == pytest.approx(12, abs=1e-4)
     np.testing.assert_allclose(volume.affine, LPS_RAS @ nib.load(tmp_path / "tilt.nii.gz").affine, atol=1e-5)
     assert volume.voxel_ml == pytest.approx(abs(np.linalg.det(tilted[:3, :3])) / 1000, rel=1e-6)
+    rounded = qform.copy()  # directions rounded to 4 decimals, as a converter may leave them: read
+    rounded[:3, 1] += 3e-4 * qform[:3, 0] * spacing[1] / spacing[2]
+    volume = read_volume(write(hu, tmp_path / "rounded.nii.gz", qform, 1, rounded, 1))
+    np.testing.assert_array_equal(volume.hu, control.hu)
+    np.testing.assert_allclose(volume.affine, LPS_RAS @ nib.load(tmp_path / "rounded.nii.gz").affine, atol=1e-5)
     skew = qform.copy()  # rows and columns of a slice not orthogonal: no scanner grid
     skew[:3, 1] += 0.3 * qform[:3, 0]
     skew[:3, 2] += 0.3 * qform[:3, 0]
