@@ -66,7 +66,7 @@ def _infer(source, out, model=None):
 
 
 def test_case1_nan_outside_the_field_of_view_is_air_and_the_ml_the_controls(tmp_path, caplog):
-    hu, truth = _head_with_block()
+    hu, _ = _head_with_block()
     control = write_nifti_case(hu.astype(np.float32), SPACING, tmp_path / "in" / "control.nii.gz", "LPS")
     img = nib.load(control)
     data = np.asarray(img.dataobj).astype(np.float32)  # stored (x, y, z), LPS: x = canonical column
@@ -79,6 +79,8 @@ def test_case1_nan_outside_the_field_of_view_is_air_and_the_ml_the_controls(tmp_
         got = _infer(tmp_path / "nan" / "resampled.nii.gz", tmp_path / "out-nan", WaterBlindModel())
     assert got["lesion_ml"] == want["lesion_ml"] and got["lesion_count"] == want["lesion_count"]
     assert got["lesions"] == want["lesions"]
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out-nan" / "resampled.nii.gz").dataobj),
+                                  np.asarray(nib.load(tmp_path / "out-control" / "control.nii.gz").dataobj))
     assert "case resampled: 4480 non-finite voxels (NaN/inf) set to -1024 HU (air)" in caplog.text
 
 
