@@ -36,7 +36,7 @@ from aisd_ray.data.volume_base import (CANONICAL, NIFTI_GEOMETRY_FIELDS, Finding
                                        VolumeError, as_hu, build_volume, canonical_affine, is_nifti)
 
 log = logging.getLogger(__name__)
-AIR_HU = -1024
+NON_FINITE_HU = -1024  # what a NaN or infinite voxel outside the field of view becomes: air
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # NIfTI is RAS+, DICOM and ITK LPS+: x and y change sign
 ORTHOGONAL_COS = 1e-3  # two axes whose directions' cosine is below this are orthogonal (0.06 degrees: rounded
 # ImageOrientationPatient values in a converted series stay within it)
@@ -172,16 +172,17 @@ def read_nifti(path: Path, case_id: str) -> Volume:
         # another scale (0..1 normalised, 8-bit windowed, or stored values without their intercept).
         raise VolumeError(f"{path}: values {float(finite.min()):g}..{float(finite.max()):g} are not Hounsfield "
                           "units (no air below 0 HU: a normalised, windowed or unscaled image?)")
+    as_hu(finite, path)  # the HU check of every reader, on the finite values: before non-finite ones become air
     findings = ()
     if count:
         enclosed = _enclosed(bad, found.slice_axis)
         if enclosed:
             raise VolumeError(f"{path}: {enclosed} NaN or infinite voxels enclosed by the image (a hole inside the "
                               "field of view); only non-finite voxels reaching a slice's edge are taken as air")
-        message = f"{count} non-finite voxels (NaN/inf) set to {AIR_HU} HU (air)"
+        message = f"{count} non-finite voxels (NaN/inf) set to {NON_FINITE_HU} HU (air)"
         log.warning("case %s: %s", case_id, message)
         findings = (Finding("non_finite_voxels", "warn", value=count, message=message),)
-        values = np.where(bad, AIR_HU, values)
+        values = np.where(bad, NON_FINITE_HU, values)
     hu = as_hu(values.transpose(2, 1, 0), path)
     return build_volume(found.image, hu, case_id, path, "nifti", found.tilt_deg, affine=found.affine,
                         nifti=found.header, findings=findings)

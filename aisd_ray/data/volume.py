@@ -37,8 +37,7 @@ def read_volume(path: str | Path, case_id: str | None = None) -> Volume:
     DICOM: one series, Modality CT, one orientation and size, axial (normal within 45 degrees of the
     patient's z axis), ordered by ImagePositionPatient along the slice normal, no missing slice (a
     step over 1.5x the median) and no two at one position. NIfTI: 3-D, one value per voxel, some
-    value below 0 (air), float values rounded to whole HU, nibabel's affine, NaN/inf outside the
-    field of view set to air (``nifti_volume``). Values must fit int16.
+    value below 0 (air), float values rounded to whole HU. Values must fit int16.
     Raises VolumeError (one line naming the file or folder) for anything else."""
     path = Path(path)
     case_id = case_id or case_id_of(path)

@@ -35,18 +35,6 @@ class VolumeError(DataError):
     """A volume or label file that cannot be used; the one-line message names the file or folder."""
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One QA observation about a case: ``check`` a snake_case name, ``status`` one of "pass",
-    "warn", "fail", "skipped"; ``value`` and ``expected`` JSON-able (numbers, strings, lists or
-    None); ``message`` one line without patient data."""
-    check: str
-    status: str
-    value: object = None
-    expected: object = None
-    message: str = ""
-
-
 NIFTI_GEOMETRY_FIELDS = ("pixdim", "xyzt_units", "qform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
                          "qoffset_y", "qoffset_z", "sform_code", "srow_x", "srow_y", "srow_z")
 
@@ -85,6 +73,18 @@ class Geometry:
         return image
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One QA observation about a case: ``check`` a snake_case name, ``status`` one of "pass",
+    "warn", "fail", "skipped"; ``value`` and ``expected`` JSON-able (numbers, strings, lists or
+    None); ``message`` one line without patient data."""
+    check: str
+    status: str
+    value: object = None
+    expected: object = None
+    message: str = ""
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """One CT volume. ``hu``: (Z, Y, X) int16 Hounsfield units in the canonical orientation (module
@@ -93,8 +93,8 @@ class Volume:
     ``input_geometry``/``canonical_geometry``: ITK's rigid grids before and after reorientation.
     ``affine``: (4, 4) float64, the input grid's exact voxel (i, j, k, 1) -> patient (LPS mm) map, in
     the input's storage order (sheared under a gantry tilt; ``canonical_affine`` for ``hu``'s order).
-    ``nifti``: a NIfTI input's own header geometry (None for DICOM). ``findings``: what the reader
-    noticed (non-finite voxels set to air, ...)."""
+    ``nifti``: a NIfTI input's own header geometry (None for DICOM).
+    ``findings``: what the reader noticed (gantry tilt, ...), ``Finding`` records."""
 
     hu: np.ndarray
     spacing: tuple[float, float, float]
@@ -207,8 +207,8 @@ def positions_affine(image: sitk.Image, positions: np.ndarray) -> np.ndarray:
 
 
 def build_volume(image: sitk.Image, hu: np.ndarray, case_id: str, source: Path, kind: str, tilt: float,
-                 positions: np.ndarray | None = None, affine: np.ndarray | None = None,
-                 nifti: NiftiGeometry | None = None, findings: tuple[Finding, ...] = ()) -> Volume:
+                 findings: tuple[Finding, ...] = (), positions: np.ndarray | None = None,
+                 affine: np.ndarray | None = None, nifti: NiftiGeometry | None = None) -> Volume:
     """A ``Volume`` of ``hu`` ((Z, Y, X) in ``image``'s storage order, on ``image``'s rigid grid),
     reoriented to the canonical orientation. The exact ``affine`` (LPS, input order) is ``affine`` when
     given, else from a DICOM series' slice ``positions`` ((N, 3) LPS mm, ``positions_affine``), else
