@@ -274,7 +274,7 @@ def download_tree(uri: str, local_dir: str | Path, progress: bool = False) -> in
     for info in infos:
         target = Path(local_dir) / info.path[len(path.rstrip("/")):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
+        with fs.open_input_stream(info.path, compression=None) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         if info.mtime is not None:
             stamp = info.mtime.timestamp()

@@ -177,4 +177,7 @@ def read_dicom(folder: Path, case_id: str) -> Volume:
     image.SetOrigin(tuple(float(v) for v in grid.origin))
     image.SetDirection(grid.direction)
     hu = as_hu(sitk.GetArrayFromImage(image), folder, _rescale_cause(headers))
-    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, tilt_findings(folder, grid.tilt_deg))
+    by_path = dict(headers)  # the slices' positions, in order: the exact (sheared under a tilt) affine
+    positions = np.stack([_vec(by_path[p], "ImagePositionPatient", p) for p in paths])
+    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, tilt_findings(folder, grid.tilt_deg),
+                        positions=positions)

@@ -2,9 +2,10 @@
 
 The door to the readers (``dicom_series``, ``nifti_volume``; their common types in ``volume_base``).
 
-Libraries: SimpleITK reads DICOM series (applying RescaleSlope/Intercept) and NIfTI, writes NIfTI,
-and reorients (``DICOMOrient``) with one notion of geometry (origin, spacing, direction in LPS mm),
-the one nnU-Net and TotalSegmentator use, so a mask written here lies where those tools expect it.
+Libraries: SimpleITK reads DICOM series (applying RescaleSlope/Intercept) and reorients
+(``DICOMOrient``) with one notion of geometry (origin, spacing, direction in LPS mm), the one nnU-Net
+and TotalSegmentator use; nibabel reads and writes NIfTI (its qform and sform with their codes, NaN
+kept), so a mask written here lies where those tools and FSL/SPM expect it.
 pydicom reads the headers for the checks ITK does not make.
 
 Canonical orientation: ``Volume.hu`` is (Z, Y, X) with z running inferior to superior, y anterior to
@@ -56,7 +57,8 @@ def read_labels(path: str | Path, like: Volume) -> np.ndarray:
     another). Its grid in space must be ``like``'s (``check_same_grid``); labels whole numbers
     0..255. Raises VolumeError naming the file otherwise."""
     found = read_label_volume(path)
-    check_same_grid(Path(path), found, like.hu.shape, like.spacing, like.canonical_geometry, f"case {like.case_id}")
+    check_same_grid(Path(path), found, like.hu.shape, like.spacing, like.canonical_geometry, f"case {like.case_id}",
+                    affine=like.canonical_affine)
     return found.labels
 
 

@@ -8,6 +8,12 @@ posterior, x patient right to left (``DICOMOrient(image, "LPS")``: the radiologi
 axial slice). ``volume_write`` puts a canonical array back into the input's exact grid, so a mask
 written for a case overlays its original series.
 
+Geometry, exactly: ``Volume.affine`` is the input grid's own voxel -> patient map (LPS mm, input
+storage order), sheared where the grid is (a gantry-tilted series: its column 2 is the step between
+consecutive ImagePositionPatient); ``Geometry`` is ITK's rigid view of the same grid (slice normal,
+spacing along it), which the reorientation and the model use. A NIfTI input's own qform and sform
+(``NiftiGeometry``) travel with it, so its masks are written with them.
+
 Privacy: header values other than geometry, Modality and UIDs are never kept; a ``Volume``, its
 messages and what ``volume_write`` writes carry only the case ID and the geometry.
 """
@@ -27,6 +33,19 @@ CANONICAL = "LPS"
 
 class VolumeError(DataError):
     """A volume or label file that cannot be used; the one-line message names the file or folder."""
+
+
+NIFTI_GEOMETRY_FIELDS = ("pixdim", "xyzt_units", "qform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+                         "qoffset_y", "qoffset_z", "sform_code", "srow_x", "srow_y", "srow_z")
+
+
+@dataclass(frozen=True, eq=False)
+class NiftiGeometry:
+    """A NIfTI input's geometry as stored in its header (``NIFTI_GEOMETRY_FIELDS``: the qform's
+    quaternion, offset and code, the sform's rows and code, pixdim with qfac, the units): nothing
+    else of the header, no free text. ``fields`` maps each name to its stored value (numpy)."""
+
+    fields: dict = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -71,7 +90,10 @@ class Volume:
     """One CT volume. ``hu``: (Z, Y, X) int16 Hounsfield units in the canonical orientation (module
     docstring); ``spacing``: (z, y, x) mm, z the distance between slice centres along their normal;
     ``kind``: "dicom" or "nifti"; ``source``: the path read; ``gantry_tilt_deg``: 0 for none.
-    ``input_geometry``/``canonical_geometry``: the grids before and after reorientation.
+    ``input_geometry``/``canonical_geometry``: ITK's rigid grids before and after reorientation.
+    ``affine``: (4, 4) float64, the input grid's exact voxel (i, j, k, 1) -> patient (LPS mm) map, in
+    the input's storage order (sheared under a gantry tilt; ``canonical_affine`` for ``hu``'s order).
+    ``nifti``: a NIfTI input's own header geometry (None for DICOM).
     ``findings``: what the reader noticed (gantry tilt, ...), ``Finding`` records."""
 
     hu: np.ndarray
@@ -82,7 +104,15 @@ class Volume:
     gantry_tilt_deg: float
     input_geometry: Geometry = field(repr=False)
     canonical_geometry: Geometry = field(repr=False)
+    affine: np.ndarray = field(default=None, repr=False)
+    nifti: NiftiGeometry | None = field(default=None, repr=False)
     findings: tuple[Finding, ...] = ()
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """(4, 4) float64: ``hu``'s voxel (z, y, x reversed: i=x, j=y, k=z) -> patient (LPS mm) map,
+        exact (sheared where the input grid is): ``affine`` composed with the reorientation."""
+        return canonical_affine(self.affine, self.input_geometry, self.canonical_geometry)
 
     @property
     def voxel_ml(self) -> float:
@@ -166,12 +196,53 @@ def as_hu(values: np.ndarray, where: Path, cause: str = "") -> np.ndarray:
     return rounded.astype(np.int16)
 
 
+def grid_affine(geometry: Geometry) -> np.ndarray:
+    """(4, 4) float64: an ITK grid's voxel (i, j, k, 1) -> LPS mm map (direction x spacing, origin)."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(geometry.direction, np.float64).reshape(3, 3) * np.asarray(geometry.spacing)
+    affine[:3, 3] = geometry.origin
+    return affine
+
+
+def canonical_affine(affine: np.ndarray | None, given: Geometry, canonical: Geometry) -> np.ndarray:
+    """``affine`` (the input grid's exact map, input storage order) in the canonical storage order:
+    composed with the axis permutation and flips that take canonical voxels to input voxels (from
+    the two rigid grids, exact whole numbers). ``affine`` None: the canonical grid's rigid map."""
+    if affine is None:
+        return grid_affine(canonical)
+    to_input = np.linalg.solve(grid_affine(given), grid_affine(canonical))  # canonical voxel -> input voxel
+    return np.asarray(affine, np.float64) @ np.rint(to_input)
+
+
+def positions_affine(image: sitk.Image, positions: np.ndarray) -> np.ndarray:
+    """(4, 4) float64: a DICOM series' exact voxel -> LPS mm map: columns 0 and 1 the row and column
+    directions x their pixel spacing (``image``'s), column 2 the mean step between consecutive
+    ImagePositionPatient ((N, 3) LPS mm, in slice order; sheared under a gantry tilt), column 3 the
+    first slice's position. One slice: column 2 is ``image``'s slice normal x its z spacing."""
+    affine = grid_affine(Geometry.of(image))
+    positions = np.asarray(positions, np.float64).reshape(-1, 3)
+    if len(positions) > 1:
+        affine[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
+    affine[:3, 3] = positions[0]
+    return affine
+
+
 def build_volume(image: sitk.Image, hu: np.ndarray, case_id: str, source: Path, kind: str, tilt: float,
-                 findings: tuple[Finding, ...] = ()) -> Volume:
-    out = sitk.GetImageFromArray(hu)
+                 findings: tuple[Finding, ...] = (), positions: np.ndarray | None = None,
+                 affine: np.ndarray | None = None, nifti: NiftiGeometry | None = None) -> Volume:
+    """A ``Volume`` of ``hu`` ((Z, Y, X) in ``image``'s storage order, on ``image``'s rigid grid),
+    reoriented to the canonical orientation. The exact ``affine`` (LPS, input order) is ``affine`` when
+    given, else from a DICOM series' slice ``positions`` ((N, 3) LPS mm, ``positions_affine``), else
+    ``image``'s rigid grid."""
+    out = sitk.GetImageFromArray(np.ascontiguousarray(hu))
     out.CopyInformation(image)
     canonical = sitk.DICOMOrient(out, CANONICAL)
+    given = Geometry.of(out)
+    if affine is None:
+        affine = positions_affine(out, positions) if positions is not None else grid_affine(given)
+    affine = np.array(affine, np.float64)
+    affine.flags.writeable = False
     return Volume(sitk.GetArrayFromImage(canonical), tuple(float(s) for s in canonical.GetSpacing()[::-1]),
-                  case_id, str(source), kind, tilt, Geometry.of(out), Geometry.of(canonical), tuple(findings))
+                  case_id, str(source), kind, tilt, given, Geometry.of(canonical), affine, nifti, tuple(findings))
 
 
