@@ -115,4 +115,5 @@ def read_multiframe(folder: Path, headers: list[tuple[Path, pydicom.Dataset]], c
     image.SetSpacing((float(spacing[0][1]), float(spacing[0][0]), grid.step))
     image.SetOrigin(tuple(float(v) for v in grid.origin))
     image.SetDirection(grid.direction)
-    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, tilt_findings(folder, grid.tilt_deg))
+    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, tilt_findings(folder, grid.tilt_deg),
+                        positions=positions[grid.order])  # the exact (sheared under a tilt) affine

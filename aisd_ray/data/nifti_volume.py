@@ -32,6 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from aisd_ray.data.dicom_geometry import tilt_findings
 from aisd_ray.data.volume_base import (CANONICAL, NIFTI_GEOMETRY_FIELDS, Finding, Geometry, NiftiGeometry, Volume,
                                        VolumeError, as_hu, build_volume, canonical_affine, is_nifti)
 
@@ -167,11 +168,6 @@ def read_nifti(path: Path, case_id: str) -> Volume:
     finite = values[~bad]
     if count and not finite.size:
         raise VolumeError(f"{path}: every voxel is NaN or infinite; not a CT in Hounsfield units")
-    if finite.size and float(finite.min()) >= 0:
-        # A head CT in HU holds air (about -1000 HU) around the head: no negative value at all means
-        # another scale (0..1 normalised, 8-bit windowed, or stored values without their intercept).
-        raise VolumeError(f"{path}: values {float(finite.min()):g}..{float(finite.max()):g} are not Hounsfield "
-                          "units (no air below 0 HU: a normalised, windowed or unscaled image?)")
     as_hu(finite, path)  # the HU check of every reader, on the finite values: before non-finite ones become air
     findings = ()
     if count:
@@ -184,6 +180,7 @@ def read_nifti(path: Path, case_id: str) -> Volume:
         findings = (Finding("non_finite_voxels", "warn", value=count, message=message),)
         values = np.where(bad, NON_FINITE_HU, values)
     hu = as_hu(values.transpose(2, 1, 0), path)
+    findings += tilt_findings(path, found.tilt_deg)  # a sheared sform: read as a gantry-tilted series is
     return build_volume(found.image, hu, case_id, path, "nifti", found.tilt_deg, affine=found.affine,
                         nifti=found.header, findings=findings)
 

@@ -159,6 +159,24 @@ def test_an_enhanced_ct_file_reads_as_its_series(tmp_path, case, control):
     assert (found.kind, found.case_id) == ("dicom", "ect")
 
 
+def test_a_tilted_enhanced_ct_file_keeps_its_frames_exact_affine(tmp_path, case):
+    """The frames of a 15-degree tilted enhanced CT: the Volume's exact affine steps from frame to
+    frame as their positions do (sheared), so its mask lies on each frame, as a series' does."""
+    hu, _, spacing = case
+    path = write_enhanced_ct(hu, spacing, tmp_path / "ect" / "volume.dcm", "ect")
+    ds = pydicom.dcmread(path)
+    c, s = np.cos(np.radians(15)), np.sin(np.radians(15))
+    ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, c, -s]
+    ds.save_as(path)
+    found = read_volume(tmp_path / "ect")
+    assert found.gantry_tilt_deg == pytest.approx(15, abs=1e-3)
+    frames = np.stack(sorted((np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float)
+                              for f in ds.PerFrameFunctionalGroupsSequence), key=lambda p: p[2]))
+    np.testing.assert_allclose(found.affine[:3, 2], frames[1] - frames[0], atol=1e-4)
+    np.testing.assert_allclose(found.affine[:3, 3], frames[0], atol=1e-4)
+    assert [f.check for f in found.findings] == ["gantry_tilt"]
+
+
 def test_enhanced_ct_frames_are_checked_as_a_series_slices(tmp_path, case):
     hu, _, spacing = case
     path = write_enhanced_ct(hu, spacing, tmp_path / "dup" / "volume.dcm", "dup")
