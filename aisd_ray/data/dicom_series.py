@@ -24,7 +24,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from aisd_ray.data.dicom_geometry import slice_grid, tilt_findings
+from aisd_ray.data.dicom_geometry import odd_ones, slice_grid, tilt_findings
 from aisd_ray.data.dicom_multiframe import is_multiframe, read_multiframe
 from aisd_ray.data.layout import is_metadata
 from aisd_ray.data.volume_base import Volume, VolumeError, as_hu, build_volume, one_line
@@ -126,10 +126,9 @@ def _check_series(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]) -> 
         for path, ds in headers:
             if keyword not in ds:
                 raise VolumeError(f"{path}: no {keyword}")
-        values = [tuple(np.round(_vec(ds, keyword, path), 4)) if keyword in ("ImageOrientationPatient", "PixelSpacing")
-                  else ds[keyword].value for path, ds in headers]
-        common = max(set(values), key=values.count)
-        odd = [path.name for (path, _), value in zip(headers, values) if value != common]
+        values = [_vec(ds, keyword, path) if keyword in ("ImageOrientationPatient", "PixelSpacing")
+                  else [float(ds[keyword].value)] for path, ds in headers]
+        odd = [headers[i][0].name for i in odd_ones(values)]
         if odd:
             raise VolumeError(f"{folder}: {len(odd)} of {len(headers)} file(s) differ from the others in {keyword} "
                               f"(e.g. {odd[0]}): a localizer (scout) or another image under the same series? one "

@@ -367,6 +367,21 @@ def test_pixel_padding_value_minus_2000_stays_as_written(tmp_path, case):
     np.testing.assert_array_equal(read_volume(tmp_path / "pad").hu, padded)
 
 
+def test_float_noise_in_orientation_and_spacing_never_splits_a_series(tmp_path, case, control):
+    """Headers written by another converter: slices whose ImageOrientationPatient and PixelSpacing
+    differ by a few millionths, on either side of a 4th-decimal rounding boundary, are one series."""
+    hu, _, spacing = case
+    written = write_dicom_series(hu, spacing, tmp_path / "noisy", "noisy")
+    for k, path in enumerate(written):
+        ds = pydicom.dcmread(path)
+        wobble = 0.99995 + (2e-6 if k % 2 else -2e-6)  # 0.999952 and 0.999948: 1.0 and 0.9999 at 4 decimals
+        ds.ImageOrientationPatient = [wobble, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [spacing[1] + (3e-6 if k % 2 else 0), spacing[2]]
+        ds.save_as(path)
+    found = read_volume(tmp_path / "noisy")
+    np.testing.assert_array_equal(found.hu, control.hu)
+
+
 def test_a_scout_under_the_same_series_uid_is_named_as_another_orientation(tmp_path, case):
     hu, _, spacing = case
     written = write_dicom_series(hu, spacing, tmp_path / "scout", "scout")
