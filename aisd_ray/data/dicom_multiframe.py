@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from aisd_ray.data.dicom_geometry import odd_ones, slice_grid, tilt_findings
+from aisd_ray.data.dicom_geometry import contrast_findings, odd_ones, slice_grid, tilt_findings
 from aisd_ray.data.volume_base import Volume, VolumeError, as_hu, build_volume
 
 ENHANCED_CT = frozenset({"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
@@ -115,5 +115,6 @@ def read_multiframe(folder: Path, headers: list[tuple[Path, pydicom.Dataset]], c
     image.SetSpacing((float(spacing[0][1]), float(spacing[0][0]), grid.step))
     image.SetOrigin(tuple(float(v) for v in grid.origin))
     image.SetDirection(grid.direction)
-    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, tilt_findings(folder, grid.tilt_deg),
+    findings = tilt_findings(folder, grid.tilt_deg) + contrast_findings([head])
+    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, findings,
                         positions=positions[grid.order])  # the exact (sheared under a tilt) affine

@@ -174,7 +174,7 @@ def test_a_tilted_enhanced_ct_file_keeps_its_frames_exact_affine(tmp_path, case)
                               for f in ds.PerFrameFunctionalGroupsSequence), key=lambda p: p[2]))
     np.testing.assert_allclose(found.affine[:3, 2], frames[1] - frames[0], atol=1e-4)
     np.testing.assert_allclose(found.affine[:3, 3], frames[0], atol=1e-4)
-    assert [f.check for f in found.findings] == ["gantry_tilt"]
+    assert [f.check for f in found.findings] == ["gantry_tilt", "contrast_agent"]
 
 
 def test_enhanced_ct_frames_are_checked_as_a_series_slices(tmp_path, case):
@@ -302,13 +302,14 @@ def test_gantry_tilt_is_a_finding_and_a_log_line(tmp_path, case, caplog):
     write_dicom_series(hu, spacing, tmp_path / "tilt", "tilt", tilt_deg=15.0)
     with caplog.at_level("INFO", logger="aisd_ray.data.dicom_geometry"):
         found = read_volume(tmp_path / "tilt")
-    (finding,) = found.findings
+    finding, contrast = found.findings  # the reader notes the tilt, and makes the QA gate's contrast check
+    assert (contrast.check, contrast.status) == ("contrast_agent", "pass")
     assert (finding.check, finding.status, finding.value, finding.expected) == ("gantry_tilt", "pass", 15.0, None)
     assert finding.message.startswith("gantry tilt 15.00 degrees: ")
     lines = [r.getMessage() for r in caplog.records if "gantry tilt" in r.getMessage()]
     assert len(lines) == 1 and str(tmp_path / "tilt") in lines[0] and "15.00 degrees" in lines[0]
     write_dicom_series(hu, spacing, tmp_path / "flat", "flat")
-    assert read_volume(tmp_path / "flat").findings == ()
+    assert [f.check for f in read_volume(tmp_path / "flat").findings] == ["contrast_agent"]
 
 
 # right today and to stay right
