@@ -226,13 +226,18 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     shards.check_input(shards_uri, manifest, (model.height, model.width, model.channels), model.windows,
                        model.channel_mode, takes, takes, takes,
                        "evaluate it on shards prepared with the config it was trained with")
-    input_kind.check(model.input, input_kind.of_source(manifest.get("source"))["kind"],  # the rule infer applies
-                     storage.join(shards_uri, shards.MANIFEST), export_uri, model.windows,
-                     "evaluate it on shards prepared from the input it was trained on")
+    where, given = storage.join(shards_uri, shards.MANIFEST), input_kind.of_source(manifest.get("source"))["kind"]
+    kind = input_kind.check(model.input, given, where, export_uri, model.windows,  # the rule infer applies
+                            "evaluate it on shards prepared from the input it was trained on")
+    qa.refuse_if_strict(strict, where, None, [kind])
     found = qa.manifest_findings(manifest, split, getattr(model, "domain", None))
+    if strict and not found and given == input_kind.CT_HU:
+        raise layout.DataError(f"{where}: --strict, but the store records no QA per case (prepared before the QA "
+                               "gate): prepare it again")
     for case, findings in found.items():
-        qa.refuse_if_strict(strict, storage.join(shards_uri, shards.MANIFEST), case, findings)
+        qa.refuse_if_strict(strict, where, case, findings)
         qa.log_warnings(case, findings)
+    found = {case: [kind, *findings] for case, findings in found.items()}  # as infer: the input kind leads
     with storage.staged_dir(out_uri) as folder:  # appears complete or not at all
         return _score_split(model, shards_uri, manifest, split, str(folder), batch_size, progress, overlays,
                             choose_postprocessing, write_volumes, found)

@@ -24,14 +24,13 @@ The export's post-processing choice (``postprocess.json``) is *not* applied here
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
 from aisd_ray import input_kind, render, storage
-from aisd_ray.data import layout
+from aisd_ray.data import layout, qa
 from aisd_ray.export import LoadedExport
 from aisd_ray.progress import progress_bar
 
@@ -60,9 +59,7 @@ def _infer(model: LoadedExport, images_dir, local: Path, out_uri: str, batch_siz
                                    "the series folder, or a folder of series folders")
         raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...) found")
     finding = input_kind.check(model.input, input_kind.SLICES_8BIT, str(images_dir), model.uri)
-    if strict and finding.status == "warn":
-        raise layout.DataError(f"{images_dir}: QA {finding.check}: {finding.message} (--strict refuses what QA "
-                               "warns of)")
+    qa.refuse_if_strict(strict, images_dir, None, [finding])
     written = []
     bar = progress_bar(total=len(paths), desc="infer", unit="image", enabled=progress)
     with storage.staged_dir(out_uri) as folder:
@@ -81,6 +78,6 @@ def _infer(model: LoadedExport, images_dir, local: Path, out_uri: str, batch_siz
                     render.side_by_side(original, render.overlay(original, mask)).save(folder / "overlays" / name)
                 written.append(name)
             bar.update(len(chunk))
-        (folder / "qa.json").write_text(json.dumps({"checks": [dataclasses.asdict(finding)]}, indent=2))
+        (folder / "qa.json").write_text(json.dumps({"checks": qa.as_json([finding])}, indent=2))
     bar.close()
     return written

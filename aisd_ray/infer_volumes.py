@@ -174,9 +174,10 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     with storage.staged_dir(out_uri) as folder:
         for case_id, path in cases.items():
             vol = volume.read_volume(path, case_id)
-            if model is None:
-                model = LoadedExport(export_uri, tta=tta)
-                kind = [input_kind.check(model.input, input_kind.CT_HU, str(input_path), export_uri, model.windows)]
+            if not kind:  # the export is loaded once the first case has been read; a given model is checked too
+                model = model or LoadedExport(export_uri, tta=tta)
+                kind = [input_kind.check(getattr(model, "input", None), input_kind.CT_HU, str(input_path),
+                                         getattr(model, "uri", export_uri), model.windows)]
             choice = postprocessing or getattr(model, "postprocess", None) or postprocess.NONE
             own = qa.check_case(vol, head_model(vol.hu, vol.spacing), getattr(model, "domain", None))
             findings = kind + own

@@ -31,14 +31,13 @@ The rule (``check``), the same for ``infer --images``, ``infer --input`` and ``e
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from aisd_ray import storage
+from aisd_ray.data import qa
 from aisd_ray.data.layout import DataError
 from aisd_ray.data.volume_base import Finding
 
-log = logging.getLogger(__name__)
 CT_HU, SLICES_8BIT, UNKNOWN = "ct_hu", "slices_8bit", "unknown"
 CHECK = "input_kind"
 RUN_RECORD = "training_input.json"  # in a run folder: what its store held (``of_manifest``)
@@ -114,6 +113,5 @@ def check(trained: dict[str, Any] | None, given: str, where: str, export: str, w
 
 
 def _logged(finding: Finding, where: str) -> Finding:
-    status = "" if finding.status == "warn" else f" {finding.status}"  # "<where>: QA <check>: <message>" for a warning
-    log.warning("%s: QA %s%s: %s", where, finding.check, status, finding.message)
+    qa.log_finding(where, finding)
     return finding

@@ -158,7 +158,8 @@ def test_8bit_slices_to_an_export_of_one_grey_hu_window_are_segmented_with_a_qa_
     assert warning.startswith(f"{slices}: QA input_kind: 8-bit image slices given to the export {export}, "
                               "trained on CT volumes in HU through the window (40, 80) HU")
     # --strict refuses what QA warns of: one line, nothing written
-    with pytest.raises(DataError, match=r"QA input_kind: 8-bit image slices .* \(--strict refuses what QA warns of\)"):
+    refusal = r"slices: QA input_kind = slices_8bit, expected ct_hu: 8-bit image slices .* \(--strict refuses what QA"
+    with pytest.raises(DataError, match=refusal):
         infer_folder(export, slices, str(tmp_path / "strict"), progress=False, strict=True)
     assert not (tmp_path / "strict").exists()
 

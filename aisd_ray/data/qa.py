@@ -161,23 +161,32 @@ def as_json(findings: Iterable[Finding]) -> list[dict[str, Any]]:
 
 
 def from_json(rows: Iterable[dict[str, Any]]) -> list[Finding]:
+    """``as_json``'s dicts (a manifest's or a summary's) back as ``Finding``s; missing keys as None."""
     return [Finding(**{k: r.get(k) for k in ("check", "status", "value", "expected", "message")}) for r in rows]
 
 
+def log_finding(where: str, finding: Finding) -> None:
+    """One log line, "<where>: QA <check>: <message>" (a status other than warn is named after the
+    check): the one format of the QA gate's lines, for a case ("case 0042") or a folder or store."""
+    status = "" if finding.status == "warn" else f" {finding.status}"
+    log.warning("%s: QA %s%s: %s", where, finding.check, status, finding.message)
+
+
 def log_warnings(case_id: str, findings: Iterable[Finding]) -> None:
-    """One log line per warning, naming the case and the check."""
+    """One log line per warning, naming the case and the check (``log_finding``)."""
     for f in warnings(findings):
-        log.warning("case %s: QA %s: %s", case_id, f.check, f.message)
+        log_finding(f"case {case_id}", f)
 
 
-def refuse_if_strict(strict: bool, where: str | Path, case_id: str, findings: Iterable[Finding]) -> None:
-    """With ``strict``, the first warning is a VolumeError of one line: the case, the check, its value
-    and the training range."""
+def refuse_if_strict(strict: bool, where: str | Path, case_id: str | None, findings: Iterable[Finding]) -> None:
+    """With ``strict``, the first warning is a VolumeError (a DataError) of one line: ``where``, the
+    case (``case_id``; None for a folder of images), the check, its value and the training range."""
     bad = warnings(findings)
     if strict and bad:
         f = bad[0]
         expected = "" if f.expected is None else f", expected {f.expected}"
-        raise VolumeError(f"{where}: case {case_id}: QA {f.check} = {f.value}{expected}: {f.message} "
+        case = "" if case_id is None else f"case {case_id}: "
+        raise VolumeError(f"{where}: {case}QA {f.check} = {f.value}{expected}: {f.message} "
                           "(--strict refuses what QA warns of)")
 
 
