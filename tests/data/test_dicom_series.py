@@ -212,12 +212,11 @@ def test_other_multi_frame_objects_are_refused_by_kind(tmp_path):
                              r"\(8 frames\): not a CT series; .*single-frame CT images")
 
 
-def test_pydicom_data_enhanced_ct_reads_or_is_refused_by_name(tmp_path):
+def test_pydicom_datas_real_enhanced_ct_reads(tmp_path):
     from pydicom.data import get_testdata_file
 
-    source = get_testdata_file("eCT_Supplemental.dcm", download=False)  # from the pydicom-data package
-    if source is None:
-        pytest.skip("eCT_Supplemental.dcm not installed (pip install pydicom-data)")
+    source = get_testdata_file("eCT_Supplemental.dcm", download=False)  # from pydicom-data, a test extra
+    assert source is not None, "pydicom-data is not installed (make install installs the test extras)"
     (tmp_path / "ect").mkdir()
     shutil.copy(source, tmp_path / "ect" / "eCT_Supplemental.dcm")
     found = read_volume(tmp_path / "ect")
