@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from aisd_ray.export import INFO, KERAS_FILE, SAVED_MODEL, LoadedExport, model_from_checkpoint
 from aisd_ray.train import checkpoint as ckpt
+from tests.helpers import copy_export
 
 
 def test_export_is_the_best_checkpoint(trained_run):
@@ -77,16 +78,10 @@ def test_an_ensemble_averages_its_members_and_refuses_members_that_differ(traine
 # What an export was trained on (input_kind.py): the kind of input and the training domain, carried
 # from the store's manifest through the run's record into export.json.
 
-DOMAIN = {"in_plane_spacing_mm": [2.3, 2.4], "slice_spacing_mm": [5.0, 5.0], "image_size_px": [64, 64],
-          "parenchyma_hu_median": [31.0, 36.5], "parenchyma_noise_hu": [3.1, 4.2], "gantry_tilt_deg": [0.0, 0.0],
-          "head_fraction": [0.41, 0.52], "cases": 7}
-
-
 @pytest.fixture(scope="module")
 def ct_run(tmp_path_factory):
-    """A 1-epoch local run on a tiny nnU-Net store of CT volumes whose manifest carries a training
-    domain (written here by hand, as prepare from volumes writes it), and its export:
-    (config, shards, manifest, run, export)."""
+    """A 1-epoch local run on a tiny nnU-Net store of CT volumes, whose manifest carries the training
+    domain prepare computed, and its export: (config, shards, manifest, run, export)."""
     from aisd_ray import stages
     from aisd_ray.data.prepare import prepare
     from aisd_ray.data.synthetic import write_synthetic
@@ -96,10 +91,8 @@ def ct_run(tmp_path_factory):
     cfg = volume_config("nnunet", 8, 1, 64, 4, "train.epochs=1", "train.backend='local'")
     cfg.data.source_dir = str(write_synthetic(root / "src", cfg.synthetic, progress=False))
     shards = str(root / "shards")
-    prepare(cfg, shards, progress=False)
-    manifest = json.loads((root / "shards" / "manifest.json").read_text())
-    manifest["source"]["domain"] = DOMAIN
-    (root / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    manifest = prepare(cfg, shards, progress=False)
+    assert manifest["source"]["domain"]
     stages.train(cfg, shards, str(root / "runs"))
     run = stages.run_uri(cfg, str(root / "runs"))
     return cfg, shards, manifest, run, stages.export(run)[0]
@@ -120,36 +113,30 @@ def test_an_export_of_ct_volumes_records_their_windows_channels_and_domain(ct_ru
     source = manifest["source"]
     info = json.loads((Path(export_uri) / INFO).read_text())
     assert info["input"] == {"kind": "ct_hu", "windows": source["windows"], "channels": source["channels"]}
-    assert info["domain"] == source["domain"] == DOMAIN
+    assert info["domain"] == source["domain"]
     model = LoadedExport(export_uri)
-    assert model.input_kind == "ct_hu" and model.input == info["input"] and model.domain == DOMAIN
-
-
-def _copy_export(export_uri, to, **changes):
-    import shutil
-
-    shutil.copytree(export_uri, to)
-    info = json.loads((to / INFO).read_text())
-    info.update(changes)
-    (to / INFO).write_text(json.dumps({k: v for k, v in info.items() if v is not None}))
-    return str(to)
+    assert model.input_kind == "ct_hu" and model.input == info["input"] and model.domain == source["domain"]
 
 
 def test_an_ensembles_domain_is_its_members_union_and_its_input_their_common_one(ct_run, trained_run, tmp_path):
     from aisd_ray.export import ENSEMBLE, write_ensemble
 
-    export_uri = ct_run[4]
-    other_domain = {**DOMAIN, "in_plane_spacing_mm": [2.2, 2.35], "head_fraction": [0.45, 0.6], "cases": 5}
-    other = _copy_export(export_uri, tmp_path / "other", domain=other_domain)
+    export_uri, domain = ct_run[4], ct_run[2]["source"]["domain"]
+    # the union needs members with different domains; a second trained export on a second store would
+    # cost minutes, so the second member is a copy whose domain is derived from the first: each range
+    # moved down (its low end below the first's, its high end inside it), so the union takes its low
+    # ends from the copy and its high ends from the original
+    other_domain = {k: [v[0] - 1 - (v[1] - v[0]), (v[0] + v[1]) / 2] for k, v in domain.items() if k != "cases"}
+    other_domain["cases"] = domain["cases"] + 2
+    other = copy_export(export_uri, tmp_path / "other", domain=other_domain)
     ensemble = LoadedExport(write_ensemble([export_uri, other], str(tmp_path / "ensemble")))
-    want = {k: [min(DOMAIN[k][0], other_domain[k][0]), max(DOMAIN[k][1], other_domain[k][1])]
-            for k in DOMAIN if k != "cases"}
-    assert ensemble.domain == {**want, "cases": DOMAIN["cases"] + other_domain["cases"]}
+    want = {k: [other_domain[k][0], domain[k][1]] for k in domain if k != "cases"}
+    assert ensemble.domain == {**want, "cases": domain["cases"] + other_domain["cases"]}
     assert ensemble.input_kind == "ct_hu" and ensemble.input == LoadedExport(export_uri).input
     assert json.loads((tmp_path / "ensemble" / ENSEMBLE).read_text())["domain"] == ensemble.domain
 
     # a member without a domain: nothing can be said of the union
-    bare = _copy_export(export_uri, tmp_path / "bare", domain=None)
+    bare = copy_export(export_uri, tmp_path / "bare", domain=None)
     assert LoadedExport(write_ensemble([export_uri, bare], str(tmp_path / "partial"))).domain is None
 
     # members trained on other kinds of input are refused, naming the difference, nothing written
@@ -161,7 +148,7 @@ def test_an_ensembles_domain_is_its_members_union_and_its_input_their_common_one
 def test_exports_and_ensembles_from_before_the_record_still_load_as_unknown(ct_run, tmp_path):
     from aisd_ray.export import ENSEMBLE, write_ensemble
 
-    old = _copy_export(ct_run[4], tmp_path / "old", input=None, domain=None)
+    old = copy_export(ct_run[4], tmp_path / "old", input=None, domain=None)
     model = LoadedExport(old)
     assert model.input is None and model.input_kind == "unknown" and model.domain is None
     ensemble = write_ensemble([old, old], str(tmp_path / "ensemble"))

@@ -6,58 +6,27 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from scipy import ndimage
 
-from aisd_ray.data import volume
 from aisd_ray.data.synthetic_volumes import write_dicom_series, write_nifti_case
 from aisd_ray.infer_volumes import infer_volumes
 from aisd_ray.volume_metrics import volume_ml
+from tests.helpers import LPS_RAS, ThresholdModel, head_with_block, layer_ml
 
 SPACING = (5.0, 0.9, 0.8)
-LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class _Probabilities:
-    def __init__(self, array):
-        self._array = array
+class BlockModel(ThresholdModel):
+    """Lesion where channel 0 (window level 40, width 160) shows the 86 HU block (grey > 190)."""
 
-    def numpy(self):
-        return self._array
-
-
-class BlockModel:
-    """A test double of a loaded export: lesion where channel 0 (window level 40, width 160) shows the
-    86 HU block (grey > 190)."""
-
-    height = width = 64
-    channels = 3
     windows = [(40.0, 160.0)]
-    water = False
-
-    def predict(self, batch):
-        grey = np.asarray(batch)[..., 0]
-        lesion = (grey > 190) | (self.water & (grey > 50) & (grey < 80))
-        return {"probabilities": _Probabilities(np.stack([1 - lesion, lesion], axis=-1).astype(np.float32))}
+    threshold = 190
 
 
 class WaterBlindModel(BlockModel):
     """As a real export in a wide window does, it also takes water (0 HU, grey 50..80) for lesion."""
 
-    water = True
-
-
-def _head_with_block():
-    """(HU (7, 80, 72) int16, truth bool): air, a 36 HU head, an 86 HU block on slices 2..4."""
-    hu = np.full((7, 80, 72), -1000, np.int16)
-    hu[:, 8:72, 6:66] = 36
-    truth = np.zeros(hu.shape, bool)
-    truth[2:5, 20:40, 30:50] = True
-    hu[truth] = 86
-    return hu, truth
-
-
-def _layer_ml(truth, spacing) -> float:
-    return volume_ml(ndimage.binary_dilation(truth, np.ones((1, 3, 3))) & ~truth, spacing)
+    def lesion(self, grey):
+        return super().lesion(grey) | ((grey > 50) & (grey < 80))
 
 
 def _infer(source, out, model=None):
@@ -66,7 +35,7 @@ def _infer(source, out, model=None):
 
 
 def test_case1_nan_outside_the_field_of_view_is_air_and_the_ml_the_controls(tmp_path, caplog):
-    hu, _ = _head_with_block()
+    hu, _ = head_with_block()
     control = write_nifti_case(hu.astype(np.float32), SPACING, tmp_path / "in" / "control.nii.gz", "LPS")
     img = nib.load(control)
     data = np.asarray(img.dataobj).astype(np.float32)  # stored (x, y, z), LPS: x = canonical column
@@ -87,7 +56,7 @@ def test_case1_nan_outside_the_field_of_view_is_air_and_the_ml_the_controls(tmp_
 
 
 def test_case4_the_mask_carries_the_inputs_qform_and_sform_and_the_ml_the_controls(tmp_path):
-    hu, truth = _head_with_block()
+    hu, truth = head_with_block()
     control = write_nifti_case(hu, SPACING, tmp_path / "in" / "control.nii.gz", "RPI")
     c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
     moved = np.array([[c, -s, 0, 12], [s, c, 0, -8], [0, 0, 1, 20], [0, 0, 0, 1.0]])
@@ -111,13 +80,13 @@ def test_case4_the_mask_carries_the_inputs_qform_and_sform_and_the_ml_the_contro
 
 
 def test_case5_a_tilted_series_mask_overlays_each_slice_and_the_ml_are_right(tmp_path):
-    hu, truth = _head_with_block()
+    hu, truth = head_with_block()
     files = write_dicom_series(hu, SPACING, tmp_path / "in" / "tilted", "tilted", tilt_deg=15.0, seed=2)
     got = _infer(tmp_path / "in" / "tilted", tmp_path / "out")
     normal_mm = SPACING[0] * np.cos(np.radians(15))  # the slices' distance along their normal
     spacing = (normal_mm,) + SPACING[1:]
     assert got["gantry_tilt_deg"] == pytest.approx(15.0, abs=1e-3)
-    assert abs(got["lesion_ml"] - volume_ml(truth, spacing)) <= _layer_ml(truth, spacing)
+    assert abs(got["lesion_ml"] - volume_ml(truth, spacing)) <= layer_ml(truth, spacing)
     mask = nib.load(tmp_path / "out" / "tilted.nii.gz")
     sform = mask.header.get_sform()
     for k, file in enumerate(files):

@@ -2,16 +2,13 @@
 and CSF (the lesion inside it, air and skull not), its figures those of the pixels; on a real body
 CT (TotalSegmentator's test file) there is no intracranial space."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from aisd_ray.data import volume
 from aisd_ray.data.head import BONE_HU, SOFT_HU, head_model
 from aisd_ray.data.synthetic_volumes import synth_volume
-
-BODY_CT = Path(__file__).parent / "totalsegmentator_example_ct.nii.gz"
+from tests.helpers import BODY_CT
 
 
 @pytest.mark.parametrize("case,size,slices", [("1000001", 64, 8), ("1000002", 96, 6)])
@@ -44,14 +41,12 @@ def test_a_real_body_ct_has_a_body_and_bone_but_no_intracranial_space():
     assert model.intracranial_ml == 0 and model.parenchyma_hu_median is None and model.parenchyma_noise_hu is None
 
 
-def test_a_512_matrix_volume_of_40_slices_takes_seconds():
-    import time
-
+def test_a_512_matrix_volume_of_40_slices_is_modelled():
+    """A clinical matrix size runs through (its speed is a benchmark's concern, not a test's)."""
     small, _, spacing = synth_volume(7, "1000004", 128, 40)
     hu = np.repeat(np.repeat(small, 4, axis=1), 4, axis=2)  # 512 x 512 x 40
-    start = time.perf_counter()
     model = head_model(hu, (spacing[0], spacing[1] / 4, spacing[2] / 4))
-    assert time.perf_counter() - start < 15 and model.intracranial_ml > 100
+    assert model.intracranial.shape == hu.shape and model.intracranial_ml > 100
 
 
 def test_a_volume_that_is_not_3d_is_a_value_error():

@@ -12,8 +12,7 @@ from aisd_ray.data import qa, volume
 from aisd_ray.data.head import head_model
 from aisd_ray.data.synthetic_volumes import synth_volume, write_dicom_series, write_nifti_case
 from aisd_ray.data.volume_base import Finding
-
-BODY_CT = Path(__file__).parent / "totalsegmentator_example_ct.nii.gz"
+from tests.helpers import BODY_CT
 
 
 def _checked(path, domain=None):

@@ -71,26 +71,6 @@ def _copy(src, tmp_path):
     return root
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda r: (r / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "core": 1, "penumbra": 2},
-                                                          "channel_names": {"0": "CT"}})),
-     r"dataset.json: labels .* are not the model's 2 classes"),
-    (lambda r: next((r / "labelsTr").iterdir()).unlink(), r"labelsTr: no labels for 1 training image"),
-    (lambda r: shutil.copy(next((r / "imagesTr").iterdir()), r / "imagesTr" / "1000099_0001.nii.gz"),
-     r"1000099_0001.nii.gz: channel 0001: one CT channel"),
-    (lambda r: shutil.copy(next((r / "imagesTr").iterdir()), r / "imagesTr" / "scan.nii.gz"),
-     r"scan.nii.gz: not named <case>_<4-digit channel>"),
-])
-def test_a_bad_nnunet_dataset_is_named_and_nothing_is_written(nnunet_source, tmp_path, damage, message):
-    root = _copy(nnunet_source, tmp_path)
-    damage(root)
-    cfg = _cfg("nnunet")
-    cfg.data.source_dir = str(root)
-    with pytest.raises(DataError, match=message):
-        prepare(cfg, str(tmp_path / "shards"), progress=False)
-    assert not (tmp_path / "shards").exists()
-
-
 def _dataset_json(root):
     return json.loads((root / "dataset.json").read_text())
 
@@ -148,6 +128,14 @@ def _numbered(root, delta):
 
 
 @pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "core": 1, "penumbra": 2},
+                                                          "channel_names": {"0": "CT"}})),
+     r"dataset.json: labels .* are not the model's 2 classes"),
+    (lambda r: next((r / "labelsTr").iterdir()).unlink(), r"labelsTr: no labels for 1 training image"),
+    (lambda r: shutil.copy(next((r / "imagesTr").iterdir()), r / "imagesTr" / "1000099_0001.nii.gz"),
+     r"1000099_0001.nii.gz: channel 0001: one CT channel"),
+    (lambda r: shutil.copy(next((r / "imagesTr").iterdir()), r / "imagesTr" / "scan.nii.gz"),
+     r"scan.nii.gz: not named <case>_<4-digit channel>"),
     # case 8: a label file with no image, numTraining still counting it: the orphan is named
     (lambda r: _first(r, "imagesTr").unlink(),
      r"labelsTr/(\d+).nii.gz: a label volume without its image imagesTr/\1_0000.nii.gz$"),
@@ -170,7 +158,8 @@ def _numbered(root, delta):
     (lambda r: _write_dataset_json(r, {**_dataset_json(r), "file_ending": ".mha"}),
      r"dataset.json: file_ending '.mha': NIfTI images"),
 ])
-def test_an_nnunet_dataset_whose_files_and_dataset_json_disagree_is_named(nnunet_source, tmp_path, damage, message):
+def test_a_bad_nnunet_dataset_or_one_whose_files_and_dataset_json_disagree_is_named_and_nothing_written(
+        nnunet_source, tmp_path, damage, message):
     root = _copy(nnunet_source, tmp_path)
     damage(root)
     cfg = _cfg("nnunet")

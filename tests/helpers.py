@@ -1,0 +1,101 @@
+"""Helpers shared by test modules (one home each): the vendored body CT, the LPS -> RAS matrix, a
+rigid RAS transform, the one-line read refusal, a head with a lesion block, and the threshold test
+doubles of a loaded export, and a copy of an export that records other facts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# a real abdomen/pelvis CT (tests/data/README.md): the non-head CT the QA gate's coverage check flags
+BODY_CT = Path(__file__).parent / "data" / "totalsegmentator_example_ct.nii.gz"
+
+# DICOM's LPS world to NIfTI's RAS world (x and y flipped), as a 4 x 4 affine
+LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def rigid(degrees, axis, shift):
+    """A RAS world transform: a rotation by ``degrees`` about ``axis``, then a shift (mm)."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.radians(degrees)
+    out = np.eye(4)
+    out[:3, :3] = np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+    out[:3, 3] = shift
+    return out
+
+
+def refused(path, match):
+    """The VolumeError ``read_volume`` raises for ``path``: one line, naming the path, a DataError."""
+    from aisd_ray.data.layout import DataError
+    from aisd_ray.data.volume import VolumeError, read_volume
+
+    with pytest.raises(VolumeError, match=match) as info:
+        read_volume(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert isinstance(info.value, DataError)
+    return str(info.value)
+
+
+def head_with_block():
+    """(HU (7, 80, 72) int16, truth bool): air, a 36 HU head, an 86 HU block on slices 2..4 (even
+    values: a series of it may be stored with RescaleSlope 2)."""
+    hu = np.full((7, 80, 72), -1000, np.int16)
+    hu[:, 8:72, 6:66] = 36
+    truth = np.zeros(hu.shape, bool)
+    truth[2:5, 20:40, 30:50] = True
+    hu[truth] = 86
+    return hu, truth
+
+
+def layer_ml(truth, spacing) -> float:
+    """One in-plane voxel layer around the lesion, in mL: the tolerance of a resize to the model and back."""
+    from scipy import ndimage
+
+    from aisd_ray.volume_metrics import volume_ml
+
+    return volume_ml(ndimage.binary_dilation(truth, np.ones((1, 3, 3))) & ~truth, spacing)
+
+
+class Probabilities:
+    """What a SavedModel's output tensor offers the caller: ``numpy()``."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def numpy(self):
+        return self._array
+
+
+class ThresholdModel:
+    """A test double of a loaded export: lesion wherever channel 0, through ``windows[0]``, is brighter
+    than ``threshold`` grey. Here the window (level 80, width 20) makes only the test lesion's 86 HU
+    bright."""
+
+    height = width = 64
+    channels = 3
+    windows = [(80.0, 20.0)]
+    threshold = 127
+
+    def lesion(self, grey):
+        return grey > self.threshold
+
+    def predict(self, batch):
+        lesion = self.lesion(np.asarray(batch)[..., 0]).astype(np.float32)
+        return {"probabilities": Probabilities(np.stack([1 - lesion, lesion], axis=-1))}
+
+
+def copy_export(export_uri, to: Path, **changes) -> str:
+    """A copy of the export at ``to`` whose export.json has ``changes`` (a value None: the key left
+    out, as an export written before it was recorded)."""
+    from aisd_ray.export import INFO
+
+    shutil.copytree(export_uri, to)
+    info = json.loads((to / INFO).read_text())
+    info.update(changes)
+    (to / INFO).write_text(json.dumps({k: v for k, v in info.items() if v is not None}))
+    return str(to)
