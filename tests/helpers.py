@@ -14,6 +14,9 @@ import pytest
 # a real abdomen/pelvis CT (tests/data/README.md): the non-head CT the QA gate's coverage check flags
 BODY_CT = Path(__file__).parent / "data" / "totalsegmentator_example_ct.nii.gz"
 
+# the reader tests' synthetic head (tests/data/conftest.py: ``case``, ``control``): 64 px, 8 slices
+HEAD_SIZE, HEAD_SLICES = 64, 8
+
 # DICOM's LPS world to NIfTI's RAS world (x and y flipped), as a 4 x 4 affine
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -99,3 +102,11 @@ def copy_export(export_uri, to: Path, **changes) -> str:
     info.update(changes)
     (to / INFO).write_text(json.dumps({k: v for k, v in info.items() if v is not None}))
     return str(to)
+
+
+def same_volume(found, control):
+    """``found`` (a Volume) holds ``control``'s HU, spacing, origin and direction."""
+    np.testing.assert_array_equal(found.hu, control.hu)
+    assert found.spacing == pytest.approx(control.spacing, rel=1e-6)
+    assert found.canonical_geometry.origin == pytest.approx(control.canonical_geometry.origin, abs=1e-4)
+    assert found.canonical_geometry.direction == pytest.approx(control.canonical_geometry.direction, abs=1e-6)

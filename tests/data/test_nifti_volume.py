@@ -8,17 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from aisd_ray.data.synthetic_volumes import synth_volume, write_nifti_case
+from aisd_ray.data.synthetic_volumes import write_nifti_case
 from aisd_ray.data.volume import VolumeError, read_label_volume, read_labels, read_volume
 from aisd_ray.data.volume_base import Finding
-from tests.helpers import LPS_RAS, rigid
+from tests.helpers import HEAD_SIZE, HEAD_SLICES, LPS_RAS, rigid
 
-SIZE, SLICES = 64, 8
-
-
-@pytest.fixture(scope="module")
-def case():
-    return synth_volume(5, "0042", SIZE, SLICES)  # (hu, labels, spacing (z, y, x))
+SIZE, SLICES = HEAD_SIZE, HEAD_SLICES
 
 
 def plain_affine(shape, spacing, z0=-37.5):

@@ -10,18 +10,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from aisd_ray.data.synthetic_volumes import synth_volume, write_dicom_series, write_nifti_case
+from aisd_ray.data.synthetic_volumes import write_dicom_series, write_nifti_case
 from aisd_ray.data.volume import read_labels, read_volume
 from aisd_ray.data.volume_base import NIFTI_GEOMETRY_FIELDS, grid_affine
 from aisd_ray.data.volume_write import to_input_geometry, write_image, write_nifti
-from tests.helpers import LPS_RAS, rigid
+from tests.helpers import HEAD_SIZE, HEAD_SLICES, LPS_RAS, rigid
 
-SIZE, SLICES = 64, 8
-
-
-@pytest.fixture(scope="module")
-def case():
-    return synth_volume(5, "0042", SIZE, SLICES)  # (hu, labels, spacing (z, y, x))
+SIZE, SLICES = HEAD_SIZE, HEAD_SLICES
 
 
 def recoded(path, qcode, scode, moved, text=False):
