@@ -12,12 +12,17 @@ one position; one slice spacing. Spacing comes in three kinds:
   multiple (>= 2) of it with regular steps on both sides;
 - varying spacing (2.5 mm x3, then 5 mm x4; thick-thin-thick; an odd step that is no multiple):
   refused with the steps, never called a missing slice. Reading such a series on its real positions
-  (resampled for the model, the mask put back slab by slab) is not done: it is resampled first.
+  (resampled for the model, the mask put back slab by slab) is not done: the refusal asks the user
+  to resample it to one spacing first.
 
 Gantry tilt (``tilt_findings``: logged and recorded): a tilted series' slices are sheared, not
 rotated: the step is the distance between slices along their normal, so base area x perpendicular
 height keeps volumes in mL right; the tilt is the angle between the slice normal and the line
 through the first and last slice's positions.
+
+Header findings of a DICOM reader live here too: the tilt and the contrast check of the QA gate
+(``contrast_findings``), made on the headers already parsed; and ``odd_ones``, the one tolerance
+by which slices "differ" in orientation or pixel spacing.
 """
 
 from __future__ import annotations
