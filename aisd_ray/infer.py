@@ -57,7 +57,7 @@ def _infer(model: LoadedExport, images_dir, local: Path, out_uri: str, batch_siz
             raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...) and no DICOM series here or one "
                                    f"folder down, but DICOM files deeper (e.g. {dicom.relative_to(local)}): give "
                                    "the series folder, or a folder of series folders")
-        raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...) found")
+        raise layout.DataError(f"{images_dir}: no images (.png, .jpg, ...), DICOM series or NIfTI files found")
     finding = input_kind.check(model.input, input_kind.SLICES_8BIT, str(images_dir), model.uri)
     qa.refuse_if_strict(strict, images_dir, None, [finding])
     written = []

@@ -52,9 +52,9 @@ PREVIEW_SIZE = 256  # px, each tile
 
 
 def volume_cases(input_path: str | Path) -> dict[str, Path]:
-    """{case ID: path}: one NIfTI file or DICOM series folder, or a folder of them."""
+    """{case ID: path}: one NIfTI file, DICOM series folder or enhanced CT file, or a folder of them."""
     path = Path(input_path)
-    if volume.is_nifti(path) or volume.is_dicom_series(path):
+    if volume.is_nifti(path) or volume.is_dicom_series(path) or volume.is_dicom_file(path):
         return {volume.case_id_of(path): path}
     if not path.exists():
         raise volume.VolumeError(f"{path}: not found")
@@ -62,9 +62,10 @@ def volume_cases(input_path: str | Path) -> dict[str, Path]:
 
 
 def is_volume_input(input_path: str | Path) -> bool:
-    """True for a NIfTI file, a DICOM series folder, or a folder holding either."""
+    """True for a NIfTI file, a DICOM series folder or DICOM file, or a folder holding NIfTI files or
+    series folders."""
     path = Path(input_path)
-    if volume.is_nifti(path) or volume.is_dicom_series(path):
+    if volume.is_nifti(path) or volume.is_dicom_series(path) or volume.is_dicom_file(path):
         return True
     return path.is_dir() and any(volume.is_nifti(p) or (p.is_dir() and volume.is_dicom_series(p))
                                  for p in path.iterdir())

@@ -336,8 +336,15 @@ def test_infer_with_a_missing_model_or_an_empty_image_folder(trained_run, tmp_pa
     (tmp_path / "empty").mkdir()
     assert main(["infer", "--model", trained_run[3], "--images", str(tmp_path / "empty"), "--output",
                  str(tmp_path / "o")]) == 2
-    assert f"{tmp_path / 'empty'}: no images" in one_error_line(capsys)
+    assert f"{tmp_path / 'empty'}: no images (.png, .jpg, ...), DICOM series or NIfTI files found" in \
+        one_error_line(capsys)
     assert not (tmp_path / "o").exists()
+    (tmp_path / "notes.txt").write_text("not a scan\n")
+    for given, line in ((tmp_path / "nope.nii.gz", "not found"), (tmp_path / "notes.txt", "neither a DICOM series (a "
+                        "folder, or an enhanced CT file), a NIfTI file nor a folder of images")):
+        assert main(["infer", "--model", trained_run[3], "--input", str(given), "--output", str(tmp_path / "o")]) == 2
+        assert one_error_line(capsys) == f"aisd-ray infer: error: {given}: {line}"
+        assert not (tmp_path / "o").exists()
 
 
 def test_evaluate_an_export_on_shards_of_another_size(trained_run, synthetic_root, tmp_path, capsys):

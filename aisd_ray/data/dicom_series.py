@@ -180,3 +180,22 @@ def read_dicom(folder: Path, case_id: str) -> Volume:
     findings = tilt_findings(folder, grid.tilt_deg) + contrast_findings(ds for _, ds in headers)
     return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, findings,
                         positions=positions)  # the exact (sheared under a tilt) affine
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True for an existing file that reads as DICOM (``_is_dicom_file``), whatever its name."""
+    path = Path(path)
+    return path.is_file() and _is_dicom_file(path)
+
+
+def read_dicom_file(path: Path, case_id: str) -> Volume:
+    """One DICOM file given on its own: an enhanced CT file (all its frames) as a ``Volume``;
+    VolumeError naming it for a single image (a series is read from its folder) or a file that does
+    not read as DICOM."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise VolumeError(f"{path}: cannot read the DICOM header: {exc}".replace("\n", " ")) from None
+    if not is_multiframe(ds):
+        raise VolumeError(f"{path}: one DICOM image, not a series: give the folder that holds the series' files")
+    return read_multiframe(path, [(path, ds)], case_id)

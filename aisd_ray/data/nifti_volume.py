@@ -59,7 +59,7 @@ class NiftiFile:
 
 def rigid_grid(affine: np.ndarray, path: Path) -> tuple[tuple, tuple, tuple, int, float]:
     """ITK's rigid view of an LPS ``affine``: (spacing, origin, direction (9, row-major), slice axis,
-    tilt degrees). Slice axis: of the axes whose two others are orthogonal, the most head-to-foot;
+    tilt degrees). Slice axis: the most head-to-foot axis, whose two others must be orthogonal;
     its direction becomes the slices' normal and its spacing the step along it (the exact affine is
     kept beside this view: ``Volume.affine``). VolumeError naming
     ``path`` for a degenerate affine or a shear within the slices."""
@@ -75,7 +75,12 @@ def rigid_grid(affine: np.ndarray, path: Path) -> tuple[tuple, tuple, tuple, int
         angle = float(np.degrees(np.arccos(np.clip(abs(cosines[0, 1]), 0, 1))))
         raise VolumeError(f"{path}: a sheared affine (voxel axes 0 and 1 {angle:.2f} degrees apart; no two axes "
                           "orthogonal): not supported, resample it to a rigid grid")
-    axis = max(candidates, key=lambda a: (abs(units[2, a]), -a))
+    axis = max(range(3), key=lambda a: (abs(units[2, a]), -a))  # the most head-to-foot axis: across the slices
+    if axis not in candidates:  # the slices' own two axes are not at right angles: a skewed plane, not a tilt
+        b, c = others[axis]
+        angle = float(np.degrees(np.arccos(np.clip(abs(cosines[b, c]), 0, 1))))
+        raise VolumeError(f"{path}: a sheared affine (the slices' voxel axes {b} and {c} {angle:.2f} degrees apart, "
+                          "not 90): not supported, resample it to a rigid grid")
     b, c = others[axis]
     units[:, c] -= (units[:, b] @ units[:, c]) * units[:, b]  # exactly orthogonal in the rigid view
     units[:, c] /= np.linalg.norm(units[:, c])

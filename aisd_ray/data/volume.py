@@ -19,20 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
-from aisd_ray.data.dicom_series import dicom_below, dicom_files, is_dicom_series, read_dicom
+from aisd_ray.data.dicom_series import (dicom_below, dicom_files, is_dicom_file, is_dicom_series, read_dicom,
+                                        read_dicom_file)
 from aisd_ray.data.layout import is_metadata
 from aisd_ray.data.nifti_volume import LabelVolume, check_same_grid, read_label_volume, read_nifti
 from aisd_ray.data.volume_base import (CANONICAL, Geometry, Volume, VolumeError, case_id_of, is_nifti, nifti_named,
                                        nifti_stem)
 
 __all__ = ["CANONICAL", "Geometry", "LabelVolume", "Volume", "VolumeError", "case_id_of", "check_same_grid",
-           "dicom_below", "dicom_files", "is_dicom_series", "is_nifti", "list_cases", "nifti_named", "nifti_stem",
-           "read_label_volume", "read_labels", "read_volume"]
+           "dicom_below", "dicom_files", "is_dicom_file", "is_dicom_series", "is_nifti", "list_cases", "nifti_named",
+           "nifti_stem", "read_label_volume", "read_labels", "read_volume"]
 
 
 def read_volume(path: str | Path, case_id: str | None = None) -> Volume:
     """Read one CT volume: a DICOM series folder (files read as DICOM by content, any name; known OS
-    metadata names skipped; or one enhanced CT file) or a ``.nii``/``.nii.gz`` file. ``case_id``
+    metadata names skipped; or one enhanced CT file, in a folder or given itself) or a
+    ``.nii``/``.nii.gz`` file. ``case_id``
     defaults to ``case_id_of(path)``.
 
     DICOM: one series, Modality CT, one orientation and size, axial (normal within 45 degrees of the
@@ -49,7 +51,9 @@ def read_volume(path: str | Path, case_id: str | None = None) -> Volume:
         return read_nifti(path, case_id)
     if not path.exists():
         raise VolumeError(f"{path}: not found")
-    raise VolumeError(f"{path}: neither a DICOM series folder nor a .nii/.nii.gz file")
+    if is_dicom_file(path):
+        return read_dicom_file(path, case_id)
+    raise VolumeError(f"{path}: neither a DICOM series folder, an enhanced CT file nor a .nii/.nii.gz file")
 
 
 def read_labels(path: str | Path, like: Volume) -> np.ndarray:

@@ -149,12 +149,13 @@ def nifti_named(folder: str | Path, stem: str) -> Path | None:
 
 
 def case_id_of(path: str | Path) -> str:
-    """A case's ID from its path: a folder's name, or a file's name without ``.nii(.gz)`` and without
-    nnU-Net's ``_0000`` channel suffix."""
-    name = Path(path).name
+    """A case's ID from its path: a folder's name, a file's name without ``.nii(.gz)`` and without
+    nnU-Net's ``_0000`` channel suffix, or an enhanced CT file's without ``.dcm``."""
+    path = Path(path)
+    name = path.name
     stem = nifti_stem(name)
     if stem == name:
-        return name
+        return path.stem if name.lower().endswith(".dcm") and path.is_file() else name
     return stem[:-5] if stem.endswith("_0000") else stem
 
 

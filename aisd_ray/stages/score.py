@@ -4,6 +4,7 @@ CT patients segmented."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aisd_ray import storage
@@ -63,6 +64,12 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
                      tta=tta, strict=strict)
         return Inferred(out, cases=cases)
+    if storage.is_local(source) and not Path(source).is_dir():  # what a folder of images is not: name it so
+        from aisd_ray.data.layout import DataError
+
+        raise DataError(f"{source}: not found" if not Path(source).exists() else
+                        f"{source}: neither a DICOM series (a folder, or an enhanced CT file), a NIfTI file nor a "
+                        "folder of images")
     from aisd_ray.infer import infer_folder
 
     written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,

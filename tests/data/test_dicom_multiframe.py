@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from aisd_ray.data.synthetic_volumes import write_enhanced_ct
+from aisd_ray.data.synthetic_volumes import write_dicom_series, write_enhanced_ct
 from aisd_ray.data.volume import read_volume
 from tests.helpers import HEAD_SLICES as SLICES
 from tests.helpers import refused, same_volume
@@ -100,3 +100,15 @@ def test_pydicom_datas_real_enhanced_ct_reads(tmp_path):
     rescale = shared.PixelValueTransformationSequence[0]
     expected = ds.pixel_array.astype(np.float64) * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
     assert found.hu.sum(dtype=np.int64) == int(expected.sum())
+
+
+def test_an_enhanced_ct_file_given_itself_reads_and_a_single_image_is_named(tmp_path, case, control):
+    """``infer --input FILE`` of an enhanced CT file reads it as in its folder; one single-frame image
+    given on its own is refused as not a series, by name."""
+    hu, _, spacing = case
+    path = write_enhanced_ct(hu, spacing, tmp_path / "ect" / "volume.dcm", "ect")
+    found = read_volume(path)
+    same_volume(found, control)
+    assert found.case_id == "volume"
+    single = write_dicom_series(hu, spacing, tmp_path / "series", "single")[3]
+    refused(single, r"one DICOM image, not a series: give the folder that holds the series' files")

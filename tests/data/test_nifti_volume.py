@@ -98,6 +98,12 @@ def test_a_sheared_sform_reads_as_a_gantry_tilt_or_is_refused(tmp_path, case):
     path = write(hu, tmp_path / "skew.nii.gz", qform, 1, skew, 2)
     with pytest.raises(VolumeError, match=r"skew\.nii\.gz: a sheared affine .*not supported"):
         read_volume(path)
+    skew_in_plane = qform.copy()  # only the slice's rows and columns skewed (78.7 degrees): not a tilt either
+    skew_in_plane[:3, 1] += 0.2 * qform[:3, 0]
+    path = write(hu, tmp_path / "skew2.nii.gz", qform, 1, skew_in_plane, 1)
+    with pytest.raises(VolumeError, match=r"skew2\.nii\.gz: a sheared affine \(the slices' voxel axes 0 and 1 "
+                                          r"78\.\d+ degrees apart, not 90\): not supported"):
+        read_volume(path)
 
 
 # case 1: NaN outside the field of view

@@ -225,7 +225,7 @@ def test_refuses_images_not_in_hu_and_unreadable_files(tmp_path, case):
     refused(bad, r"bad\.nii\.gz: cannot read NIfTI")
     refused(tmp_path / "absent.nii.gz", r"not found")
     (tmp_path / "x.png").write_bytes(b"x")
-    refused(tmp_path / "x.png", r"neither a DICOM series folder nor a \.nii/\.nii\.gz file")
+    refused(tmp_path / "x.png", r"neither a DICOM series folder, an enhanced CT file nor a \.nii/\.nii\.gz file")
 
 
 def test_read_labels_refuses_another_grid_or_bad_values(tmp_path, case):
