@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("synthesize", help="write synthetic AISD-like data (the original's tree, the raw release, or CT "
                                       "volumes in HU)")
     add_config(p, "demo")
-    p.add_argument("--output", required=True, help="folder to write (AISD/... inside)")
+    p.add_argument("--output", required=True, help="folder to write (the layout's tree inside)")
     p.add_argument("--layout", choices=(*SYNTHETIC_LAYOUTS, "raw-zip"),
                    help="original: the original FlexUNet's {train,valid,test}/{images,masks}; raw: the raw "
                         "release's image/ and mask/ per-case folders; raw-zip: image.zip and mask.zip; "
@@ -264,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_parser("prepare", help="shard AISD slices into TFRecord/Parquet + manifest.json")
     add_config(p)
-    p.add_argument("--source", help="folder with {train,valid,test}/{images,masks}, or the raw release "
-                                    "(image.zip + mask.zip, or image/ + mask/); a local folder or "
-                                    "gs://BUCKET/PREFIX (else data.source_dir)")
+    p.add_argument("--source", help="CT volumes (an nnU-Net raw dataset, DICOM case folders with labels/, the AISD "
+                                    "DICOM release), the raw release (image.zip + mask.zip, or image/ + mask/) or "
+                                    "{train,valid,test}/{images,masks}; a local folder or gs://BUCKET/PREFIX (else "
+                                    "data.source_dir)")
     p.add_argument("--output", help="shard store (else data.shards_dir)")
     p.set_defaults(func=cmd_prepare)
 
