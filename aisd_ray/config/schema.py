@@ -325,9 +325,15 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        from aisd_ray.config.coerce import tomlable
-
         return tomli_w.dumps(tomlable(self.to_dict()))
+
+
+def tomlable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: tomlable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [tomlable(v) for v in value]
+    return value
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # aisd_ray/configs: the shipped TOMLs

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable
 
@@ -197,26 +196,3 @@ def load_pair(name: str, image_path: Path, mask_path: Path, height: int, width: 
         raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                         f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
     return Sample(name, resize_image(image, height, width), resize_labels(labels, height, width))
-
-
-def _stamp(*paths: Path) -> str:
-    return "/".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
-
-
-def _load_labels(mask_path: Path, height: int, width: int, masks: Any) -> np.ndarray:
-    return resize_labels(masks.labels(mask_path, mask_path), height, width)
-
-
-def original_refs(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
-                  rule: Any, split: str = "") -> list[SliceRef]:
-    """The slices of one split of the original's tree, paired by name. ``rule``: a
-    ``masks.MaskRule`` (or the config's ``DataConfig``, or a bare rgb_map); the split's masks are
-    read one way, chosen from all of them at the first load (``aisd_ray.data.masks``)."""
-    from aisd_ray.data.masks import FOLDER_ORDER, SplitMasks
-
-    pairs = pair_by_name(images_dir, masks_dir)
-    name = f"the {split} split ({masks_dir})" if split else str(masks_dir)
-    masks = SplitMasks.of_paths(rule, [mask for _, _, mask in pairs], name, FOLDER_ORDER)
-    return [SliceRef(name, _stamp(image, mask), partial(load_pair, name, image, mask, height, width, channels, masks),
-                     partial(_load_labels, mask, height, width, masks), masks)
-            for name, image, mask in pairs]

@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 
 from aisd_ray.config import DataConfig
-from aisd_ray.data.layout import DataError, categorize, open_image
+from aisd_ray.data.layout import DataError, SliceRef, categorize, load_pair, open_image, pair_by_name, resize_labels
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +270,25 @@ class SplitMasks:
     def labels(self, source: Source, where: str | Path) -> np.ndarray:
         """(H, W) uint8 class ids of one mask of this split, at its own size."""
         return class_ids(read_pixels(source, where), self.reading, self.rule)
+
+
+def _stamp(*paths: Path) -> str:
+    return "/".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+
+
+def _load_labels(mask_path: Path, height: int, width: int, masks: Any) -> np.ndarray:
+    return resize_labels(masks.labels(mask_path, mask_path), height, width)
+
+
+def original_refs(images_dir: str | Path, masks_dir: str | Path, height: int, width: int, channels: int,
+                  rule: Any, split: str = "") -> list[SliceRef]:
+    """The slices of one split of the original's tree, paired by name. ``rule``: a
+    ``masks.MaskRule`` (or the config's ``DataConfig``, or a bare rgb_map); the split's masks are
+    read one way, chosen from all of them at the first load (this module; here, not in ``layout.py``,
+    which ``masks`` stands on)."""
+    pairs = pair_by_name(images_dir, masks_dir)
+    name = f"the {split} split ({masks_dir})" if split else str(masks_dir)
+    masks = SplitMasks.of_paths(rule, [mask for _, _, mask in pairs], name, FOLDER_ORDER)
+    return [SliceRef(name, _stamp(image, mask), partial(load_pair, name, image, mask, height, width, channels, masks),
+                     partial(_load_labels, mask, height, width, masks), masks)
+            for name, image, mask in pairs]

@@ -86,7 +86,7 @@ def read_source(cfg: Config, progress: bool = True) -> tuple[dict[str, list[layo
                                "folds, but the original's tree comes split into folders without patient ids: use the "
                                "raw AISD release or CT volumes")
     dirs = split_dirs(cfg)
-    refs = {split: layout.original_refs(*dirs[split], m.image_height, m.image_width, m.image_channels, d, split)
+    refs = {split: masks.original_refs(*dirs[split], m.image_height, m.image_width, m.image_channels, d, split)
             for split in dirs}
     return refs, {"layout": "original", "splits": {s: list(v) for s, v in dirs.items()}}
 

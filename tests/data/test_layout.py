@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aisd_ray.data.layout import DataError, categorize, original_refs, pair_by_name
+from aisd_ray.data.layout import DataError, categorize, pair_by_name
+from aisd_ray.data.masks import original_refs
 
 
 def _split(images_dir, masks_dir, height, width, channels, rule):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from aisd_ray import storage
-from aisd_ray.data import layout, shards
+from aisd_ray.data import masks, shards
 from aisd_ray.data.layout import DataError
 from aisd_ray.data.prepare import prepare
 from tests.conftest import tiny_config
@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 
 def _split(images_dir, masks_dir, height, width, channels, rule):
     """The number of pairs of a split and its samples, loaded lazily (as prepare reads them)."""
-    refs = layout.original_refs(images_dir, masks_dir, height, width, channels, rule)
+    refs = masks.original_refs(images_dir, masks_dir, height, width, channels, rule)
     return len(refs), (ref.load() for ref in refs)
 
 
