@@ -10,8 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 from aisd_ray.config import builtin_config, load_config  # noqa: E402
-from aisd_ray.data.prepare import prepare  # noqa: E402
-from aisd_ray.data.synthetic import write_synthetic_aisd  # noqa: E402
+from aisd_ray.data.store.prepare import prepare  # noqa: E402
+from aisd_ray.data.synthetic.slices import write_synthetic_aisd  # noqa: E402
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -29,7 +29,7 @@ def tiny_config(*overrides: str):
 def volume_config(layout: str, cases: int, test_cases: int, size: int, slices: int, *overrides: str):
     """The tiny config on a small synthetic CT layout (``nnunet``, ``dicom``...), its official test
     cases as ``data.test_cases`` (as the demo hands them on)."""
-    from aisd_ray.data.synthetic import synthetic_test_cases
+    from aisd_ray.data.synthetic.slices import synthetic_test_cases
 
     cfg = tiny_config(f"synthetic.layout='{layout}'", f"synthetic.num_cases={cases}",
                       f"synthetic.num_test_cases={test_cases}", f"synthetic.size={size}",

@@ -11,7 +11,7 @@ import pytest
 
 from aisd_ray.cli import main
 from aisd_ray.config import AISD_TEST_CASES, builtin_config
-from aisd_ray.data.shards import ShardStore
+from aisd_ray.data.store.shards import ShardStore
 from tests.conftest import tiny_config
 
 TINY = str(builtin_config("tiny"))
