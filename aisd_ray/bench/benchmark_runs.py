@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from aisd_ray.bench.measure import Sizes, bench_config, dataset, demo_config, figure, repeat
 from aisd_ray.bench.gpu_probe import PEAK_FLOPS, flops_per_image
+from aisd_ray.bench.measure import Sizes, bench_config, dataset, demo_config, figure, repeat
 from aisd_ray.config import Config, builtin_config, load_config
 from aisd_ray.core import storage
 

@@ -67,7 +67,7 @@ def evaluate_nifti_folders(predictions_dir: str | Path, masks_dir: str | Path, o
         truth = volume.read_label_volume(truth_path)
         pred = volume.read_label_volume(predicted[case])
         volume.check_same_grid(predicted[case], pred, truth.labels.shape, truth.spacing, truth.geometry,
-                               f"the ground truth {truth_path.name}")
+                               f"the ground truth {truth_path.name}", affine=truth.affine)
         scores = volume_metrics.case_volume_scores(truth.labels > 0, pred.labels > 0, truth.spacing, tolerance_mm)
         rows.append({"case_id": case, "slices": truth.labels.shape[0],
                      "spacing_mm_zyx": " ".join(f"{s:g}" for s in truth.spacing), **scores,

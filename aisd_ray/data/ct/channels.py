@@ -32,10 +32,10 @@ from scipy import ndimage
 
 from aisd_ray.config.schema import CHANNEL_MODES
 from aisd_ray.data.ct.windows import Window, window
+from aisd_ray.data.sources.hu import AIR_HU
+from aisd_ray.data.sources.hu import TISSUE_HU as HEAD_HU  # above it: the head (skin, brain, bone); below: air
 from aisd_ray.data.sources.layout import resize_image
 
-HEAD_HU = -500.0  # above this: the head (skin, brain, bone); below: air
-AIR_HU = -1024.0  # what a mirror brings in from outside the image
 ESTIMATE_PX = 128  # the midline is estimated on a copy of a slice at most this large
 MIN_HEAD_SHARE = 0.4  # a volume's midline: slices whose head is at least this share of the largest
 MAX_SLICES = 9  # a volume's midline: the median over at most this many of those slices, evenly spread

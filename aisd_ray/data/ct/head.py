@@ -4,7 +4,7 @@ Hounsfield units alone (no trained model), and the figures the QA gate (``qa.py`
 Input: a canonical volume (``volume.Volume.hu``: (Z, Y, X) int16 HU, z inferior to superior) and its
 spacing (z, y, x) mm. The rules, each with its reason:
 
-- **head** (the body in the field of view): voxels above ``AIR_HU`` (-500 HU, halfway between air,
+- **head** (the body in the field of view): voxels above ``hu.TISSUE_HU`` (-500 HU, halfway between air,
   -1000, and fat, -100: any tissue is above it, air and the air-filled table padding below), the
   largest 3-D connected component (6-connected: the patient; a head holder, a table or a blanket
   touching nothing is left out), its holes filled slice by slice (sinuses, mastoid air cells and the
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-AIR_HU = -500
+from aisd_ray.data.sources.hu import TISSUE_HU
+
 BONE_HU = 300
 SOFT_HU = (-20, 100)
 CLOSE_MM = 2.0
@@ -74,7 +75,7 @@ class HeadModel:
 
 
 def _head_mask(hu: np.ndarray) -> np.ndarray:
-    tissue = hu > AIR_HU
+    tissue = hu > TISSUE_HU
     labels, n = ndimage.label(tissue)
     if n == 0:
         return tissue

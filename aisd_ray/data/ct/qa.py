@@ -28,11 +28,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
-import pydicom
-import pydicom.errors
 
 from aisd_ray.data.ct.head import HeadModel
-from aisd_ray.data.sources.dicom_series import dicom_files
 from aisd_ray.data.sources.volume_base import Finding, Volume, VolumeError
 
 log = logging.getLogger(__name__)
@@ -53,7 +50,6 @@ TOLERANCES = {
                       "training (another reconstruction field)"),
 }
 DOMAIN_KEYS = tuple(TOLERANCES)
-CONTRAST_TAGS = ("ContrastBolusAgent", "ContrastBolusAgentSequence")
 
 
 def case_domain(vol: Volume, head: HeadModel) -> dict[str, float | None]:
@@ -122,33 +118,12 @@ def domain_findings(values: dict[str, Any], domain: dict[str, Any] | None) -> li
     return found
 
 
-def contrast_named(vol: Volume) -> bool | None:
-    """Whether the first DICOM file of ``vol`` (a series folder, or one multi-frame file) names a
-    contrast agent (True/False); None for NIfTI, which has no such header, or a header that cannot
-    be read again. The agent's text is never returned."""
-    if vol.kind != "dicom":
-        return None
-    source = Path(vol.source)
-    files = [source] if source.is_file() else dicom_files(source) if source.is_dir() else []
-    try:
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True, specific_tags=list(CONTRAST_TAGS))
-    except (IndexError, OSError, ValueError, EOFError, pydicom.errors.InvalidDicomError):
-        return None
-    return any(tag in ds and ds[tag].value not in (None, "", []) for tag in CONTRAST_TAGS)
-
-
 def physics_findings(vol: Volume, head: HeadModel) -> list[Finding]:
     """The reader's own findings, then the contrast and coverage checks (no export needed)."""
-    found = list(getattr(vol, "findings", ()) or ())
-    named = contrast_named(vol)
-    if named is None:
-        why = ("no DICOM header to check for a contrast agent (NIfTI)" if vol.kind != "dicom" else
-               "the DICOM header could not be read again for the contrast check")
-        found.append(Finding("contrast_agent", "skipped", None, False, why))
-    else:
-        found.append(Finding("contrast_agent", "warn" if named else "pass", named, False,
-                             "a contrast agent is named in the DICOM header; the model knows non-contrast CT"
-                             if named else "no contrast agent named in the DICOM header"))
+    found = list(getattr(vol, "findings", ()) or ())  # a DICOM reader's include its contrast check
+    if not any(f.check == "contrast_agent" for f in found):
+        found.append(Finding("contrast_agent", "skipped", None, False,
+                             "no DICOM header to check for a contrast agent (NIfTI)"))
     ml = round(head.intracranial_ml, 1)
     if ml < MIN_INTRACRANIAL_ML:
         what = "no intracranial space found: not a head CT" if ml == 0 else \

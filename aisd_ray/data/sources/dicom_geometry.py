@@ -126,3 +126,28 @@ def tilt_findings(folder: Path, tilt: float) -> tuple[Finding, ...]:
     return (Finding("gantry_tilt", "pass", value=round(tilt, 2), expected=None,
                     message=f"gantry tilt {tilt:.2f} degrees: slices sheared, z spacing taken along the slice "
                             "normal"),)
+
+
+def odd_ones(values, atol: float = 1e-4) -> list[int]:
+    """The indices of ``values`` ((n, k) numbers: each slice's ImageOrientationPatient or
+    PixelSpacing) that differ by more than ``atol`` in any component from the value most of them
+    share (the one with the most others within ``atol``): a localizer or another image among a
+    series' slices. Within ``atol`` counts as equal, so float noise in a header never splits a series."""
+    values = np.asarray(values, np.float64).reshape(len(values), -1)
+    close = np.all(np.abs(values[:, None, :] - values[None, :, :]) <= atol, axis=-1)
+    reference = int(np.argmax(close.sum(axis=1)))
+    return [int(i) for i in np.flatnonzero(~close[reference])]
+
+
+CONTRAST_TAGS = ("ContrastBolusAgent", "ContrastBolusAgentSequence")
+
+
+def contrast_findings(datasets) -> tuple[Finding, ...]:
+    """The contrast check of the QA gate, made on the headers a DICOM reader has parsed already
+    (``datasets``: pydicom datasets, every slice's or one multi-frame file's): "warn" when any of them
+    names a contrast agent (ContrastBolusAgent or its sequence), else "pass". Whether one is named is
+    recorded, never its text."""
+    named = any(tag in ds and ds[tag].value not in (None, "", []) for ds in datasets for tag in CONTRAST_TAGS)
+    message = ("a contrast agent is named in the DICOM header; the model knows non-contrast CT" if named
+               else "no contrast agent named in the DICOM header")
+    return (Finding("contrast_agent", "warn" if named else "pass", named, False, message),)

@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from aisd_ray.data.sources.dicom_geometry import slice_grid, tilt_findings
+from aisd_ray.data.sources.dicom_geometry import contrast_findings, odd_ones, slice_grid, tilt_findings
 from aisd_ray.data.sources.volume_base import Volume, VolumeError, as_hu, build_volume
 
 ENHANCED_CT = frozenset({"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
@@ -87,10 +87,10 @@ def read_multiframe(folder: Path, headers: list[tuple[Path, pydicom.Dataset]], c
     spacing = _frames_vec(path, head, n, "PixelMeasuresSequence", "PixelSpacing")
     positions = _frames_vec(path, head, n, "PlanePositionSequence", "ImagePositionPatient")
     for name, values in (("ImageOrientationPatient", orientation), ("PixelSpacing", spacing)):
-        odd = np.flatnonzero(~np.all(np.isclose(values, values[0], atol=1e-4), axis=1))
-        if odd.size:
-            raise VolumeError(f"{path}: frames differ in {name} (frames 1 and {odd[0] + 1}); one orientation and "
-                              "pixel spacing expected")
+        odd = odd_ones(values)
+        if odd:
+            raise VolumeError(f"{path}: {len(odd)} of {n} frame(s) differ from the others in {name} (e.g. frame "
+                              f"{odd[0] + 1}); one orientation and pixel spacing expected")
     thickness = _item(head, 0, "PixelMeasuresSequence", "SliceThickness")
     grid = slice_grid(path, orientation[0], positions, [f"frame {k + 1}" for k in range(n)],
                       float(thickness) if thickness else 1.0)
@@ -115,4 +115,6 @@ def read_multiframe(folder: Path, headers: list[tuple[Path, pydicom.Dataset]], c
     image.SetSpacing((float(spacing[0][1]), float(spacing[0][0]), grid.step))
     image.SetOrigin(tuple(float(v) for v in grid.origin))
     image.SetDirection(grid.direction)
-    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, tilt_findings(folder, grid.tilt_deg))
+    findings = tilt_findings(folder, grid.tilt_deg) + contrast_findings([head])
+    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, findings,
+                        positions=positions[grid.order])  # the exact (sheared under a tilt) affine

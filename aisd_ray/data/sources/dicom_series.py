@@ -24,7 +24,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from aisd_ray.data.sources.dicom_geometry import slice_grid, tilt_findings
+from aisd_ray.data.sources.dicom_geometry import contrast_findings, odd_ones, slice_grid, tilt_findings
 from aisd_ray.data.sources.dicom_multiframe import is_multiframe, read_multiframe
 from aisd_ray.data.sources.layout import is_metadata
 from aisd_ray.data.sources.volume_base import Volume, VolumeError, as_hu, build_volume, one_line
@@ -126,10 +126,9 @@ def _check_series(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]) -> 
         for path, ds in headers:
             if keyword not in ds:
                 raise VolumeError(f"{path}: no {keyword}")
-        values = [tuple(np.round(_vec(ds, keyword, path), 4)) if keyword in ("ImageOrientationPatient", "PixelSpacing")
-                  else ds[keyword].value for path, ds in headers]
-        common = max(set(values), key=values.count)
-        odd = [path.name for (path, _), value in zip(headers, values) if value != common]
+        values = [_vec(ds, keyword, path) if keyword in ("ImageOrientationPatient", "PixelSpacing")
+                  else [float(ds[keyword].value)] for path, ds in headers]
+        odd = [headers[i][0].name for i in odd_ones(values)]
         if odd:
             raise VolumeError(f"{folder}: {len(odd)} of {len(headers)} file(s) differ from the others in {keyword} "
                               f"(e.g. {odd[0]}): a localizer (scout) or another image under the same series? one "
@@ -137,13 +136,14 @@ def _check_series(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]) -> 
 
 
 def _order(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]):
-    """The slices' grid (``dicom_geometry.slice_grid``) and their files in its order."""
+    """The slices' grid (``dicom_geometry.slice_grid``), their files and ImagePositionPatient ((n, 3)
+    LPS mm) in its order."""
     first_path, first = headers[0]
     positions = np.stack([_vec(ds, "ImagePositionPatient", path) for path, ds in headers])
     thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
     grid = slice_grid(folder, _vec(first, "ImageOrientationPatient", first_path), positions,
                       [path.name for path, _ in headers], thickness)
-    return grid, [headers[i][0] for i in grid.order]
+    return grid, [headers[i][0] for i in grid.order], positions[grid.order]
 
 
 def _rescale_cause(headers: list[tuple[Path, pydicom.Dataset]]) -> str:
@@ -161,7 +161,7 @@ def read_dicom(folder: Path, case_id: str) -> Volume:
     if any(is_multiframe(ds) for _, ds in headers):
         return read_multiframe(folder, headers, case_id)
     _check_series(folder, headers)
-    grid, paths = _order(folder, headers)
+    grid, paths, positions = _order(folder, headers)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in paths])
     reader.SetSpacingWarningRelThreshold(1.0)  # the spacing is checked above, ITK's warning would only leak
@@ -177,7 +177,6 @@ def read_dicom(folder: Path, case_id: str) -> Volume:
     image.SetOrigin(tuple(float(v) for v in grid.origin))
     image.SetDirection(grid.direction)
     hu = as_hu(sitk.GetArrayFromImage(image), folder, _rescale_cause(headers))
-    by_path = dict(headers)  # the slices' positions, in order: the exact (sheared under a tilt) affine
-    positions = np.stack([_vec(by_path[p], "ImagePositionPatient", p) for p in paths])
-    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, tilt_findings(folder, grid.tilt_deg),
-                        positions=positions)
+    findings = tilt_findings(folder, grid.tilt_deg) + contrast_findings(ds for _, ds in headers)
+    return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, findings,
+                        positions=positions)  # the exact (sheared under a tilt) affine

@@ -32,12 +32,13 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from aisd_ray.data.sources.volume_base import (CANONICAL, NIFTI_GEOMETRY_FIELDS, Finding, Geometry, NiftiGeometry,
-                                               Volume, VolumeError, as_hu, build_volume, canonical_affine, is_nifti)
+from aisd_ray.data.sources.dicom_geometry import tilt_findings
+from aisd_ray.data.sources.hu import AIR_HU
+from aisd_ray.data.sources.volume_base import (CANONICAL, LPS_TO_RAS, NIFTI_GEOMETRY_FIELDS, Finding, Geometry,
+                                               NiftiGeometry, Volume, VolumeError, as_hu, build_volume,
+                                               canonical_affine, is_nifti)
 
 log = logging.getLogger(__name__)
-NON_FINITE_HU = -1024  # what a NaN or infinite voxel outside the field of view becomes: air
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # NIfTI is RAS+, DICOM and ITK LPS+: x and y change sign
 ORTHOGONAL_COS = 1e-3  # two axes whose directions' cosine is below this are orthogonal (0.06 degrees: rounded
 # ImageOrientationPatient values in a converted series stay within it)
 
@@ -133,7 +134,7 @@ def read_nifti_file(path: Path) -> NiftiFile:
         raise VolumeError(f"{path}: a {values.ndim}-D NIfTI: one CT volume expected")
     if values.dtype.kind not in "biuf":
         raise VolumeError(f"{path}: voxel type {values.dtype}: a real-valued volume expected")
-    affine = RAS_TO_LPS @ np.asarray(img.affine, np.float64)
+    affine = LPS_TO_RAS @ np.asarray(img.affine, np.float64)  # RAS -> LPS: the same sign flip
     spacing, origin, direction, axis, tilt = rigid_grid(affine, path)
     image = sitk.GetImageFromArray(np.zeros(values.shape[::-1], np.uint8))
     image.SetSpacing(spacing)
@@ -167,11 +168,6 @@ def read_nifti(path: Path, case_id: str) -> Volume:
     finite = values[~bad]
     if count and not finite.size:
         raise VolumeError(f"{path}: every voxel is NaN or infinite; not a CT in Hounsfield units")
-    if finite.size and float(finite.min()) >= 0:
-        # A head CT in HU holds air (about -1000 HU) around the head: no negative value at all means
-        # another scale (0..1 normalised, 8-bit windowed, or stored values without their intercept).
-        raise VolumeError(f"{path}: values {float(finite.min()):g}..{float(finite.max()):g} are not Hounsfield "
-                          "units (no air below 0 HU: a normalised, windowed or unscaled image?)")
     as_hu(finite, path)  # the HU check of every reader, on the finite values: before non-finite ones become air
     findings = ()
     if count:
@@ -179,11 +175,11 @@ def read_nifti(path: Path, case_id: str) -> Volume:
         if enclosed:
             raise VolumeError(f"{path}: {enclosed} NaN or infinite voxels enclosed by the image (a hole inside the "
                               "field of view); only non-finite voxels reaching a slice's edge are taken as air")
-        message = f"{count} non-finite voxels (NaN/inf) set to {NON_FINITE_HU} HU (air)"
-        log.warning("case %s: %s", case_id, message)
+        message = f"{count} non-finite voxels (NaN/inf) set to {AIR_HU:g} HU (air)"  # logged by the QA gate
         findings = (Finding("non_finite_voxels", "warn", value=count, message=message),)
-        values = np.where(bad, NON_FINITE_HU, values)
+        values = np.where(bad, AIR_HU, values)
     hu = as_hu(values.transpose(2, 1, 0), path)
+    findings += tilt_findings(path, found.tilt_deg)  # a sheared sform: read as a gantry-tilted series is
     return build_volume(found.image, hu, case_id, path, "nifti", found.tilt_deg, affine=found.affine,
                         nifti=found.header, findings=findings)
 

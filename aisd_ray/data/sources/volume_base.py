@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from aisd_ray.data.sources.hu import TISSUE_HU
 from aisd_ray.data.sources.layout import DataError
 
 CANONICAL = "LPS"
@@ -164,7 +165,7 @@ def one_line(exc: BaseException) -> str:
     return reason.removeprefix("sitk::ERROR:").strip()[:300]
 
 
-AIR_HU = -500.0  # a head CT in HU holds air (about -1000 HU) around the head or in its sinuses: below this
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # NIfTI is RAS+, DICOM and ITK LPS+: x and y change sign (its own inverse)
 
 
 def as_hu(values: np.ndarray, where: Path, cause: str = "") -> np.ndarray:
@@ -175,7 +176,7 @@ def as_hu(values: np.ndarray, where: Path, cause: str = "") -> np.ndarray:
 
     Raises VolumeError for NaN or infinite values, values beyond int16, and values that are not HU:
     none below 0 (no air: a 0..1 normalised, 8-bit windowed, or unscaled image, such as DICOM
-    stored values HU + 1024 without their intercept), or a lowest value above ``AIR_HU`` (no air
+    stored values HU + 1024 without their intercept), or a lowest value above ``hu.TISSUE_HU`` (no air
     at all: a z-scored, windowed or brain-only image)."""
     if not np.all(np.isfinite(values)):
         raise VolumeError(f"{where}: NaN or infinite values; not a CT in Hounsfield units")
@@ -189,8 +190,8 @@ def as_hu(values: np.ndarray, where: Path, cause: str = "") -> np.ndarray:
     if float(values.min()) >= 0:
         raise VolumeError(f"{where}: values {shown} are not Hounsfield units (no air below 0 HU: "
                           f"{cause or 'a normalised, windowed or unscaled image?'})")
-    if lo > AIR_HU:
-        raise VolumeError(f"{where}: values {shown} are not Hounsfield units (no air: nothing below {AIR_HU:g} HU, "
+    if lo > TISSUE_HU:  # a head CT holds air (about -1000 HU) around the head or in its sinuses
+        raise VolumeError(f"{where}: values {shown} are not Hounsfield units (no air: nothing below {TISSUE_HU:g} HU, "
                           f"where a head CT's air lies at about -1000 HU: "
                           f"{cause or 'a normalised, windowed or brain-only image?'})")
     return rounded.astype(np.int16)

@@ -29,10 +29,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from aisd_ray.data.sources.volume import Volume, VolumeError
-from aisd_ray.data.sources.volume_base import grid_affine
+from aisd_ray.data.sources.volume_base import LPS_TO_RAS, grid_affine
 
 HEADER_NOTE = "aisd-ray"  # what a written NIfTI's descrip field says
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SCANNER = 1  # NIFTI_XFORM_SCANNER_ANAT: DICOM's patient coordinates
 
 

@@ -159,6 +159,24 @@ def test_an_enhanced_ct_file_reads_as_its_series(tmp_path, case, control):
     assert (found.kind, found.case_id) == ("dicom", "ect")
 
 
+def test_a_tilted_enhanced_ct_file_keeps_its_frames_exact_affine(tmp_path, case):
+    """The frames of a 15-degree tilted enhanced CT: the Volume's exact affine steps from frame to
+    frame as their positions do (sheared), so its mask lies on each frame, as a series' does."""
+    hu, _, spacing = case
+    path = write_enhanced_ct(hu, spacing, tmp_path / "ect" / "volume.dcm", "ect")
+    ds = pydicom.dcmread(path)
+    c, s = np.cos(np.radians(15)), np.sin(np.radians(15))
+    ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, c, -s]
+    ds.save_as(path)
+    found = read_volume(tmp_path / "ect")
+    assert found.gantry_tilt_deg == pytest.approx(15, abs=1e-3)
+    frames = np.stack(sorted((np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float)
+                              for f in ds.PerFrameFunctionalGroupsSequence), key=lambda p: p[2]))
+    np.testing.assert_allclose(found.affine[:3, 2], frames[1] - frames[0], atol=1e-4)
+    np.testing.assert_allclose(found.affine[:3, 3], frames[0], atol=1e-4)
+    assert [f.check for f in found.findings] == ["gantry_tilt", "contrast_agent"]
+
+
 def test_enhanced_ct_frames_are_checked_as_a_series_slices(tmp_path, case):
     hu, _, spacing = case
     path = write_enhanced_ct(hu, spacing, tmp_path / "dup" / "volume.dcm", "dup")
@@ -284,13 +302,14 @@ def test_gantry_tilt_is_a_finding_and_a_log_line(tmp_path, case, caplog):
     write_dicom_series(hu, spacing, tmp_path / "tilt", "tilt", tilt_deg=15.0)
     with caplog.at_level("INFO", logger="aisd_ray.data.sources.dicom_geometry"):
         found = read_volume(tmp_path / "tilt")
-    (finding,) = found.findings
+    finding, contrast = found.findings  # the reader notes the tilt, and makes the QA gate's contrast check
+    assert (contrast.check, contrast.status) == ("contrast_agent", "pass")
     assert (finding.check, finding.status, finding.value, finding.expected) == ("gantry_tilt", "pass", 15.0, None)
     assert finding.message.startswith("gantry tilt 15.00 degrees: ")
     lines = [r.getMessage() for r in caplog.records if "gantry tilt" in r.getMessage()]
     assert len(lines) == 1 and str(tmp_path / "tilt") in lines[0] and "15.00 degrees" in lines[0]
     write_dicom_series(hu, spacing, tmp_path / "flat", "flat")
-    assert read_volume(tmp_path / "flat").findings == ()
+    assert [f.check for f in read_volume(tmp_path / "flat").findings] == ["contrast_agent"]
 
 
 # right today and to stay right
@@ -347,6 +366,21 @@ def test_pixel_padding_value_minus_2000_stays_as_written(tmp_path, case):
         ds.add_new(0x00280120, "SS", -2000)  # PixelPaddingValue, signed as the pixels
         ds.save_as(path)
     np.testing.assert_array_equal(read_volume(tmp_path / "pad").hu, padded)
+
+
+def test_float_noise_in_orientation_and_spacing_never_splits_a_series(tmp_path, case, control):
+    """Headers written by another converter: slices whose ImageOrientationPatient and PixelSpacing
+    differ by a few millionths, on either side of a 4th-decimal rounding boundary, are one series."""
+    hu, _, spacing = case
+    written = write_dicom_series(hu, spacing, tmp_path / "noisy", "noisy")
+    for k, path in enumerate(written):
+        ds = pydicom.dcmread(path)
+        wobble = 0.99995 + (2e-6 if k % 2 else -2e-6)  # 0.999952 and 0.999948: 1.0 and 0.9999 at 4 decimals
+        ds.ImageOrientationPatient = [wobble, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [spacing[1] + (3e-6 if k % 2 else 0), spacing[2]]
+        ds.save_as(path)
+    found = read_volume(tmp_path / "noisy")
+    np.testing.assert_array_equal(found.hu, control.hu)
 
 
 def test_a_scout_under_the_same_series_uid_is_named_as_another_orientation(tmp_path, case):
