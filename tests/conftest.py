@@ -22,6 +22,13 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.module is None or item.module.__name__ not in slow)
 
 
+def one_error_line(capsys) -> str:
+    """The one line a refused command wrote to stderr (no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
 def tiny_config(*overrides: str):
     return load_config(builtin_config("tiny"), list(overrides))
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from aisd_ray.cli import main
 from aisd_ray.config import builtin_config
+from tests.conftest import one_error_line
 
 TINY = str(builtin_config("tiny"))
 
@@ -31,11 +32,6 @@ def train(shards, output, *sets):
         args += ["--set", item]
     return main(args)
 
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def test_a_shard_with_flipped_bytes_is_named_before_training(store, tmp_path, capsys):

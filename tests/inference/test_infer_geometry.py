@@ -12,6 +12,7 @@ from aisd_ray.data.sources import volume
 from aisd_ray.data.synthetic.volumes import write_dicom_series, write_nifti_case
 from aisd_ray.inference.infer_volumes import infer_volumes
 from aisd_ray.scoring.volume_metrics import volume_ml
+from tests.inference.conftest import head_with_block as _head_with_block
 
 SPACING = (5.0, 0.9, 0.8)
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -45,15 +46,6 @@ class WaterBlindModel(BlockModel):
 
     water = True
 
-
-def _head_with_block():
-    """(HU (7, 80, 72) int16, truth bool): air, a 36 HU head, an 86 HU block on slices 2..4."""
-    hu = np.full((7, 80, 72), -1000, np.int16)
-    hu[:, 8:72, 6:66] = 36
-    truth = np.zeros(hu.shape, bool)
-    truth[2:5, 20:40, 30:50] = True
-    hu[truth] = 86
-    return hu, truth
 
 
 def _layer_ml(truth, spacing) -> float:

@@ -15,6 +15,7 @@ from aisd_ray.data.sources import volume
 from aisd_ray.data.synthetic.volumes import synth_volume, write_dicom_series, write_nifti_case
 from aisd_ray.inference.infer_volumes import infer_volumes
 from aisd_ray.scoring.volume_metrics import volume_ml
+from tests.inference.conftest import head_with_block as _head_with_block
 
 SPACING = (5.0, 0.9, 0.8)
 
@@ -39,16 +40,6 @@ class ThresholdModel:
         lesion = (np.asarray(batch)[..., 0] > 127).astype(np.float32)
         return {"probabilities": _Probabilities(np.stack([1 - lesion, lesion], axis=-1))}
 
-
-def _head_with_block():
-    """(HU (7, 80, 72) int16, truth bool): air, a 36 HU head, an 86 HU block on slices 2..4 (even
-    values: the series is stored with RescaleSlope 2)."""
-    hu = np.full((7, 80, 72), -1000, np.int16)
-    hu[:, 8:72, 6:66] = 36
-    truth = np.zeros(hu.shape, bool)
-    truth[2:5, 20:40, 30:50] = True
-    hu[truth] = 86
-    return hu, truth
 
 
 def _layer_ml(truth) -> float:

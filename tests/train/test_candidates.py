@@ -16,15 +16,11 @@ from aisd_ray.cli import main
 from aisd_ray.config import TrainConfig, builtin_config
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train import loop
+from tests.conftest import one_error_line
 
 TINY = str(builtin_config("tiny"))
 NAN = float("nan")
 
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def warnings(caplog) -> list[str]:

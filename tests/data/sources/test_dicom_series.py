@@ -14,8 +14,9 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from aisd_ray.data.sources.dicom_series import dicom_files
 from aisd_ray.data.sources.layout import DataError, is_metadata
-from aisd_ray.data.sources.volume import VolumeError, is_dicom_series, list_cases, read_volume
+from aisd_ray.data.sources.volume import is_dicom_series, list_cases, read_volume
 from aisd_ray.data.synthetic.volumes import synth_volume, write_dicom_series, write_enhanced_ct, write_nifti_case
+from tests.data.sources.conftest import refused
 
 SIZE, SLICES = 64, 8
 
@@ -33,14 +34,6 @@ def control(case, tmp_path_factory):
     write_dicom_series(hu, spacing, folder, "plain")
     return read_volume(folder)
 
-
-def refused(path, match):
-    """The VolumeError read_volume raises for ``path``: one line, naming it."""
-    with pytest.raises(VolumeError, match=match) as info:
-        read_volume(path)
-    assert "\n" not in str(info.value) and str(path) in str(info.value)
-    assert isinstance(info.value, DataError)
-    return str(info.value)
 
 
 def same_volume(found, control):

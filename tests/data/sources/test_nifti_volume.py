@@ -11,6 +11,7 @@ import pytest
 from aisd_ray.data.sources.volume import VolumeError, read_label_volume, read_labels, read_volume
 from aisd_ray.data.sources.volume_base import Finding
 from aisd_ray.data.synthetic.volumes import synth_volume, write_nifti_case
+from tests.data.sources.conftest import rigid
 
 SIZE, SLICES = 64, 8
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -27,16 +28,6 @@ def plain_affine(shape, spacing, z0=-37.5):
     lps[:3, 3] = (-(shape[2] - 1) / 2 * spacing[2], -(shape[1] - 1) / 2 * spacing[1], z0)
     return LPS_RAS @ lps
 
-
-def rigid(degrees, axis, shift):
-    """A RAS world transform: a rotation by ``degrees`` about ``axis`` then a shift (mm)."""
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    t = np.radians(degrees)
-    out = np.eye(4)
-    out[:3, :3] = np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
-    out[:3, 3] = shift
-    return out
 
 
 def write(array, path, qform, qcode=1, sform=None, scode=0, dtype=None, slope=None, inter=None, text=False):

@@ -16,10 +16,10 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import generate_uid
 
 from aisd_ray.data.sources import volume as vol
-from aisd_ray.data.sources.layout import DataError
 from aisd_ray.data.sources.volume import VolumeError, list_cases, read_labels, read_volume
 from aisd_ray.data.sources.volume_write import to_input_geometry, write_image, write_nifti
 from aisd_ray.data.synthetic.volumes import synth_volume, write_dicom_series, write_nifti_case
+from tests.data.sources.conftest import refused
 
 SIZE, SLICES = 64, 8
 
@@ -32,14 +32,6 @@ def case():
 def headers(folder):
     return [(p, pydicom.dcmread(p)) for p in sorted(Path(folder).iterdir())]
 
-
-def refused(path, match):
-    """The VolumeError read_volume raises for ``path``: one line, naming the path."""
-    with pytest.raises(VolumeError, match=match) as info:
-        read_volume(path)
-    assert "\n" not in str(info.value) and str(path) in str(info.value)
-    assert isinstance(info.value, DataError)
-    return str(info.value)
 
 
 @pytest.mark.parametrize("slope, intercept", [(1, -1024), (2, -1024)])

@@ -14,6 +14,7 @@ from aisd_ray.data.sources.volume import read_labels, read_volume
 from aisd_ray.data.sources.volume_base import NIFTI_GEOMETRY_FIELDS, grid_affine
 from aisd_ray.data.sources.volume_write import to_input_geometry, write_image, write_nifti
 from aisd_ray.data.synthetic.volumes import synth_volume, write_dicom_series, write_nifti_case
+from tests.data.sources.conftest import rigid
 
 SIZE, SLICES = 64, 8
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -23,16 +24,6 @@ LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 def case():
     return synth_volume(5, "0042", SIZE, SLICES)  # (hu, labels, spacing (z, y, x))
 
-
-def rigid(degrees, axis, shift):
-    """A RAS world transform: a rotation by ``degrees`` about ``axis``, then a shift (mm)."""
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    t = np.radians(degrees)
-    out = np.eye(4)
-    out[:3, :3] = np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
-    out[:3, 3] = shift
-    return out
 
 
 def recoded(path, qcode, scode, moved, text=False):
