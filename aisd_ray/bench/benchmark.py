@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from aisd_ray.bench.measure import Sizes, bench_config, dataset, demo_config, figure, repeat
+from aisd_ray.bench.measure import Sizes, bench_config, dataset, demo_config, figure, repeat, slices_source
 from aisd_ray.config import Config
 from aisd_ray.core import storage
 
@@ -64,7 +64,7 @@ def prepare_speed(cfg: Config, root: Path, sizes: Sizes, object_store: str | Non
     targets = {"local": str(root / "prepare-speed")} | ({"object_store": object_store} if object_store else {})
     out, runs = [], itertools.count()
     for fmt in ("parquet", "tfrecord"):
-        src = _source(cfg, root, sizes.prepare_slices, fmt)
+        src = slices_source(cfg, root, sizes.prepare_slices, fmt)
         for target, base in targets.items():
             def once(base=base, src=src) -> float:
                 started = time.perf_counter()
@@ -141,7 +141,7 @@ def input_pipeline(cfg: Config, root: Path, sizes: Sizes) -> list[dict[str, Any]
         out.append(figure(f"first_batch_{name}_ray_data", "s", first[1:], first_epoch_seconds=first[0],
                           what="time to the first batch of every epoch after the first"))
     # the original's loader holds the whole split in memory: timed on the smaller prepare split
-    source = Path(_source(cfg, root, sizes.prepare_slices, "parquet").data.source_dir) / "train"
+    source = Path(slices_source(cfg, root, sizes.prepare_slices, "parquet").data.source_dir) / "train"
 
     def naive() -> float:
         started = time.perf_counter()

@@ -47,7 +47,7 @@ def repeat(fn: Callable[[], float], repeats: int, warmup: int = 1) -> list[float
     return [fn() for _ in range(repeats)]
 
 
-def _source(cfg: Config, root: Path, slices: int, fmt: str) -> Config:
+def slices_source(cfg: Config, root: Path, slices: int, fmt: str) -> Config:
     """A copy of ``cfg`` reading synthetic slices at the model size, written once per (slices, size)."""
     from aisd_ray.data.synthetic.slices import write_synthetic_aisd
 
@@ -66,7 +66,7 @@ def dataset(cfg: Config, root: Path, slices: int, fmt: str, encoding: str | None
     """Synthetic slices at the model size, sharded once per (slices, size, format, row encoding)."""
     from aisd_ray.data.store.prepare import prepare
 
-    src = _source(cfg, root, slices, fmt)
+    src = slices_source(cfg, root, slices, fmt)
     src.data.row_encoding = encoding or cfg.data.row_encoding
     out = str(root / f"shards-{slices}-{cfg.model.image_height}-{fmt}-{src.data.row_encoding}")
     prepare(src, out, progress=False)
