@@ -10,8 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 from aisd_ray.config import builtin_config, load_config  # noqa: E402
-from aisd_ray.data.prepare import prepare  # noqa: E402
-from aisd_ray.data.synthetic import write_synthetic_aisd  # noqa: E402
+from aisd_ray.data.store.prepare import prepare  # noqa: E402
+from aisd_ray.data.synthetic.slices import write_synthetic_aisd  # noqa: E402
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -22,6 +22,13 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.module is None or item.module.__name__ not in slow)
 
 
+def one_error_line(capsys) -> str:
+    """The one line a refused command wrote to stderr (no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
 def tiny_config(*overrides: str):
     return load_config(builtin_config("tiny"), list(overrides))
 
@@ -29,7 +36,7 @@ def tiny_config(*overrides: str):
 def volume_config(layout: str, cases: int, test_cases: int, size: int, slices: int, *overrides: str):
     """The tiny config on a small synthetic CT layout (``nnunet``, ``dicom``...), its official test
     cases as ``data.test_cases`` (as the demo hands them on)."""
-    from aisd_ray.data.synthetic import synthetic_test_cases
+    from aisd_ray.data.synthetic.slices import synthetic_test_cases
 
     cfg = tiny_config(f"synthetic.layout='{layout}'", f"synthetic.num_cases={cases}",
                       f"synthetic.num_test_cases={test_cases}", f"synthetic.size={size}",

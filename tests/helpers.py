@@ -34,8 +34,8 @@ def rigid(degrees, axis, shift):
 
 def refused(path, match):
     """The VolumeError ``read_volume`` raises for ``path``: one line, naming the path, a DataError."""
-    from aisd_ray.data.layout import DataError
-    from aisd_ray.data.volume import VolumeError, read_volume
+    from aisd_ray.data.sources.layout import DataError
+    from aisd_ray.data.sources.volume import VolumeError, read_volume
 
     with pytest.raises(VolumeError, match=match) as info:
         read_volume(path)
@@ -59,7 +59,7 @@ def layer_ml(truth, spacing) -> float:
     """One in-plane voxel layer around the lesion, in mL: the tolerance of a resize to the model and back."""
     from scipy import ndimage
 
-    from aisd_ray.volume_metrics import volume_ml
+    from aisd_ray.scoring.volume_metrics import volume_ml
 
     return volume_ml(ndimage.binary_dilation(truth, np.ones((1, 3, 3))) & ~truth, spacing)
 
@@ -95,7 +95,7 @@ class ThresholdModel:
 def copy_export(export_uri, to: Path, **changes) -> str:
     """A copy of the export at ``to`` whose export.json has ``changes`` (a value None: the key left
     out, as an export written before it was recorded)."""
-    from aisd_ray.export import INFO
+    from aisd_ray.inference.export import INFO
 
     shutil.copytree(export_uri, to)
     info = json.loads((to / INFO).read_text())

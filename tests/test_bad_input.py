@@ -13,6 +13,7 @@ from PIL import Image
 
 from aisd_ray.cli import main
 from aisd_ray.config import builtin_config
+from tests.conftest import one_error_line
 
 TINY = str(builtin_config("tiny"))
 
@@ -31,11 +32,6 @@ def train(shards, output, *sets):
         args += ["--set", item]
     return main(args)
 
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def test_a_shard_with_flipped_bytes_is_named_before_training(store, tmp_path, capsys):
@@ -142,7 +138,7 @@ def test_prepare_refuses_a_mask_in_another_palette_and_a_16_bit_image(synthetic_
     assert "(220, 20, 20)" in line
     # the failed rewrite left the good store as it was: same manifest, every shard verifies
     assert (store / "manifest.json").read_text() == manifest
-    from aisd_ray.data.shards import ShardStore
+    from aisd_ray.data.store.shards import ShardStore
 
     ShardStore.open(str(store), checksums=True)
     shutil.copy(synthetic_root / "train" / "masks" / mask.name, mask)
@@ -236,7 +232,7 @@ def test_prepare_names_a_raw_release_zip_that_is_not_a_zip(tmp_path, capsys):
 
 
 def test_prepare_names_a_raw_label_outside_0_to_5(tmp_path, capsys):
-    from aisd_ray.data.synthetic import write_synthetic_raw
+    from aisd_ray.data.synthetic.slices import write_synthetic_raw
     from tests.conftest import tiny_config
 
     write_synthetic_raw(tmp_path / "raw", tiny_config().synthetic, ["1000001", "1000002", "1000003"], slices=2,

@@ -14,8 +14,8 @@ from PIL import Image
 
 from aisd_ray.cli import main
 from aisd_ray.config import builtin_config
-from aisd_ray.data import shards
-from aisd_ray.data.synthetic import write_synthetic_raw
+from aisd_ray.data.store import shards
+from aisd_ray.data.synthetic.slices import write_synthetic_raw
 from tests.conftest import tiny_config
 from tests.test_bad_input import one_error_line
 

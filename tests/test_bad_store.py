@@ -11,18 +11,14 @@ import pytest
 
 from aisd_ray.cli import main
 from aisd_ray.config import AISD_TEST_CASES, builtin_config
-from aisd_ray.data.shards import ShardStore
+from aisd_ray.data.store.shards import ShardStore
+from tests.conftest import one_error_line
 from tests.conftest import tiny_config
 
 TINY = str(builtin_config("tiny"))
 CASES, SLICES = 10, 4  # the release: 10 cases x 4 slices, the first 6 official test cases
 TEST_CASES = 6
 
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def synthesize(out, layout="raw"):

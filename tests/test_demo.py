@@ -7,8 +7,8 @@ import numpy as np
 
 from aisd_ray.cli import main
 from aisd_ray.config import AISD_TEST_CASES, builtin_config, load_config
-from aisd_ray.data.synthetic import synth_case, synthetic_case_ids
-from aisd_ray.postprocess import describe
+from aisd_ray.data.synthetic.slices import synth_case, synthetic_case_ids
+from aisd_ray.inference.postprocess import describe
 
 VOLUMES = ["synthetic.layout='nnunet'", "synthetic.num_cases=10", "synthetic.slices_per_case=6",
            "synthetic.num_test_cases=2", "synthetic.size=96", "train.backend='local'", "train.epochs=1"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from aisd_ray.config import builtin_config
-from aisd_ray.data.shards import ShardStore
+from aisd_ray.data.store.shards import ShardStore
 from aisd_ray.train import checkpoint as ckpt
 from tests.conftest import _free_port
 

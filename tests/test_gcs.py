@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from aisd_ray.data import shards
-from aisd_ray.data.layout import DataError
-from aisd_ray.data.prepare import prepare
+from aisd_ray.data.sources.layout import DataError
+from aisd_ray.data.store import shards
+from aisd_ray.data.store.prepare import prepare
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_prepare_reads_a_raw_release_from_the_bucket(gcs_emulator, bucket, tmp_p
     """The raw release in a bucket (zips or folders) gives the same shards as read locally, and an
     unchanged source is recognised on the next run (file times survive the copy)."""
     from aisd_ray.config import AISD_TEST_CASES
-    from aisd_ray.data.synthetic import write_synthetic_raw
+    from aisd_ray.data.synthetic.slices import write_synthetic_raw
 
     release = tmp_path / "release"
     write_synthetic_raw(release, tiny_config().synthetic, [AISD_TEST_CASES[0], "1000001", "1000002", "1000003"],

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aisd_ray.export import LoadedExport
+from aisd_ray.inference.export import LoadedExport
 from aisd_ray.train.ray_session import local_ray_env
 from tests.conftest import _free_port, kill_processes_under
 

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aisd_ray import metrics, stages
-from aisd_ray.data.prepare import prepare
-from aisd_ray.evaluate import evaluate_export
-from aisd_ray.export import LoadedExport
-from aisd_ray.infer import infer_folder
+from aisd_ray import stages
+from aisd_ray.data.store.prepare import prepare
+from aisd_ray.evaluation.evaluate import evaluate_export
+from aisd_ray.inference.export import LoadedExport
+from aisd_ray.inference.infer import infer_folder
+from aisd_ray.scoring import metrics
 from aisd_ray.train import checkpoint as ckpt
 from tests.conftest import tiny_config
 
@@ -109,7 +110,7 @@ def test_training_rows_and_history_have_each_class(real_run):
 
 def _split_labels(model, shards_uri, split):
     """(N, H, W) true and predicted labels of a split, straight from the shards and the export."""
-    from aisd_ray.data import shards
+    from aisd_ray.data.store import shards
 
     store = shards.ShardStore.open(shards_uri)
     arrays = [shards.record_to_arrays(r) for r in shards.iter_records(shards_uri, store.manifest, split)]

@@ -56,10 +56,3 @@ def _coerce(value: Any, hint: Any) -> Any:
         return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
     raise TypeError(f"unsupported type {hint}")  # pragma: no cover - the tree uses the types above
 
-
-def tomlable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: tomlable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [tomlable(v) for v in value]
-    return value

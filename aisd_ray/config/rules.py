@@ -8,7 +8,6 @@ names, before) and run once per load. One function per section, so that the sear
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 from aisd_ray.config.schema import (
     AISD_TEST_CASES,
@@ -33,14 +32,18 @@ from aisd_ray.config.schema import (
     SyntheticConfig,
     TrainConfig,
 )
+from aisd_ray.config.space import Bad, check_space
 
-Bad = Callable[[str, str], ConfigError]  # (section.key, why) -> the error naming both and the source
+# The rules a candidate value of the search space is checked against: those of the section it lands
+# on (train's read the model too: XLA and synchronised BatchNorm).
+SECTION_RULES = {
+    "model": lambda cfg, bad: model_rules(cfg.model, bad),
+    "train": lambda cfg, bad: train_rules(cfg.train, cfg.model, bad),
+}
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Reject values the model or pipeline cannot use: ConfigError naming the source, section and key."""
-    from aisd_ray.config.space import check_space  # the space's rules run these sections' rules
-
     bad = complaint(source)
     model_rules(cfg.model, bad)
     data_rules(cfg.data, cfg.model, bad)
@@ -54,7 +57,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if any(c.isspace() for c in cfg.run.mlflow_tracking_uri):
         raise bad("run.mlflow_tracking_uri", f"a URI has no spaces, got {cfg.run.mlflow_tracking_uri!r}")
     tune_rules(cfg, bad)
-    check_space(cfg, bad)  # last: each candidate value of the space against its section's rules
+    check_space(cfg, bad, SECTION_RULES, complaint)  # last: each candidate value against its section's rules
 
 
 def complaint(source: str) -> Bad:

@@ -76,7 +76,7 @@ class DataConfig:
     # A mask pixel farther than this (Euclidean, RGB units) from every rgb_map colour is an error
     # naming the file: a mask in another palette must not turn silently into background.
     mask_colour_tolerance: float = 64.0
-    # How mask files become class ids (the rule: aisd_ray/data/masks.py): "colours" (nearest rgb_map
+    # How mask files become class ids (the rule: aisd_ray/data/sources/masks.py): "colours" (nearest rgb_map
     # colour), "class_ids" (values 0..num_classes-1, nnU-Net's convention), "raw_labels" (the raw AISD
     # release's 0..5, mapped by raw_label_map) or "auto": per split (per folder for `evaluate
     # --predictions/--masks`), the first reading every mask of it fits; none, or masks that disagree,
@@ -111,7 +111,7 @@ class DataConfig:
     # PNGs are one brain window as grey RGB), or one window per channel. A value v in HU becomes
     # 255 * clip((v - (level - width / 2)) / width, 0, 1). Brain window: level 40, width 80.
     windows: tuple[tuple[float, float], ...] = ((40.0, 80.0),)
-    # CT volumes only: what the model's input channels hold (aisd_ray/data/channels.py): "grey" (the
+    # CT volumes only: what the model's input channels hold (aisd_ray/data/ct/channels.py): "grey" (the
     # windows above, as the AISD PNGs), "neighbours" (slices k-1, k, k+1 through the first window),
     # "windows" (three windows, one per channel) or "symmetry" (the slice, its mirror about the
     # head's midline, and their difference 128 + (slice - mirror) / 2). All but grey need 3 channels.
@@ -302,7 +302,7 @@ class RunConfig:
     name: str = "flexunet"
     output_dir: str = "runs/flexunet"
     # MLflow tracking server (or store) URI the run is also logged to, e.g. http://mlflow:5000;
-    # "" (default): no tracking, the run folder alone (see aisd_ray/track.py)
+    # "" (default): no tracking, the run folder alone (see aisd_ray/report/track.py)
     mlflow_tracking_uri: str = ""
     # On a Ray cluster of more than one node a local path (output, shards) is refused unless it is
     # declared mounted at the same path on every node (NFS, Filestore): true, or --shared-fs.
@@ -325,17 +325,23 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        from aisd_ray.config.coerce import tomlable
-
         return tomli_w.dumps(tomlable(self.to_dict()))
+
+
+def tomlable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: tomlable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [tomlable(v) for v in value]
+    return value
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # aisd_ray/configs: the shipped TOMLs
 LOSSES = ("ce", "dice", "ce_dice")
 SHARD_FORMATS = ("parquet", "tfrecord")
 ROW_ENCODINGS = ("png", "raw")
-CHANNEL_MODES = ("grey", "neighbours", "windows", "symmetry")  # data.channels (aisd_ray/data/channels.py)
-MASK_VALUES = ("auto", "colours", "class_ids", "raw_labels")  # data.mask_values (aisd_ray/data/masks.py)
+CHANNEL_MODES = ("grey", "neighbours", "windows", "symmetry")  # data.channels (aisd_ray/data/ct/channels.py)
+MASK_VALUES = ("auto", "colours", "class_ids", "raw_labels")  # data.mask_values (aisd_ray/data/sources/masks.py)
 BACKENDS = ("ray", "local")
 # train.mixed_precision -> Keras dtype policy of the layers (the softmax head stays float32).
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}

@@ -7,23 +7,20 @@ space's check and a trial's config; kernels and dilation are square.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-import aisd_ray.config.rules as rules  # the module: tests count its validate calls
 from aisd_ray.config.schema import DISTRIBUTIONS, SEARCHABLE, WHOLE_NUMBER_KEYS, Config, ConfigError
 
-# The rules a candidate value is checked against: those of the section it lands on (train's read
-# the model too: XLA and synchronised BatchNorm).
-_SECTION_RULES = {
-    "model": lambda cfg, bad: rules.model_rules(cfg.model, bad),
-    "train": lambda cfg, bad: rules.train_rules(cfg.train, cfg.model, bad),
-}
+Bad = Callable[[str, str], ConfigError]  # (section.key, why) -> the error naming both and the source
 
 
-def check_space(cfg: Config, bad: rules.Bad) -> None:
+def check_space(cfg: Config, bad: Bad, section_rules: dict[str, Callable[[Config, Bad], None]],
+                complaint: Callable[[str], Bad]) -> None:
     """Each searched key is searchable, has one known distribution with sound bounds, and each value a
     ``choice``/``grid`` can give makes a valid config: checked by its section's rules on a copy of
-    that section (the rest of the tree is shared, unchanged)."""
+    that section (the rest of the tree is shared, unchanged). ``section_rules`` and ``complaint``
+    come from ``rules.py`` (its ``validate`` calls this), so that the space needs nothing above it."""
     for key, spec in cfg.tune.space.items():
         where = f"tune.space.{key}"
         if key not in SEARCHABLE:
@@ -45,7 +42,7 @@ def check_space(cfg: Config, bad: rules.Bad) -> None:
             try:
                 trial = dataclasses.replace(cfg, **{section: dataclasses.replace(
                     getattr(cfg, section), **{key: param_value(key, value)})})
-                _SECTION_RULES[section](trial, rules.complaint(f"{where} = {value:g}"))
+                section_rules[section](trial, complaint(f"{where} = {value:g}"))
             except (ConfigError, TypeError) as exc:
                 raise bad("tune.space", f"{key} = {value:g} would not give a valid config: {exc}") from None
 

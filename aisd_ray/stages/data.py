@@ -10,9 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from aisd_ray import storage
 from aisd_ray.config import VOLUME_LAYOUTS, Config, ConfigError
-from aisd_ray.data.prepare import prepare as prepare_store
+from aisd_ray.core import storage
+from aisd_ray.data.store.prepare import prepare as prepare_store
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def synthesize(cfg: Config, output: str, as_zip: bool = False, progress: bool = True) -> Path:
     """Write ``synthetic.layout`` under ``output``; return the folder ``prepare`` takes. ``as_zip``:
     the raw layout as ``image.zip``/``mask.zip``."""
-    from aisd_ray.data.synthetic import write_synthetic
+    from aisd_ray.data.synthetic.layouts import write_synthetic
 
     return write_synthetic(output, cfg.synthetic, as_zip=as_zip, progress=progress)
 
@@ -41,7 +41,8 @@ def synthetic_source(cfg: Config, root: str, progress: bool) -> tuple[Path, Path
     settings, and what its last stage segments: one test patient's slices (raw layout), the test
     images (original layout), or one test patient as a DICOM series (volume layouts). Source files
     are local input: in ``root`` for a folder, in a temp folder when the outputs go to gs://."""
-    from aisd_ray.data.synthetic import synthetic_case_ids, synthetic_test_cases, write_synthetic
+    from aisd_ray.data.synthetic.layouts import write_synthetic
+    from aisd_ray.data.synthetic.slices import synthetic_case_ids, synthetic_test_cases
 
     wanted = json.dumps(cfg.to_dict()["synthetic"], sort_keys=True)
     if storage.is_local(root):
@@ -61,7 +62,7 @@ def synthetic_source(cfg: Config, root: str, progress: bool) -> tuple[Path, Path
             shutil.rmtree(source)  # another [synthetic] setting's files must not mix in
         write_synthetic(source / "release" if layout == "raw" else source, cfg.synthetic, progress=progress)
         if layout in VOLUME_LAYOUTS:  # the patient the last stage segments, as a scanner gives it
-            from aisd_ray.data import synthetic_volumes
+            from aisd_ray.data.synthetic import volumes as synthetic_volumes
 
             synthetic_volumes.write_patient_series(infer_input, cfg.synthetic, patient[0])
         marker.write_text(wanted)

@@ -9,11 +9,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aisd_ray import storage, track
 from aisd_ray.config import AISD_TEST_CASES, Config
-from aisd_ray.data.shards import ShardStore
-from aisd_ray.metrics import COLLAPSED_BELOW
-from aisd_ray.postprocess import describe
+from aisd_ray.core import storage
+from aisd_ray.data.store.shards import ShardStore
+from aisd_ray.inference.postprocess import describe
+from aisd_ray.report import track
+from aisd_ray.scoring.metrics import COLLAPSED_BELOW
 from aisd_ray.stages.data import prepare_store, synthetic_source
 from aisd_ray.stages.run import _require_shared_storage, export, on_node, run_uri, train
 from aisd_ray.stages.score import infer
@@ -43,7 +44,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     carry what a caller did before (the demo's synthetic source) into the summary.
     """
     track.check(cfg)  # before prepare writes anything (and before TensorFlow loads)
-    from aisd_ray.evaluate import evaluate_export
+    from aisd_ray.evaluation.evaluate import evaluate_export
 
     started = started or time.time()
     result = result or DemoResult()
@@ -135,7 +136,7 @@ def demo(cfg: Config, output: str, progress: bool = True, source_root: str | Non
     source, infer_input = synthetic_source(cfg, source_root or output, progress)
     cfg.data.source_dir, cfg.data.split_dirs = str(source), {}
     if cfg.synthetic.layout != "original" and cfg.data.test_cases == AISD_TEST_CASES:
-        from aisd_ray.data.synthetic import synthetic_test_cases  # the official test cases it holds, not all 52
+        from aisd_ray.data.synthetic.slices import synthetic_test_cases  # the official test cases it holds, not all 52
 
         cfg.data.test_cases = tuple(synthetic_test_cases(cfg.synthetic))
     cfg.infer.images_dir = cfg.infer.images_dir or str(infer_input)

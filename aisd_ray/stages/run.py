@@ -10,8 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from aisd_ray import input_kind, provenance, storage, track
 from aisd_ray.config import Config, load_config
+from aisd_ray.core import provenance, storage
+from aisd_ray.inference import input_kind
+from aisd_ray.report import track
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def train(cfg: Config, shards_uri: str, output_root: str, callbacks: tuple = (),
     training starts, so a failed command leaves an existing run as it was. ``store``: the
     command's already opened ``ShardStore`` (the pipeline opens it once for all its stages)."""
     from aisd_ray.config import ConfigError
-    from aisd_ray.data import order, shards
+    from aisd_ray.data.store import order, shards
 
     track.check(cfg)  # an MLflow tracker that does not answer, before anything is read or written
     shards_uri, output_root = storage.absolute(shards_uri), storage.absolute(output_root)
@@ -145,7 +147,7 @@ def run_config(run: str) -> Config:
 
 
 def export(run: str, out_uri: str | None = None) -> tuple[str, dict[str, Any]]:
-    from aisd_ray.export import export_best
+    from aisd_ray.inference.export import export_best
 
     out_uri = out_uri or storage.join(run, "export")
     checkpoint, metrics = export_best(run_config(run), run, out_uri)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aisd_ray import storage
 from aisd_ray.config import Config
+from aisd_ray.core import storage
 from aisd_ray.stages.run import on_node
 
 
@@ -23,14 +23,14 @@ def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | N
     in mm and mL); write metrics.json and its companions under ``output``. ``strict``: a case of a
     store prepared from volumes that QA warns of is refused (``evaluate.evaluate_export``)."""
     if predictions:
-        from aisd_ray.evaluate_volumes import evaluate_nifti_folders, is_nifti_folder
+        from aisd_ray.evaluation.evaluate_volumes import evaluate_nifti_folders, is_nifti_folder
 
         if is_nifti_folder(masks):
             return evaluate_nifti_folders(predictions, masks, output, progress=progress)
-        from aisd_ray import evaluate as scoring
+        from aisd_ray.evaluation import evaluate as scoring
 
         return scoring.evaluate_folders(predictions, masks, cfg.data, output, progress=progress)
-    from aisd_ray import evaluate as scoring
+    from aisd_ray.evaluation import evaluate as scoring
 
     return scoring.evaluate_export(model, shards, output, split, cfg.eval.batch_size, progress=progress,
                                    overlays=overlays, tta=tta, choose_postprocessing=choose_postprocessing,
@@ -54,23 +54,23 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
     ``on_worker``, as a Ray task on a training node. ``tta``: mirroring TTA on or off; None: as the
     export records it (its training config's ``eval.tta``). ``strict``: a QA warning refuses its case
     (``infer_volumes``), or, for images, the input-kind check's warning (``infer``)."""
-    from aisd_ray.infer_volumes import is_volume_input
+    from aisd_ray.inference.infer_volumes import is_volume_input
 
     source, out = cfg.infer.images_dir, storage.absolute(cfg.infer.output_dir)
     if storage.is_local(source) and is_volume_input(source):
-        from aisd_ray.infer_volumes import infer_volumes
+        from aisd_ray.inference.infer_volumes import infer_volumes
 
         cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
                      tta=tta, strict=strict)
         return Inferred(out, cases=cases)
     if storage.is_local(source) and not Path(source).is_dir():  # what a folder of images is not: name it so
-        from aisd_ray.data.layout import DataError
+        from aisd_ray.data.sources.layout import DataError
 
         raise DataError(f"{source}: not found" if not Path(source).exists() else
                         f"{source}: neither a DICOM series (a folder, or an enhanced CT file), a NIfTI file nor a "
                         "folder of images")
-    from aisd_ray.infer import infer_folder
+    from aisd_ray.inference.infer import infer_folder
 
     written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,
                    cfg.eval.batch_size, overlays=cfg.infer.overlays, progress=progress and not on_worker,

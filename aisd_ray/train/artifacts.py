@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from aisd_ray import metrics, plots, render, storage
+from aisd_ray.core import storage
+from aisd_ray.report import plots, render
+from aisd_ray.scoring import metrics
 from aisd_ray.train import checkpoint as ckpt
 
 LOSS_KEYS = ("loss", "val_loss")

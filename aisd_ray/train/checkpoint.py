@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from aisd_ray import storage
-from aisd_ray.data.layout import DataError
+from aisd_ray.core import storage
+from aisd_ray.data.sources.layout import DataError
+from aisd_ray.scoring.metrics import SCORE  # also ckpt.SCORE, as before
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,6 @@ WEIGHTS = "model.weights.h5"
 OPTIMIZER = "optimizer.npz"
 STATE = "state.json"
 CHECKPOINT_INFO = "checkpoint.json"
-# The row key that ranks epochs and checkpoints (and Tune's trials): metrics.selection_score, the
-# mean val Dice over the foreground classes (= val_lesion_dice with one lesion class).
-SCORE = "val_score"
 LEGACY_SCORE = "val_lesion_dice"  # rows written before val_score existed (one lesion class: the same figure)
 FINITE = "weights_finite"  # history key: 1.0 when the epoch ended with finite weights and optimizer state
 RANK = "checkpoint_rank"  # reported with each checkpoint: what Ray Train keeps checkpoints by (see rank)

@@ -1,4 +1,4 @@
-"""The chief's epoch figures to an MLflow run (``run.mlflow_tracking_uri``; see ``aisd_ray.track``).
+"""The chief's epoch figures to an MLflow run (``run.mlflow_tracking_uri``; see ``aisd_ray.report.track``).
 
 Beside ``Artifacts``, and like it off the training thread: the loop hands over each epoch's
 history row once the epoch's checkpoint is reported, and a daemon thread sends it, so the
@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Any
 
-from aisd_ray import track
 from aisd_ray.config import Config, ConfigError
+from aisd_ray.report import track
 
 log = logging.getLogger(__name__)
 

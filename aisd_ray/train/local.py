@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from aisd_ray import storage
 from aisd_ray.config import Config
-from aisd_ray.data import shards
-from aisd_ray.data.feed import shard_feed
+from aisd_ray.core import storage
+from aisd_ray.data.store import shards
+from aisd_ray.data.store.feed import shard_feed
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.loop import run_training
 

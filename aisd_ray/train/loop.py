@@ -25,14 +25,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from aisd_ray import metrics
 from aisd_ray.config import PRECISIONS, Config
-from aisd_ray.data import order, pipeline
-from aisd_ray.data.augment import augment_fn
-from aisd_ray.data.feed import Feed
-from aisd_ray.losses import get_loss
-from aisd_ray.model import build_flexunet
-from aisd_ray.progress import progress_bar
+from aisd_ray.core.progress import progress_bar
+from aisd_ray.data.store import order, pipeline
+from aisd_ray.data.store.augment import augment_fn
+from aisd_ray.data.store.feed import Feed
+from aisd_ray.model.flexunet import build_flexunet
+from aisd_ray.model.losses import get_loss
+from aisd_ray.scoring import metrics
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train import optim
 from aisd_ray.train.artifacts import Artifacts

@@ -18,7 +18,7 @@ import math
 import keras
 import numpy as np
 
-from aisd_ray import metrics
+from aisd_ray.scoring import metrics
 from aisd_ray.train import checkpoint as ckpt
 
 log = logging.getLogger("aisd_ray.train.loop")  # the loop's logger: its lines read as before

@@ -15,9 +15,9 @@ import sys
 
 import ray
 
-from aisd_ray import storage
 from aisd_ray.config import Config
-from aisd_ray.quiet import VERBOSE_ENV
+from aisd_ray.core import storage
+from aisd_ray.core.quiet import VERBOSE_ENV
 
 # Ray Train's preemption watcher (an extra actor per run that turns a node drain notice into an
 # early checkpoint) has nothing to watch on one machine; there a two-worker tiny `train` took 65 s
@@ -65,7 +65,7 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
            **{k: os.environ[k] for k in ("TF_CPP_MIN_LOG_LEVEL", VERBOSE_ENV) if k in os.environ}}
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
-                 runtime_env={"env_vars": env, "worker_process_setup_hook": "aisd_ray.quiet.quiet_worker"})
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": "aisd_ray.core.quiet.quiet_worker"})
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
     gcs = ray.get_runtime_context().gcs_address
@@ -106,7 +106,7 @@ def user_error(cause: BaseException) -> Exception | None:
     gone, a bad setting, a missing file), rebuilt with its message so the command exits as it
     would locally; None for anything else."""
     from aisd_ray.config import ConfigError
-    from aisd_ray.data.layout import DataError
+    from aisd_ray.data.sources.layout import DataError
 
     for kind in (DataError, storage.StorageError, ConfigError, FileNotFoundError):
         if isinstance(cause, kind):

@@ -22,12 +22,12 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from aisd_ray import storage
 from aisd_ray.config import Config, config_from_dict
-from aisd_ray.data import order, shards
-from aisd_ray.data.feed import shard_feed
-from aisd_ray.data.ray_data import RayEpochs, train_dataset
-from aisd_ray.quiet import LOG_DATEFMT, LOG_FORMAT
+from aisd_ray.core import storage
+from aisd_ray.core.quiet import LOG_DATEFMT, LOG_FORMAT
+from aisd_ray.data.store import order, shards
+from aisd_ray.data.store.feed import shard_feed
+from aisd_ray.data.store.ray_data import RayEpochs, train_dataset
 from aisd_ray.train import TrainingFailed
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.ray_session import ensure_ray, storage_env, user_error

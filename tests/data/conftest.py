@@ -3,8 +3,8 @@
 
 import pytest
 
-from aisd_ray.data.synthetic_volumes import synth_volume, write_dicom_series
-from aisd_ray.data.volume import read_volume
+from aisd_ray.data.synthetic.volumes import synth_volume, write_dicom_series
+from aisd_ray.data.sources.volume import read_volume
 from tests.helpers import HEAD_SIZE, HEAD_SLICES
 
 

@@ -16,15 +16,11 @@ from aisd_ray.cli import main
 from aisd_ray.config import TrainConfig, builtin_config
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train import loop
+from tests.conftest import one_error_line
 
 TINY = str(builtin_config("tiny"))
 NAN = float("nan")
 
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def warnings(caplog) -> list[str]:
@@ -194,7 +190,7 @@ def test_export_skips_a_garbled_or_non_finite_best_checkpoint_and_names_it(run_c
 
 @pytest.fixture(scope="module")
 def model_and_optimizer():
-    from aisd_ray.model import build_flexunet
+    from aisd_ray.model.flexunet import build_flexunet
     from aisd_ray.train import optim
     from tests.conftest import tiny_config
 
@@ -207,7 +203,7 @@ def model_and_optimizer():
 
 def another_models_weights(folder: Path) -> None:
     """Replace the weights with a 4-level model's, the marker rewritten: a whole file swapped in."""
-    from aisd_ray.model import build_flexunet
+    from aisd_ray.model.flexunet import build_flexunet
     from tests.conftest import tiny_config
 
     build_flexunet(tiny_config("model.num_layers=4").model).save_weights(folder / ckpt.WEIGHTS)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from aisd_ray import stages, storage
-from aisd_ray.data.prepare import prepare
-from aisd_ray.evaluate import evaluate_export
-from aisd_ray.export import LoadedExport
+from aisd_ray import stages
+from aisd_ray.core import storage
+from aisd_ray.data.store.prepare import prepare
+from aisd_ray.evaluation.evaluate import evaluate_export
+from aisd_ray.inference.export import LoadedExport
 from aisd_ray.train import checkpoint as ckpt
 from aisd_ray.train.ray_session import local_ray_env
 from tests.conftest import _free_port, kill_processes_under, start_local_ray, tiny_config
@@ -108,7 +109,7 @@ def multinode(gcs_emulator):
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address, "TF_CPP_MIN_LOG_LEVEL": "2", TRACKING: "1",
                                            **local_ray_env()},
-                              "worker_process_setup_hook": "aisd_ray.quiet.quiet_worker"})
+                              "worker_process_setup_hook": "aisd_ray.core.quiet.quiet_worker"})
         yield nodes
     finally:
         ray.shutdown()
@@ -294,16 +295,16 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(multinode, 
 
 def test_a_search_runs_its_trials_across_nodes_and_asha_stops_one(multinode, gs_store):
     """Two trials of two workers, each worker on its own node (STRICT_SPREAD), one after the other
-    (as tests/test_tune.py: at lr 1e-7 a trial keeps a small non-zero Dice; lr 0.05 collapses to 0
+    (as tests/studies/test_tune.py: at lr 1e-7 a trial keeps a small non-zero Dice; lr 0.05 collapses to 0
     after one epoch, below the rung's cutoff, so ASHA stops it after epoch 1 of 2)."""
-    from aisd_ray.tune import search
+    from aisd_ray.studies.tune import search
 
     base, shards_uri = gs_store
     cfg = _config(base, "unused", "STRICT_SPREAD", epochs=2)
     cfg.tune.name, cfg.tune.num_samples, cfg.tune.max_concurrent_trials = "cross-node", 1, 1
     cfg.tune.grace_period, cfg.tune.reduction_factor = 1, 2
     cfg.tune.space = {"learning_rate": {"grid": (1e-7, 0.05)}}
-    cfg.tune.min_score, cfg.tune.include_default = 0.0, False  # as tests/test_tune.py: tiny trials count
+    cfg.tune.min_score, cfg.tune.include_default = 0.0, False  # as tests/studies/test_tune.py: tiny trials count
     result = search(cfg, shards_uri, f"{ROOT}/search")
 
     rows = {row["learning_rate"]: row for row in result.rows}
@@ -345,7 +346,7 @@ def test_a_local_path_on_a_multinode_cluster_is_refused_before_anything_runs(
         assert main([command, "--config", "tiny", "--data", local_shards, "--output", f"{ROOT}/refused", "-q"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"aisd-ray train: error: {local_shards}: the shard store is a local path")
-        from aisd_ray import storage
+        from aisd_ray.core import storage
 
         assert not storage.exists(f"{ROOT}/refused")
 
@@ -355,14 +356,14 @@ def test_a_local_path_declared_shared_passes_the_check(multinode, gs_store, parq
     same check on the same cluster lets it through; a single-node Ray never asks (every other Ray
     test of the suite trains into a local folder)."""
     from aisd_ray.config import load_config
-    from aisd_ray.storage import StorageError
+    from aisd_ray.core.storage import StorageError
     from aisd_ray.train.ray_session import require_shared_storage
 
     paths = {"the output root": str(tmp_path / "out"), "the shard store": parquet_store[1]}
     with pytest.raises(StorageError, match="is a local path, and this Ray cluster has"):
         require_shared_storage(gs_store[0], paths)
     from aisd_ray.cli import build_parser
-    from aisd_ray.flags import flag_overrides
+    from aisd_ray.cli.flags import flag_overrides
 
     args = build_parser().parse_args(["train", "--data", parquet_store[1], "--shared-fs"])
     shared = load_config(None, [item for item, _ in flag_overrides(args)])

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from aisd_ray import stages
-from aisd_ray.export import LoadedExport
+from aisd_ray.inference.export import LoadedExport
 from aisd_ray.train import checkpoint as ckpt
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from aisd_ray import stages
 from aisd_ray.cli import main
-from aisd_ray.data.prepare import prepare
-from aisd_ray.data.synthetic import write_synthetic_aisd
+from aisd_ray.data.store.prepare import prepare
+from aisd_ray.data.synthetic.slices import write_synthetic_aisd
 from aisd_ray.train import checkpoint as ckpt
 from tests.conftest import tiny_config, volume_config
 
@@ -108,7 +108,7 @@ def test_one_worker_batch_8_and_two_workers_batch_4_make_the_same_update(ray_clu
     assert history[0]["replica_weight_spread"] == 0.0
     import keras
 
-    from aisd_ray.model import build_flexunet
+    from aisd_ray.model.flexunet import build_flexunet
 
     keras.utils.set_random_seed(cfg.train.seed)  # the weights before the step: it really moved them
     initial = sum(float(np.abs(w).sum()) for w in build_flexunet(cfg.model).get_weights())
@@ -209,9 +209,9 @@ def test_ray_data_epochs_read_every_row_once_and_start_the_next_pass_early(ray_c
     fixed by its seed; the next epoch's pass begins as soon as one ends, before the loop asks."""
     import time
 
-    from aisd_ray.data import pipeline
-    from aisd_ray.data import shards as shard_format
-    from aisd_ray.data.ray_data import RayEpochs, read_split, train_dataset
+    from aisd_ray.data.store import pipeline
+    from aisd_ray.data.store import shards as shard_format
+    from aisd_ray.data.store.ray_data import RayEpochs, read_split, train_dataset
 
     cfg, store = shard_store
     manifest = shard_format.read_manifest(store)

@@ -1,0 +1,1 @@
+"""What a person reads: palette masks and panels, plots, and MLflow tracking (opt in)."""
