@@ -93,16 +93,21 @@ def _vec(ds: pydicom.Dataset, keyword: str, path: Path) -> np.ndarray:
     return np.asarray([float(v) for v in ds[keyword].value], np.float64)
 
 
+def _header(path: Path) -> pydicom.Dataset:
+    """One file's DICOM header (no pixels); VolumeError naming it when it cannot be read."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise VolumeError(f"{path}: cannot read the DICOM header: {exc}".replace("\n", " ")) from None
+
+
 def _dicom_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     headers, other = [], []
     for path in _files(folder):
         if not _is_dicom_file(path):
             other.append(path.name)
             continue
-        try:
-            headers.append((path, pydicom.dcmread(path, stop_before_pixels=True, force=True)))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise VolumeError(f"{path}: cannot read the DICOM header: {exc}".replace("\n", " ")) from None
+        headers.append((path, _header(path)))
     if not headers:
         raise VolumeError(f"{folder}: no DICOM files ({len(other)} other file(s)); a DICOM series folder expected")
     if other:
@@ -192,10 +197,7 @@ def read_dicom_file(path: Path, case_id: str) -> Volume:
     """One DICOM file given on its own: an enhanced CT file (all its frames) as a ``Volume``;
     VolumeError naming it for a single image (a series is read from its folder) or a file that does
     not read as DICOM."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise VolumeError(f"{path}: cannot read the DICOM header: {exc}".replace("\n", " ")) from None
+    ds = _header(path)
     if not is_multiframe(ds):
         raise VolumeError(f"{path}: one DICOM image, not a series: give the folder that holds the series' files")
     return read_multiframe(path, [(path, ds)], case_id)

@@ -170,12 +170,11 @@ def read_nifti(path: Path, case_id: str) -> Volume:
     values = found.values
     bad = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, bool)
     count = int(bad.sum())
-    finite = values[~bad]
-    if count and not finite.size:
-        raise VolumeError(f"{path}: every voxel is NaN or infinite; not a CT in Hounsfield units")
-    as_hu(finite, path)  # the HU check of every reader, on the finite values: before non-finite ones become air
     findings = ()
     if count:
+        if count == bad.size:
+            raise VolumeError(f"{path}: every voxel is NaN or infinite; not a CT in Hounsfield units")
+        as_hu(values[~bad], path)  # the HU check of every reader on the real values, before non-finite ones are air
         enclosed = _enclosed(bad, found.slice_axis)
         if enclosed:
             raise VolumeError(f"{path}: {enclosed} NaN or infinite voxels enclosed by the image (a hole inside the "
