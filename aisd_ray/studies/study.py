@@ -74,7 +74,7 @@ def segment_test_patients(cfg: Config, ensemble: str, out: str, case_ids: list[s
             storage.download_tree(source, root, progress=progress)
         splits, _ = list_volume_cases(root, cfg.data, cfg.model.num_classes, Path(tmp) / "work")
         cases = [c for c in splits.get("test", []) if c.case_id in set(case_ids)]
-        in_tmp = any(Path(tmp) in c.image.resolve().parents for c in cases)
+        in_tmp = any(Path(tmp).resolve() in c.image.resolve().parents for c in cases)
         links = (Path(tmp) / "test_patients" if in_tmp or not storage.is_local(out)
                  else Path(storage.resolve(out)[1]).parent / "test_patients")
         if links.exists():
