@@ -169,13 +169,13 @@ def cmd_infer(args) -> None:
 
 
 def cmd_pipeline(args) -> None:
-    """``pipeline`` on a given source, or ``demo`` on synthetic data."""
+    """``pipeline`` on a given source (with folds: the study, ``studies/study.py``), or ``demo`` on synthetic data."""
     from aisd_ray import stages
+    from aisd_ray.studies import study
 
     cfg = _config(args)
-    result = (stages.demo if args.command == "demo" else stages.pipeline)(cfg, args.output)
-    print()
-    print(result.table())
+    run = stages.demo if args.command == "demo" else study.study if cfg.data.folds else stages.pipeline
+    print("\n" + run(cfg, args.output).table())
 
 
 def cmd_benchmark(args) -> None:
@@ -356,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(else data.source_dir)")
     p.add_argument("--output", required=True, help="output root: shards/, RUN.NAME/, summary.json")
     p.add_argument("--images", help="also segment this folder of images (else [infer] images_dir, if set)")
+    p.add_argument("--folds", type=int, help="K >= 2: crossval with its ensemble, then every test patient segmented")
     p.add_argument("--backend", choices=BACKENDS, help="training backend (else train.backend, 'ray')")
     add_run_options(p)
     p.set_defaults(func=cmd_pipeline)

@@ -37,7 +37,7 @@ FLAG_KEYS = {
     "infer": {"images": "infer.images_dir", "input": "infer.images_dir", "output": "infer.output_dir",
               "batch_size": "eval.batch_size", "no_overlays": lambda _: {"infer.overlays": False},
               "probabilities": lambda _: {"infer.probabilities": True}, **_TTA},
-    "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend",
+    "pipeline": {"source": _source, "images": "infer.images_dir", "folds": "data.folds", "backend": "train.backend",
                  "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "crossval": {"folds": "data.folds", "source": _source, "backend": "train.backend",
                  "mlflow": "run.mlflow_tracking_uri", **_SHARED},
