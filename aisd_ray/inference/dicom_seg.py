@@ -44,6 +44,7 @@ import SimpleITK as sitk
 
 from aisd_ray.core.provenance import package_version
 from aisd_ray.data.sources import volume_write
+from aisd_ray.data.sources.dicom_geometry import SPACING_TOL
 from aisd_ray.data.sources.dicom_multiframe import is_multiframe
 from aisd_ray.data.sources.volume import Volume, VolumeError, dicom_files
 
@@ -91,11 +92,12 @@ def source_frames(vol: Volume, labels: np.ndarray, headers: list[tuple[Path, pyd
     The mask goes back into the series' storage order (slice k at ``vol.affine`` (0, 0, k): the
     k-th ImagePositionPatient along the slice normal; rows and columns as the files store them);
     each file takes the slice whose position is nearest its ImagePositionPatient. Raises VolumeError
-    naming the file when one is not on that grid (another orientation or size, no slice within half
-    a step, a slice taken twice)."""
+    naming the file when one is not on that grid (another orientation or size, no slice within the
+    reader's tolerance, ``dicom_geometry.SPACING_TOL`` x the step; a slice taken twice)."""
     stored = sitk.GetArrayFromImage(volume_write.to_input_geometry(vol, np.asarray(labels, np.uint8)))
     affine = np.asarray(vol.affine, np.float64)
     origin, step = affine[:3, 3], affine[:3, 2]
+    tol = SPACING_TOL * float(np.linalg.norm(step))  # the reader's own tolerance of a slice off its grid
     row, col = affine[:3, 0] / np.linalg.norm(affine[:3, 0]), affine[:3, 1] / np.linalg.norm(affine[:3, 1])
     frames = np.empty((len(headers), *stored.shape[1:]), np.uint8)
     taken: dict[int, str] = {}
@@ -108,8 +110,8 @@ def source_frames(vol: Volume, labels: np.ndarray, headers: list[tuple[Path, pyd
                                               and np.allclose(orientation[3:], col, atol=1e-4))
                else f"{ds.Rows} x {ds.Columns} pixels, not {stored.shape[1]} x {stored.shape[2]}"
                if (int(ds.Rows), int(ds.Columns)) != stored.shape[1:]
-               else f"no slice within half a step ({off:.2f} mm off)" if not 0 <= k < len(stored) or
-               off > 0.5 * np.linalg.norm(step)
+               else f"no slice within {tol:.2f} mm ({off:.2f} mm from the nearest)" if not 0 <= k < len(stored)
+               or off > tol
                else f"the slice of {taken[k]} too" if k in taken else "")
         if why:
             raise VolumeError(f"{path}: not on the series' grid for a DICOM SEG: {why}")
