@@ -233,3 +233,12 @@ def test_infer_dicom_seg_with_a_real_export(trained_run, tmp_path, capsys):
     assert not list((tmp_path / "plain").rglob("*.dcm"))
     raw, _ = _check_seg_equals_mask(tmp_path / "seg", "p17", paths)
     assert [s.SegmentLabel for s in raw.SegmentSequence] == ["lesion"]  # the export's class_names[1:]
+
+
+def test_a_case_without_lesion_gets_a_seg_of_empty_frames_on_every_slice(tmp_path):
+    hu, truth = head_with_block()
+    paths = _series(tmp_path / "p17", "shuffled", hu)
+    path = write_seg(read_volume(tmp_path / "p17"), np.zeros(truth.shape, np.uint8), None, tmp_path / "seg.dcm")
+    _, frames = _by_pydicom(path)
+    assert set(frames) == {pydicom.dcmread(p).SOPInstanceUID for p in paths}  # "no lesion", said on each slice
+    assert not any(labels.any() for labels, _ in frames.values())
