@@ -293,6 +293,9 @@ class InferConfig:
     output_dir: str = ""
     overlays: bool = True  # images: an overlays/ folder beside the masks
     probabilities: bool = False  # CT patients: also each case's lesion probability map as NIfTI
+    # DICOM series inputs: also each case's mask as a DICOM SEG (cases/<case>/seg.dcm); off by default: a SEG
+    # carries the source's patient and study identity (inference/dicom_seg.py)
+    dicom_seg: bool = False
 
 
 @dataclass

@@ -21,13 +21,17 @@ Output, in nnU-Net's convention for a predictions folder (``evaluate --predictio
   the title (the middle slices when there is none), and the first QA warning;
 - ``cases/<case>/probabilities.nii.gz`` (with ``probabilities=True``): float32 lesion probability,
   the network's (with TTA if on), before post-processing;
+- ``cases/<case>/seg.dcm`` (with ``dicom_seg=True``, a DICOM series input only): the mask as a DICOM
+  Segmentation on the series' own slices (``dicom_seg.py``); it carries the series' patient and study
+  identity, hence opt-in; a NIfTI input gets one log line instead;
 - ``cases.csv``: one row per case; its ``qa`` column "pass" or "warn: <check>, ...".
 
 Each QA warning is also logged, one line per warning; with ``strict`` the first one refuses the case
 (a VolumeError of one line: the case, the check, its value and the training range), nothing written.
 
 Only the case ID (the file or folder name given) and the geometry are written: no DICOM header
-value (names, dates, accession numbers) reaches an output or a log line. The output folder appears
+value (names, dates, accession numbers) reaches an output or a log line, but the SEG asked for
+with ``dicom_seg``. The output folder appears
 only once every case is done; a case that is not CT (named in the error) leaves nothing behind.
 """
 
@@ -46,6 +50,7 @@ from aisd_ray.data.ct.channels import model_input
 from aisd_ray.data.ct.head import head_model
 from aisd_ray.data.ct.windows import InPlane
 from aisd_ray.data.sources import volume, volume_write
+from aisd_ray.inference import dicom_seg as seg_out
 from aisd_ray.inference import input_kind, postprocess
 from aisd_ray.inference.export import LoadedExport
 from aisd_ray.report import render
@@ -164,14 +169,16 @@ def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray
 
 def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_size: int = 4,
                   probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool | None = None,
-                  postprocessing: dict[str, Any] | None = None, strict: bool = False) -> list[dict[str, Any]]:
+                  postprocessing: dict[str, Any] | None = None, strict: bool = False,
+                  dicom_seg: bool = False) -> list[dict[str, Any]]:
     """Segment every case of ``input_path``; return their summaries. A case that is not a CT volume
     is a VolumeError (one line naming the file) and leaves no output folder. ``model``: an already
     loaded export (anything with its ``height``, ``width``, ``channels``, ``windows`` and
     ``predict``; its ``channel_mode``, ``tta`` and ``postprocess`` where it has them), else the
     export is loaded, with ``tta``, once the first case has been read. ``postprocessing``: a choice
     used instead of the export's own (``postprocess.py``). ``strict``: a QA warning refuses its case
-    (``qa.refuse_if_strict``) before anything is written."""
+    (``qa.refuse_if_strict``) before anything is written. ``dicom_seg``: also a DICOM SEG of each DICOM
+    series case (``dicom_seg.write_seg``; the export's ``class_names`` name its segments)."""
     cases = volume_cases(input_path)
     summaries = []
     bar = progress_bar(total=len(cases), desc="infer", unit="case", enabled=progress)
@@ -202,6 +209,8 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
             (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info))
             if probabilities:
                 volume_write.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
+            if dicom_seg:
+                seg_out.write_seg(vol, labels, getattr(model, "info", {}).get("class_names"), case_dir / seg_out.FILE)
             summaries.append(info)
             bar.update()
         bar.close()

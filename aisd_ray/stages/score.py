@@ -53,7 +53,8 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
     lesion volumes (``infer_volumes``); a folder of images gives mask PNGs (``infer``). With
     ``on_worker``, as a Ray task on a training node. ``tta``: mirroring TTA on or off; None: as the
     export records it (its training config's ``eval.tta``). ``strict``: a QA warning refuses its case
-    (``infer_volumes``), or, for images, the input-kind check's warning (``infer``)."""
+    (``infer_volumes``), or, for images, the input-kind check's warning (``infer``). ``infer.dicom_seg``:
+    a DICOM SEG beside each DICOM series case's mask (``dicom_seg.py``)."""
     from aisd_ray.inference.infer_volumes import is_volume_input
 
     source, out = cfg.infer.images_dir, storage.absolute(cfg.infer.output_dir)
@@ -62,7 +63,7 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
 
         cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
-                     tta=tta, strict=strict)
+                     tta=tta, strict=strict, dicom_seg=cfg.infer.dicom_seg)
         return Inferred(out, cases=cases)
     if storage.is_local(source) and not Path(source).is_dir():  # what a folder of images is not: name it so
         from aisd_ray.data.sources.layout import DataError
