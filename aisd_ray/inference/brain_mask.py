@@ -25,11 +25,14 @@ voxel's (z, y, x) size in mm; volumes in mL (``volume_metrics.volume_ml``). No T
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from aisd_ray.scoring import volume_metrics
+
+log = logging.getLogger(__name__)
 
 # why the step was not applied, as metrics.json and summary.json say it
 OFF = "turned off (--no-brain-mask, or the export's brain_mask is false)"
@@ -84,3 +87,16 @@ def resolve(given: bool | None, model: Any) -> bool:
     model's ``brain_mask`` (an export's record; ``export.LoadedExport``), else off (a model object
     that records none, as a test double without ``tta`` predicts without TTA)."""
     return bool(getattr(model, "brain_mask", False)) if given is None else bool(given)
+
+
+def on_store(volumes: Any, manifest: dict[str, Any], spacing: dict[str, Any], on: bool) -> dict[str, Any]:
+    """``evaluate``'s step on a split's case volumes (``evaluate.CaseVolumes``: its ``apply_brain``
+    removes, case by case, what lies outside the slices' stored masks; ``spacing``: (z, y, x) mm of a
+    model-size voxel per case). The record for metrics.json: ``applied`` with the total mL removed and
+    the cases, or ``not_applied`` with the reason (turned off, or a store without the mask: one log
+    line)."""
+    reason = OFF if not on else store_reason(manifest)
+    if reason:
+        log.info("brain mask not applied: %s", reason)
+        return not_applied(reason)
+    return {**applied(volumes.apply_brain(spacing)), "cases": len(volumes.brain_removed)}
