@@ -55,7 +55,8 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
     ``on_worker``, as a Ray task on a training node. ``tta``: mirroring TTA on or off; None: as the
     export records it (its training config's ``eval.tta``). ``strict``: a QA warning refuses its case
     (``infer_volumes``), or, for images, the input-kind check's warning (``infer``). ``brain_mask``: CT
-    patients' lesion voxels outside the brain removed or not (``infer_volumes``); None: as the export records it."""
+    patients' lesion voxels outside the brain removed or not (``infer_volumes``); None: as the export records it;
+    True for images: a ConfigError (8-bit slices hold no HU to find the brain in)."""
     from aisd_ray.inference.infer_volumes import is_volume_input
 
     source, out = cfg.infer.images_dir, storage.absolute(cfg.infer.output_dir)
@@ -72,6 +73,11 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
         raise DataError(f"{source}: not found" if not Path(source).exists() else
                         f"{source}: neither a DICOM series (a folder, or an enhanced CT file), a NIfTI file nor a "
                         "folder of images")
+    if brain_mask:  # asked for, where it cannot be done
+        from aisd_ray.config import ConfigError
+
+        raise ConfigError(f"--brain-mask: {source} is a folder of images; the brain mask needs CT volumes in HU "
+                          "(8-bit slices cannot tell air, CSF and bone apart)")
     from aisd_ray.inference.infer import infer_folder
 
     written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,

@@ -139,3 +139,15 @@ def test_a_store_says_whether_it_holds_the_mask_and_why_not():
         is None
     assert step.resolve(None, CornerModel()) is False and step.resolve(None, BrainCornerModel()) is True
     assert step.resolve(False, BrainCornerModel()) is False and step.resolve(True, CornerModel()) is True
+
+
+def test_asking_for_the_brain_mask_on_a_folder_of_images_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "images" / "a.png")
+    assert main(["infer", "--model", str(tmp_path / "no-export"), "--images", str(tmp_path / "images"),
+                 "--output", str(tmp_path / "out"), "--brain-mask"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--brain-mask" in err[0] and "CT volumes" in err[0]
+    assert not (tmp_path / "out").exists()
