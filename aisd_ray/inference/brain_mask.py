@@ -13,6 +13,10 @@ recorded in the export (``export.json`` ``brain_mask``, from the training config
   (windowed 8-bit slices alone cannot tell air, CSF and bone apart), and the step says it was not
   applied, and why.
 
+A case whose head model finds no intracranial space at all (not a head: the QA gate's coverage
+check warns of it) loses every lesion voxel, as it has none inside a brain; so does a slice without
+one (``head.py`` says which, and that ``--no-brain-mask`` keeps them, after a craniectomy say).
+
 Order: the brain mask first, then the export's post-processing (``postprocess.py``). A rule that
 keeps the largest component, or drops small ones, judges components against each other: a false
 "lesion" in the orbit or the scalp could be the largest and take the true one's place; removed
