@@ -1,6 +1,7 @@
 """Helpers shared by test modules (one home each): the vendored body CT, the LPS -> RAS matrix, a
 rigid RAS transform, the one-line read refusal, a head with a lesion block, and the threshold test
-doubles of a loaded export, and a copy of an export that records other facts."""
+doubles of a loaded export, a copy of an export that records other facts, and a real export that
+predicts lesion everywhere."""
 
 from __future__ import annotations
 
@@ -110,3 +111,17 @@ def same_volume(found, control):
     assert found.spacing == pytest.approx(control.spacing, rel=1e-6)
     assert found.canonical_geometry.origin == pytest.approx(control.canonical_geometry.origin, abs=1e-4)
     assert found.canonical_geometry.direction == pytest.approx(control.canonical_geometry.direction, abs=1e-6)
+
+
+def lesion_everywhere_export(cfg, to: Path) -> str:
+    """A real export (SavedModel, reloaded by ``LoadedExport``) of ``cfg``'s untrained FlexUNet whose
+    output layer predicts lesion at every pixel (its kernel zero, its bias 10 for class 1 and -10 for
+    background): what a step after the network leaves of it is then that step's own mask."""
+    from aisd_ray.inference.export import export_model
+    from aisd_ray.model.flexunet import build_flexunet
+
+    model = build_flexunet(cfg.model)
+    head = model.get_layer("head")
+    kernel, bias = head.get_weights()
+    head.set_weights([np.zeros_like(kernel), np.array([-10.0] + [10.0] * (len(bias) - 1), bias.dtype)])
+    return export_model(cfg, model, str(to))

@@ -58,6 +58,7 @@ def test_demo_on_ct_volumes_reports_per_case_mm_and_ml_and_segments_a_dicom_pati
     assert mask.GetSize() == (96, 96, 6)
     case = json.loads((out / "tiny" / "infer" / "cases" / patient / "summary.json").read_text())
     assert case["input"] == "dicom" and case["lesion_ml"] >= 0
+    assert report["brain_mask"]["applied"] and case["brain_mask"]["applied"]  # on by default, both ways
     assert (out / "tiny" / "infer" / "cases" / patient / "preview.png").is_file()
     assert "test case Dice (median)" in capsys.readouterr().out
     # the demo told prepare which official test cases its synthetic release holds

@@ -17,10 +17,10 @@ from aisd_ray.cli.flags import (  # noqa: E402
     add_run_options,
     add_sweep_arguments,
     add_strict,
-    add_tta,
+    add_prediction_options,
     check_evaluate,
     flag_overrides,
-    given_tta,
+    given_options,
     sweep_plan,
     synthetic_test_cases,
 )
@@ -135,7 +135,7 @@ def cmd_evaluate(args) -> None:
 
     report = stages.evaluate(cfg, args.output, model=args.model, shards=args.data, split=args.split or "test",
                              predictions=args.predictions, masks=args.masks, overlays=not args.no_overlays,
-                             choose_postprocessing=args.choose_postprocessing, tta=given_tta(args), strict=args.strict)
+                             choose_postprocessing=args.choose_postprocessing, **given_options(args))
     if "images" not in report:  # label volumes, scored per case
         print(f"case Dice {report['case_dice_mean']:.4f} (mean), HD95 {report['case_hd95_mm_median']:.2f} mm "
               f"(median), volume error {report['case_avd_ml_median']:.2f} mL (median), lesion F1 "
@@ -159,7 +159,7 @@ def cmd_infer(args) -> None:
         raise ConfigError("give --input (or --images) and --output (or a config whose [infer] section names them)")
     from aisd_ray import stages
 
-    done = stages.infer(cfg, args.model, tta=given_tta(args), strict=args.strict)
+    done = stages.infer(cfg, args.model, **given_options(args))
     if done.cases:
         for case in done.cases:
             print(f"{case['case_id']}: lesion {case['lesion_ml']:.2f} mL in {case['lesion_count']} lesion(s)")
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="masks only, no overlays/ folder (else "
                                                                "infer.overlays)")
     add_infer_outputs(p)
-    add_tta(p)
+    add_prediction_options(p)
     add_strict(p)
     p.set_defaults(func=cmd_infer)
 

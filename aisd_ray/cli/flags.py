@@ -25,7 +25,8 @@ def _source(folder: str) -> dict:
 # Every flag that sets a config value, per command: argparse dest -> the config key it sets, or a
 # function of the flag's value giving {key: value}. A flag that is not given sets nothing.
 _SHARED = {"shared_fs": lambda _: {"run.shared_filesystem": True}}
-_TTA = {"tta": lambda _: {"eval.tta": True}, "no_tta": lambda _: {"eval.tta": False}}
+_TTA = {"tta": lambda _: {"eval.tta": True}, "no_tta": lambda _: {"eval.tta": False},
+        "brain_mask": lambda _: {"eval.brain_mask": True}, "no_brain_mask": lambda _: {"eval.brain_mask": False}}
 FLAG_KEYS = {
     "synthesize": {"layout": lambda layout: {"synthetic.layout": {"raw-zip": "raw"}.get(layout, layout)},
                    "cases": "synthetic.num_cases", "slices": "synthetic.slices_per_case"},
@@ -120,7 +121,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                                    "per case in mm and mL)")
     p.add_argument("--no-overlays", action="store_true", help="no overlays/ folder (found, false and missed "
                                                                "lesion pixels per slice)")
-    add_tta(p)
+    add_prediction_options(p)
     add_strict(p)
     p.add_argument("--choose-postprocessing", action="store_true", help="with --split valid: choose the "
                    "post-processing (none, remove small lesions, keep the largest) on the split's cases and "
@@ -134,7 +135,7 @@ def check_evaluate(args) -> None:
     if args.predictions:
         refuse(args, "with --predictions (masks are scored as they are)",
                "model", "data", "split", "batch_size", "no_overlays", "tta", "no_tta", "choose_postprocessing",
-               "strict")
+               "strict", "brain_mask", "no_brain_mask")
         if not args.masks:
             raise ConfigError("--predictions needs --masks (the ground-truth mask folder)")
         return
@@ -167,6 +168,24 @@ def add_tta(p: argparse.ArgumentParser) -> None:
 def given_tta(args) -> bool | None:
     """--tta: True, --no-tta: False, neither: None (the export's own choice, its ``tta``)."""
     return True if getattr(args, "tta", False) else False if getattr(args, "no_tta", False) else None
+
+
+def add_prediction_options(p: argparse.ArgumentParser) -> None:
+    """How an export predicts, for ``infer`` and ``evaluate --model``: --tta/--no-tta and
+    --brain-mask/--no-brain-mask (``eval.brain_mask``, ``inference/brain_mask.py``)."""
+    add_tta(p)
+    both = p.add_mutually_exclusive_group()
+    both.add_argument("--brain-mask", action="store_true", help="CT volumes: remove predicted lesion voxels "
+                      "outside the brain (the skull's intracranial space, from HU; else as the export records it: "
+                      "its training's eval.brain_mask, on by default); a store of PNG slices has no mask")
+    both.add_argument("--no-brain-mask", action="store_true", help="keep lesion voxels outside the brain")
+
+
+def given_options(args) -> dict[str, bool | None]:
+    """The options ``infer`` and ``evaluate --model`` share, as ``stages`` takes them: ``tta`` and
+    ``brain_mask`` as given (True, False) or not (None: as the export records it), and ``strict``."""
+    brain = True if getattr(args, "brain_mask", False) else False if getattr(args, "no_brain_mask", False) else None
+    return {"tta": given_tta(args), "brain_mask": brain, "strict": bool(getattr(args, "strict", False))}
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

@@ -282,6 +282,10 @@ class EvalConfig:
     # evaluate --model and infer (whose --tta/--no-tta override it); pipeline, demo and crossval use it.
     # On: it raised test case Dice in the paired runs of `sweep --variants` (docs/performance.md)
     tta: bool = True
+    # lesion voxels outside the brain removed (inference/brain_mask.py: the head model's intracranial
+    # regions from HU): the export records it as its default for infer and evaluate --model (their
+    # --brain-mask/--no-brain-mask override it); on: a lesion cannot lie in bone, scalp, orbit or air
+    brain_mask: bool = True
 
 
 @dataclass

@@ -12,12 +12,17 @@ findings and its recorded values against the export's training domain, a ``qa`` 
 ``per_case.csv`` ("pass" or "warn: <check>, ..."), every finding in metrics.json's ``qa`` block,
 one log line per warning; with ``strict`` the first warning refuses the evaluation (one line).
 
-``tta`` and ``postprocessing`` in metrics.json say how an export's predictions were made: mirroring
-test-time augmentation on or off (``export.LoadedExport``), and the export's post-processing choice
-(``postprocess.py``), applied to each case's predicted volume before its case figures are scored.
-The per-slice figures (``lesion_dice``, ``per_image``, the losses, the overlays) are the network's
-own, before post-processing: a 3-D rule needs a whole case, which a per-slice score does not have,
-and a store without case ids (the original's tree) has no cases to post-process.
+``tta``, ``brain_mask`` and ``postprocessing`` in metrics.json say how an export's predictions were
+made: mirroring test-time augmentation on or off (``export.LoadedExport``); the brain mask
+(``brain_mask.py``: on a store prepared from CT volumes, each case's predicted lesion voxels outside
+the intracranial mask that ``prepare`` stored beside each slice are removed, ``brain_removed_ml`` per
+case in per_case.csv, the total in metrics.json; a store of PNG slices has no mask, and
+``brain_mask`` says it was not applied and why, in one log line too); then the export's
+post-processing choice (``postprocess.py``); both applied to each case's predicted volume before its
+case figures are scored (and before a choice is made here). The per-slice figures (``lesion_dice``,
+``per_image``, the losses, the overlays) are the network's own, before either: they stay comparable
+with training's validation figures, a 3-D rule needs a whole case, which a per-slice score does not
+have, and a store without case ids (the original's tree) has no cases to post-process.
 
 With several foreground classes, each has every figure too under its ``class_names`` name
 (``metrics``): ``core_dice`` beside ``lesion_dice``, ``core_tp`` etc. beside ``tp`` in each
@@ -39,6 +44,7 @@ from aisd_ray.core.progress import progress_bar
 from aisd_ray.data.ct import qa
 from aisd_ray.data.sources import layout, masks
 from aisd_ray.data.store import shards
+from aisd_ray.inference import brain_mask as brain_step
 from aisd_ray.inference import input_kind, postprocess
 from aisd_ray.inference.export import LoadedExport
 from aisd_ray.model.losses import categorical_crossentropy
@@ -63,6 +69,9 @@ DEFINITIONS = {
     "postprocessing": "the export's post-processing choice (postprocess.json; rule none when it has none), "
                       "applied to each case's predicted volume before the case figures; the per-slice "
                       "figures are the network's own, before it",
+    "brain_mask": "predicted lesion voxels outside each case's stored intracranial mask removed before the case "
+                  "figures and the post-processing (removed_ml: their total, mL); not applied to a store without "
+                  "the mask (reason)",
 }
 # where ``write_volumes`` puts each case's predicted and true label maps (NIfTI, model resolution)
 VOLUMES = ("predictions", "labels")
@@ -83,6 +92,8 @@ class CaseVolumes:
     def __init__(self, foreground_names=("lesion",)) -> None:
         self.names = list(foreground_names)
         self._slices: dict[str, list[tuple[int, tuple[int, int], np.ndarray, np.ndarray]]] = {}
+        self._brains: dict[str, dict[int, np.ndarray]] = {}  # each slice's intracranial mask, where stored
+        self.brain_removed: dict[str, float] = {}  # mL per case, once ``apply_brain`` has run
 
     def _pack(self, labels: np.ndarray) -> np.ndarray:
         if len(self.names) == 1:
@@ -94,10 +105,25 @@ class CaseVolumes:
         planes = planes.reshape(len(self.names), *shape).astype(np.uint8)
         return np.tensordot(np.arange(1, len(self.names) + 1, dtype=np.uint8), planes, axes=1).astype(np.uint8)
 
-    def add(self, case_id: str, slice_index: int, truth: np.ndarray, pred: np.ndarray) -> None:
+    def add(self, case_id: str, slice_index: int, truth: np.ndarray, pred: np.ndarray, brain=None) -> None:
         if case_id:
             self._slices.setdefault(case_id, []).append((slice_index, truth.shape, self._pack(truth),
                                                          self._pack(pred)))
+            if brain is not None:
+                self._brains.setdefault(case_id, {})[slice_index] = np.packbits(brain)
+
+    def apply_brain(self, spacing: dict[str, tuple[float, float, float]]) -> float:
+        """Every case's predictions with the lesion voxels outside its slices' intracranial masks set to
+        0 (``brain_mask.apply``), in place; ``brain_removed`` the mL per case (``spacing``: (z, y, x)
+        mm of a model-size voxel per case, as ``case_spacing``); the total mL."""
+        for case, slices in self._slices.items():
+            brains, removed = self._brains[case], 0.0
+            for i, (k, shape, t, p) in enumerate(slices):
+                inside = np.unpackbits(brains[k], count=shape[0] * shape[1]).reshape(1, *shape)
+                kept, ml = brain_step.apply(self._unpack(p, shape)[None], inside, spacing[case])
+                slices[i], removed = (k, shape, t, self._pack(kept[0])), removed + ml
+            self.brain_removed[case] = round(removed, 3)
+        return sum(self.brain_removed.values())
 
     def volumes(self):
         """(case id, truth, prediction) per case in case order: (Z, Y, X) uint8 class ids, slices in order."""
@@ -118,6 +144,8 @@ class CaseVolumes:
                 pred = postprocess.apply(choice, pred, (spacing or {}).get(case))
             row = {"case_id": case, **metrics.case_scores(truth, pred),
                    **metrics.class_case_scores(truth, pred, self.names)}
+            if case in self.brain_removed:
+                row["brain_removed_ml"] = self.brain_removed[case]
             if spacing and case in spacing:
                 mm = volume_metrics.case_volume_scores(truth, pred, spacing[case])
                 row.update({k: v for k, v in mm.items() if k != "dice"})
@@ -209,7 +237,7 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
                     batch_size: int = 4, progress: bool = True, overlays: bool = True,
                     store: shards.ShardStore | None = None, tta: bool | None = None,
                     choose_postprocessing: bool = False, write_volumes: bool = False,
-                    strict: bool = False) -> dict[str, Any]:
+                    strict: bool = False, brain_mask: bool | None = None) -> dict[str, Any]:
     """Score an export on a sharded split; write metrics.json, per_image.csv, evaluation.csv and,
     with ``overlays``, ``overlays/<name>.png`` per slice (found, false and missed lesion pixels).
     ``store``: the command's already opened store, else it is opened (and verified) here. ``tta``:
@@ -217,15 +245,18 @@ def evaluate_export(export_uri: str, shards_uri: str, out_uri: str, split: str =
     ``choose_postprocessing`` (the ``valid`` split only, so the test split never decides it): choose
     the post-processing on this split's cases (``postprocess.choose``), write it into the export
     (``postprocess.json``) and score with it; DataError when the split's slices carry no case ids.
-    ``write_volumes``: also write each case's predicted label map (the network's, before
+    ``write_volumes``: also write each case's predicted label map (after the brain mask, before
     post-processing) and its ground truth as NIfTI at model resolution (``VOLUMES``:
     ``predictions/<case>.nii.gz``, ``labels/<case>.nii.gz``, ``volume_write.write_model_grid``), as
     nnU-Net keeps a fold's validation predictions; DataError when the store does not know every
     case's spacing (prepare CT volumes). ``strict``: a case the QA gate warns of is a DataError (one
-    line: the store, the case, the check, its value and the training range), nothing written."""
+    line: the store, the case, the check, its value and the training range), nothing written.
+    ``brain_mask``: lesion voxels outside the stored intracranial mask removed from each case's
+    prediction first (the module); None: as the export records it."""
     if choose_postprocessing and split != "valid":
         raise ValueError(f"post-processing is chosen on the valid split only, not {split!r}")
     model = LoadedExport(export_uri, tta=tta)
+    model.brain_mask = brain_step.resolve(brain_mask, model)
     manifest = (store or shards.ShardStore.open(shards_uri)).manifest
     takes = f"the export {export_uri} takes"
     shards.check_input(shards_uri, manifest, (model.height, model.width, model.channels), model.windows,
@@ -299,7 +330,7 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
         counts.append(metrics.lesion_counts(labels, pred))
         class_counts.append(metrics.class_counts(labels, pred, num_classes))
         for record, image_i, truth_i, pred_i in zip(batch, images, labels, pred):
-            volumes.add(record["case_id"], record["slice_index"], truth_i, pred_i)
+            volumes.add(record["case_id"], record["slice_index"], truth_i, pred_i, shards.record_brain(record))
             if overlays:
                 _write_overlay(out, record["name"], image_i, truth_i, pred_i, foreground)
         names += [r["name"] for r in batch]
@@ -309,11 +340,13 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
     class_arr = np.concatenate(class_counts) if class_counts else np.zeros((0, num_classes - 1, 3), np.int64)
     loss, seed = float(np.mean(losses)), float(np.mean(seed_dice))
     spacing = case_spacing(manifest)
+    brain = brain_step.on_store(volumes, manifest, spacing, model.brain_mask)  # before post-processing is chosen
     choice = _postprocessing(model, volumes, spacing, shards_uri, split, choose)
     if write_volumes:
         _write_volumes(out, volumes, spacing, storage.join(shards_uri, shards.MANIFEST))
     extra: dict[str, Any] = {"split": split, "categorical_crossentropy": loss, "dice_coef_multiclass": seed,
-                             "tta": model.tta, "postprocessing": {**choice, "applied_to": "per-case volumes"}}
+                             "tta": model.tta, "brain_mask": brain,
+                             "postprocessing": {**choice, "applied_to": "per-case volumes"}}
     case_rows = volumes.scores(spacing, choice)
     if found:
         extra["qa"] = {case: qa.as_json(findings) for case, findings in found.items()}

@@ -91,6 +91,7 @@ def export_model(cfg: Config, model: keras.Model, out_uri: str, extra: dict[str,
             "windows": [list(w) for w in cfg.data.windows],  # HU (level, width): how CT volumes become input
             "channels": cfg.data.channels,  # what the channels hold (data.channels); image.channels counts them
             "tta": cfg.eval.tta,  # mirroring TTA by default when this export predicts (eval.tta of its training)
+            "brain_mask": cfg.eval.brain_mask,  # lesions outside the brain removed by default (brain_mask.py)
             "parameters": int(model.count_params()),
             **(extra or {}),
             "config": cfg.to_dict(),
@@ -157,6 +158,7 @@ def write_ensemble(member_uris: list[str], out_uri: str, choice: dict[str, Any] 
         info = {"kind": "ensemble", "members": names, "combine": "mean of the members' softmax probabilities",
                 **{k: infos[0].get(k) for k in SHARED_KEYS},
                 "tta": all(i.get("tta", False) for i in infos),  # the members' own default, unless extra says
+                "brain_mask": all(i.get("brain_mask", True) for i in infos),
                 **_present(domain=_union([i.get("domain") for i in infos])),
                 **(extra or {}), "provenance": provenance.facts(config_from_dict(config).to_toml())}
         (folder / ENSEMBLE).write_text(json.dumps(info, indent=2, default=str))
@@ -208,7 +210,13 @@ class LoadedExport:
     never altered.
 
     ``input``, ``input_kind`` and ``domain``: what it was trained on (the module), None, "unknown"
-    and None for an export from before they were recorded."""
+    and None for an export from before they were recorded.
+
+    ``brain_mask``: whether ``infer`` and ``evaluate`` remove lesion voxels outside the brain
+    (``brain_mask.py``; export.json ``brain_mask``, its training config's ``eval.brain_mask``). An
+    export from before it was recorded: True, the default of every export since: the step removes
+    only what lies outside the skull's intracranial space, where no lesion of any training could be,
+    and each output says what it removed (``--no-brain-mask`` gives the older outputs back)."""
 
     def __init__(self, uri: str, tta: bool | None = None):
         self.uri = uri
@@ -230,6 +238,7 @@ class LoadedExport:
         self.members = len(members)
         # the caller's choice, else the export's own (export.json / ensemble.json "tta", from eval.tta)
         self.tta = bool(self.info.get("tta", False)) if tta is None else bool(tta)
+        self.brain_mask = bool(self.info.get("brain_mask", True))
         self.postprocess = postprocess.load(folder, storage.join(uri, postprocess.FILE))
         self._modules = [module for _, module in members]  # kept alive: the signatures belong to them
         self._fns = [module.signatures[SIGNATURE] for module in self._modules]

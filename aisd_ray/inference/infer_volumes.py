@@ -5,7 +5,9 @@ Each case is read in HU (``data/volume.py``), its channels built as the model wa
 export's ``windows`` and ``channels`` mode: ``data/channels.py``, at the scan's own size), its
 slices resized to the model size, segmented, and the class probabilities resized back to the
 slice's own size before the most likely class is taken. The mask is then put back into the input's
-geometry (same shape, spacing, origin and direction), post-processed by the export's choice
+geometry (same shape, spacing, origin and direction), its lesion voxels outside the brain removed
+(``brain_mask.py``: the head model's intracranial regions, from the case's HU; on unless the export
+or ``brain_mask`` turns it off), post-processed by the export's choice
 (``postprocess.json``, chosen on validation cases: see ``postprocess.py``; none when the export has
 none) and written as NIfTI. With ``tta``, each slice's prediction averages it and its left-right
 mirror (``export.LoadedExport``).
@@ -14,17 +16,19 @@ Output, in nnU-Net's convention for a predictions folder (``evaluate --predictio
 - ``<case>.nii.gz``: uint8 class ids in the input's geometry;
 - ``cases/<case>/summary.json``: lesion volume in mL, the 3-D lesions (26-connected components:
   each one's mL and slice range, largest first), spacing, shape, windows, channel mode, gantry
-  tilt, ``tta``, the ``postprocessing`` applied and the mL it removed, and ``qa``: the QA gate's
-  findings (``data/qa.py``: each check's name, status, value, training range and one-line message;
+  tilt, ``tta``, ``brain_mask`` ({"applied", "removed_ml"}, or "reason" when not applied), the
+  ``postprocessing`` applied and the mL it removed (of what the brain mask left), and ``qa``: the QA
+  gate's findings (``data/qa.py``: each check's name, status, value, training range and one-line message;
   the domain checks against the export's ``domain``, skipped for an export that records none);
 - ``cases/<case>/preview.png``: the slices that hold lesion, windowed, the lesion outlined, mL in
   the title (the middle slices when there is none), and the first QA warning;
 - ``cases/<case>/probabilities.nii.gz`` (with ``probabilities=True``): float32 lesion probability,
-  the network's (with TTA if on), before post-processing;
+  the network's (with TTA if on), before the brain mask and post-processing;
 - ``cases/<case>/seg.dcm`` (with ``dicom_seg=True``, a DICOM series input only): the mask as a DICOM
   Segmentation on the series' own slices (``dicom_seg.py``); it carries the series' patient and study
   identity, hence opt-in; a NIfTI input gets one log line instead;
-- ``cases.csv``: one row per case; its ``qa`` column "pass" or "warn: <check>, ...".
+- ``cases.csv``: one row per case; its ``brain_removed_ml`` column the mL the brain mask removed, its
+  ``qa`` column "pass" or "warn: <check>, ...".
 
 Each QA warning is also logged, one line per warning; with ``strict`` the first one refuses the case
 (a VolumeError of one line: the case, the check, its value and the training range), nothing written.
@@ -51,6 +55,7 @@ from aisd_ray.data.ct.head import head_model
 from aisd_ray.data.ct.windows import InPlane
 from aisd_ray.data.sources import volume, volume_write
 from aisd_ray.inference import dicom_seg as seg_out
+from aisd_ray.inference import brain_mask as brain_step
 from aisd_ray.inference import input_kind, postprocess
 from aisd_ray.inference.export import LoadedExport
 from aisd_ray.report import render
@@ -155,7 +160,7 @@ def preview_title(case_id: str, info: dict[str, Any], with_lesion: bool) -> str:
 
 
 CSV_FIELDS = ("case_id", "lesion_ml", "lesion_count", "largest_lesion_ml", "slices", "spacing_mm_zyx", "input",
-              "gantry_tilt_deg", "qa")
+              "gantry_tilt_deg", "brain_removed_ml", "qa")
 
 
 def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray, model: Any) -> np.ndarray:
@@ -170,7 +175,7 @@ def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray
 def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_size: int = 4,
                   probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool | None = None,
                   postprocessing: dict[str, Any] | None = None, strict: bool = False,
-                  dicom_seg: bool = False) -> list[dict[str, Any]]:
+                  dicom_seg: bool = False, brain_mask: bool | None = None) -> list[dict[str, Any]]:
     """Segment every case of ``input_path``; return their summaries. A case that is not a CT volume
     is a VolumeError (one line naming the file) and leaves no output folder. ``model``: an already
     loaded export (anything with its ``height``, ``width``, ``channels``, ``windows`` and
@@ -178,7 +183,9 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     export is loaded, with ``tta``, once the first case has been read. ``postprocessing``: a choice
     used instead of the export's own (``postprocess.py``). ``strict``: a QA warning refuses its case
     (``qa.refuse_if_strict``) before anything is written. ``dicom_seg``: also a DICOM SEG of each DICOM
-    series case (``dicom_seg.write_seg``; the export's ``class_names`` name its segments)."""
+    series case (``dicom_seg.write_seg``; the export's ``class_names`` name its segments). ``brain_mask``:
+    lesion voxels outside the brain removed (True) or not (False); None: as the model records it
+    (``brain_mask.resolve``)."""
     cases = volume_cases(input_path)
     summaries = []
     bar = progress_bar(total=len(cases), desc="infer", unit="case", enabled=progress)
@@ -191,18 +198,20 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
                 kind = [input_kind.check(getattr(model, "input", None), input_kind.CT_HU, str(input_path),
                                          getattr(model, "uri", export_uri), model.windows)]
             choice = postprocessing or getattr(model, "postprocess", None) or postprocess.NONE
-            own = qa.check_case(vol, head_model(vol.hu, vol.spacing), getattr(model, "domain", None))
+            head = head_model(vol.hu, vol.spacing)  # the QA gate's and the brain mask's
+            own = qa.check_case(vol, head, getattr(model, "domain", None))
             findings = kind + own
             qa.refuse_if_strict(strict, path, case_id, findings)
             qa.log_warnings(case_id, own)
             raw, lesion = segment(model, vol, batch_size)
+            raw, inside = brain_step.on_volume(raw, vol.hu, vol.spacing, head, brain_step.resolve(brain_mask, model))
             labels = postprocessed(choice, vol, raw, model)
             volume_write.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")
             info = summary(vol, labels, model.windows, getattr(model, "channel_mode", "grey"))
             removed = volume_metrics.volume_ml(raw > 0, vol.spacing) - volume_metrics.volume_ml(labels > 0, vol.spacing)
             info.update(tta=bool(getattr(model, "tta", False)), postprocessing={
                 **{k: choice.get(k) for k in postprocess.NONE}, "removed_ml": round(removed, 3)},
-                qa=qa.as_json(findings))
+                qa=qa.as_json(findings), brain_mask=inside)
             case_dir = folder / "cases" / case_id
             case_dir.mkdir(parents=True)
             storage.write_json(str(case_dir / "summary.json"), info)
@@ -224,5 +233,6 @@ def _write_cases_csv(path: Path, summaries: list[dict[str, Any]]) -> None:
         "largest_lesion_ml": s["lesions"][0]["volume_ml"] if s["lesions"] else 0.0,
         "slices": s["shape_zyx"][0], "spacing_mm_zyx": " ".join(map(str, s["spacing_mm_zyx"])),
         "input": s["input"], "gantry_tilt_deg": s["gantry_tilt_deg"],
+        "brain_removed_ml": s["brain_mask"]["removed_ml"],
         "qa": qa.label(qa.from_json(s["qa"]))} for s in summaries], list(CSV_FIELDS))
 

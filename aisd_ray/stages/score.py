@@ -15,13 +15,14 @@ from aisd_ray.stages.run import on_node
 def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | None = None, split: str = "test",
              predictions: str | None = None, masks: str | None = None, overlays: bool = True,
              progress: bool = True, choose_postprocessing: bool = False,
-             tta: bool | None = None, strict: bool = False) -> dict[str, Any]:
+             tta: bool | None = None, strict: bool = False, brain_mask: bool | None = None) -> dict[str, Any]:
     """Score an export on a split of a shard store (``model``, ``shards``; mirroring TTA per ``tta``,
     None: as the export records it; with ``choose_postprocessing``, on the valid split, the export's post-processing
     is chosen on its cases and written into the export first), or predictions against ground truth
     without a model (``predictions``, ``masks``: mask PNGs, or NIfTI label volumes scored per case
     in mm and mL); write metrics.json and its companions under ``output``. ``strict``: a case of a
-    store prepared from volumes that QA warns of is refused (``evaluate.evaluate_export``)."""
+    store prepared from volumes that QA warns of is refused (``evaluate.evaluate_export``). ``brain_mask``:
+    lesion voxels outside the brain removed from each case first or not; None: as the export records it."""
     if predictions:
         from aisd_ray.evaluation.evaluate_volumes import evaluate_nifti_folders, is_nifti_folder
 
@@ -34,7 +35,7 @@ def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | N
 
     return scoring.evaluate_export(model, shards, output, split, cfg.eval.batch_size, progress=progress,
                                    overlays=overlays, tta=tta, choose_postprocessing=choose_postprocessing,
-                                   strict=strict)
+                                   strict=strict, brain_mask=brain_mask)
 
 
 @dataclass
@@ -47,14 +48,16 @@ class Inferred:
 
 
 def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool = True,
-          tta: bool | None = None, strict: bool = False) -> Inferred:
+          tta: bool | None = None, strict: bool = False, brain_mask: bool | None = None) -> Inferred:
     """Segment ``infer.images_dir`` into ``infer.output_dir`` with an export: CT patients (a DICOM
     series folder, a NIfTI file, or a folder of them) give NIfTI masks in the scan's geometry with
     lesion volumes (``infer_volumes``); a folder of images gives mask PNGs (``infer``). With
     ``on_worker``, as a Ray task on a training node. ``tta``: mirroring TTA on or off; None: as the
     export records it (its training config's ``eval.tta``). ``strict``: a QA warning refuses its case
     (``infer_volumes``), or, for images, the input-kind check's warning (``infer``). ``infer.dicom_seg``:
-    a DICOM SEG beside each DICOM series case's mask (``dicom_seg.py``)."""
+    a DICOM SEG beside each DICOM series case's mask (``dicom_seg.py``). ``brain_mask``: CT
+    patients' lesion voxels outside the brain removed or not (``infer_volumes``); None: as the export records it;
+    True for images: a ConfigError (8-bit slices hold no HU to find the brain in)."""
     from aisd_ray.inference.infer_volumes import is_volume_input
 
     source, out = cfg.infer.images_dir, storage.absolute(cfg.infer.output_dir)
@@ -63,7 +66,7 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
 
         cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
-                     tta=tta, strict=strict, dicom_seg=cfg.infer.dicom_seg)
+                     tta=tta, strict=strict, dicom_seg=cfg.infer.dicom_seg, brain_mask=brain_mask)
         return Inferred(out, cases=cases)
     if storage.is_local(source) and not Path(source).is_dir():  # what a folder of images is not: name it so
         from aisd_ray.data.sources.layout import DataError
@@ -71,6 +74,11 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
         raise DataError(f"{source}: not found" if not Path(source).exists() else
                         f"{source}: neither a DICOM series (a folder, or an enhanced CT file), a NIfTI file nor a "
                         "folder of images")
+    if brain_mask:  # asked for, where it cannot be done
+        from aisd_ray.config import ConfigError
+
+        raise ConfigError(f"--brain-mask: {source} is a folder of images; the brain mask needs CT volumes in HU "
+                          "(8-bit slices cannot tell air, CSF and bone apart)")
     from aisd_ray.inference.infer import infer_folder
 
     written = on_node(cfg, on_worker, infer_folder, storage.absolute(export_uri), storage.absolute(source), out,

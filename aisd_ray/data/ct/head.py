@@ -22,6 +22,18 @@ spacing (z, y, x) mm. The rules, each with its reason:
   enclosed by bone holds fat and bowel gas. Within such a region the voxels in ``SOFT_HU`` are the
   intracranial space.
 
+**Brain mask** (``brain_mask``: where a predicted lesion may lie; ``inference/brain_mask.py`` removes
+lesion voxels outside it): the enclosed regions kept above, whole, less the voxels at or below
+``TISSUE_HU`` (air: pneumocephalus, a sinus cell the closing reached) and at or above ``BONE_HU``
+(calcification). Wider than the intracranial space on purpose: the intracranial space keeps only the
+voxels in ``SOFT_HU``, so a lesion voxel that noise pushes below -20 HU or a haemorrhage above
+100 HU, and the partial-volume voxels at the inner table (100..300 HU), would be cut from a lesion
+that is inside the skull. Still outside it: the bone (the closed ring), the scalp, the orbits, the
+air and everything beyond the head or the field of view (outside the ring, or in no region that
+passes the area and soft-share rules). A slice without such a region (below the skull base, the
+vertex's last few millimetres, a craniectomy's open ring) has an empty brain mask: a lesion there is
+removed, and ``--no-brain-mask`` is the way to keep it (after a craniectomy, say).
+
 Figures (``HeadModel``): the head's share of the field of view, the intracranial volume (mL), and,
 inside the intracranial space eroded by one pixel in-plane (so bone's partial volume at the inner
 table does not count), the median HU (the brain is most of the intracranial volume, so the median
@@ -63,6 +75,9 @@ class HeadModel:
     intracranial_ml: float
     parenchyma_hu_median: float | None
     parenchyma_noise_hu: float | None
+    # the enclosed regions kept by the area and soft-share rules, whole (bone ring excluded): the
+    # ground of ``brain_mask``
+    cavity: np.ndarray | None = field(default=None, repr=False)
 
     def stats(self) -> dict[str, float | None]:
         """The figures as a JSON-able dict (rounded)."""
@@ -85,7 +100,8 @@ def _head_mask(hu: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.binary_fill_holes(s) for s in head])
 
 
-def _intracranial_slice(hu: np.ndarray, bone: np.ndarray, pixel_mm2: float, close_px: int) -> np.ndarray:
+def _cavity_slice(hu: np.ndarray, bone: np.ndarray, pixel_mm2: float, close_px: int) -> np.ndarray:
+    """The enclosed regions of one slice that pass the area and soft-share rules, whole."""
     if not bone.any():
         return np.zeros_like(bone)
     ring = ndimage.binary_closing(np.pad(bone, close_px), iterations=close_px)[close_px:-close_px,
@@ -100,7 +116,7 @@ def _intracranial_slice(hu: np.ndarray, bone: np.ndarray, pixel_mm2: float, clos
     share = ndimage.mean(soft, labels, index)
     keep = np.zeros(n + 1, bool)
     keep[1:] = (area >= MIN_CAVITY_MM2) & (share >= SOFT_SHARE)
-    return keep[labels] & soft
+    return keep[labels]
 
 
 def _noise(hu: np.ndarray, region: np.ndarray) -> float | None:
@@ -122,10 +138,22 @@ def head_model(hu: np.ndarray, spacing: tuple[float, float, float]) -> HeadModel
     head = _head_mask(hu)
     skull = head & (hu >= BONE_HU)
     close_px = int(min(10, round(CLOSE_MM / min(dy, dx))))
-    intracranial = np.stack([_intracranial_slice(hu[k], skull[k], dy * dx, close_px) for k in range(hu.shape[0])])
-    intracranial &= head
+    cavity = np.stack([_cavity_slice(hu[k], skull[k], dy * dx, close_px) for k in range(hu.shape[0])]) & head
+    intracranial = cavity & (hu >= SOFT_HU[0]) & (hu <= SOFT_HU[1])
     core = ndimage.binary_erosion(intracranial, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool))
     values = hu[core]
     return HeadModel(head, skull, intracranial, float(head.mean()) if head.size else 0.0,
                      float(intracranial.sum()) * dz * dy * dx / 1000.0,
-                     float(np.median(values)) if values.size >= 50 else None, _noise(hu, core))
+                     float(np.median(values)) if values.size >= 50 else None, _noise(hu, core), cavity)
+
+
+def brain_mask(hu: np.ndarray, spacing: tuple[float, float, float], model: HeadModel | None = None) -> np.ndarray:
+    """Where a lesion may lie: (Z, Y, X) bool, as ``hu`` ((Z, Y, X) HU, canonical) at ``spacing``
+    ((z, y, x) mm): the head model's enclosed intracranial regions, whole, less air (at or below
+    ``TISSUE_HU``) and bone (at or above ``BONE_HU``); the module docstring says why it is wider
+    than ``HeadModel.intracranial``. ``model``: this volume's head model when already computed (it
+    is then not computed again). ValueError for an array that is not 3-D."""
+    hu = np.asarray(hu)
+    if model is None or model.cavity is None:
+        model = head_model(hu, spacing)
+    return model.cavity & (hu > TISSUE_HU) & (hu < BONE_HU)

@@ -51,6 +51,9 @@ class Sample:
     labels: np.ndarray  # (H, W) uint8 class ids, model size
     case_id: str = ""
     slice_index: int = -1
+    # (H, W) bool, model size: the intracranial space (data/ct/head.py brain_mask), only where the
+    # slice comes from a CT volume; None for PNG slices
+    brain: np.ndarray | None = None
 
 
 def is_metadata(path: str | Path, dot_files: bool = True) -> bool:

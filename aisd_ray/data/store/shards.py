@@ -1,7 +1,15 @@
 """The shard format: TFRecord or Parquet files of PNG-encoded samples, and ``manifest.json``.
 
 Each record holds the image and its class-id mask as PNG bytes at model size, plus the
-metadata a later stage needs (source name, case id, slice index, shape, lesion pixels).
+metadata a later stage needs (source name, case id, slice index, shape, lesion pixels). A record
+of a store prepared from CT volumes also holds ``brain``: the slice's intracranial mask (0/1 uint8
+at model size, ``data/ct/head.py`` ``brain_mask``), in the row's encoding (a PNG, or zstd of the
+H*W bytes; ``rows.py``: the row encodings); ``record_brain`` reads it, None for a record without it
+(PNG slices, or a volume store prepared before it was kept: its manifest's ``source`` has no
+``brain_mask``). An optional feature, not a new ``FORMAT_VERSION``: the stores of PNG slices stay as
+they are, and a volume store gets a new fingerprint (``volume_source.SLICE_FEATURES``), so
+``prepare`` rewrites it.
+
 Shards are written first and the manifest last, so a store with a manifest is complete;
 the manifest lists every shard with its record count, byte size, SHA-256 and the rows that
 hold lesion pixels, and each split's ``index`` maps a slice name to its (shard, row).
@@ -9,7 +17,6 @@ hold lesion pixels, and each split's ``index`` maps a slice name to its (shard, 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -22,13 +29,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import crc32c
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from aisd_ray.core import storage
 from aisd_ray.data.sources.layout import DataError, Sample
+from aisd_ray.data.store import rows
+from aisd_ray.data.store.rows import BRAIN
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -39,68 +46,13 @@ SCHEMA = pa.schema([
     ("height", pa.int64()), ("width", pa.int64()), ("channels", pa.int64()), ("stored_channels", pa.int64()),
     ("lesion_pixels", pa.int64()), ("image", pa.binary()), ("mask", pa.binary()),
 ])
-# How a row holds its pixels (data.row_encoding): "png" (PNG files, decoded on read) or "raw" (the
-# uint8 arrays, zstd-compressed: a grey image whose three channels are equal is stored once and
-# expanded on read; labels as class ids). Each row says which by its first bytes.
-PNG_MAGIC = b"\x89PNG"
+BRAIN_SCHEMA = SCHEMA.append(pa.field(BRAIN, pa.binary()))  # a store prepared from CT volumes
+# the row encodings (rows.py), under the names every caller knows them by here
+PNG_MAGIC, encode_png, decode_png, tensor_bytes = rows.PNG_MAGIC, rows.encode_png, rows.decode_png, rows.tensor_bytes
+sample_to_record, record_to_arrays, record_brain = rows.sample_to_record, rows.record_to_arrays, rows.record_brain
 # A shard's name in the manifest is a relative path of plain names inside the store ("train/train-00000-
 # 1a2b3c4d.parquet"): no "..", no absolute path, no URI scheme, no backslash, no empty part.
 SHARD_NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-
-
-@functools.lru_cache(maxsize=1)
-def _zstd() -> pa.Codec:
-    return pa.Codec("zstd", compression_level=3)
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array).save(
-        buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
-
-
-def sample_to_record(sample: Sample, encoding: str = "png") -> dict[str, Any]:
-    h, w, c = sample.image.shape
-    image = sample.image
-    if encoding == "raw":
-        if c > 1 and (image == image[..., :1]).all():
-            image = image[..., :1]  # grey: one channel stored, expanded on read
-        image_bytes = _zstd().compress(np.ascontiguousarray(image).tobytes(), asbytes=True)
-        mask_bytes = _zstd().compress(np.ascontiguousarray(sample.labels, np.uint8).tobytes(), asbytes=True)
-    else:
-        image_bytes, mask_bytes = encode_png(image), encode_png(sample.labels)
-    return {
-        "name": sample.name, "case_id": sample.case_id, "slice_index": sample.slice_index,
-        "height": h, "width": w, "channels": c, "stored_channels": image.shape[-1],
-        "lesion_pixels": int(np.count_nonzero(sample.labels)), "image": image_bytes, "mask": mask_bytes,
-    }
-
-
-def tensor_bytes(record: dict[str, Any]) -> tuple[bytes, bytes]:
-    """A row's (image, mask) bytes as the input pipeline decodes them: PNG files as stored, raw rows
-    decompressed to their uint8 arrays (H*W*stored_channels and H*W bytes)."""
-    image, mask = record["image"], record["mask"]
-    if image[:4] == PNG_MAGIC:
-        return image, mask
-    h, w = record["height"], record["width"]
-    return (_zstd().decompress(image, decompressed_size=h * w * record["stored_channels"], asbytes=True),
-            _zstd().decompress(mask, decompressed_size=h * w, asbytes=True))
-
-
-def record_to_arrays(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(image (H, W, C) uint8, labels (H, W) uint8) of a record, in either row encoding."""
-    if record["image"][:4] == PNG_MAGIC:
-        image = decode_png(record["image"])
-        return (image if image.ndim == 3 else image[..., None]), decode_png(record["mask"])
-    h, w, c = record["height"], record["width"], record["channels"]
-    image_bytes, mask_bytes = tensor_bytes(record)
-    image = np.frombuffer(image_bytes, np.uint8).reshape(h, w, record["stored_channels"])
-    return np.broadcast_to(image, (h, w, c)).copy(), np.frombuffer(mask_bytes, np.uint8).reshape(h, w).copy()
 
 
 # --------------------------------------------------------------------------- TFRecord framing
@@ -137,6 +89,8 @@ def _record_from_example(data: bytes) -> dict[str, Any]:
         else:
             raw = feat.bytes_list.value[0]
             out[field.name] = raw.decode() if pa.types.is_string(field.type) else raw
+    if BRAIN in example.features.feature:  # the optional feature
+        out[BRAIN] = example.features.feature[BRAIN].bytes_list.value[0]
     return out
 
 
@@ -168,7 +122,8 @@ def iter_tfrecord(stream, where: str) -> Iterator[dict[str, Any]]:
 
 def parquet_bytes(records: list[dict[str, Any]]) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), sink, compression="none")
+    schema = BRAIN_SCHEMA if records and BRAIN in records[0] else SCHEMA  # the column only where it is written
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), sink, compression="none")
     return sink.getvalue().to_pybytes()
 
 

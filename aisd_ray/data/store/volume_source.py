@@ -25,7 +25,10 @@ spacing, so that evaluation reports volumes in mL and distances in mm. ``source.
 case's QA record (``qa.record``: its domain values, its physics and coverage findings; warnings are
 logged one line each) and ``source.domain`` the union of the training cases' values
 (``qa.union_domain``), which an export copies as the domain its inputs are checked against. QA only
-records here: no case is left out or changed by it.
+records here: no case is left out or changed by it. Each slice also carries its intracranial mask
+(``head.brain_mask`` from the same head model, resized to the model size as the labels are, nearest
+neighbour, so a lesion voxel inside the brain stays inside): the shards' ``brain`` feature, which
+``evaluate`` applies (``inference/brain_mask.py``); ``source.brain_mask`` says the store has it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from aisd_ray.config import DataConfig
 from aisd_ray.core.progress import progress_bar
 from aisd_ray.data.ct import qa
 from aisd_ray.data.ct.channels import model_input
-from aisd_ray.data.ct.head import head_model
+from aisd_ray.data.ct.head import brain_mask, head_model
 from aisd_ray.data.ct.windows import InPlane
 from aisd_ray.data.sources import volume
 from aisd_ray.data.sources.aisd_dicom import aisd_dicom_cases, is_aisd_dicom
@@ -53,6 +56,9 @@ from aisd_ray.data.sources.nnunet_dataset import nnunet_cases
 from aisd_ray.data.sources.raw import split_cases
 
 log = logging.getLogger(__name__)
+# what each slice holds beyond its image and labels, in every slice's stamp: a store written before
+# slices carried their intracranial mask has another fingerprint, and prepare rewrites it
+SLICE_FEATURES = "brain"
 
 
 def volume_layout(root: str | Path) -> str | None:
@@ -148,7 +154,8 @@ def _process(case: Case, folder: Path, data: DataConfig, height: int, width: int
     with its QA record under "qa" (``qa.record``). The channels (``data.channels``) are built from
     the whole volume at its own size, then resized."""
     vol = volume.read_volume(case.image, case.case_id)
-    record = qa.record(vol, head_model(vol.hu, vol.spacing))
+    head = head_model(vol.hu, vol.spacing)
+    record = qa.record(vol, head)
     labels = (case.labels(vol) if callable(case.labels) else  # the AISD masks: class ids already
               _class_ids(volume.read_labels(case.labels, like=vol), case, data, num_classes))
     z, h, w = vol.hu.shape
@@ -158,6 +165,8 @@ def _process(case: Case, folder: Path, data: DataConfig, height: int, width: int
     except ValueError as exc:  # symmetry: no head in the volume
         raise DataError(f"{case.image}: data.channels {data.channels!r}: {exc}") from None
     model_labels = np.stack([plane.labels_to_model(labels[k]) for k in range(z)])
+    inside = brain_mask(vol.hu, vol.spacing, head).astype(np.uint8)
+    np.save(folder / f"{case.case_id}_brain.npy", np.stack([plane.labels_to_model(inside[k]) for k in range(z)]))
     np.save(folder / f"{case.case_id}_images.npy", images)
     np.save(folder / f"{case.case_id}_labels.npy", model_labels)
     return {"shape": [z, h, w], "spacing_mm": [float(s) for s in vol.spacing],
@@ -170,7 +179,8 @@ def _load(tmp: tempfile.TemporaryDirectory, case_id: str, k: int, name: str) -> 
     lives until the last ref is dropped."""
     images = np.load(Path(tmp.name) / f"{case_id}_images.npy", mmap_mode="r")
     labels = np.load(Path(tmp.name) / f"{case_id}_labels.npy", mmap_mode="r")
-    return Sample(name, np.array(images[k]), np.array(labels[k]), case_id, k)
+    brain = np.load(Path(tmp.name) / f"{case_id}_brain.npy", mmap_mode="r")
+    return Sample(name, np.array(images[k]), np.array(labels[k]), case_id, k, brain=np.array(brain[k]) > 0)
 
 
 def _load_labels(tmp: tempfile.TemporaryDirectory, case_id: str, k: int) -> np.ndarray:
@@ -199,7 +209,7 @@ def read_volume_source(root: str | Path, data: DataConfig, height: int, width: i
         for case in split_cases_:
             geo = geometry[case.case_id] = _process(case, folder, data, height, width, channels, num_classes)
             records[case.case_id] = geo.pop("qa")
-            refs[split] += [SliceRef(f"{case.case_id}_{k}", f"{case.stamp}/{k}",
+            refs[split] += [SliceRef(f"{case.case_id}_{k}", f"{case.stamp}/{k}/{SLICE_FEATURES}",
                                      partial(_load, tmp, case.case_id, k, f"{case.case_id}_{k}"),
                                      partial(_load_labels, tmp, case.case_id, k), reading)
                             for k in range(geo["shape"][0])]
@@ -211,4 +221,6 @@ def read_volume_source(root: str | Path, data: DataConfig, height: int, width: i
     info["domain"] = qa.union_domain(records[c]["values"] for c in trained)
     info["windows"] = [list(w) for w in data.windows]
     info["channels"] = data.channels
+    info["brain_mask"] = {"feature": "brain", "rule": "data/ct/head.py brain_mask, resized to the model size as the "
+                          "labels (nearest neighbour)"}
     return VolumeSplits(refs, info)

@@ -1,12 +1,14 @@
 """The head model (``aisd_ray.data.ct.head``): on synthetic heads the intracranial space is the brain
 and CSF (the lesion inside it, air and skull not), its figures those of the pixels; on a real body
-CT (TotalSegmentator's test file) there is no intracranial space."""
+CT (TotalSegmentator's test file) there is no intracranial space. The brain mask: the brain and
+the lesion whole, no air, bone or field-of-view padding, lesion voxels outside SOFT_HU kept."""
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from aisd_ray.data.sources import volume
-from aisd_ray.data.ct.head import BONE_HU, SOFT_HU, head_model
+from aisd_ray.data.ct.head import BONE_HU, SOFT_HU, brain_mask, head_model
 from aisd_ray.data.synthetic.volumes import synth_volume
 from tests.helpers import BODY_CT
 
@@ -52,3 +54,51 @@ def test_a_512_matrix_volume_of_40_slices_is_modelled():
 def test_a_volume_that_is_not_3d_is_a_value_error():
     with pytest.raises(ValueError, match="shape"):
         head_model(np.zeros((4, 4), np.int16), (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("case,size,slices", [("1000001", 64, 8), ("1000002", 96, 6)])
+def test_the_brain_mask_holds_the_whole_brain_and_lesion_and_no_air_bone_or_padding(case, size, slices):
+    """The synthetic head holds no soft tissue outside its skull: the brain mask is its intracranial
+    space (everything in SOFT_HU there), with the lesion; a scanner's padding outside its
+    reconstruction circle (-3024 HU) changes nothing."""
+    hu, labels, spacing = synth_volume(7, case, size, slices)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    hu[:, np.hypot(yy, xx) > 0.5 * size] = -3024  # outside the field of view
+    model = head_model(hu, spacing)
+    brain = brain_mask(hu, spacing, model)
+    assert brain.dtype == bool and brain.shape == hu.shape
+    assert brain[labels > 0].all() and brain[model.intracranial].all()
+    assert not brain[hu >= BONE_HU].any() and not brain[hu <= -500].any()
+    assert np.array_equal(brain, brain_mask(hu, spacing))  # the head model computed here: the same
+
+
+def test_the_brain_mask_keeps_lesion_voxels_that_noise_or_the_inner_table_push_out_of_soft_hu():
+    """A voxel of the brain at the inner table (partial volume with bone, 100..300 HU) or one that
+    noise pushes below -20 HU lies outside the intracranial space's SOFT_HU but inside the brain."""
+    hu, _, spacing = synth_volume(7, "1000001", 96, 6)
+    inside = head_model(hu, spacing).intracranial
+    bone = hu >= BONE_HU
+    at_table = inside & ndimage.binary_dilation(bone, np.ones((1, 3, 3), bool))
+    deep = ndimage.binary_erosion(inside, np.ones((1, 9, 9), bool))
+    noisy = np.zeros_like(deep)
+    noisy[np.nonzero(deep)[0][::97], np.nonzero(deep)[1][::97], np.nonzero(deep)[2][::97]] = True
+    assert at_table.sum() > 20 and noisy.sum() > 20
+    hu[at_table] = 180
+    hu[noisy] = -45
+    model = head_model(hu, spacing)
+    brain = brain_mask(hu, spacing, model)
+    assert not model.intracranial[at_table | noisy].any()  # outside SOFT_HU: not in the intracranial space
+    assert brain[at_table].all() and brain[noisy].all()
+
+
+def test_a_real_body_ct_has_no_brain_mask_so_nothing_of_it_can_hold_a_lesion():
+    """TotalSegmentator's abdomen: its bone (ribs, spine, pelvis) encloses fat, bowel gas and the
+    spinal canal, none of it a brain; with a scanner's padding outside a circle, none either."""
+    vol = volume.read_volume(BODY_CT)
+    hu = vol.hu.copy()
+    assert (hu >= BONE_HU).sum() > 1000 and (hu <= -500).sum() > 1000
+    assert not brain_mask(hu, vol.spacing).any()
+    z, h, w = hu.shape
+    yy, xx = np.mgrid[:h, :w]
+    hu[:, np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) > 0.5 * min(h, w)] = -3024
+    assert not brain_mask(hu, vol.spacing).any()

@@ -34,6 +34,7 @@ def test_round_trip_is_bit_exact(shard_store, synthetic_root):
         np.testing.assert_array_equal(labels, expected[record["name"]].labels)
         assert (record["height"], record["width"], record["channels"]) == image.shape
         assert record["lesion_pixels"] == np.count_nonzero(labels)
+        assert shards.record_brain(record) is None  # PNG slices: no intracranial mask
 
 
 def test_manifest_lists_every_shard_with_size_and_checksum(shard_store):
@@ -230,3 +231,36 @@ def test_a_failed_prepare_leaves_no_output_or_the_old_store_as_it_was(synthetic_
     with pytest.raises(DataError, match=str(bad)):
         prepare(cfg, str(out), progress=False)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "tfrecord"])
+@pytest.mark.parametrize("encoding", ["png", "raw"])
+def test_a_slices_intracranial_mask_round_trips_in_both_formats_and_encodings(tmp_path, fmt, encoding):
+    """The optional ``brain`` feature: written for samples that carry it (slices of CT volumes), read
+    back bit for bit; a split of samples without it has no such column or feature."""
+    from aisd_ray.data.sources.layout import Sample
+
+    rng = np.random.default_rng(5)
+    with_brain = [Sample(f"c_{k}", rng.integers(0, 256, (32, 48, 3), dtype=np.uint8),
+                         rng.integers(0, 2, (32, 48), dtype=np.uint8), "c", k, brain=rng.random((32, 48)) > 0.4)
+                  for k in range(5)]
+    plan = shards.ShardPlan(1 << 20, 2)
+    for split, samples in (("valid", with_brain), ("test", [Sample(s.name, s.image, s.labels, "c", s.slice_index)
+                                                              for s in with_brain])):
+        entry = shards.write_split(iter(samples), len(samples), str(tmp_path), split, fmt, plan, encoding=encoding)
+        manifest = {"shard_format": fmt, "splits": {split: entry}}
+        records = list(shards.iter_records(str(tmp_path), manifest, split))
+        assert [r["name"] for r in records] == [s.name for s in samples]
+        for record, sample in zip(records, samples):
+            brain = shards.record_brain(record)
+            image, labels = shards.record_to_arrays(record)
+            np.testing.assert_array_equal(image, sample.image)
+            if sample.brain is None:
+                assert brain is None and shards.BRAIN not in record
+            else:
+                assert brain.dtype == bool and np.array_equal(brain, sample.brain)
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(tmp_path / entry["shards"][0]["name"]).names
+            assert (shards.BRAIN in names) == (samples is with_brain)
