@@ -191,9 +191,16 @@ def draw_slice(rng: np.random.Generator, size: int, head: Head, pat: Patient, z:
     if z < BASE_Z:
         cavity, air = _skull_base(g, hu, inside, pat, mm, px, rng, parts)
     elif z < MIDBRAIN_Z:
-        air = (g.pair(0.12, -1.02, 0.1, 0.06) & (r < 1.0)) | g.pair(0.97, 0.25, 0.1, 0.14)  # frontal sinus, mastoid
+        # the frontal sinus between the tables of a thicker frontal bone; mastoid air in the temporal
+        # bone lateral to the posterior fossa: air enclosed by bone, the cranial cavity closed
+        frontal, temporal = g.pair(0.12, -0.97, 0.15, 0.07) & inside, g.pair(0.86, 0.33, 0.14, 0.18) & inside
+        hu[frontal] = pat.skull
+        hu[temporal] = pat.petrous
+        mastoid = g.pair(0.88, 0.33, 0.07, 0.1)
+        air = g.pair(0.12, -0.98, 0.09, 0.035) | mastoid
         hu[air] = -1000.0
-        cavity = inside & ~air
+        parts["mastoid_air"] = mastoid
+        cavity = inside & ~frontal & ~temporal
     parts["skull"] = (bone | (inside & ~cavity)) & ~air
     parts["sinus_air"] = air
 
@@ -311,7 +318,7 @@ def _cisterns(g, z, pat, mm) -> np.ndarray:
         out |= g.ellipse(0.0, 0.1, 0.17 + w, 0.15 + w) & ~g.ellipse(0.0, 0.1, 0.17, 0.15)
         out |= g.ellipse(0.0, 0.33, 0.06 + w, 0.04 + w)
     if BASE_Z - 0.1 <= z < 0.25:  # Sylvian fissures, from the lateral surface to the insula
-        width = 0.4 * w + 0.01
+        width = 0.25 * w + 0.008
         out |= g.segment((0.42, -0.1), (1.0, -0.18), width) | g.segment((-0.42, -0.1), (-1.0, -0.18), width)
     if z < MIDBRAIN_Z:
         out |= g.ellipse(0.0, -0.07, 0.12, 0.05 + w) | g.ellipse(0.0, 0.93, 0.1 + w, 0.06 + w)
