@@ -281,6 +281,7 @@ def _skull_base(g, hu, inside, pat, mm, px, rng, parts):
     air = (ethmoid | sphenoid | mastoid) & inside
     hu[air] = -1000.0
     parts["mastoid_air"] = mastoid & inside
+    parts["petrous"] &= ~air
     return cavity, air
 
 

@@ -136,8 +136,9 @@ class Mimics:
             noise = (noise + noise[:, ::-1]) / 2  # the same on both sides
             dist = ndimage.distance_transform_edt(~lateral) * pixel_mm
             width = self.grade_width_mm * (1 + 0.35 * noise)
-            band = (dist < width) & keep & (sl.parts["grey_w"] < 0.5)
-            weight = np.clip((width - dist) / 2.0, 0, 1) * band  # soft outer edge over 2 mm
+            white = keep & (sl.parts["grey_w"] < 0.5)
+            weight = np.clip((width + 1.0 - dist) / 2.0, 0, 1) * white  # full inside, a soft edge over 2 mm
+            band = weight >= 0.5
             sl.hu -= (self.leuko_hu * weight).astype(np.float32)
             out["leukoaraiosis"] = band
         if self.old is not None and k in self.old[4]:
