@@ -127,14 +127,19 @@ class Mimics:
         size = sl.p.shape[0]
         keep = sl.parenchyma
         if lesion.any():
-            keep = keep & ~ndimage.binary_dilation(lesion, iterations=max(1, int(round(3 / pixel_mm))))
+            grow = max(1, int(round(3 / pixel_mm)))
+            near = _box(lesion, grow + 1)
+            keep = keep.copy()
+            keep[near] &= ~ndimage.binary_dilation(lesion[near], iterations=grow)
         out = {"old_infarct": np.zeros(lesion.shape, bool), "lacunes": np.zeros(lesion.shape, bool),
                "leukoaraiosis": np.zeros(lesion.shape, bool)}
         if self.grade_width_mm and (lateral := sl.parts["ventricles"] & ~sl.parts["third_ventricle"]
                                     & ~sl.parts["fourth_ventricle"]).any():
             noise = _smooth_noise(rng, size, 10)
             noise = (noise + noise[:, ::-1]) / 2  # the same on both sides
-            dist = ndimage.distance_transform_edt(~lateral) * pixel_mm
+            dist = np.full(lateral.shape, np.inf, np.float32)
+            near = _box(lateral, int(np.ceil(2 * self.grade_width_mm / pixel_mm)) + 2)
+            dist[near] = ndimage.distance_transform_edt(~lateral[near]) * pixel_mm
             width = self.grade_width_mm * (1 + 0.35 * noise)
             white = keep & (sl.parts["grey_w"] < 0.5)
             weight = np.clip((width + 1.0 - dist) / 2.0, 0, 1) * white  # full inside, a soft edge over 2 mm
@@ -159,6 +164,13 @@ class Mimics:
     @property
     def grade_width_mm(self) -> float:
         return (0.0, 3.0, 6.0, 10.0)[self.leuko_grade]
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """The rows and columns of ``mask``'s bounding box widened by ``margin`` pixels."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    return (slice(max(0, rows[0] - margin), rows[-1] + margin + 1),
+            slice(max(0, cols[0] - margin), cols[-1] + margin + 1))
 
 
 def _wrapped(angle: np.ndarray) -> np.ndarray:
