@@ -94,12 +94,13 @@ class AcuteLesion:
 @dataclass(frozen=True)
 class Mimics:
     """Which mimics a patient has and where: old infarct (side, sector, slices), lacunes (slice, p, q,
-    diameter mm), leukoaraiosis grade and its HU drop."""
+    diameter mm), leukoaraiosis grade, its HU drop and slices."""
 
     old: tuple[int, float, float, float, tuple[int, ...]] | None
     lacunes: tuple[tuple[int, float, float, float], ...]
     leuko_grade: int
     leuko_hu: float
+    leuko_slices: tuple[int, ...]  # around the frontal horns, bodies and atria, not the temporal horns
 
     @classmethod
     def draw(cls, rng: np.random.Generator, pat: Patient, zs: list[float]) -> Mimics:
@@ -119,7 +120,8 @@ class Mimics:
                 lacunes.append((int(rng.choice(deep)), float(rng.choice([-1, 1]) * p + rng.normal(0, 0.03)),
                                 float(q + rng.normal(0, 0.03)), float(rng.uniform(3, 12))))
         grade = int(np.clip(round(3 * pat.atrophy + rng.uniform(-0.7, 0.7)), 0, 3))
-        return cls(old, tuple(lacunes), grade, float(rng.uniform(4, 8)))
+        return cls(old, tuple(lacunes), grade, float(rng.uniform(4, 8)),
+                   tuple(k for k, z in enumerate(zs) if -0.3 <= z <= 0.7))
 
     def apply(self, sl: Slice, k: int, lesion: np.ndarray, pat: Patient, rng: np.random.Generator,
               pixel_mm: float) -> dict[str, np.ndarray]:
@@ -133,8 +135,8 @@ class Mimics:
             keep[near] &= ~ndimage.binary_dilation(lesion[near], iterations=grow)
         out = {"old_infarct": np.zeros(lesion.shape, bool), "lacunes": np.zeros(lesion.shape, bool),
                "leukoaraiosis": np.zeros(lesion.shape, bool)}
-        if self.grade_width_mm and (lateral := sl.parts["ventricles"] & ~sl.parts["third_ventricle"]
-                                    & ~sl.parts["fourth_ventricle"]).any():
+        lateral = sl.parts["ventricles"] & ~sl.parts["third_ventricle"] & ~sl.parts["fourth_ventricle"]
+        if self.grade_width_mm and k in self.leuko_slices and lateral.any():
             noise = _smooth_noise(rng, size, 10)
             noise = (noise + noise[:, ::-1]) / 2  # the same on both sides
             dist = np.full(lateral.shape, np.inf, np.float32)
