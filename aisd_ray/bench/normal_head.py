@@ -143,7 +143,10 @@ def check(export: str, out_dir: str | Path, sample: str | Path | None = None, sl
         [case] = infer_volumes(export, out / "normal_head.nii.gz", str(out / name), progress=False, **kwargs)
         runs.append({"brain_mask": mask, "false_positive_ml": case["lesion_ml"],
                      "false_positive_lesions": case["lesion_count"],
-                     "largest_ml": case["lesions"][0]["volume_ml"] if case["lesions"] else 0.0})
+                     "largest_ml": case["lesions"][0]["volume_ml"] if case["lesions"] else 0.0,
+                     "before_postprocessing_ml": round(case["lesion_ml"] + case["postprocessing"]["removed_ml"], 3),
+                     "postprocessing": {k: v for k, v in case["postprocessing"].items() if k != "removed_ml"},
+                     "qa": [f"{f['check']}: {f['status']}" for f in case["qa"] if f["status"] == "warn"]})
     return {"check": "normal_head", "sample": str(sample), "export": str(export), "series": series, "runs": runs}
 
 
