@@ -3,9 +3,8 @@
 Each part is a function of the slice's level ``z`` (-1 the lowest slice, the skull base, .. 1 the
 vertex) in brain coordinates ``p`` (patient right -1 .. left 1) and ``q`` (anterior -1 .. posterior 1),
 1 being the inner table of the skull. One brain unit is about 80 mm (a head 180..200 mm long); sizes
-below are in mm and converted with the patient's own unit. HU are those of non-contrast head CT at
-120 kVp (typical values from radiology teaching texts, e.g. Lev & Gonzalez, "CT angiography and CT
-perfusion imaging", and Hounsfield's own tables):
+below are in mm and converted with the patient's own unit. HU are the typical values of non-contrast
+head CT at 120 kVp as radiology teaching tabulates them (not measured here; ranges drawn per patient):
 
 - air -1000; fat -100 (-80..-120): orbital and subcutaneous fat; CSF 0..15 (drawn 3..10): ventricles,
   sulci, cisterns, the space between brain and inner table; white matter 24..29; grey matter 7..10

@@ -2,7 +2,8 @@
 
 A model trained on heads where nothing but the lesion is darker than parenchyma learns "dark is
 lesion" and outlines every ventricle, cistern and old scar of a real head. The mimics (each drawn
-where it lies in real heads, in brain coordinates of ``anatomy``) and their HU:
+where it lies in real heads, in brain coordinates of ``anatomy``) and their HU; how often each is
+drawn is a choice (so that a 44-patient set holds several of each), not an epidemiological figure:
 
 - **old infarct** (35% of patients): a chronic territorial infarct is encephalomalacia, CSF-dense
   (the patient's CSF value, 0..4 HU above it) with sharp edges, a cortical-subcortical wedge in a
