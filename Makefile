@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= runs/demo
 
-.PHONY: demo tune-demo sweep test install constraints gpu-wheels clean
+.PHONY: demo tune-demo sweep normal-head test install constraints gpu-wheels clean
 
 # constraints.txt: the exact versions the suite was run with (regenerate with `make constraints`)
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -33,6 +33,12 @@ VARIANTS_SET ?= --set model.image_width=96 --set model.image_height=96 --set syn
 sweep: $(BIN)/.installed
 	$(BIN)/aisd-ray sweep --output runs/sweep
 	$(BIN)/aisd-ray sweep --variants --output runs/variants $(VARIANTS_SET)
+
+# The false-positive check on a real normal head (Debian's invesalius-examples, installed by apt-get
+# as root when missing; docs/data.md): an export's lesion mL on a head CT with no acute lesion.
+MODEL ?= $(DEMO_OUTPUT)/export
+normal-head: $(BIN)/.installed
+	$(BIN)/python -m aisd_ray.bench.normal_head --model $(MODEL) --output runs/normal-head
 
 # Two test processes, each given whole modules (one Ray cluster per module), the slow ones first
 # (tests/conftest.py orders them): on 2 cores one computes while the other waits on Ray.

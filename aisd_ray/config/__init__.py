@@ -24,6 +24,7 @@ from aisd_ray.config.schema import (
     SEARCHABLE,
     SHARD_FORMATS,
     SPLITS,
+    SYNTHETIC_ANATOMIES,
     SYNTHETIC_LAYOUTS,
     VOLUME_LAYOUTS,
     WHOLE_NUMBER_KEYS,
@@ -44,7 +45,7 @@ from aisd_ray.config.space import apply_params
 __all__ = [
     "AISD_TEST_CASES", "BACKENDS", "CHANNEL_MODES", "CONFIG_DIR", "DISTRIBUTIONS", "LOSSES", "LR_SCHEDULES",
     "MASK_VALUES", "ON_COLLAPSE", "PLACEMENT_STRATEGIES", "PRECISIONS", "READERS", "ROW_ENCODINGS", "SEARCHABLE",
-    "SHARD_FORMATS", "SPLITS", "SYNTHETIC_LAYOUTS", "VOLUME_LAYOUTS", "WHOLE_NUMBER_KEYS",
+    "SHARD_FORMATS", "SPLITS", "SYNTHETIC_ANATOMIES", "SYNTHETIC_LAYOUTS", "VOLUME_LAYOUTS", "WHOLE_NUMBER_KEYS",
     "AugmentConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "InferConfig", "ModelConfig",
     "RunConfig", "SyntheticConfig", "TrainConfig", "TuneConfig",
     "Override", "apply_params", "builtin_config", "complete", "config_from_dict", "load_config", "validate",

@@ -23,6 +23,7 @@ from aisd_ray.config.schema import (
     ROW_ENCODINGS,
     SHARD_FORMATS,
     SPLITS,
+    SYNTHETIC_ANATOMIES,
     SYNTHETIC_LAYOUTS,
     AugmentConfig,
     Config,
@@ -155,6 +156,8 @@ def channel_rules(d: DataConfig, m: ModelConfig, bad: Bad) -> None:
 def synthetic_rules(s: SyntheticConfig, bad: Bad) -> None:
     if s.layout not in SYNTHETIC_LAYOUTS:
         raise bad("synthetic.layout", f"must be one of {', '.join(SYNTHETIC_LAYOUTS)}, got {s.layout!r}")
+    if s.anatomy not in SYNTHETIC_ANATOMIES:
+        raise bad("synthetic.anatomy", f"must be one of {', '.join(SYNTHETIC_ANATOMIES)}, got {s.anatomy!r}")
     for key in ("num_train", "num_valid", "num_test", "size", "num_cases", "slices_per_case"):
         if getattr(s, key) < 1:
             raise bad(f"synthetic.{key}", f"must be >= 1, got {getattr(s, key)}")

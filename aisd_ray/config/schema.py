@@ -122,6 +122,7 @@ class DataConfig:
 # "dicom" (a DICOM series folder per case, label NIfTIs beside them) are CT volumes in HU.
 SYNTHETIC_LAYOUTS = ("original", "raw", "nnunet", "dicom")
 VOLUME_LAYOUTS = ("nnunet", "dicom")
+SYNTHETIC_ANATOMIES = ("realistic", "simple")  # synthetic.anatomy (data/synthetic/heads.py)
 
 
 @dataclass
@@ -135,7 +136,11 @@ class SyntheticConfig:
     ``num_test_cases`` patients carrying official test IDs (prepare then splits by patient);
     ``"nnunet"`` and ``"dicom"`` write the same patients as int16 HU volumes (0.45 mm in-plane at
     512 px, 5 mm slices) in nnU-Net's raw dataset layout or as DICOM series, the lesion a faint
-    hypodensity of ``lesion_hu`` below the parenchyma around it."""
+    hypodensity of ``lesion_hu`` below the parenchyma around it. ``anatomy`` (volume layouts):
+    "realistic" heads (skull base, orbits, sinuses, ventricles, cisterns, calcifications, scalp,
+    holder, beam-hardening streaks, and the dark mimics labelled background: old infarcts, lacunes,
+    leukoaraiosis; the lesion in a vascular territory) or the "simple" ellipse heads of before, which
+    reproduce earlier figures bit for bit."""
 
     layout: str = "original"
     num_train: int = 240
@@ -151,6 +156,7 @@ class SyntheticConfig:
     # few HU), and the image noise's standard deviation in HU
     lesion_hu: float = 5.0
     noise_hu: float = 3.0
+    anatomy: str = "realistic"  # volume layouts: "realistic" or "simple" (the ellipse heads before issue 31)
 
 
 @dataclass

@@ -22,7 +22,7 @@ def write_synthetic(out_dir: str | Path, cfg: SyntheticConfig, as_zip: bool = Fa
         from aisd_ray.data.synthetic import volumes  # SimpleITK and pydicom load only for these layouts
 
         cases, test = synthetic_case_ids(cfg), synthetic_test_cases(cfg)
-        hu = {"lesion_hu": cfg.lesion_hu, "noise_hu": cfg.noise_hu}
+        hu = {"lesion_hu": cfg.lesion_hu, "noise_hu": cfg.noise_hu, "anatomy": cfg.anatomy}
         if cfg.layout == "nnunet":
             return volumes.write_nnunet_dataset(out_dir, cfg.seed, [c for c in cases if c not in test], test,
                                                 cfg.size, cfg.slices_per_case, progress=progress, **hu)

@@ -14,7 +14,6 @@ NIfTI goes through SimpleITK, as the readers do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
@@ -32,12 +31,15 @@ from aisd_ray.config import SyntheticConfig
 from aisd_ray.core.progress import progress_bar
 from aisd_ray.data.sources.volume import read_volume
 from aisd_ray.data.sources.volume_write import write_image, write_nifti
+from aisd_ray.data.synthetic.heads import case_key as _case_key
+from aisd_ray.data.synthetic.heads import synth_head
 from aisd_ray.data.synthetic.slices import Head, Lesion, _smooth_noise
 
 FIELD_OF_VIEW_MM = 230.0  # 512 px at 0.45 mm, as AISD's series
 SLICE_MM = 5.0
 LESION_HU = 5.0
 NOISE_HU = 3.0
+ANATOMIES = ("realistic", "simple")
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,6 @@ class Tissue:
         return cls(white, white + float(rng.uniform(7, 10)), float(rng.uniform(3, 10)), float(rng.uniform(950, 1100)),
                    float(rng.uniform(0.06, 0.12)), tuple(rng.uniform(0.08, 0.14, 2)), tuple(rng.uniform(-0.1, 0.1, 2)),
                    float(rng.uniform(180, 230)) if rng.random() < 0.4 else None)
-
-
-def _case_key(case: str) -> int:
-    return int.from_bytes(hashlib.sha256(str(case).encode()).digest()[:8], "little")
 
 
 def synth_hu_slice(rng: np.random.Generator, size: int, head: Head, tissue: Tissue, lesion: Lesion | None,
@@ -113,15 +111,22 @@ def synth_hu_slice(rng: np.random.Generator, size: int, head: Head, tissue: Tiss
 
 
 def synth_volume(seed: int, case: str, size: int, slices: int, lesion_hu: float = LESION_HU,
-                 noise_hu: float = NOISE_HU, slice_mm: float = SLICE_MM, fov_mm: float = FIELD_OF_VIEW_MM
-                 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+                 noise_hu: float = NOISE_HU, slice_mm: float = SLICE_MM, fov_mm: float = FIELD_OF_VIEW_MM,
+                 anatomy: str = "realistic") -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """One patient: (HU int16 (Z, Y, X), labels uint8 (Z, Y, X) 0/1, spacing (z, y, x) mm), canonical
     orientation, the same for the same (seed, case). Spacing: ``slice_mm`` (5) between slices,
     ``fov_mm / size`` in plane (230 mm: 0.45 mm at 512 px, so a small volume still spans a head).
 
     As ``synthetic.synth_case``: the head shrinks towards the top and bottom slice, one 3-D lesion
     runs through neighbouring slices and leaves the first and last slice free. ``lesion_hu``: how
-    far below the surrounding parenchyma the lesion lies; ``noise_hu``: the noise SD."""
+    far below the surrounding parenchyma the lesion lies; ``noise_hu``: the noise SD. ``anatomy``:
+    "realistic" (``heads.synth_head``: skull base, ventricles, cisterns, mimics, the lesion in a
+    vascular territory) or "simple" (the ellipse heads below, as before issue 31, bit for bit).
+    Raises ValueError for another ``anatomy``."""
+    if anatomy == "realistic":
+        return synth_head(seed, case, size, slices, lesion_hu, noise_hu, slice_mm, fov_mm)
+    if anatomy != "simple":
+        raise ValueError(f"synthetic anatomy {anatomy!r}: choose one of {', '.join(ANATOMIES)}")
     rng = np.random.default_rng([seed, _case_key(case)])
     head, lesion, tissue = Head.draw(rng), Lesion.draw(rng), Tissue.draw(rng)
     inner = max(slices - 2, 0)
@@ -314,12 +319,13 @@ def _write_json(data: dict, path: Path) -> None:
 
 def write_nnunet_dataset(out_dir: str | Path, seed: int, case_ids: list[str], test_ids: list[str], size: int,
                          slices: int, name: str = "Dataset001_AISDSynthetic", orientation: str = "RPI",
-                         lesion_hu: float = LESION_HU, noise_hu: float = NOISE_HU, progress: bool = False) -> Path:
+                         lesion_hu: float = LESION_HU, noise_hu: float = NOISE_HU, progress: bool = False,
+                         anatomy: str = "realistic") -> Path:
     """Write an nnU-Net v2 raw dataset ``out_dir/name``: ``imagesTr/<case>_0000.nii.gz`` (HU),
     ``labelsTr/<case>.nii.gz`` (0/1), ``imagesTs``/``labelsTs`` likewise for ``test_ids``, and
     ``dataset.json`` (channel_names {"0": "CT"}, labels {"background": 0, "lesion": 1},
     numTraining, file_ending ".nii.gz"). Every file is written atomically. Returns the dataset folder.
-    Raises ValueError when a case is in both lists. ``lesion_hu``, ``noise_hu``: as ``synth_volume``."""
+    Raises ValueError when a case is in both lists. ``lesion_hu``, ``noise_hu``, ``anatomy``: as ``synth_volume``."""
     both = sorted(set(case_ids) & set(test_ids))
     if both:
         raise ValueError(f"cases in both the training and the test list: {', '.join(both)}")
@@ -327,7 +333,7 @@ def write_nnunet_dataset(out_dir: str | Path, seed: int, case_ids: list[str], te
     bar = progress_bar(total=len(case_ids) + len(test_ids), desc="synthesize nnU-Net", unit="case", enabled=progress)
     for cases, images, labels in ((case_ids, "imagesTr", "labelsTr"), (test_ids, "imagesTs", "labelsTs")):
         for case in cases:
-            hu, mask, spacing = synth_volume(seed, case, size, slices, lesion_hu, noise_hu)
+            hu, mask, spacing = synth_volume(seed, case, size, slices, lesion_hu, noise_hu, anatomy=anatomy)
             write_nifti_case(hu, spacing, root / images / f"{case}_0000.nii.gz", orientation)
             write_nifti_case(mask, spacing, root / labels / f"{case}.nii.gz", orientation)
             bar.update()
@@ -341,23 +347,25 @@ def write_nnunet_dataset(out_dir: str | Path, seed: int, case_ids: list[str], te
 
 def write_dicom_cases(out_dir: str | Path, seed: int, case_ids: list[str], size: int, slices: int,
                       lesion_hu: float = LESION_HU, noise_hu: float = NOISE_HU, progress: bool = False,
-                      **series: object) -> Path:
+                      anatomy: str = "realistic", **series: object) -> Path:
     """Write ``out_dir/<case>/`` (one CT series folder per case, ``write_dicom_series``; ``series``
     passes slope, intercept, tilt_deg, shuffle on) and ``out_dir/labels/<case>.nii.gz`` (0/1, in the
-    series' own geometry, as ``volume_write.write_nifti`` writes masks). Returns ``out_dir``."""
+    series' own geometry, as ``volume_write.write_nifti`` writes masks). ``anatomy``: as
+    ``synth_volume``. Returns ``out_dir``."""
     out = Path(out_dir)
     for case in progress_bar(case_ids, desc="synthesize DICOM", unit="case", enabled=progress):
-        hu, mask, spacing = synth_volume(seed, case, size, slices, lesion_hu, noise_hu)
+        hu, mask, spacing = synth_volume(seed, case, size, slices, lesion_hu, noise_hu, anatomy=anatomy)
         write_dicom_series(hu, spacing, out / case, case, seed=seed, **series)
         write_nifti(read_volume(out / case), mask, out / "labels" / f"{case}.nii.gz")
     return out
 
 
 def write_patient_series(folder: str | Path, cfg: SyntheticConfig, case: str) -> Path:
-    """One synthetic patient (``cfg``'s size, slices, seed and HU contrast) as a DICOM series in
+    """One synthetic patient (``cfg``'s size, slices, seed, HU contrast and anatomy) as a DICOM series in
     ``folder``, files shuffled, with a gantry-free axial geometry: what a scanner export gives
     ``infer --input``. Returns ``folder``."""
-    hu, _, spacing = synth_volume(cfg.seed, case, cfg.size, cfg.slices_per_case, cfg.lesion_hu, cfg.noise_hu)
+    hu, _, spacing = synth_volume(cfg.seed, case, cfg.size, cfg.slices_per_case, cfg.lesion_hu, cfg.noise_hu,
+                                  anatomy=cfg.anatomy)
     write_dicom_series(hu, spacing, folder, case, seed=cfg.seed)
     return Path(folder)
 

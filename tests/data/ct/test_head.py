@@ -1,5 +1,5 @@
-"""The head model (``aisd_ray.data.ct.head``): on synthetic heads the intracranial space is the brain
-and CSF (the lesion inside it, air and skull not), its figures those of the pixels; on a real body
+"""The head model (``aisd_ray.data.ct.head``): on synthetic heads (realistic and simple) the intracranial
+space is the brain and CSF (the lesion inside it, air and skull not), its figures those of the pixels; on a real body
 CT (TotalSegmentator's test file) there is no intracranial space. The brain mask: the brain and
 the lesion whole, no air, bone or field-of-view padding, lesion voxels outside SOFT_HU kept."""
 
@@ -9,23 +9,32 @@ from scipy import ndimage
 
 from aisd_ray.data.sources import volume
 from aisd_ray.data.ct.head import BONE_HU, SOFT_HU, brain_mask, head_model
+from aisd_ray.data.synthetic.heads import synth_head
 from aisd_ray.data.synthetic.volumes import synth_volume
 from tests.helpers import BODY_CT
 
 
 @pytest.mark.parametrize("case,size,slices", [("1000001", 64, 8), ("1000002", 96, 6)])
 def test_the_brain_of_a_synthetic_head_is_found_with_the_lesion_inside_and_no_air_or_bone(case, size, slices):
-    hu, labels, spacing = synth_volume(7, case, size, slices)
-    model = head_model(hu, spacing)
-    soft = (hu >= SOFT_HU[0]) & (hu <= SOFT_HU[1])  # the synthetic head has no soft tissue outside its skull
-    assert labels.any() and model.intracranial[labels > 0].all()
-    assert not model.intracranial[hu < -500].any() and not model.intracranial[hu >= BONE_HU].any()
-    assert model.intracranial.sum() >= 0.95 * soft.sum() and not model.intracranial[~soft].any()
-    assert model.skull[hu >= BONE_HU].all() and model.head[model.intracranial].all()
-    voxel_ml = float(np.prod(spacing)) / 1000
-    assert model.intracranial_ml == pytest.approx(model.intracranial.sum() * voxel_ml)
-    assert model.head_fraction == pytest.approx(model.head.mean())
-    assert abs(model.parenchyma_hu_median - np.median(hu[model.intracranial])) <= 1.0
+    """The realistic head (scalp, orbits, sinuses, skull base) against the generator's own record of
+    where its cranial cavity lies; the simple head, with no soft tissue outside its skull, against
+    its soft voxels."""
+    hu, labels, spacing, parts = synth_head(7, case, size, slices, 5.0, 3.0, 5.0, 230.0, with_parts=True)
+    simple, simple_labels, _ = synth_volume(7, case, size, slices, anatomy="simple")
+    for hu, labels, cavity in ((hu, labels, parts["intracranial"]), (simple, simple_labels, None)):
+        model = head_model(hu, spacing)
+        soft = (hu >= SOFT_HU[0]) & (hu <= SOFT_HU[1])
+        inside = soft if cavity is None else soft & cavity
+        assert labels.any() and model.intracranial[labels > 0].all()
+        assert not model.intracranial[hu < -500].any() and not model.intracranial[hu >= BONE_HU].any()
+        assert model.intracranial.sum() >= 0.95 * inside.sum() and not model.intracranial[~inside].any()
+        # each slice's, the skull base's too (between orbits, sinuses and petrous bones)
+        assert np.all(model.intracranial.sum(axis=(1, 2)) >= 0.95 * inside.sum(axis=(1, 2)))
+        assert model.skull[hu >= BONE_HU].all() and model.head[model.intracranial].all()
+        voxel_ml = float(np.prod(spacing)) / 1000
+        assert model.intracranial_ml == pytest.approx(model.intracranial.sum() * voxel_ml)
+        assert model.head_fraction == pytest.approx(model.head.mean())
+        assert abs(model.parenchyma_hu_median - np.median(hu[model.intracranial])) <= 1.0
 
 
 @pytest.mark.parametrize("noise", [3.0, 8.0])
