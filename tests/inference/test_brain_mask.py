@@ -75,10 +75,16 @@ def test_infer_removes_the_lesion_outside_the_brain_and_reports_its_ml(head_nift
     # without the step: both squares, each through every slice, the corner one the smaller
     assert off["lesion_count"] == 2 and off["brain_mask"] == step.not_applied(step.OFF)
     middle, corner = off["lesions"]
-    assert on["lesion_count"] == 1 and on["lesions"][0] == middle
-    assert on["brain_mask"] == {"applied": True, "removed_ml": pytest.approx(corner["volume_ml"], abs=1e-3)}
+    # with it: the corner square gone, the middle one less what of it lies outside the brain (at the skull
+    # base: sinus air and bone), the removed mL that of the voxels outside the brain mask of the case's HU
+    inside = brain_mask(hu, spacing)
+    before = volume.read_labels(tmp_path / "off" / "head.nii.gz", like=volume.read_volume(path)) > 0
+    outside_ml = volume_metrics.volume_ml(before & ~inside, spacing)
+    assert on["lesion_count"] == 1 and on["lesions"][0]["voxels"] == int((before & inside).sum())
+    assert corner["volume_ml"] <= outside_ml < corner["volume_ml"] + middle["volume_ml"]
+    assert on["brain_mask"] == {"applied": True, "removed_ml": pytest.approx(outside_ml, abs=1e-3)}
     labels = volume.read_labels(tmp_path / "on" / "head.nii.gz", like=volume.read_volume(path))
-    assert not labels[~brain_mask(hu, spacing)].any()
+    assert not labels[~inside].any()
     for out, summary in (("off", off), ("on", on)):
         written = json.loads((tmp_path / out / "cases" / "head" / "summary.json").read_text())
         assert written["brain_mask"] == summary["brain_mask"]

@@ -179,8 +179,9 @@ def draw_slice(rng: np.random.Generator, size: int, head: Head, pat: Patient, z:
         hu[holder] = pat.holder_hu
         parts["holder"] = holder
 
-    # skull: cortex with a darker diploe, as ``volumes.synth_hu_slice``
-    bone = (r < 1.0) & (rho >= 1.0)
+    # skull: cortex with a darker diploe, as ``volumes.synth_hu_slice``; at least 1.5 px thick (outward),
+    # so that a small image (a test's 64 px) still draws a closed ring, as a scanner's blur would
+    bone = (r < max(1.0, inner + 1.5 * px * inner)) & (rho >= 1.0)
     depth = np.clip((1.0 - r) / head.skull_t, 0, 1)
     vault = pat.skull + 100 * _smooth_noise(rng, size, 32) - 300 * np.sin(np.pi * depth)
     hu[bone] = np.clip(vault, 700, 1200)[bone]

@@ -88,6 +88,9 @@ def test_the_brain_mask_keeps_lesion_voxels_that_noise_or_the_inner_table_push_o
     inside = head_model(hu, spacing).intracranial
     bone = hu >= BONE_HU
     at_table = inside & ndimage.binary_dilation(bone, np.ones((1, 3, 3), bool))
+    # not the lowest slice: its cavity (the skull base's) is small, and its whole rim at 180 HU is a fifth of
+    # it, so the region is no longer mostly soft tissue (SOFT_SHARE): the cavity rule working, not this one
+    at_table[0] = False
     deep = ndimage.binary_erosion(inside, np.ones((1, 9, 9), bool))
     noisy = np.zeros_like(deep)
     noisy[np.nonzero(deep)[0][::97], np.nonzero(deep)[1][::97], np.nonzero(deep)[2][::97]] = True
