@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from aisd_ray.cli.flags import (  # noqa: E402
     add_config,
     add_evaluate_arguments,
+    add_maps,
     add_run_options,
     add_sweep_arguments,
     add_strict,
@@ -312,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per prediction batch (else eval.batch_size, 4)")
     p.add_argument("--no-overlays", action="store_true", help="masks only, no overlays/ folder (else "
                                                                "infer.overlays)")
-    p.add_argument("--probabilities", action="store_true", help="CT patients: also each case's lesion "
-                                                                 "probability map (else infer.probabilities)")
+    add_maps(p)
     add_tta(p)
     add_strict(p)
     p.set_defaults(func=cmd_infer)

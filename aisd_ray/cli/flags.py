@@ -36,7 +36,8 @@ FLAG_KEYS = {
     "evaluate": {"batch_size": "eval.batch_size", **_TTA},
     "infer": {"images": "infer.images_dir", "input": "infer.images_dir", "output": "infer.output_dir",
               "batch_size": "eval.batch_size", "no_overlays": lambda _: {"infer.overlays": False},
-              "probabilities": lambda _: {"infer.probabilities": True}, **_TTA},
+              "probabilities": lambda _: {"infer.probabilities": True},
+              "uncertainty": lambda _: {"infer.uncertainty": True}, **_TTA},
     "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend",
                  "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "crossval": {"folds": "data.folds", "source": _source, "backend": "train.backend",
@@ -144,6 +145,14 @@ def add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.epochs=3")
     p.set_defaults(default_config=default)
+
+
+def add_maps(p: argparse.ArgumentParser) -> None:
+    """``infer``'s per-voxel maps: --probabilities and --uncertainty (NIfTI, CT patients)."""
+    p.add_argument("--probabilities", action="store_true", help="CT patients: also each case's lesion "
+                   "probability map, calibrated (else infer.probabilities)")
+    p.add_argument("--uncertainty", action="store_true", help="CT patients: also each case's uncertainty map, "
+                   "the normalised predictive entropy 0..1 (else infer.uncertainty)")
 
 
 def add_tta(p: argparse.ArgumentParser) -> None:

@@ -293,6 +293,7 @@ class InferConfig:
     output_dir: str = ""
     overlays: bool = True  # images: an overlays/ folder beside the masks
     probabilities: bool = False  # CT patients: also each case's lesion probability map as NIfTI
+    uncertainty: bool = False  # CT patients: also each case's uncertainty map (normalised entropy) as NIfTI
 
 
 @dataclass

@@ -11,6 +11,9 @@ prepared from CT volumes each case is also checked by the QA gate (``data/qa.py`
 findings and its recorded values against the export's training domain, a ``qa`` column in
 ``per_case.csv`` ("pass" or "warn: <check>, ..."), every finding in metrics.json's ``qa`` block,
 one log line per warning; with ``strict`` the first warning refuses the evaluation (one line).
+Scoring an export also reports its calibration (``calibrate.SplitCalibration``): ``ece_before``
+and ``ece_after`` (T = 1 and the export's temperature), ``ece_bins``, ``temperature``, the
+reliability bins and ``reliability.png``, and each case's ``uncertainty`` score and ``review`` flag.
 
 ``tta`` and ``postprocessing`` in metrics.json say how an export's predictions were made: mirroring
 test-time augmentation on or off (``export.LoadedExport``), and the export's post-processing choice
@@ -39,6 +42,7 @@ from aisd_ray.core.progress import progress_bar
 from aisd_ray.data.ct import qa
 from aisd_ray.data.sources import layout, masks
 from aisd_ray.data.store import shards
+from aisd_ray.evaluation.calibrate import SplitCalibration
 from aisd_ray.inference import input_kind, postprocess
 from aisd_ray.inference.export import LoadedExport
 from aisd_ray.model.losses import categorical_crossentropy
@@ -59,6 +63,11 @@ DEFINITIONS = {
              "HD95 in mm (MONAI's: the larger of the two directions' 95th percentile surface distance), "
              "normalised surface Dice at nsd_tolerance_mm, volumes and absolute volume difference in mL, at model "
              "resolution (in-plane spacing scaled by the resize)",
+    "ece_before, ece_after": "expected calibration error at T = 1 and at the export's temperature (calibration.json; "
+                             "1 without): top-label, ece_bins equal-width bins, |accuracy - confidence| weighted "
+                             "by the bin's share of voxels (Guo et al. 2017); the probabilities scored are the after",
+    "uncertainty": "per case: mean normalised predictive entropy over the voxels of lesion probability > 0.1; "
+                   "review: score >= the export's review threshold (empty without calibration.json)",
     "tta": "whether each prediction averaged the softmax of the slice and of its left-right mirror",
     "postprocessing": "the export's post-processing choice (postprocess.json; rule none when it has none), "
                       "applied to each case's predicted volume before the case figures; the per-slice "
@@ -285,13 +294,15 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
     names, counts, class_counts, losses, seed_dice = [], [], [], [], []
     num_classes = len(model.rgb_map)
     foreground = metrics.foreground_names(model.info.get("class_names"), num_classes)
-    volumes = CaseVolumes(foreground)
+    volumes, calibration = CaseVolumes(foreground), SplitCalibration(model)
     bar = progress_bar(total=total, desc=f"evaluate {split}", unit="slice", enabled=progress)
     for batch in _batched(shards.iter_records(shards_uri, manifest, split), batch_size):
         arrays = [shards.record_to_arrays(r) for r in batch]
         images = np.stack([a[0] for a in arrays])
         labels = np.stack([a[1] for a in arrays])
-        probs = model.predict(images)["probabilities"].numpy()
+        out_batch = {k: v.numpy() for k, v in model.predict(images, passes=True).items()}
+        calibration.add(out_batch, labels, [r["case_id"] for r in batch])
+        probs = out_batch["probabilities"]
         onehot = np.eye(probs.shape[-1], dtype=np.float32)[labels]
         losses += [float(v) for v in categorical_crossentropy(onehot, probs).numpy()]
         seed_dice += [metrics.dice_coef_multiclass(onehot[i:i + 1], probs[i:i + 1]) for i in range(len(batch))]
@@ -319,6 +330,7 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
         extra["qa"] = {case: qa.as_json(findings) for case, findings in found.items()}
         for row in case_rows:
             row["qa"] = qa.label(found.get(row["case_id"], ()))
+    calibration.report(out, extra, case_rows)  # ECE before/after, reliability.png, case uncertainty and review
     if case_rows:
         extra["cases"] = {**_write_cases(out, case_rows, foreground), "per_case": case_rows}
     report = _write_report(out, names, counts_arr, extra,

@@ -62,7 +62,7 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
 
         cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
-                     tta=tta, strict=strict)
+                     tta=tta, strict=strict, uncertainty=cfg.infer.uncertainty)
         return Inferred(out, cases=cases)
     if storage.is_local(source) and not Path(source).is_dir():  # what a folder of images is not: name it so
         from aisd_ray.data.sources.layout import DataError
