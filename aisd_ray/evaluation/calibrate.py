@@ -206,7 +206,7 @@ def calibrate(export_uri: str, shards_uri: str, split: str = "valid", batch_size
         "nll_before": calib.nll(passes, labels, 1.0), "nll_after": calib.nll(passes, labels, t),
         "ece_before": before.ece(), "ece_after": after.ece(), "ece_bins": calib.ECE_BINS,
         "ece_definition": ECE_DEFINITION,
-        "uncertainty": {"measure": calib.MEASURE, "cases": calib.MEASURES, "case_rule": calib.CASE_RULE,
+        "uncertainty": {"measure": calib.MEASURE, "here": calib.MEASURES[model.measure], "case_rule": calib.CASE_RULE,
                         "lesion_rule": calib.LESION_RULE},
         "review_threshold": None if threshold != threshold else threshold, "review_rule": calib.THRESHOLD_RULE,
         "review_chosen_by": chosen, "case_dice": "the network's argmax, each case's slices as one volume, "
