@@ -174,3 +174,20 @@ def test_an_export_without_calibration_flags_nothing(tmp_path):
     assert 0.0 < summary["uncertainty"]["case_score"] < 0.5
     [row] = list(csv.DictReader(open(tmp_path / "out" / "cases.csv")))
     assert row["review"] == ""
+
+
+def test_export_of_a_run_with_a_store_is_calibrated_and_without_one_is_not(trained_run, tmp_path):
+    """stages.export (train -> export of pipeline, demo, train): calibrated on the store's valid split;
+    the session store is the original tree (no case ids): a temperature, no review threshold."""
+    from aisd_ray import stages
+
+    _, store, run, _ = trained_run
+    out, _ = stages.export(run, str(tmp_path / "with"), shards_uri=store)
+    record = json.loads((tmp_path / "with" / CALIBRATION).read_text())
+    manifest = shards.ShardStore.open(store, checksums=False).manifest
+    assert record["fitted_on"]["voxels_in_split"] == manifest["splits"]["valid"]["records"] * 64 * 64
+    assert record["review_threshold"] is None and record["review_chosen_by"] == "no cases"
+    assert LoadedExport(out).temperature == pytest.approx(record["temperature"])
+    stages.export(run, str(tmp_path / "without"))  # the run's config names no store
+    assert not (tmp_path / "without" / CALIBRATION).exists()
+    assert LoadedExport(str(tmp_path / "without")).temperature == 1.0
