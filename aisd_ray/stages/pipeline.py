@@ -65,7 +65,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     run = run_uri(cfg, output)
     result.outputs["run (checkpoints, plots)"] = run
     log.info("stage 3/%d: export", stages)
-    export_uri, best = export(run, shards_uri=store.uri)  # and calibrated on the valid split
+    export_uri, best = export(run, shards_uri=store.uri, on_worker=cfg.train.backend == "ray")  # calibrated on valid
     result.outputs["SavedModel"] = storage.join(export_uri, "saved_model")
 
     on_worker = cfg.train.backend == "ray"  # on a cluster: a (GPU) training node, not the head
