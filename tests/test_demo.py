@@ -60,6 +60,15 @@ def test_demo_on_ct_volumes_reports_per_case_mm_and_ml_and_segments_a_dicom_pati
     assert case["input"] == "dicom" and case["lesion_ml"] >= 0
     assert report["brain_mask"]["applied"] and case["brain_mask"]["applied"]  # on by default, both ways
     assert (out / "tiny" / "infer" / "cases" / patient / "preview.png").is_file()
+    # calibrated on the valid split's patients: ECE before and after on test, each case's review flag
+    calibration = json.loads((out / "tiny" / "export" / "calibration.json").read_text())
+    assert calibration["fitted_on"]["split"] == "valid" and calibration["fitted_on"]["cases"] >= 1
+    assert report["temperature"] == calibration["temperature"]
+    assert summary["test ECE after temperature scaling"] == report["ece_after"] >= 0
+    assert (out / "tiny" / "eval" / "reliability.png").is_file()
+    assert all(isinstance(row["review"], bool) for row in cases["per_case"])
+    assert case["uncertainty"]["threshold"] == calibration["review_threshold"]
+    assert case["uncertainty"]["review"] is (case["uncertainty"]["case_score"] >= calibration["review_threshold"])
     assert "test case Dice (median)" in capsys.readouterr().out
     # the demo told prepare which official test cases its synthetic release holds
     source = json.loads((out / "shards" / "manifest.json").read_text())["source"]

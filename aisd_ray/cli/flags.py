@@ -38,7 +38,8 @@ FLAG_KEYS = {
     "infer": {"images": "infer.images_dir", "input": "infer.images_dir", "output": "infer.output_dir",
               "batch_size": "eval.batch_size", "no_overlays": lambda _: {"infer.overlays": False},
               "probabilities": lambda _: {"infer.probabilities": True},
-              "dicom_seg": lambda _: {"infer.dicom_seg": True}, **_TTA},
+              "dicom_seg": lambda _: {"infer.dicom_seg": True},
+              "uncertainty": lambda _: {"infer.uncertainty": True}, **_TTA},
     "pipeline": {"source": _source, "images": "infer.images_dir", "folds": "data.folds", "backend": "train.backend",
                  "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "crossval": {"folds": "data.folds", "source": _source, "backend": "train.backend",
@@ -100,9 +101,12 @@ def add_strict(p: argparse.ArgumentParser) -> None:
 
 
 def add_infer_outputs(p: argparse.ArgumentParser) -> None:
-    """``infer``'s optional outputs for CT patients: --probabilities and --dicom-seg."""
+    """``infer``'s optional outputs for CT patients: --probabilities, --uncertainty (NIfTI maps) and
+    --dicom-seg."""
     p.add_argument("--probabilities", action="store_true", help="CT patients: also each case's lesion "
-                                                                 "probability map (else infer.probabilities)")
+                   "probability map, calibrated (else infer.probabilities)")
+    p.add_argument("--uncertainty", action="store_true", help="CT patients: also each case's uncertainty map, "
+                   "the normalised predictive entropy 0..1 (else infer.uncertainty)")
     p.add_argument("--dicom-seg", action="store_true", help="DICOM series inputs: also each case's mask as a "
                    "DICOM Segmentation on the series' own slices, cases/<case>/seg.dcm (else infer.dicom_seg). It "
                    "carries the series' patient and study identity (to be filed beside it): off by default")

@@ -306,6 +306,7 @@ class InferConfig:
     # DICOM series inputs: also each case's mask as a DICOM SEG (cases/<case>/seg.dcm); off by default: a SEG
     # carries the source's patient and study identity (inference/dicom_seg.py)
     dicom_seg: bool = False
+    uncertainty: bool = False  # CT patients: also each case's uncertainty map (normalised entropy) as NIfTI
 
 
 @dataclass

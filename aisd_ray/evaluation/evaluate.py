@@ -1,4 +1,4 @@
-"""Scoring: an export on a sharded split, or mask PNGs in a folder against ground truth.
+"""Scoring: an export on a sharded split (mask PNGs in a folder against ground truth: ``evaluate_masks.py``, with this module's ``write_report``).
 
 Both write ``metrics.json``: aggregate lesion figures at the top level (``lesion_dice`` is
 the pooled Dice of all lesion pixels of the split; ``*_per_image`` are means over images
@@ -11,6 +11,9 @@ prepared from CT volumes each case is also checked by the QA gate (``data/qa.py`
 findings and its recorded values against the export's training domain, a ``qa`` column in
 ``per_case.csv`` ("pass" or "warn: <check>, ..."), every finding in metrics.json's ``qa`` block,
 one log line per warning; with ``strict`` the first warning refuses the evaluation (one line).
+Scoring an export also reports its calibration (``calibrate.SplitCalibration``): ``ece_before``
+and ``ece_after`` (T = 1 and the export's temperature), ``ece_bins``, ``temperature``, the
+reliability bins and ``reliability.png``, and each case's ``uncertainty`` score and ``review`` flag.
 
 ``tta``, ``brain_mask`` and ``postprocessing`` in metrics.json say how an export's predictions were
 made: mirroring test-time augmentation on or off (``export.LoadedExport``); the brain mask
@@ -38,13 +41,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from aisd_ray.config import DataConfig
 from aisd_ray.core import storage
 from aisd_ray.core.progress import progress_bar
 from aisd_ray.data.ct import qa
-from aisd_ray.data.sources import layout, masks
+from aisd_ray.data.sources import layout
 from aisd_ray.data.store import shards
 from aisd_ray.inference import brain_mask as brain_step
+from aisd_ray.evaluation.calibrate import SplitCalibration
 from aisd_ray.inference import input_kind, postprocess
 from aisd_ray.inference.export import LoadedExport
 from aisd_ray.model.losses import categorical_crossentropy
@@ -65,6 +68,11 @@ DEFINITIONS = {
              "HD95 in mm (MONAI's: the larger of the two directions' 95th percentile surface distance), "
              "normalised surface Dice at nsd_tolerance_mm, volumes and absolute volume difference in mL, at model "
              "resolution (in-plane spacing scaled by the resize)",
+    "ece_before, ece_after": "expected calibration error at T = 1 and at the export's temperature (calibration.json; "
+                             "1 without): top-label, ece_bins equal-width bins, |accuracy - confidence| weighted "
+                             "by the bin's share of voxels (Guo et al. 2017); the probabilities scored are the after",
+    "uncertainty": "per case: mean normalised predictive entropy over the voxels of lesion probability > 0.1; "
+                   "review: score >= the export's review threshold (empty without calibration.json)",
     "tta": "whether each prediction averaged the softmax of the slice and of its left-right mirror",
     "postprocessing": "the export's post-processing choice (postprocess.json; rule none when it has none), "
                       "applied to each case's predicted volume before the case figures; the per-slice "
@@ -196,7 +204,7 @@ def _write_cases(out_uri: str, rows: list[dict[str, Any]], foreground_names=()) 
     return summary
 
 
-def _write_report(out_uri: str, names: list[str], counts: np.ndarray, extra: dict[str, Any],
+def write_report(out_uri: str, names: list[str], counts: np.ndarray, extra: dict[str, Any],
                   per_image_extra: dict[str, list[float]], per_class: np.ndarray | None = None,
                   foreground_names=()) -> dict[str, Any]:
     """``per_class``: (N, K, 3) ``metrics.class_counts`` of the images, ``foreground_names`` their names."""
@@ -316,13 +324,15 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
     names, counts, class_counts, losses, seed_dice = [], [], [], [], []
     num_classes = len(model.rgb_map)
     foreground = metrics.foreground_names(model.info.get("class_names"), num_classes)
-    volumes = CaseVolumes(foreground)
+    volumes, calibration = CaseVolumes(foreground), SplitCalibration(model)
     bar = progress_bar(total=total, desc=f"evaluate {split}", unit="slice", enabled=progress)
     for batch in _batched(shards.iter_records(shards_uri, manifest, split), batch_size):
         arrays = [shards.record_to_arrays(r) for r in batch]
         images = np.stack([a[0] for a in arrays])
         labels = np.stack([a[1] for a in arrays])
-        probs = model.predict(images)["probabilities"].numpy()
+        out_batch = {k: v.numpy() for k, v in model.predict(images, passes=True).items()}
+        calibration.add(out_batch, labels, [r["case_id"] for r in batch])
+        probs = out_batch["probabilities"]
         onehot = np.eye(probs.shape[-1], dtype=np.float32)[labels]
         losses += [float(v) for v in categorical_crossentropy(onehot, probs).numpy()]
         seed_dice += [metrics.dice_coef_multiclass(onehot[i:i + 1], probs[i:i + 1]) for i in range(len(batch))]
@@ -352,46 +362,13 @@ def _score_split(model: LoadedExport, shards_uri: str, manifest: dict, split: st
         extra["qa"] = {case: qa.as_json(findings) for case, findings in found.items()}
         for row in case_rows:
             row["qa"] = qa.label(found.get(row["case_id"], ()))
+    calibration.report(out, extra, case_rows)  # ECE before/after, reliability.png, case uncertainty and review
     if case_rows:
         extra["cases"] = {**_write_cases(out, case_rows, foreground), "per_case": case_rows}
-    report = _write_report(out, names, counts_arr, extra,
+    report = write_report(out, names, counts_arr, extra,
                            {"categorical_crossentropy": [float(v) for v in losses],
                             "dice_coef_multiclass": seed_dice}, class_arr, foreground)
     storage.write_text(storage.join(out, "evaluation.csv"),
                        f"categorical_crossentropy,{loss:.4f}\ndice_coef_multiclass,{seed:.4f}\n")
     return report
 
-
-def evaluate_folders(predictions_dir: str | Path, masks_dir: str | Path, rule, out_uri: str,
-                     progress: bool = True, class_names=None) -> dict[str, Any]:
-    """Score existing mask PNGs against ground truth by file name, without a model. ``rule``: how
-    masks are read, a ``masks.MaskRule`` or the config's ``DataConfig`` (a bare rgb_map takes the
-    other keys' defaults); each folder is read one way, chosen from all its files
-    (``aisd_ray.data.sources.masks``), so 0/1 predictions score against colour or raw-label ground truth.
-    ``class_names``: one per class (default: a ``DataConfig``'s, else ``background``, ``class_1``,
-    ...); with several foreground classes each is scored on its own too."""
-    if class_names is None and isinstance(rule, DataConfig):
-        class_names = rule.class_names
-    pairs = layout.pair_by_name(predictions_dir, masks_dir)
-    names, counts, class_counts, seed_dice = [], [], [], []
-    rule = masks.MaskRule.of(rule)
-    num_classes = rule.num_classes
-    foreground = metrics.foreground_names(class_names, num_classes)
-    predicted = masks.SplitMasks.of_paths(rule, [p for _, p, _ in pairs], f"the predictions ({predictions_dir})")
-    truths = masks.SplitMasks.of_paths(rule, [m for _, _, m in pairs], f"the ground truth ({masks_dir})")
-    for name, pred_path, mask_path in progress_bar(pairs, desc="evaluate", unit="mask", enabled=progress):
-        pred = predicted.labels(pred_path, pred_path)
-        truth = truths.labels(mask_path, mask_path)
-        if pred.shape != truth.shape:
-            raise layout.DataError(f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
-                                   f"ground truth {mask_path.name} is {truth.shape[1]}x{truth.shape[0]}")
-        eye = np.eye(num_classes, dtype=np.float32)
-        seed_dice.append(metrics.dice_coef_multiclass(eye[truth][None], eye[pred][None]))
-        counts.append(metrics.lesion_counts(truth[None], pred[None])[0])
-        class_counts.append(metrics.class_counts(truth[None], pred[None], num_classes)[0])
-        names.append(name)
-    with storage.staged_dir(out_uri) as folder:
-        return _write_report(str(folder), names, np.array(counts).reshape(-1, 3),
-                             {"source": str(predictions_dir), "dice_coef_multiclass": float(np.mean(seed_dice))},
-                             {"dice_coef_multiclass": seed_dice},
-                             np.array(class_counts).reshape(len(names), num_classes - 1, 3), foreground)

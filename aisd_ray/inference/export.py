@@ -23,6 +23,13 @@ common input size, channels, windows, input kind and classes, the union of their
 member folders, the cross-validation's figures) and its own ``postprocess.json`` and ``.complete``.
 ``LoadedExport`` takes either kind: an ensemble's prediction is the mean of its members' softmax
 probabilities (nnU-Net's ensembling of fold models), its labels their argmax.
+
+``calibration.json`` (either kind, written by ``evaluation/calibrate.py`` when an export is made
+from a run with a store, or by ``crossval`` for its ensemble): the temperature T fitted on
+validation voxels (``scoring/calibration.py``), what it was fitted on, NLL and ECE before and after,
+the uncertainty measure and the review threshold. ``LoadedExport`` divides each forward pass's
+logits by T (softmax(log p / T), p the SavedModel's softmax) before TTA and ensemble averaging; an
+export without it: T = 1 and no review threshold.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from aisd_ray.core import provenance, storage
 from aisd_ray.data.ct import qa
 from aisd_ray.inference import input_kind, postprocess
 from aisd_ray.model.flexunet import build_flexunet
+from aisd_ray.scoring import calibration as calib
 from aisd_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,20 @@ ENSEMBLE = "ensemble.json"
 SHARED_KEYS = ("image", "num_classes", "class_names", "rgb_map", "windows", "channels", "input")
 SIGNATURE = "serving_default"
 FLOAT_SIGNATURE = "serving_float32"
+CALIBRATION = "calibration.json"
+
+
+def read_calibration(folder, uri: str) -> dict[str, Any] | None:
+    """The export's ``CALIBRATION`` record (local ``folder``); None when it has none. ValueError
+    naming the file for a temperature that is not a positive number."""
+    path = folder / CALIBRATION
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    t = record.get("temperature")
+    if not isinstance(t, (int, float)) or not t > 0 or t != t:
+        raise ValueError(f"{storage.join(uri, CALIBRATION)}: temperature {t!r} is not a positive number")
+    return record
 
 
 def model_from_checkpoint(cfg: Config, checkpoint_uri: str) -> keras.Model:
@@ -216,7 +238,11 @@ class LoadedExport:
     (``brain_mask.py``; export.json ``brain_mask``, its training config's ``eval.brain_mask``). An
     export from before it was recorded: True, the default of every export since: the step removes
     only what lies outside the skull's intracranial space, where no lesion of any training could be,
-    and each output says what it removed (``--no-brain-mask`` gives the older outputs back)."""
+    and each output says what it removed (``--no-brain-mask`` gives the older outputs back).
+
+    ``calibration``: the export's ``calibration.json`` (None without), ``temperature`` its T (1.0
+    without), applied to each pass's logits (the module); ``measure``: which case of the
+    uncertainty measure applies (``calibration.MEASURES``)."""
 
     def __init__(self, uri: str, tta: bool | None = None):
         self.uri = uri
@@ -256,27 +282,50 @@ class LoadedExport:
         self.input = self.info.get("input")
         self.input_kind = (self.input or {}).get("kind", input_kind.UNKNOWN)
         self.domain = self.info.get("domain")  # {name: [lo, hi], "cases": n}: the training cases' ranges
+        self.calibration = read_calibration(folder, uri)  # None: T = 1, no review threshold
+        self.temperature = float((self.calibration or {}).get("temperature", 1.0))
 
-    def _run(self, fns, images: tf.Tensor, tta: bool | None) -> dict[str, tf.Tensor]:
+    @property
+    def measure(self) -> str:
+        return calib.measure_of(self.tta, self.members)
+
+    def _run(self, fns, images: tf.Tensor, tta: bool | None, passes: bool = False,
+             temperature: float | None = None) -> dict[str, tf.Tensor]:
         tta = self.tta if tta is None else tta
-        if not tta and len(fns) == 1:
-            return fns[0](image=images)
+        t = self.temperature if temperature is None else float(temperature)
         n = tf.shape(images)[0]
         batch = tf.concat([images, tf.reverse(images, axis=[2])], axis=0) if tta else images
-        total = None
+        raw = []  # each forward pass's softmax (T = 1), mirrored ones flipped back
         for fn in fns:
             out = fn(image=batch)["probabilities"]
-            out = (out[:n] + tf.reverse(out[n:], axis=[2])) / 2.0 if tta else out
-            total = out if total is None else total + out
-        probabilities = total / float(len(fns))
-        return {"probabilities": probabilities, "labels": tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8)}
+            raw += [out[:n], tf.reverse(out[n:], axis=[2])] if tta else [out]
+        scaled = raw if t == 1.0 else [tf.nn.softmax(tf.math.log(tf.maximum(p, calib.EPS)) / t, axis=-1) for p in raw]
+        probabilities = tf.add_n(scaled) / float(len(scaled)) if len(scaled) > 1 else scaled[0]
+        result = {"probabilities": probabilities, "labels": tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8),
+                  "uncertainty": _entropy(probabilities)}
+        if passes:
+            result["passes"] = tf.stack(raw)
+        return result
 
-    def predict(self, images, tta: bool | None = None) -> dict[str, tf.Tensor]:
+    def predict(self, images, tta: bool | None = None, passes: bool = False,
+                temperature: float | None = None) -> dict[str, tf.Tensor]:
         """The serving signature on a uint8 batch (N, H, W, C) of model-sized images: ``probabilities``
-        float32 (N, H, W, classes) and ``labels`` uint8 (N, H, W). ``tta``: mirroring (see the class),
-        default this object's ``tta``."""
-        return self._run(self._fns, tf.convert_to_tensor(images, tf.uint8), tta)
+        float32 (N, H, W, classes), calibrated (the class), ``labels`` uint8 (N, H, W) their argmax
+        and ``uncertainty`` float32 (N, H, W) 0..1, their normalised predictive entropy
+        (``calibration.entropy``). ``tta``: mirroring (see the class), default this object's ``tta``.
+        ``passes``: also ``passes`` float32 (K, N, H, W, classes), each forward pass's softmax at T = 1
+        (K = members x 2 with TTA), what a temperature is fitted on. ``temperature``: this T instead
+        of the export's."""
+        return self._run(self._fns, tf.convert_to_tensor(images, tf.uint8), tta, passes, temperature)
 
-    def predict_float(self, images, tta: bool | None = None) -> dict[str, tf.Tensor]:
+    def predict_float(self, images, tta: bool | None = None, passes: bool = False,
+                      temperature: float | None = None) -> dict[str, tf.Tensor]:
         """The same through the float32-input signature."""
-        return self._run(self._float_fns, tf.convert_to_tensor(images, tf.float32), tta)
+        return self._run(self._float_fns, tf.convert_to_tensor(images, tf.float32), tta, passes, temperature)
+
+
+def _entropy(probabilities: tf.Tensor) -> tf.Tensor:
+    """``calibration.entropy`` in TensorFlow: (N, H, W) float32 0..1 of (N, H, W, C) probabilities."""
+    p = tf.maximum(probabilities, calib.EPS)
+    c = float(probabilities.shape[-1])
+    return tf.clip_by_value(-tf.reduce_sum(p * tf.math.log(p), axis=-1) / tf.math.log(c), 0.0, 1.0)

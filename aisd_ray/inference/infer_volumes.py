@@ -23,12 +23,19 @@ Output, in nnU-Net's convention for a predictions folder (``evaluate --predictio
 - ``cases/<case>/preview.png``: the slices that hold lesion, windowed, the lesion outlined, mL in
   the title (the middle slices when there is none), and the first QA warning;
 - ``cases/<case>/probabilities.nii.gz`` (with ``probabilities=True``): float32 lesion probability,
-  the network's (with TTA if on), before the brain mask and post-processing;
+  the network's (with TTA if on), calibrated (the export's temperature), before the brain mask and
+  post-processing;
+- ``cases/<case>/uncertainty.nii.gz`` (with ``uncertainty=True``): float32 0..1, each voxel's
+  normalised predictive entropy (``scoring/calibration.py``);
 - ``cases/<case>/seg.dcm`` (with ``dicom_seg=True``, a DICOM series input only): the mask as a DICOM
   Segmentation on the series' own slices (``dicom_seg.py``); it carries the series' patient and study
   identity, hence opt-in; a NIfTI input gets one log line instead;
+- summary.json's ``uncertainty`` ({"measure", "case_score", "threshold", "review": bool, or None
+  for an export without calibration.json}) and each lesion's ``uncertainty`` (its voxels' mean);
+  the preview shows the uncertainty as a heat map beside each outlined slice;
 - ``cases.csv``: one row per case; its ``brain_removed_ml`` column the mL the brain mask removed, its
-  ``qa`` column "pass" or "warn: <check>, ...".
+  ``qa`` column "pass" or "warn: <check>, ...", its ``uncertainty`` (the case score) and ``review``
+  (True/False, empty without a threshold).
 
 Each QA warning is also logged, one line per warning; with ``strict`` the first one refuses the case
 (a VolumeError of one line: the case, the check, its value and the training range), nothing written.
@@ -58,8 +65,9 @@ from aisd_ray.inference import dicom_seg as seg_out
 from aisd_ray.inference import brain_mask as brain_step
 from aisd_ray.inference import input_kind, postprocess
 from aisd_ray.inference.export import LoadedExport
+from aisd_ray.data.sources.layout import resize_probabilities
 from aisd_ray.report import render
-from aisd_ray.scoring import volume_metrics
+from aisd_ray.scoring import calibration, volume_metrics
 
 PREVIEW_TILES = 12  # at most this many slices in a preview
 PREVIEW_SIZE = 256  # px, each tile
@@ -85,8 +93,11 @@ def is_volume_input(input_path: str | Path) -> bool:
                                  for p in path.iterdir())
 
 
-def segment(model: LoadedExport, vol: volume.Volume, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels uint8 (Z, Y, X), lesion probability float32 (Z, Y, X)) of one canonical volume. Its
+def segment(model: LoadedExport, vol: volume.Volume, batch_size: int,
+            uncertainty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels uint8 (Z, Y, X), lesion probability float32 (Z, Y, X)) of one canonical volume;
+    ``uncertainty``, a float32 (Z, Y, X) array, is filled with each voxel's uncertainty
+    (``calibration.entropy`` of the class probabilities at the scan's size). Its
     channels are built as in prepare (``channels.build_channels`` with the model's ``windows`` and
     ``channel_mode``, "grey" for a model without one), then resized. VolumeError naming the case
     when they cannot be (the symmetry mode in a volume without a head)."""
@@ -107,6 +118,8 @@ def segment(model: LoadedExport, vol: volume.Volume, batch_size: int) -> tuple[n
             back = plane.probabilities_back(probs)
             labels[k] = np.argmax(back, axis=-1)
             lesion[k] = 1.0 - back[..., 0]
+            if uncertainty is not None:
+                uncertainty[k] = calibration.entropy(back)
     return labels, lesion
 
 
@@ -129,8 +142,10 @@ def summary(vol: volume.Volume, labels: np.ndarray, windows, channels: str = "gr
     }
 
 
-def preview(vol: volume.Volume, labels: np.ndarray, windows, info: dict[str, Any]) -> bytes:
-    """PNG bytes: the lesion slices (or the middle ones), first window, lesion outlined."""
+def preview(vol: volume.Volume, labels: np.ndarray, windows, info: dict[str, Any],
+            uncertainty: np.ndarray | None = None) -> bytes:
+    """PNG bytes: the lesion slices (or the middle ones), first window, lesion outlined; with
+    ``uncertainty`` (Z, Y, X) 0..1, each beside its uncertainty as a heat map (``render.beside_heat``)."""
     z = vol.hu.shape[0]
     with_lesion = [k for k in range(z) if labels[k].any()]
     picked = with_lesion or list(range(max(0, z // 2 - 1), min(z, z // 2 + 2)))
@@ -142,11 +157,14 @@ def preview(vol: volume.Volume, labels: np.ndarray, windows, info: dict[str, Any
     for k in picked:
         image = plane.to_model(vol.hu[k], windows[:1], 3)
         mask = plane.labels_to_model(labels[k])
-        tiles.append((f"slice {k}: {volume_metrics.volume_ml(labels[k:k + 1] > 0, vol.spacing):.2f} mL",
-                      render.overlay(image, mask)))
+        tile = render.overlay(image, mask)
+        if uncertainty is not None:
+            tile = render.beside_heat(tile, resize_probabilities(uncertainty[k][..., None], *tile.shape[:2])[..., 0])
+        tiles.append((f"slice {k}: {volume_metrics.volume_ml(labels[k:k + 1] > 0, vol.spacing):.2f} mL", tile))
     buf = io.BytesIO()
-    render.gallery(tiles, preview_title(vol.case_id, info, bool(with_lesion)), columns=4,
-                   legend=(("lesion", render.OUTLINE),)).save(buf, format="PNG")
+    legend = (("lesion", render.OUTLINE),) + ((() if uncertainty is None else (UNCERTAINTY_LEGEND,)))
+    render.gallery(tiles, preview_title(vol.case_id, info, bool(with_lesion)), columns=4 if uncertainty is None else 2,
+                   legend=legend).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -160,7 +178,8 @@ def preview_title(case_id: str, info: dict[str, Any], with_lesion: bool) -> str:
 
 
 CSV_FIELDS = ("case_id", "lesion_ml", "lesion_count", "largest_lesion_ml", "slices", "spacing_mm_zyx", "input",
-              "gantry_tilt_deg", "brain_removed_ml", "qa")
+              "gantry_tilt_deg", "brain_removed_ml", "qa", "uncertainty", "review")
+UNCERTAINTY_LEGEND = ("right: uncertainty (entropy), dark 0 .. yellow 1", (252, 200, 60))
 
 
 def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray, model: Any) -> np.ndarray:
@@ -175,7 +194,8 @@ def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray
 def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_size: int = 4,
                   probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool | None = None,
                   postprocessing: dict[str, Any] | None = None, strict: bool = False,
-                  dicom_seg: bool = False, brain_mask: bool | None = None) -> list[dict[str, Any]]:
+                  dicom_seg: bool = False, brain_mask: bool | None = None,
+                  uncertainty: bool = False) -> list[dict[str, Any]]:
     """Segment every case of ``input_path``; return their summaries. A case that is not a CT volume
     is a VolumeError (one line naming the file) and leaves no output folder. ``model``: an already
     loaded export (anything with its ``height``, ``width``, ``channels``, ``windows`` and
@@ -185,7 +205,8 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     (``qa.refuse_if_strict``) before anything is written. ``dicom_seg``: also a DICOM SEG of each DICOM
     series case (``dicom_seg.write_seg``; the export's ``class_names`` name its segments). ``brain_mask``:
     lesion voxels outside the brain removed (True) or not (False); None: as the model records it
-    (``brain_mask.resolve``)."""
+    (``brain_mask.resolve``). ``uncertainty``: also write each case's
+    ``uncertainty.nii.gz``."""
     cases = volume_cases(input_path)
     summaries = []
     bar = progress_bar(total=len(cases), desc="infer", unit="case", enabled=progress)
@@ -203,7 +224,8 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
             findings = kind + own
             qa.refuse_if_strict(strict, path, case_id, findings)
             qa.log_warnings(case_id, own)
-            raw, lesion = segment(model, vol, batch_size)
+            unc = np.zeros(vol.hu.shape, np.float32)
+            raw, lesion = segment(model, vol, batch_size, unc)
             raw, inside = brain_step.on_volume(raw, vol.hu, vol.spacing, head, brain_step.resolve(brain_mask, model))
             labels = postprocessed(choice, vol, raw, model)
             volume_write.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")
@@ -212,14 +234,18 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
             info.update(tta=bool(getattr(model, "tta", False)), postprocessing={
                 **{k: choice.get(k) for k in postprocess.NONE}, "removed_ml": round(removed, 3)},
                 qa=qa.as_json(findings), brain_mask=inside)
+            calibration.annotate(info, labels > 0, lesion, unc, getattr(model, "calibration", None),
+                                 getattr(model, "measure", "single"))
             case_dir = folder / "cases" / case_id
             case_dir.mkdir(parents=True)
             storage.write_json(str(case_dir / "summary.json"), info)
-            (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info))
+            (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info, unc))
             if probabilities:
                 volume_write.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
             if dicom_seg:
                 seg_out.write_seg(vol, labels, getattr(model, "info", {}).get("class_names"), case_dir / seg_out.FILE)
+            if uncertainty:
+                volume_write.write_nifti(vol, unc, case_dir / "uncertainty.nii.gz")
             summaries.append(info)
             bar.update()
         bar.close()
@@ -234,5 +260,7 @@ def _write_cases_csv(path: Path, summaries: list[dict[str, Any]]) -> None:
         "slices": s["shape_zyx"][0], "spacing_mm_zyx": " ".join(map(str, s["spacing_mm_zyx"])),
         "input": s["input"], "gantry_tilt_deg": s["gantry_tilt_deg"],
         "brain_removed_ml": s["brain_mask"]["removed_ml"],
-        "qa": qa.label(qa.from_json(s["qa"]))} for s in summaries], list(CSV_FIELDS))
+        "qa": qa.label(qa.from_json(s["qa"])), "uncertainty": s["uncertainty"]["case_score"],
+        "review": "" if s["uncertainty"]["review"] is None else s["uncertainty"]["review"]} for s in summaries],
+        list(CSV_FIELDS))
 

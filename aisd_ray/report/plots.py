@@ -138,3 +138,26 @@ def scatter(series: Sequence[Series], xlabel: str, ylabel: str, uri: str, logx: 
     if title:
         ax.set_title(title, fontsize=9)
     _save(fig, ax, xlabel, ylabel, uri)
+
+
+def reliability(before: Sequence[dict], after: Sequence[dict], uri: str, title: str = "") -> None:
+    """A reliability diagram: each confidence bin's mean confidence against its accuracy
+    (``calibration.Reliability.table`` rows), before and after temperature scaling, with the
+    diagonal of perfect calibration; empty bins left out. Below it, each bin's share of the voxels
+    (log scale: over a split they pile up near confidence 1)."""
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(5, 6), dpi=100, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+    for rows, label, marker in ((before, "before (T = 1)", "o"), (after, "after temperature scaling", "s")):
+        shown = [r for r in rows if r["voxels"]]
+        ax.plot([r["confidence"] for r in shown], [r["accuracy"] for r in shown], marker=marker, ms=4, label=label)
+        total = sum(r["voxels"] for r in rows) or 1
+        low.step([r["hi"] for r in rows], [r["voxels"] / total for r in rows], where="pre", label=label)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy (top label)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    low.set_yscale("log")
+    low.set_ylabel("share of voxels")
+    _save(fig, low, "confidence (top-label probability), equal-width bins", "share of voxels", uri, legend=False)

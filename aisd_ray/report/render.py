@@ -40,6 +40,24 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def heat(values: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8: ``values`` (H, W) in 0..1 as a heat map (matplotlib's "inferno": black 0,
+    through red, to pale yellow 1), blended 70% over ``image`` (greyscale or RGB) where given."""
+    from matplotlib import colormaps
+
+    rgb = colormaps["inferno"](np.clip(np.asarray(values, np.float32), 0.0, 1.0))[..., :3] * 255.0
+    if image is not None:
+        rgb = 0.7 * rgb + 0.3 * _rgb(image).astype(np.float32)
+    return rgb.astype(np.uint8)
+
+
+def beside_heat(tile: np.ndarray, values: np.ndarray, gap: int = 4) -> np.ndarray:
+    """``tile`` (H, W, 3) and, right of it after a black ``gap``, ``values`` (H, W) 0..1 as ``heat``
+    over the tile's image: one (H, 2W + gap, 3) uint8 panel."""
+    spacer = np.zeros((tile.shape[0], gap, 3), np.uint8)
+    return np.concatenate([_rgb(tile), spacer, heat(values, tile)], axis=1)
+
+
 def side_by_side(*panels: np.ndarray, gap: int = 4) -> Image.Image:
     """Panels of equal height joined left to right with a black gap."""
     rgb = [_rgb(p) for p in panels]
@@ -85,7 +103,8 @@ def gallery(tiles: list[tuple[str, np.ndarray]], title: str, columns: int = 3,
     sheet = Image.new("RGB", (columns * (tw + gap) + gap, head + rows * (th + caption + gap)), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     draw.text((gap, 6), title, fill=(255, 255, 255), font=font)
-    x = sheet.width - 190
+    font_width = sum(int(draw.textlength(text, font=font)) + 14 for text, _ in legend)
+    x = sheet.width - max(190, font_width + gap)
     for text, colour in legend:
         draw.text((x, 6), text, fill=colour, font=font)
         x += int(draw.textlength(text, font=font)) + 14

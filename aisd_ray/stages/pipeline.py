@@ -44,6 +44,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     carry what a caller did before (the demo's synthetic source) into the summary.
     """
     track.check(cfg)  # before prepare writes anything (and before TensorFlow loads)
+    from aisd_ray.evaluation.calibrate import test_figures
     from aisd_ray.evaluation.evaluate import evaluate_export
 
     started = started or time.time()
@@ -64,7 +65,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     run = run_uri(cfg, output)
     result.outputs["run (checkpoints, plots)"] = run
     log.info("stage 3/%d: export", stages)
-    export_uri, best = export(run)
+    export_uri, best = export(run, shards_uri=store.uri, on_worker=cfg.train.backend == "ray")  # calibrated on valid
     result.outputs["SavedModel"] = storage.join(export_uri, "saved_model")
 
     on_worker = cfg.train.backend == "ray"  # on a cluster: a (GPU) training node, not the head
@@ -110,6 +111,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
         **(_case_figures(report["cases"]) if "cases" in report else {}),
         **({"post-processing (chosen on valid)": describe(choice)} if choice else {}),
         "test dice_coef_multiclass (original, bg-incl.)": report["dice_coef_multiclass"],
+        **test_figures(report),  # ECE before/after temperature scaling, the uncertainty ranking
         "wall time (s)": round(time.time() - started, 1),
     }
     storage.write_text(storage.join(output, "summary.json"),

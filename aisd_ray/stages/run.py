@@ -146,13 +146,29 @@ def run_config(run: str) -> Config:
         return load_config(local)
 
 
-def export(run: str, out_uri: str | None = None) -> tuple[str, dict[str, Any]]:
+def export(run: str, out_uri: str | None = None, shards_uri: str | None = None,
+           on_worker: bool = False) -> tuple[str, dict[str, Any]]:
+    """Export the run's best checkpoint to ``out_uri`` (default ``<run>/export``) and calibrate it
+    on the valid split of its store (``evaluation/calibrate.py``: temperature and review threshold,
+    ``calibration.json``; with ``on_worker`` as a Ray task on a training node, as evaluate):
+    ``shards_uri``, else the run config's ``data.shards_dir`` when that store exists; an export
+    without one is not calibrated (T = 1, no review flag), one log line."""
+    from aisd_ray.data.store import shards
     from aisd_ray.inference.export import export_best
 
     out_uri = out_uri or storage.join(run, "export")
-    checkpoint, metrics = export_best(run_config(run), run, out_uri)
+    cfg = run_config(run)
+    checkpoint, metrics = export_best(cfg, run, out_uri)
     log.info("exported %s (epoch %s, val_lesion_dice %.4f) to %s", checkpoint, metrics.get("epoch"),
              metrics.get("val_lesion_dice", float("nan")), out_uri)
+    store = shards_uri or cfg.data.shards_dir
+    if store and storage.exists(storage.join(store, shards.MANIFEST)):
+        from aisd_ray.evaluation.calibrate import calibrate
+
+        on_node(cfg, on_worker, calibrate, storage.absolute(out_uri), storage.absolute(store), "valid",
+                cfg.eval.batch_size, cfg.eval.tta)
+    else:
+        log.info("%s: not calibrated (no shard store known for %s): T = 1, no review threshold", out_uri, run)
     return out_uri, metrics
 
 

@@ -28,9 +28,9 @@ def evaluate(cfg: Config, output: str, model: str | None = None, shards: str | N
 
         if is_nifti_folder(masks):
             return evaluate_nifti_folders(predictions, masks, output, progress=progress)
-        from aisd_ray.evaluation import evaluate as scoring
+        from aisd_ray.evaluation.evaluate_masks import evaluate_folders
 
-        return scoring.evaluate_folders(predictions, masks, cfg.data, output, progress=progress)
+        return evaluate_folders(predictions, masks, cfg.data, output, progress=progress)
     from aisd_ray.evaluation import evaluate as scoring
 
     return scoring.evaluate_export(model, shards, output, split, cfg.eval.batch_size, progress=progress,
@@ -66,7 +66,8 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
 
         cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
                      cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
-                     tta=tta, strict=strict, dicom_seg=cfg.infer.dicom_seg, brain_mask=brain_mask)
+                     tta=tta, strict=strict, dicom_seg=cfg.infer.dicom_seg, brain_mask=brain_mask,
+                     uncertainty=cfg.infer.uncertainty)
         return Inferred(out, cases=cases)
     if storage.is_local(source) and not Path(source).is_dir():  # what a folder of images is not: name it so
         from aisd_ray.data.sources.layout import DataError

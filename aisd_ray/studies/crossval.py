@@ -21,7 +21,9 @@ Output folder (the same command again resumes; every step skips what is complete
 - ``oof/``: every fold's out-of-fold cases scored together (``evaluate_volumes``: case Dice,
   HD95, NSD, mL, lesion F1); ``folds.csv``: one row per fold;
 - ``ensemble/``: the ensemble export (``export.write_ensemble``) with the post-processing chosen
-  on the out-of-fold cases (``postprocess.choose``), usable wherever an export is;
+  on the out-of-fold cases (``postprocess.choose``), usable wherever an export is, and its
+  ``calibration.json``: one temperature and the review threshold fitted on the out-of-fold cases,
+  each predicted by its own fold's model (``evaluation/calibrate.py`` says why);
 - ``ensemble_test/``: the ensemble scored on the test split (when the store has one);
 - ``crossval.json``: the figures, written last.
 
@@ -47,10 +49,11 @@ from aisd_ray.config import Config, ConfigError, config_from_dict
 from aisd_ray.core import provenance, storage
 from aisd_ray.data.sources.layout import DataError
 from aisd_ray.data.store import shards, volume_source
+from aisd_ray.evaluation.calibrate import calibrate
 from aisd_ray.evaluation.evaluate import VOLUMES, evaluate_export
 from aisd_ray.evaluation.evaluate_volumes import evaluate_nifti_folders
 from aisd_ray.inference import postprocess
-from aisd_ray.inference.export import INFO, write_ensemble
+from aisd_ray.inference.export import CALIBRATION, INFO, write_ensemble
 from aisd_ray.train import TrainingFailed
 
 log = logging.getLogger(__name__)
@@ -240,6 +243,9 @@ def crossval(cfg: Config, output: str, progress: bool = True) -> dict[str, Any]:
     if not storage.exists(storage.join(ensemble, storage.COMPLETE)):  # a rerun of the same config keeps it
         write_ensemble([r["export"] for r in rows], ensemble, choice,
                        {"folds": folds, "tta": cfg.eval.tta, "out_of_fold": oof, "config": cfg.to_dict()})
+    if not storage.exists(storage.join(ensemble, CALIBRATION)):  # one T on the out-of-fold cases (calibrate.py)
+        calibrate(ensemble, "", "valid", cfg.eval.batch_size, cfg.eval.tta,
+                  members=[(r["export"], fold_config(cfg, output, r["fold"]).data.shards_dir) for r in rows])
     summary: dict[str, Any] = {"folds": folds, "concurrent": at_once, "per_fold": rows, "out_of_fold": oof,
                                "postprocessing": choice, "ensemble": ensemble}
     store = shards.ShardStore.open(fold_config(cfg, output, 0).data.shards_dir, cfg, checksums=False)

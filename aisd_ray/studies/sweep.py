@@ -4,7 +4,9 @@ Trains the demo pipeline (prepare -> train -> export -> evaluate on the test spl
 (synthetic-data seed x training seed) on the local backend and for a set of training seeds on
 the Ray backend with several workers, and reports min / median / max test lesion Dice
 (pooled and per image) and the number of collapsed runs per backend, as ``sweep.json`` and a
-printed table. Both backends train with the same global batch: a local run's batch is
+printed table; also each run's test ECE before and after temperature scaling and how well the case
+uncertainty ranks the test cases of Dice < 0.5 (``calibration.pooled``: AUROC per run and over every
+run's test cases together, the mean Dice of the cases not flagged for review). Both backends train with the same global batch: a local run's batch is
 ``train.batch_size`` times the Ray runs' worker count, so the backends differ only in how the
 batch is split. Each run keeps its own output folder; rerunning the same command skips the runs
 that finished (their ``summary.json`` is read back), so an interrupted sweep resumes.
@@ -23,6 +25,7 @@ from typing import Any
 from aisd_ray import stages
 from aisd_ray.config import Config
 from aisd_ray.core import provenance, storage
+from aisd_ray.scoring import calibration
 from aisd_ray.scoring.metrics import COLLAPSED_BELOW  # a run also counts as collapsed when its training diverged
 from aisd_ray.train import TrainingFailed
 from aisd_ray.train import checkpoint as ckpt
@@ -73,7 +76,22 @@ def _run_one(cfg: Config, root: str, backend: str, train_seed: int, synthetic_se
             "best_epoch": figures["best epoch"], "epochs_run": figures["epochs run"],
             "rollbacks": figures.get("rollbacks", 0), "stop_reason": figures.get("stop reason", ""),
             "collapsed": bool(not dice >= COLLAPSED_BELOW or ckpt.DIVERGED in str(figures.get("stop reason", ""))),
-            "wall_seconds": figures["wall time (s)"], "output": output}
+            "wall_seconds": figures["wall time (s)"], "output": output,
+            "test_ece_before": figures.get("test ECE before temperature scaling", float("nan")),
+            "test_ece_after": figures.get("test ECE after temperature scaling", float("nan")),
+            "temperature": figures.get("temperature (fitted on valid)", float("nan")),
+            "test_uncertainty_auroc": figures.get("test uncertainty AUROC (case Dice < 0.5)", float("nan")),
+            "test_cases": _test_cases(storage.join(output, name))}
+
+
+def _test_cases(run: str) -> list[dict[str, Any]]:
+    """Each test case's Dice, uncertainty score and review flag from the run's ``eval/metrics.json``
+    ([] when it has none: a diverged run)."""
+    uri = storage.join(run, "eval", "metrics.json")
+    if not storage.exists(uri):
+        return []
+    rows = json.loads(storage.read_bytes(uri)).get("cases", {}).get("per_case", [])
+    return [{k: r.get(k) for k in ("case_id", "dice", "uncertainty", "review")} for r in rows if "uncertainty" in r]
 
 
 def _diverged_figures(run: str, reason: str) -> dict[str, Any]:
@@ -105,7 +123,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                         "test_lesion_dice": _spread([r["test_lesion_dice"] for r in mine]),
                         "test_lesion_dice_per_image": _spread([r["test_lesion_dice_per_image"] for r in mine]),
                         "test_case_dice_mean": _spread([r.get("test_case_dice_mean", float("nan")) for r in mine]),
-                        "rollbacks": sum(r["rollbacks"] for r in mine)}
+                        "rollbacks": sum(r["rollbacks"] for r in mine),
+                        "test_ece_before": _spread([r.get("test_ece_before", float("nan")) for r in mine]),
+                        "test_ece_after": _spread([r.get("test_ece_after", float("nan")) for r in mine]),
+                        "test_uncertainty_auroc": _spread([r.get("test_uncertainty_auroc", float("nan"))
+                                                           for r in mine]),
+                        "uncertainty_pooled": calibration.pooled([c for r in mine for c in r.get("test_cases", [])])}
     if {"local", "ray"} <= set(out):
         out["ray_minus_local_median"] = (out["ray"]["test_lesion_dice"]["median"]
                                          - out["local"]["test_lesion_dice"]["median"])
@@ -147,6 +170,12 @@ def table(report: dict[str, Any]) -> str:
                      f"min {p['min']:.3f} / median {p['median']:.3f} / max {p['max']:.3f}"
                      + (f"; case Dice (mean per run) min {c['min']:.3f} / median {c['median']:.3f} / max "
                         f"{c['max']:.3f}" if c and c["median"] == c["median"] else ""))
+        e0, e1, u = s.get("test_ece_before"), s.get("test_ece_after"), s.get("uncertainty_pooled") or {}
+        if e0 and e0["median"] == e0["median"]:
+            lines.append(f"{backend}: test ECE median {e0['median']:.4f} before, {e1['median']:.4f} after temperature "
+                         f"scaling; case uncertainty AUROC for Dice < 0.5 over {u.get('cases', 0)} test cases "
+                         f"{u.get('auroc', float('nan')):.3f}; Dice of the unflagged {u.get('unflagged_dice_mean', float('nan')):.3f} "
+                         f"({u.get('flagged', 0)} flagged), of all {u.get('all_dice_mean', float('nan')):.3f}")
     if "ray_minus_local_median" in report["summary"]:
         lines.append(f"ray median - local median: {report['summary']['ray_minus_local_median']:+.3f}")
     return "\n".join(lines)

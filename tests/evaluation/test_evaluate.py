@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aisd_ray.evaluation.evaluate import evaluate_export, evaluate_folders
+from aisd_ray.evaluation.evaluate import evaluate_export
+from aisd_ray.evaluation.evaluate_masks import evaluate_folders
 
 
 def test_export_evaluation_writes_seed_csv_and_metrics(trained_run, tmp_path):

@@ -103,8 +103,12 @@ def test_three_folds_leave_oof_figures_and_an_ensemble_that_infer_uses(volumes, 
     ensemble = LoadedExport(str(out / "ensemble"))
     assert ensemble.members == 3 and ensemble.postprocess["chosen"] == summary["postprocessing"]["chosen"]
     batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
-    members = [LoadedExport(str(out / "fold_" f"{k}" / "export")).predict(batch)["probabilities"].numpy()
-               for k in range(3)]
+    # one temperature, fitted on the out-of-fold cases (each by its own fold model), divides each member's logits
+    record = json.loads((out / "ensemble" / "calibration.json").read_text())
+    assert ensemble.temperature == record["temperature"] and record["fitted_on"]["cases"] == 7
+    assert record["fitted_on"]["predicted_by"].endswith("(out-of-fold)")
+    members = [LoadedExport(str(out / "fold_" f"{k}" / "export")).predict(batch, temperature=record["temperature"])
+               ["probabilities"].numpy() for k in range(3)]
     got = ensemble.predict(batch)
     np.testing.assert_allclose(got["probabilities"].numpy(), np.mean(members, axis=0), atol=1e-6)
     assert np.array_equal(got["labels"].numpy(), np.argmax(np.mean(members, axis=0), axis=-1))

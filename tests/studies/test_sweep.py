@@ -24,7 +24,15 @@ def test_sweep_reports_the_spread_and_skips_finished_runs(tmp_path, capsys, monk
     dice = sorted(r["test_lesion_dice"] for r in runs)
     assert local["test_lesion_dice"]["min"] == dice[0] and local["test_lesion_dice"]["max"] == dice[1]
     assert local["collapses"] == sum(r["collapsed"] for r in runs)
-    assert "local: 2 runs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "local: 2 runs" in printed
+    # calibration and the uncertainty ranking, per run and over the runs' test cases together
+    assert all(0 <= r["test_ece_after"] <= 1 and 0 <= r["test_ece_before"] <= 1 and r["temperature"] > 0 for r in runs)
+    assert local["test_ece_after"]["median"] == sorted(r["test_ece_after"] for r in runs)[0] + (
+        sorted(r["test_ece_after"] for r in runs)[1] - sorted(r["test_ece_after"] for r in runs)[0]) / 2
+    assert all(r["test_cases"] == [] for r in runs)  # the tiny config's original layout has no case ids
+    assert local["uncertainty_pooled"]["cases"] == 0
+    assert "test ECE median" in printed
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
@@ -77,3 +85,21 @@ def test_variant_summary_is_the_spread_and_the_paired_change_from_grey():
     assert math.isnan(s["grey"]["case_dice_vs_grey"])
     lines = table({"summary": s}).splitlines()
     assert lines[2].startswith("grey") and "+0.050" in lines[3]
+
+
+def test_each_runs_test_cases_come_from_its_metrics_and_are_pooled(tmp_path):
+    """A run's test cases (Dice, uncertainty score, review flag) as evaluate wrote them, pooled over runs."""
+    rows = [{"case_id": "a", "dice": 0.9, "uncertainty": 0.1, "review": False, "slices": 4},
+            {"case_id": "b", "dice": 0.2, "uncertainty": 0.6, "review": True, "slices": 4}]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"cases": {"per_case": rows}}))
+    found = sweep._test_cases(str(tmp_path))
+    assert found == [{k: r[k] for k in ("case_id", "dice", "uncertainty", "review")} for r in rows]
+    assert sweep._test_cases(str(tmp_path / "none")) == []
+    more = [{"case_id": "c", "dice": 0.3, "uncertainty": 0.05, "review": False}]
+    runs = [{"backend": "local", "test_lesion_dice": 0.5, "test_lesion_dice_per_image": 0.5, "collapsed": False,
+             "rollbacks": 0, "test_cases": t} for t in (found, more)]
+    pooled = sweep.summarise(runs)["local"]["uncertainty_pooled"]
+    # bad cases b (0.6) and c (0.05) against the good a (0.1): b ranks above, c below -> AUROC 1/2
+    assert pooled["cases"] == 3 and pooled["bad"] == 2 and pooled["auroc"] == 0.5
+    assert pooled["unflagged_dice_mean"] == (0.9 + 0.3) / 2 and pooled["flagged"] == 1
