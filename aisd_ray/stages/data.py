@@ -25,11 +25,46 @@ def synthesize(cfg: Config, output: str, as_zip: bool = False, progress: bool = 
     return write_synthetic(output, cfg.synthetic, as_zip=as_zip, progress=progress)
 
 
-def prepare(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """``data.source_dir`` (or ``data.split_dirs``) into the shard store ``data.shards_dir``; its manifest."""
+def prepare(cfg: Config, progress: bool = True, verify: bool = False) -> dict[str, Any]:
+    """``data.source_dir`` (or ``data.split_dirs``) into the shard store ``data.shards_dir``; its
+    manifest. ``verify``: read every shard of an existing store (``prepare --verify``)."""
     if not cfg.data.shards_dir:
         raise ConfigError("give --output or data.shards_dir")
-    return prepare_store(cfg, cfg.data.shards_dir, progress=progress)
+    return prepare_store(cfg, cfg.data.shards_dir, progress=progress, verify=verify, map=case_map(cfg))
+
+
+def case_map(cfg: Config):
+    """How ``prepare`` reads and windows a volume source's cases: Ray tasks when ``train.backend``
+    is "ray" (Ray joined or started only once there is a case to read: a no-op prepare starts
+    nothing), else None (a process pool of ``data.prepare_workers``). The tasks run on this node:
+    the source (or its copy from a bucket) and the slices they write lie on its disk."""
+    if cfg.train.backend != "ray":
+        return None
+
+    def ray_map(fn, items):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from aisd_ray.train.ray_session import ensure_ray
+
+        items = list(items)
+        if not items:
+            return
+        ensure_ray(cfg.train.num_workers + 2)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        task = ray.remote(num_cpus=1, max_retries=0)(fn).options(scheduling_strategy=here)
+        pending = [task.remote(item) for item in items]
+        try:
+            for ref in pending:  # in case order, whatever order they finish in
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # a case refused: its one line, not Ray's traceback
+                    raise exc.cause from None
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+
+    return ray_map
 
 
 # where each synthetic layout's source lies under the demo's source folder
