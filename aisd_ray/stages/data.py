@@ -52,8 +52,8 @@ def case_map(cfg: Config):
             return
         ensure_ray(cfg.train.num_workers + 2)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        task = ray.remote(num_cpus=1, max_retries=0)(fn).options(scheduling_strategy=here)
-        pending = [task.remote(item) for item in items]
+        task = ray.remote(num_cpus=1, max_retries=0)(_apply).options(scheduling_strategy=here)
+        pending = [task.remote(fn, item) for item in items]
         try:
             for ref in pending:  # in case order, whatever order they finish in
                 try:
@@ -65,6 +65,11 @@ def case_map(cfg: Config):
                 ray.cancel(ref)
 
     return ray_map
+
+
+def _apply(fn, item):
+    """One case's task (``case_map``): Ray takes plain functions only, not a partial."""
+    return fn(item)
 
 
 # where each synthetic layout's source lies under the demo's source folder

@@ -1,0 +1,34 @@
+"""stages.data's prepare on the Ray backend: a volume source's cases read as Ray tasks give the
+store a process pool gives, byte for byte."""
+
+import pytest
+
+from aisd_ray.data.store.prepare import prepare
+from aisd_ray.data.synthetic.layouts import write_synthetic
+from aisd_ray.stages.data import case_map
+from tests.conftest import volume_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_cases_read_as_ray_tasks_make_the_same_store(ray_cluster, tmp_path):
+    cfg = volume_config("nnunet", 6, 2, 96, 4, "data.prepare_workers=1", "train.backend='ray'")
+    cfg.data.source_dir = str(write_synthetic(tmp_path / "src", cfg.synthetic, progress=False))
+    assert case_map(volume_config("nnunet", 6, 2, 96, 4, "train.backend='local'")) is None
+    calls = []
+    ray_map = case_map(cfg)
+
+    def counted(fn, items):
+        items = list(items)
+        calls.append(len(items))
+        return ray_map(fn, items)
+
+    on_ray = prepare(cfg, str(tmp_path / "ray"), progress=False, map=counted)
+    here = prepare(cfg, str(tmp_path / "here"), progress=False)
+    assert calls == [6]
+    files = {}
+    for name in ("ray", "here"):
+        root = tmp_path / name
+        files[name] = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.parquet")}
+    assert files["ray"] == files["here"] and files["ray"]
+    assert on_ray["splits"] == here["splits"] and on_ray["source"] == here["source"]
