@@ -13,6 +13,7 @@ from typing import Any
 from aisd_ray.config import VOLUME_LAYOUTS, Config, ConfigError
 from aisd_ray.core import storage
 from aisd_ray.data.store.prepare import prepare as prepare_store
+from aisd_ray.data.store.parallel import local_map
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def case_map(cfg: Config):
     """How ``prepare`` reads and windows a volume source's cases: Ray tasks when ``train.backend``
     is "ray" (Ray joined or started only once there is a case to read: a no-op prepare starts
     nothing), else None (a process pool of ``data.prepare_workers``). The tasks run on this node:
-    the source (or its copy from a bucket) and the slices they write lie on its disk."""
+    the source (or its copy from a bucket) and the slices they write lie on its disk; a node
+    without CPUs for tasks (a cluster's head kept free) uses the process pool."""
     if cfg.train.backend != "ray":
         return None
 
@@ -51,7 +53,11 @@ def case_map(cfg: Config):
         if not items:
             return
         ensure_ray(cfg.train.num_workers + 2)
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        node = ray.get_runtime_context().get_node_id()
+        if not any(n["NodeID"] == node and n["Resources"].get("CPU", 0) >= 1 for n in ray.nodes()):
+            yield from local_map(cfg.data.prepare_workers)(fn, items)  # a head node kept free of tasks
+            return
+        here = NodeAffinitySchedulingStrategy(node, soft=False)
         task = ray.remote(num_cpus=1, max_retries=0)(_apply).options(scheduling_strategy=here)
         pending = [task.remote(fn, item) for item in items]
         try:
