@@ -34,7 +34,11 @@ def local_map(workers: int = 0) -> Map:
         if count == 1:
             yield from (fn(item) for item in items)
             return
-        pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("forkserver"))
+        context = multiprocessing.get_context("forkserver")
+        module = getattr(getattr(fn, "func", fn), "__module__", None)
+        if module:  # imported once by the fork server (when it starts), not again by every worker
+            context.set_forkserver_preload([module])
+        pool = ProcessPoolExecutor(count, mp_context=context)
         try:
             yield from pool.map(fn, items)
         finally:
