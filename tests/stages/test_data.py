@@ -32,3 +32,22 @@ def test_cases_read_as_ray_tasks_make_the_same_store(ray_cluster, tmp_path):
         files[name] = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.parquet")}
     assert files["ray"] == files["here"] and files["ray"]
     assert on_ray["splits"] == here["splits"] and on_ray["source"] == here["source"]
+
+
+def test_a_case_refused_in_a_ray_task_is_its_one_line(ray_cluster, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from aisd_ray.data.sources.layout import DataError
+
+    cfg = volume_config("nnunet", 4, 1, 96, 4, "train.backend='ray'")
+    cfg.data.source_dir = str(write_synthetic(tmp_path / "src", cfg.synthetic, progress=False))
+    label = sorted((tmp_path / "src").rglob("labelsTr/*.nii.gz"))[0]
+    img = nib.load(label)
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 9  # a class id the 2-class model lacks
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), label)
+    with pytest.raises(DataError) as err:
+        prepare(cfg, str(tmp_path / "store"), progress=False, map=case_map(cfg))
+    assert str(err.value).startswith(f"{label}: label values") and "\n" not in str(err.value)
+    assert type(err.value) is DataError and not (tmp_path / "store").exists()

@@ -166,3 +166,22 @@ def test_a_noop_prepare_from_and_into_a_bucket_downloads_nothing(gcs_emulator, t
     blob.upload_from_string(blob.download_as_bytes())  # a new generation
     assert prepare(cfg, out, progress=False)["splits"] == full["splits"]
     assert reads.shards == [f"{out}/{name}"] and downloads == [] and reads.counts["volume"] == 0
+
+
+def test_a_store_written_before_stamps_is_verified_once_then_recorded(tmp_path, monkeypatch):
+    """A manifest without stamps (an older prepare's): the rerun reads every shard (as prepare did
+    before stamps), records their stamps, and the next rerun reads none."""
+    from aisd_ray.data.synthetic.layouts import write_synthetic
+
+    cfg = volume_config("nnunet", 6, 2, 96, 4, "data.prepare_workers=1")
+    cfg.data.source_dir = str(write_synthetic(tmp_path / "src", cfg.synthetic, progress=False))
+    out = tmp_path / "store"
+    full = prepare(cfg, str(out), progress=False)
+    older = {k: v for k, v in full.items() if k != "stamps"}
+    (out / shards.MANIFEST).write_text(json.dumps(older, indent=2))
+    reads = Reads(monkeypatch, tmp_path / "src")
+    assert prepare(cfg, str(out), progress=False) == full
+    assert sorted(reads.shards) == sorted(str(out / n) for n in _shard_names(full)) and reads.counts["volume"] == 0
+    reads.clear()
+    assert prepare(cfg, str(out), progress=False) == full
+    assert reads.shards == [] and reads.counts == Counter()
