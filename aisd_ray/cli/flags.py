@@ -217,7 +217,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     """``prepare``'s --output, --workers and --verify (after --source)."""
     p.add_argument("--output", help="shard store (else data.shards_dir)")
     p.add_argument("--workers", type=int, help="CT volumes: processes reading the cases side by side (else "
-                                               "data.prepare_workers; 0: the CPU count); Ray tasks with "
-                                               "train.backend = 'ray'")
+                                               "data.prepare_workers; 0: the CPU count); Ray tasks on a running "
+                                               "Ray with train.backend = 'ray'")
     p.add_argument("--verify", action="store_true", help="read every shard of an existing store and check its "
                                                          "SHA-256 (else only shards whose size or time changed)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,11 +36,13 @@ def prepare(cfg: Config, progress: bool = True, verify: bool = False) -> dict[st
 
 
 def case_map(cfg: Config):
-    """How ``prepare`` reads and windows a volume source's cases: Ray tasks when ``train.backend``
-    is "ray" (Ray joined or started only once there is a case to read: a no-op prepare starts
-    nothing), else None (a process pool of ``data.prepare_workers``). The tasks run on this node:
-    the source (or its copy from a bucket) and the slices they write lie on its disk; a node
-    without CPUs for tasks (a cluster's head kept free) uses the process pool."""
+    """How ``prepare`` reads and windows a volume source's cases: with ``train.backend`` "ray", Ray
+    tasks when this process is on a Ray cluster already or RAY_ADDRESS names one (a job, the
+    pipeline; looked at only once there is a case to read: a no-op prepare touches no Ray), so the
+    cluster counts their CPUs; else None (a process pool of ``data.prepare_workers``: no Ray is
+    started for them alone). The tasks run on this node: the source (or its copy from a bucket)
+    and the slices they write lie on its disk; a node without CPUs for tasks (a cluster's head kept
+    free) uses the process pool."""
     if cfg.train.backend != "ray":
         return None
 
@@ -50,7 +53,8 @@ def case_map(cfg: Config):
         from aisd_ray.train.ray_session import ensure_ray
 
         items = list(items)
-        if not items:
+        if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            yield from local_map(cfg.data.prepare_workers)(fn, items)  # no Ray started for this alone
             return
         ensure_ray(cfg.train.num_workers + 2)
         node = ray.get_runtime_context().get_node_id()

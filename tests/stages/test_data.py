@@ -51,3 +51,17 @@ def test_a_case_refused_in_a_ray_task_is_its_one_line(ray_cluster, tmp_path):
         prepare(cfg, str(tmp_path / "store"), progress=False, map=case_map(cfg))
     assert str(err.value).startswith(f"{label}: label values") and "\n" not in str(err.value)
     assert type(err.value) is DataError and not (tmp_path / "store").exists()
+
+
+def test_without_a_running_ray_the_cases_go_to_the_process_pool(monkeypatch):
+    """No Ray is started for prepare alone: with none running here and no RAY_ADDRESS, the Ray
+    backend's map is the process pool's."""
+    import ray
+
+    from aisd_ray.train import ray_session
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_session, "ensure_ray", lambda *a: pytest.fail("Ray started for prepare alone"))
+    cfg = volume_config("nnunet", 4, 1, 96, 4, "train.backend='ray'", "data.prepare_workers=2")
+    assert list(case_map(cfg)(abs, [-2, 3, -5])) == [2, 3, 5]
