@@ -2,7 +2,8 @@
 
 Every figure is measured after a warm-up, repeated, and reported as the median with its
 spread (min..max); comparisons are ratios of figures taken side by side in the same run.
-Sections: input pipeline, prepare (into a folder and, if given, object storage), memory,
+Sections: input pipeline, prepare (into a folder and, if given, object storage; from CT volumes at 1
+and 2 workers, and a no-op prepare: ``prepare_cohort.py``), memory,
 training throughput (local / Ray 1 worker / Ray 2 workers, against the original FlexUNet's
 figure), inference (SavedModel against Keras), and on a GPU the original's AISD 512 config in
 float32, bf16 and bf16+XLA.
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from aisd_ray.bench import prepare_cohort
 from aisd_ray.bench.measure import Sizes, bench_config, dataset, demo_config, figure, repeat, slices_source
 from aisd_ray.config import Config
 from aisd_ray.core import storage
@@ -189,6 +191,8 @@ def run(output: str, tiny: bool = False, overrides: list[str] = (), object_store
             report["input_pipeline"] = input_pipeline(_at_size(demo, sizes.image), root, sizes)
         with section("prepare", "prepare throughput"):
             report["prepare"] = prepare_speed(_at_size(demo, sizes.image), root, sizes, object_store)
+        with section("prepare_volumes", "prepare from CT volumes: cases/min at 1 and 2 workers, a no-op prepare"):
+            report["prepare_volumes"] = prepare_cohort.prepare_volumes(root, tiny, list(overrides))
         with section("memory", "memory: peak RSS of short runs on N, 2N and 4N slices"):
             report["memory"] = memory(root, sizes, tiny)
         with section("training", "training throughput"):
@@ -219,6 +223,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     demo_consumption = report["demo_worker"]["median"]
     n = report["memory"]
     return {
+        **prepare_cohort.ratios(report["prepare_volumes"]),
         **({"prepare_object_store_over_local": med("prepare", "prepare_parquet_object_store")
             / med("prepare", "prepare_parquet_local")}
            if any(f["name"] == "prepare_parquet_object_store" for f in report["prepare"]) else {}),
@@ -247,7 +252,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     """The figures as a readable table: name, median, spread, unit."""
     lines = [f"{'figure':<34} {'median':>10} {'min..max':>21}  unit"]
-    for section in ("input_pipeline", "prepare", "memory", "training", "inference"):
+    for section in ("input_pipeline", "prepare", "prepare_volumes", "memory", "training", "inference"):
         for f in report[section]:
             lines.append(f"{f['name']:<34} {f['median']:>10.3f} {f['min']:>10.3f}..{f['max']:<10.3f} {f['unit']}")
     f = report["demo_worker"]

@@ -11,18 +11,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from aisd_ray.cli.flags import (  # noqa: E402
-    add_config,
-    add_evaluate_arguments,
-    add_infer_outputs,
-    add_run_options,
-    add_sweep_arguments,
-    add_strict,
-    add_prediction_options,
-    check_evaluate,
-    flag_overrides,
-    given_options,
-    sweep_plan,
-    synthetic_test_cases,
+    add_config, add_evaluate_arguments, add_infer_outputs, add_prediction_options, add_prepare_arguments,
+    add_run_options, add_strict, add_sweep_arguments, check_evaluate, flag_overrides, given_options,
+    sweep_plan, synthetic_test_cases,
 )
 from aisd_ray.config import BACKENDS, SYNTHETIC_LAYOUTS, ConfigError, builtin_config, load_config  # noqa: E402
 from aisd_ray.core import storage  # noqa: E402
@@ -75,7 +66,7 @@ def cmd_prepare(args) -> None:
 
     cfg = _config(args)
     out = cfg.data.shards_dir
-    manifest = stages.prepare(cfg)
+    manifest = stages.prepare(cfg, verify=args.verify)
     for split, entry in manifest["splits"].items():
         print(f"{split:<6} {entry['records']:>6} slices  {len(entry['shards']):>3} shards  "
               f"lesion fraction {entry['lesion_fraction']:.4f}")
@@ -273,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "DICOM release), the raw release (image.zip + mask.zip, or image/ + mask/) or "
                                     "{train,valid,test}/{images,masks}; a local folder or gs://BUCKET/PREFIX (else "
                                     "data.source_dir)")
-    p.add_argument("--output", help="shard store (else data.shards_dir)")
+    add_prepare_arguments(p)
     p.set_defaults(func=cmd_prepare)
 
     p = add_parser("train", help="train a FlexUNet (Ray Train, or --backend local)")

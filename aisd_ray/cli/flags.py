@@ -30,7 +30,7 @@ _TTA = {"tta": lambda _: {"eval.tta": True}, "no_tta": lambda _: {"eval.tta": Fa
 FLAG_KEYS = {
     "synthesize": {"layout": lambda layout: {"synthetic.layout": {"raw-zip": "raw"}.get(layout, layout)},
                    "cases": "synthetic.num_cases", "slices": "synthetic.slices_per_case"},
-    "prepare": {"source": _source, "output": "data.shards_dir"},
+    "prepare": {"source": _source, "output": "data.shards_dir", "workers": "data.prepare_workers"},
     "train": {"data": "data.shards_dir", "output": "run.output_dir", "backend": "train.backend",
               "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "tune": {"data": "data.shards_dir", "mlflow": "run.mlflow_tracking_uri", **_SHARED},
@@ -244,3 +244,13 @@ def sweep_plan(args):
         raise ConfigError("give at least one --synthetic-seeds and one --train-seeds"
                           + ("" if args.variants else " or --ray-train-seeds"))
     return plan, args.output or ("runs/variants" if args.variants else "runs/sweep")
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """``prepare``'s --output, --workers and --verify (after --source)."""
+    p.add_argument("--output", help="shard store (else data.shards_dir)")
+    p.add_argument("--workers", type=int, help="CT volumes: processes reading the cases side by side (else "
+                                               "data.prepare_workers; 0: the CPU count); Ray tasks on a running "
+                                               "Ray with train.backend = 'ray'")
+    p.add_argument("--verify", action="store_true", help="read every shard of an existing store and check its "
+                                                         "SHA-256 (else only shards whose size or time changed)")

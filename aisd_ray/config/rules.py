@@ -113,6 +113,8 @@ def data_rules(d: DataConfig, m: ModelConfig, bad: Bad) -> None:
         raise bad("data.row_encoding", f"must be one of {ROW_ENCODINGS}, got {d.row_encoding!r}")
     if d.shard_target_mb <= 0 or d.min_shards < 1:
         raise bad("data.shard_target_mb", "shard size must be > 0 and min_shards >= 1")
+    if d.prepare_workers < 0:
+        raise bad("data.prepare_workers", f"must be >= 0 (0: this machine's CPU count), got {d.prepare_workers}")
     if not d.raw_label_map or not all(0 <= c < m.num_classes for c in d.raw_label_map):
         raise bad("data.raw_label_map", f"class ids must lie in 0..{m.num_classes - 1}, got {d.raw_label_map}")
     if d.mask_values not in MASK_VALUES:

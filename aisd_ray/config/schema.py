@@ -71,6 +71,11 @@ class DataConfig:
     # tf.data guidance: shards of 100 MB+; capped so every worker gets one.
     shard_target_mb: float = 128.0
     min_shards: int = 2
+    # CT volumes only: processes that read and window the cases side by side during `prepare`
+    # (`prepare --workers`); 0: this machine's CPU count (at most one per case). The store is the
+    # same whatever the number. With train.backend = "ray" on a running Ray (a cluster job, the
+    # pipeline) the cases are Ray tasks instead.
+    prepare_workers: int = 0
     # Colour of each class in mask PNGs, index = class id (seed: rgb_map).
     rgb_map: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (255, 255, 255))
     # A mask pixel farther than this (Euclidean, RGB units) from every rgb_map colour is an error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from aisd_ray.config import VOLUME_LAYOUTS, Config, ConfigError
 from aisd_ray.core import storage
 from aisd_ray.data.store.prepare import prepare as prepare_store
+from aisd_ray.data.store.parallel import local_map
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +27,59 @@ def synthesize(cfg: Config, output: str, as_zip: bool = False, progress: bool = 
     return write_synthetic(output, cfg.synthetic, as_zip=as_zip, progress=progress)
 
 
-def prepare(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """``data.source_dir`` (or ``data.split_dirs``) into the shard store ``data.shards_dir``; its manifest."""
+def prepare(cfg: Config, progress: bool = True, verify: bool = False) -> dict[str, Any]:
+    """``data.source_dir`` (or ``data.split_dirs``) into the shard store ``data.shards_dir``; its
+    manifest. ``verify``: read every shard of an existing store (``prepare --verify``)."""
     if not cfg.data.shards_dir:
         raise ConfigError("give --output or data.shards_dir")
-    return prepare_store(cfg, cfg.data.shards_dir, progress=progress)
+    return prepare_store(cfg, cfg.data.shards_dir, progress=progress, verify=verify, map=case_map(cfg))
+
+
+def case_map(cfg: Config):
+    """How ``prepare`` reads and windows a volume source's cases: with ``train.backend`` "ray", Ray
+    tasks when this process is on a Ray cluster already or RAY_ADDRESS names one (a job, the
+    pipeline; looked at only once there is a case to read: a no-op prepare touches no Ray), so the
+    cluster counts their CPUs; else None (a process pool of ``data.prepare_workers``: no Ray is
+    started for them alone). The tasks run on this node: the source (or its copy from a bucket)
+    and the slices they write lie on its disk; a node without CPUs for tasks (a cluster's head kept
+    free) uses the process pool."""
+    if cfg.train.backend != "ray":
+        return None
+
+    def ray_map(fn, items):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from aisd_ray.train.ray_session import ensure_ray
+
+        items = list(items)
+        if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            yield from local_map(cfg.data.prepare_workers)(fn, items)  # no Ray started for this alone
+            return
+        ensure_ray(cfg.train.num_workers + 2)
+        node = ray.get_runtime_context().get_node_id()
+        if not any(n["NodeID"] == node and n["Resources"].get("CPU", 0) >= 1 for n in ray.nodes()):
+            yield from local_map(cfg.data.prepare_workers)(fn, items)  # a head node kept free of tasks
+            return
+        here = NodeAffinitySchedulingStrategy(node, soft=False)
+        task = ray.remote(num_cpus=1, max_retries=0)(_apply).options(scheduling_strategy=here)
+        pending = [task.remote(fn, item) for item in items]
+        try:
+            for ref in pending:  # in case order, whatever order they finish in
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # a case refused: its one line, not Ray's traceback
+                    raise exc.cause from None
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+
+    return ray_map
+
+
+def _apply(fn, item):
+    """One case's task (``case_map``): Ray takes plain functions only, not a partial."""
+    return fn(item)
 
 
 # where each synthetic layout's source lies under the demo's source folder

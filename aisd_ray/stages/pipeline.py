@@ -15,7 +15,7 @@ from aisd_ray.data.store.shards import ShardStore
 from aisd_ray.inference.postprocess import describe
 from aisd_ray.report import track
 from aisd_ray.scoring.metrics import COLLAPSED_BELOW
-from aisd_ray.stages.data import prepare_store, synthetic_source
+from aisd_ray.stages.data import case_map, prepare_store, synthetic_source
 from aisd_ray.stages.run import _require_shared_storage, export, on_node, run_uri, train
 from aisd_ray.stages.score import infer
 
@@ -56,7 +56,7 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
                                       "infer.images_dir": cfg.infer.images_dir,
                                       "infer.output_dir": cfg.infer.output_dir})
     log.info("stage 1/%d: prepare %s -> %s", stages, cfg.data.source_dir or "data.split_dirs", shards_uri)
-    prepare_store(cfg, shards_uri, progress=progress)
+    prepare_store(cfg, shards_uri, progress=progress, map=case_map(cfg))
     result.outputs["shards + manifest"] = shards_uri
     store = ShardStore.open(storage.absolute(shards_uri), cfg)  # checked once for train and evaluate
 

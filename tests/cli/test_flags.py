@@ -148,3 +148,25 @@ def test_a_config_error_is_reported_before_tensorflow_loads(argv):
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False", "False"], (done.stdout, done.stderr)
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_workers_and_verify(synthetic_root, tmp_path, capsys, caplog):
+    """--workers is data.prepare_workers (refused like --set when negative); --verify reads every shard
+    of an up-to-date store, where a plain rerun reads none."""
+    import logging
+
+    out = tmp_path / "store"
+    assert main(["prepare", "--config", TINY, "--source", str(synthetic_root), "--output", str(out), "--workers",
+                 "-1"]) == 2
+    line = error_line(capsys)
+    assert line.startswith("aisd-ray prepare: error: --workers -1 (on ") and not out.exists()
+    assert line.endswith("[data] prepare_workers: must be >= 0 (0: this machine's CPU count), got -1")
+    args = ["prepare", "--config", TINY, "--source", str(synthetic_root), "--output", str(out), "--workers", "2"]
+    assert main(args) == 0
+    with caplog.at_level(logging.INFO, logger="aisd_ray"):
+        assert main(args) == 0
+        assert "verified (SHA-256)" not in caplog.text and "nothing to do" in caplog.text
+        caplog.clear()
+        assert main([*args, "--verify"]) == 0
+    shards = sum(1 for p in out.rglob("*.parquet"))
+    assert f"{shards} shard(s) read whole and verified (SHA-256)" in caplog.text

@@ -15,7 +15,13 @@ name order, whole cases together. The manifest's per-split ``index`` maps names 
 
 Resumable and idempotent: a store whose manifest records the same source and settings, and
 whose every shard is there with the size and SHA-256 the manifest lists, is left alone; a store
-with a missing or damaged shard is rewritten (the shard is named). Otherwise new shards are
+with a missing or damaged shard is rewritten (the shard is named). That is decided from file
+stamps first (``uptodate.py``): when no source file and no shard changed (size and modification
+time, or generation and CRC32C on gs://), nothing is read, not even a bucket's source; a shard
+whose stamp changed is read and checked whole; ``verify`` reads every shard. A volume source's
+cases are listed from their file names and stamps (no volume read) and only then, when the store
+must be written, read and windowed in parallel (``map``: a process pool, or Ray tasks from
+``stages``). Otherwise new shards are
 written beside the old ones (their names carry the new fingerprint), the new manifest replaces
 the old one last, and only then are the old shards deleted. A prepare that fails (a bad source
 file, a failed write) removes what it wrote: the output is as it was before, no folder where
@@ -37,10 +43,10 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from aisd_ray.config import SPLITS, Config
-from aisd_ray.core import storage
+from aisd_ray.core import stamps, storage
 from aisd_ray.core.progress import progress_bar
 from aisd_ray.data.sources import layout, masks, raw
-from aisd_ray.data.store import shards, volume_source
+from aisd_ray.data.store import parallel, shards, uptodate, volume_source
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +70,26 @@ def split_dirs(cfg: Config) -> dict[str, tuple[str, str]]:
     return dirs
 
 
-def read_source(cfg: Config, progress: bool = True) -> tuple[dict[str, list[layout.SliceRef]], dict[str, Any]]:
-    """Slice refs per split and what the manifest should say about the source."""
-    m, d = cfg.model, cfg.data
+def list_volumes(cfg: Config) -> volume_source.VolumeListing | None:
+    """A volume source's cases, listed from names and file stamps; None for a slice source."""
+    d = cfg.data
     if d.source_dir and not d.split_dirs and volume_source.volume_layout(d.source_dir):
         log.info("%s: CT volumes (%s layout), windows %s HU, channels %s", d.source_dir,
                  volume_source.volume_layout(d.source_dir), [list(w) for w in d.windows], d.channels)
+        return volume_source.list_volume_source(d.source_dir, d, cfg.model.num_classes)
+    return None
+
+
+def read_source(cfg: Config, progress: bool = True, listing: volume_source.VolumeListing | None = None,
+                map: parallel.Map | None = None) -> tuple[dict[str, list[layout.SliceRef]], dict[str, Any]]:
+    """Slice refs per split and what the manifest should say about the source. ``listing``:
+    ``list_volumes``'s, for a volume source; ``map``: how its cases are read (``parallel``)."""
+    m, d = cfg.model, cfg.data
+    listing = listing or list_volumes(cfg)
+    if listing is not None:
         found = volume_source.read_volume_source(d.source_dir, d, m.image_height, m.image_width, m.image_channels,
-                                                 m.num_classes, progress)
+                                                 m.num_classes, progress, listing,
+                                                 map or parallel.local_map(d.prepare_workers))
         return found.refs, found.info
     if d.channels != "grey":
         raise layout.DataError(f"{d.source_dir or 'data.split_dirs'}: data.channels = {d.channels!r} needs CT volumes "
@@ -102,12 +120,14 @@ def _settings(cfg: Config) -> list[Any]:
             *([d.folds, d.fold] if d.folds else [])]  # likewise: a store from before folds stays valid
 
 
-def _fingerprint(cfg: Config, refs: dict[str, list[layout.SliceRef]]) -> str:
-    """What the shards depend on: the source files (name, size, mtime or CRC) and the settings."""
+def _fingerprint(cfg: Config, refs: dict[str, list[Any]]) -> str:
+    """What the shards depend on: the source files (name, size, mtime or CRC) and the settings;
+    ``refs``: slice refs per split, or a volume source's cases per split (each case's files)."""
     h = hashlib.sha256(json.dumps(_settings(cfg)).encode())
     for split in sorted(refs):
         for ref in refs[split]:
-            h.update(f"{split}/{ref.name}/{ref.stamp}".encode())
+            name = ref.name if isinstance(ref, layout.SliceRef) else ref.case_id
+            h.update(f"{split}/{name}/{ref.stamp}".encode())
     return h.hexdigest()
 
 
@@ -164,8 +184,17 @@ def _remove_stale(out_uri: str, manifest: dict[str, Any]) -> None:
                 storage.delete(storage.join(out_uri, folder, name))
 
 
-def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
-    """Shard every split found; returns the manifest."""
+def prepare(cfg: Config, out_uri: str, progress: bool = True, verify: bool = False,
+            map: parallel.Map | None = None) -> dict[str, Any]:
+    """Shard every split found; returns the manifest. ``verify``: read every shard of an existing
+    store to decide it is up to date (else only those whose file stamps changed); ``map``: how a
+    volume source's cases are read and windowed (default: a process pool of
+    ``data.prepare_workers``)."""
+    key = uptodate.source_key(cfg, _settings(cfg))
+    if not verify and (same := uptodate.unchanged(out_uri, key)) is not None:
+        log.info("%s is up to date (no source file or shard changed since it was written); nothing to do",
+                 storage.join(out_uri, shards.MANIFEST))
+        return same
     source_uri = cfg.data.source_dir
     if source_uri and not storage.is_local(source_uri):
         with tempfile.TemporaryDirectory(prefix="aisd-source-") as tmp:
@@ -175,18 +204,21 @@ def prepare(cfg: Config, out_uri: str, progress: bool = True) -> dict[str, Any]:
                 raise layout.DataError(f"{source_uri}: no files under this prefix")
             local = copy.deepcopy(cfg)
             local.data.source_dir = tmp
-            return _prepare(local, out_uri, progress, source_uri)
-    return _prepare(cfg, out_uri, progress)
+            return _prepare(local, out_uri, progress, source_uri, key, verify, map)
+    return _prepare(cfg, out_uri, progress, None, key, verify, map)
 
 
-def _store_damage(out_uri: str) -> str | None:
-    """None when the store's manifest reads and every shard it lists is there with its size and
-    SHA-256; else what is wrong, naming the shard (or manifest entry)."""
+def _store_damage(out_uri: str, verify: bool = True) -> tuple[str | None, dict[str, Any], dict[str, list[Any]]]:
+    """(None, the manifest, its shards' stamps now) when the store's manifest reads and every shard
+    it lists is there with its size and SHA-256 (only shards whose file stamps changed are read,
+    every one with ``verify``: ``uptodate.check``); else (what is wrong, naming the shard or
+    manifest entry, {}, {})."""
     try:
-        shards.verify_shards(out_uri, shards.read_manifest(out_uri), checksums=True)
+        manifest = shards.read_manifest(out_uri)
     except (layout.DataError, KeyError, TypeError) as exc:
-        return str(exc) if isinstance(exc, layout.DataError) else f"{shards.MANIFEST} entry without {exc}"
-    return None
+        return (str(exc) if isinstance(exc, layout.DataError) else f"{shards.MANIFEST} entry without {exc}"), {}, {}
+    damage, current = uptodate.check(out_uri, manifest, verify)
+    return damage, manifest, current
 
 
 def _entries(out_uri: str) -> set[str] | None:
@@ -223,11 +255,12 @@ def _undo(out_uri: str, before: set[str] | None, created: str) -> None:
         log.warning("could not remove what the failed prepare wrote under %s: %s", out_uri, exc)
 
 
-def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None = None) -> dict[str, Any]:
-    refs, source = read_source(cfg, progress)
-    if source_uri:
-        source["root"] = source_uri
-    fingerprint = _fingerprint(cfg, refs)
+def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None = None, key: str | None = None,
+             verify: bool = False, map: parallel.Map | None = None) -> dict[str, Any]:
+    listing = list_volumes(cfg)  # a volume source: its cases from names and stamps, no volume read yet
+    if listing is None:
+        refs, source = read_source(cfg, progress)
+    fingerprint = _fingerprint(cfg, refs if listing is None else listing.cases)
     generation = fingerprint[:8]
     manifest_uri = storage.join(out_uri, shards.MANIFEST)
     if storage.exists(manifest_uri):
@@ -237,14 +270,18 @@ def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None =
             log.warning("%s is unreadable; rebuilding the store", manifest_uri)
             old = {}
         if isinstance(old, dict) and old.get("fingerprint") == fingerprint:
-            damage = _store_damage(out_uri)
+            damage, old, current = _store_damage(out_uri, verify)
             if damage is None:
-                log.info("%s is up to date (same source and settings, every shard verified); nothing to do",
-                         manifest_uri)
-                return old
+                log.info("%s is up to date (same source and settings, every shard there%s); nothing to do",
+                         manifest_uri, " and verified" if verify else "")
+                return uptodate.record(out_uri, old, key, current)
             log.warning("%s; rewriting the store", damage.removesuffix("; re-run `aisd-ray prepare`"))
             # new names, so that the damaged store stays as it was until the new manifest replaces it
             generation = f"{generation}-{secrets.token_hex(3)}"
+    if listing is not None:
+        refs, source = read_source(cfg, progress, listing, map)
+    if source_uri:
+        source["root"] = source_uri
     readings = _mask_readings(refs)  # every split's masks judged whole before anything is written
     if cfg.data.drop_empty_train and "train" in refs:
         refs["train"] = _drop_empty(refs["train"], progress)
@@ -273,6 +310,9 @@ def _prepare(cfg: Config, out_uri: str, progress: bool, source_uri: str | None =
                 "image": {"height": m.image_height, "width": m.image_width, "channels": m.image_channels},
                 "num_classes": m.num_classes, "class_names": list(cfg.data.class_names),
                 "rgb_map": [list(c) for c in cfg.data.rgb_map], "source": source}
+        current = uptodate.shard_stamps(out_uri, entries)
+        stamps.settle(out_uri, current)  # the manifest's time after every shard's: see uptodate
+        info[uptodate.STAMPS] = {"source": key, "shards": current}
         manifest = shards.write_manifest(out_uri, entries, info)
     except BaseException:
         bar.close()

@@ -192,29 +192,58 @@ def _stamp(path: Path) -> str:
     return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def read_volume_source(root: str | Path, data: DataConfig, height: int, width: int, channels: int,
-                       num_classes: int, progress: bool = True) -> VolumeSplits:
-    """Slice refs per split of a volume source; every case read once (a progress bar), its slices
-    kept until this object is dropped. DataError (naming the file) for a case that cannot be used."""
+@dataclass
+class VolumeListing:
+    """A volume source's cases per split and what the manifest says of it, found from names and file
+    stamps alone (no volume read); ``tmp`` holds what listing extracted (a zip of DICOM series) and,
+    later, the processed slices."""
+
+    cases: dict[str, list[Case]]
+    info: dict[str, Any]
+    tmp: tempfile.TemporaryDirectory
+
+
+def list_volume_source(root: str | Path, data: DataConfig, num_classes: int) -> VolumeListing:
+    """The cases of a volume source, listed without reading a volume (``list_volume_cases``)."""
     tmp = tempfile.TemporaryDirectory(prefix="aisd-ray-volumes-")
+    cases, info = list_volume_cases(root, data, num_classes, Path(tmp.name))
+    return VolumeListing(cases, info, tmp)
+
+
+def read_volume_source(root: str | Path, data: DataConfig, height: int, width: int, channels: int,
+                       num_classes: int, progress: bool = True, listing: VolumeListing | None = None,
+                       map: Callable | None = None) -> VolumeSplits:
+    """Slice refs per split of a volume source; every case read once (a progress bar), its slices
+    kept until this object is dropped. DataError (naming the file) for a case that cannot be used.
+    ``listing``: ``list_volume_source``'s (else listed here); ``map(fn, cases)``: how the cases are
+    read and windowed (``case_map``: in parallel; else one after another here), the results in
+    case order, so the store is the same whatever the number of workers."""
+    listing = listing or list_volume_source(root, data, num_classes)
+    tmp, cases, info = listing.tmp, listing.cases, dict(listing.info)
     folder = Path(tmp.name)
-    cases, info = list_volume_cases(root, data, num_classes, folder)
     reading = LabelReading(info.pop("mask_values", "raw_labels" if data.mask_values == "raw_labels" else "class_ids"))
     geometry: dict[str, Any] = {}
     records: dict[str, Any] = {}
     refs: dict[str, list[SliceRef]] = {}
-    bar = progress_bar(total=sum(len(c) for c in cases.values()), desc="read volumes", unit="case", enabled=progress)
+    every = [case for split_cases_ in cases.values() for case in split_cases_]
+    process = partial(_process, folder=folder, data=data, height=height, width=width, channels=channels,
+                      num_classes=num_classes)
+    # the AISD DICOM masks are read through an open zip, which another process cannot be handed
+    mapped = (map or _serial)(process, every) if not any(callable(c.labels) for c in every) else _serial(process, every)
+    bar = progress_bar(total=len(every), desc="read volumes", unit="case", enabled=progress)
+    for case, geo in zip(every, mapped):
+        geometry[case.case_id] = geo
+        bar.update()
+    bar.close()
     for split, split_cases_ in cases.items():
         refs[split] = []
         for case in split_cases_:
-            geo = geometry[case.case_id] = _process(case, folder, data, height, width, channels, num_classes)
+            geo = geometry[case.case_id]
             records[case.case_id] = geo.pop("qa")
             refs[split] += [SliceRef(f"{case.case_id}_{k}", f"{case.stamp}/{k}/{SLICE_FEATURES}",
                                      partial(_load, tmp, case.case_id, k, f"{case.case_id}_{k}"),
                                      partial(_load_labels, tmp, case.case_id, k), reading)
                             for k in range(geo["shape"][0])]
-            bar.update()
-    bar.close()
     info["geometry"] = geometry
     info["qa"] = records
     trained = [c.case_id for c in cases.get("train", ())] or list(records)  # what the model learns from
@@ -224,3 +253,7 @@ def read_volume_source(root: str | Path, data: DataConfig, height: int, width: i
     info["brain_mask"] = {"feature": "brain", "rule": "data/ct/head.py brain_mask, resized to the model size as the "
                           "labels (nearest neighbour)"}
     return VolumeSplits(refs, info)
+
+
+def _serial(fn: Callable, items: list) -> Any:
+    return (fn(item) for item in items)
