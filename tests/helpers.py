@@ -110,3 +110,15 @@ def same_volume(found, control):
     assert found.spacing == pytest.approx(control.spacing, rel=1e-6)
     assert found.canonical_geometry.origin == pytest.approx(control.canonical_geometry.origin, abs=1e-4)
     assert found.canonical_geometry.direction == pytest.approx(control.canonical_geometry.direction, abs=1e-6)
+
+
+def no_case_outputs(out: Path, reason: str) -> bool:
+    """``out`` (an ``infer --input`` folder) holds no mask and no case folder, and every row of its
+    cases.csv is refused with its reason inside ``reason`` (the command's error line)."""
+    import csv
+
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    no_masks = not list(out.glob("*.nii.gz"))
+    no_cases = not (out / "cases").exists() or not any((out / "cases").iterdir())
+    return no_masks and no_cases and bool(rows) and all(
+        r["status"] == "refused" and r["error"] and r["error"] in reason for r in rows)

@@ -42,11 +42,11 @@ import numpy as np
 from aisd_ray.core import storage
 from aisd_ray.core.progress import progress_bar
 from aisd_ray.data.ct import qa
-from aisd_ray.data.ct.channels import model_input
+from aisd_ray.data.ct.channels import midline, model_input
 from aisd_ray.data.ct.head import head_model
 from aisd_ray.data.ct.windows import InPlane
 from aisd_ray.data.sources import volume, volume_write
-from aisd_ray.inference import input_kind, postprocess
+from aisd_ray.inference import cohort, input_kind, postprocess
 from aisd_ray.inference.export import LoadedExport
 from aisd_ray.report import render
 from aisd_ray.scoring import volume_metrics
@@ -75,29 +75,41 @@ def is_volume_input(input_path: str | Path) -> bool:
                                  for p in path.iterdir())
 
 
-def segment(model: LoadedExport, vol: volume.Volume, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels uint8 (Z, Y, X), lesion probability float32 (Z, Y, X)) of one canonical volume. Its
-    channels are built as in prepare (``channels.build_channels`` with the model's ``windows`` and
-    ``channel_mode``, "grey" for a model without one), then resized. VolumeError naming the case
-    when they cannot be (the symmetry mode in a volume without a head)."""
+def segment(model: LoadedExport, vol: volume.Volume, batch_size: int, probabilities: bool = True
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels uint8 (Z, Y, X), lesion probability float16 (Z, Y, X), None unless ``probabilities``)
+    of one canonical volume, ``batch_size`` slices at a time end to end: each batch's channels are
+    built as in prepare (``channels.model_input`` with the model's ``windows`` and ``channel_mode``,
+    "grey" for a model without one; the neighbours mode sees one slice beyond the batch on each side,
+    the symmetry mode the whole volume's midline), resized, segmented, and its probabilities resized
+    back slice by slice, so that only the labels (1 byte a voxel) and, when asked, the lesion
+    probability (2) grow with the volume. VolumeError naming the case when the channels cannot be
+    built (the symmetry mode in a volume without a head)."""
     z, h, w = vol.hu.shape
     plane = InPlane(h, w, (vol.spacing[1], vol.spacing[2]), model.height, model.width)
     mode = getattr(model, "channel_mode", "grey")
-    try:
-        images = model_input(vol.hu, mode, model.windows, model.channels, model.height, model.width)
-    except ValueError as exc:
-        raise volume.VolumeError(f"{vol.case_id}: channels {mode!r}: {exc}") from None
     labels = np.zeros((z, h, w), np.uint8)
-    lesion = np.zeros((z, h, w), np.float32)
+    lesion = np.zeros((z, h, w), np.float16) if probabilities else None
+    line = _channels(vol, mode, lambda: midline(vol.hu)) if mode == "symmetry" else None
     for start in range(0, z, batch_size):
-        ks = range(start, min(z, start + batch_size))
-        batch = images[start:start + batch_size]
-        probabilities = model.predict(batch)["probabilities"].numpy()
-        for k, probs in zip(ks, probabilities):
+        stop = min(z, start + batch_size)
+        lo, hi = max(0, start - 1), min(z, stop + 1)  # one neighbour each side
+        batch = _channels(vol, mode, lambda: model_input(vol.hu[lo:hi], mode, model.windows, model.channels,
+                                                         model.height, model.width, line)[start - lo:stop - lo])
+        predicted = model.predict(batch)["probabilities"].numpy()
+        for k, probs in zip(range(start, stop), predicted):
             back = plane.probabilities_back(probs)
             labels[k] = np.argmax(back, axis=-1)
-            lesion[k] = 1.0 - back[..., 0]
+            if lesion is not None:
+                lesion[k] = 1.0 - back[..., 0]
     return labels, lesion
+
+
+def _channels(vol: volume.Volume, mode: str, build):
+    try:
+        return build()
+    except ValueError as exc:
+        raise volume.VolumeError(f"{vol.case_id}: channels {mode!r}: {exc}") from None
 
 
 def summary(vol: volume.Volume, labels: np.ndarray, windows, channels: str = "grey") -> dict[str, Any]:
@@ -162,58 +174,109 @@ def postprocessed(choice: dict[str, Any], vol: volume.Volume, labels: np.ndarray
     return postprocess.apply(choice, labels, vol.spacing, voxel_ml)
 
 
+class Segmenter:
+    """The export of a cohort, loaded once (when the first case has been read: a folder whose
+    cases are all refused never loads it) and kept, with its input-kind finding (``input_kind.check``,
+    logged once), first in every case's QA. ``model``: an already loaded export or a stand-in."""
+
+    def __init__(self, export_uri: str, tta: bool | None = None, model: Any = None, input_path: str = ""):
+        self.export_uri, self.tta, self.model, self.input_path = export_uri, tta, model, input_path
+        self.kind: list = []
+
+    def loaded(self) -> tuple[Any, list]:
+        if not self.kind:
+            self.model = self.model or LoadedExport(self.export_uri, tta=self.tta)
+            self.kind = [input_kind.check(getattr(self.model, "input", None), input_kind.CT_HU, self.input_path,
+                                          getattr(self.model, "uri", self.export_uri), self.model.windows)]
+        return self.model, self.kind
+
+
+def infer_case(seg: Segmenter, case_id: str, path: Path, out_uri: str, export_id: str, batch_size: int = 4,
+               probabilities: bool = False, postprocessing: dict[str, Any] | None = None, strict: bool = False,
+               node: str | None = None) -> dict[str, Any]:
+    """One case: read, QA, segment, post-process, and its outputs written whole (``cohort.case_output``:
+    ``<case>.nii.gz`` and ``cases/<case>/``, its ``summary.json`` last); returns its summary (with
+    ``export_id`` and, when given, the ``node`` that ran it). A VolumeError (not CT, a bad series,
+    ``strict`` QA) refuses the case: its row (``cohort.refused``) comes back and nothing is written."""
+    try:
+        vol = volume.read_volume(path, case_id)
+        model, kind = seg.loaded()
+        choice = postprocessing or getattr(model, "postprocess", None) or postprocess.NONE
+        own = qa.check_case(vol, head_model(vol.hu, vol.spacing), getattr(model, "domain", None))
+        findings = kind + own
+        qa.refuse_if_strict(strict, path, case_id, findings)
+        qa.log_warnings(case_id, own)
+        raw, lesion = segment(model, vol, batch_size, probabilities)
+    except volume.VolumeError as exc:
+        return cohort.refused(case_id, str(exc))
+    labels = postprocessed(choice, vol, raw, model)
+    info = summary(vol, labels, model.windows, getattr(model, "channel_mode", "grey"))
+    removed = volume_metrics.volume_ml(raw > 0, vol.spacing) - volume_metrics.volume_ml(labels > 0, vol.spacing)
+    del raw
+    info.update(tta=bool(getattr(model, "tta", False)), postprocessing={
+        **{k: choice.get(k) for k in postprocess.NONE}, "removed_ml": round(removed, 3)},
+        qa=qa.as_json(findings), export_id=export_id, **({"node": node} if node else {}))
+    with cohort.case_output(out_uri, case_id) as (mask_path, case_dir):
+        volume_write.write_nifti(vol, labels, mask_path)
+        (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info))
+        if probabilities:
+            volume_write.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
+        storage.write_json(str(case_dir / "summary.json"), info)  # last: the case's completion
+    return info
+
+
 def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_size: int = 4,
                   probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool | None = None,
-                  postprocessing: dict[str, Any] | None = None, strict: bool = False) -> list[dict[str, Any]]:
-    """Segment every case of ``input_path``; return their summaries. A case that is not a CT volume
-    is a VolumeError (one line naming the file) and leaves no output folder. ``model``: an already
-    loaded export (anything with its ``height``, ``width``, ``channels``, ``windows`` and
-    ``predict``; its ``channel_mode``, ``tta`` and ``postprocess`` where it has them), else the
-    export is loaded, with ``tta``, once the first case has been read. ``postprocessing``: a choice
-    used instead of the export's own (``postprocess.py``). ``strict``: a QA warning refuses its case
-    (``qa.refuse_if_strict``) before anything is written."""
+                  postprocessing: dict[str, Any] | None = None, strict: bool = False, redo: bool = False,
+                  workers: int = 0) -> list[dict[str, Any]]:
+    """Segment every case of ``input_path`` into ``out_uri``; return the done cases' summaries in
+    case order. Each case is written whole when it finishes (``cohort.py``); a case already complete
+    for this export (``cohort.export_identity``) is skipped unless ``redo``. A refused case (a
+    VolumeError: not CT, a bad series, ``strict`` QA) gets its row in ``cases.csv`` and no outputs,
+    the others go on; ``cases.csv`` and ``cohort.json`` are written at the end, then a VolumeError
+    is raised with the refused cases' lines (one each). ``model``: an already loaded export
+    (anything with its ``height``, ``width``, ``channels``, ``windows`` and ``predict``; its
+    ``channel_mode``, ``tta`` and ``postprocess`` where it has them), else the export is loaded,
+    with ``tta``, once the first case has been read. ``postprocessing``: a choice used instead of
+    the export's own (``postprocess.py``). ``workers``: 0, in this process; N, a pool of N Ray actors
+    (``cohort_ray.run_pool``; Ray must be up)."""
     cases = volume_cases(input_path)
-    summaries = []
-    bar = progress_bar(total=len(cases), desc="infer", unit="case", enabled=progress)
-    kind: list = []  # the export's input-kind finding (input_kind.check, logged once), first in every case's QA
-    with storage.staged_dir(out_uri) as folder:
-        for case_id, path in cases.items():
-            vol = volume.read_volume(path, case_id)
-            if not kind:  # the export is loaded once the first case has been read; a given model is checked too
-                model = model or LoadedExport(export_uri, tta=tta)
-                kind = [input_kind.check(getattr(model, "input", None), input_kind.CT_HU, str(input_path),
-                                         getattr(model, "uri", export_uri), model.windows)]
-            choice = postprocessing or getattr(model, "postprocess", None) or postprocess.NONE
-            own = qa.check_case(vol, head_model(vol.hu, vol.spacing), getattr(model, "domain", None))
-            findings = kind + own
-            qa.refuse_if_strict(strict, path, case_id, findings)
-            qa.log_warnings(case_id, own)
-            raw, lesion = segment(model, vol, batch_size)
-            labels = postprocessed(choice, vol, raw, model)
-            volume_write.write_nifti(vol, labels, folder / f"{case_id}.nii.gz")
-            info = summary(vol, labels, model.windows, getattr(model, "channel_mode", "grey"))
-            removed = volume_metrics.volume_ml(raw > 0, vol.spacing) - volume_metrics.volume_ml(labels > 0, vol.spacing)
-            info.update(tta=bool(getattr(model, "tta", False)), postprocessing={
-                **{k: choice.get(k) for k in postprocess.NONE}, "removed_ml": round(removed, 3)},
-                qa=qa.as_json(findings))
-            case_dir = folder / "cases" / case_id
-            case_dir.mkdir(parents=True)
-            storage.write_json(str(case_dir / "summary.json"), info)
-            (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info))
-            if probabilities:
-                volume_write.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
-            summaries.append(info)
+    export_id = cohort.export_identity(export_uri, model, tta=tta, postprocessing=postprocessing,
+                                       probabilities=probabilities)
+    storage.ensure_dir(out_uri)
+    if storage.exists(storage.join(out_uri, storage.COMPLETE)):
+        storage.delete(storage.join(out_uri, storage.COMPLETE))  # being changed: not a finished folder
+    cohort.remove_stale(out_uri)
+    rows: dict[str, dict[str, Any]] = {}
+    if not redo:
+        rows = {c: info for c in cases if (info := cohort.complete(out_uri, c, export_id))}
+    todo = {c: p for c, p in cases.items() if c not in rows}
+    bar = progress_bar(total=len(cases), initial=len(rows), desc="infer", unit="case", enabled=progress)
+    settings = dict(batch_size=batch_size, probabilities=probabilities, postprocessing=postprocessing, strict=strict)
+    if workers and todo:
+        from aisd_ray.inference.cohort_ray import run_pool
+
+        found = run_pool(workers, todo, export_uri, out_uri, export_id, tta, str(input_path), settings, bar)
+    else:
+        seg = Segmenter(export_uri, tta, model, str(input_path))
+        found = {}
+        for case_id, path in todo.items():
+            found[case_id] = infer_case(seg, case_id, path, out_uri, export_id, **settings)
             bar.update()
-        bar.close()
-        _write_cases_csv(folder / "cases.csv", summaries)
-    return summaries
+    bar.close()
+    rows.update(found)
+    ordered = [rows[c] for c in cases]
+    cohort.write_cohort(out_uri, ordered, _csv_row, list(CSV_FIELDS), skipped=len(cases) - len(todo))
+    bad = [r["error"] for r in ordered if cohort.is_refused(r)]
+    if bad:
+        raise volume.VolumeError("\n".join(bad))
+    return ordered
 
 
-def _write_cases_csv(path: Path, summaries: list[dict[str, Any]]) -> None:
-    storage.write_csv(str(path), [{
+def _csv_row(s: dict[str, Any]) -> dict[str, Any]:
+    return {
         "case_id": s["case_id"], "lesion_ml": s["lesion_ml"], "lesion_count": s["lesion_count"],
         "largest_lesion_ml": s["lesions"][0]["volume_ml"] if s["lesions"] else 0.0,
         "slices": s["shape_zyx"][0], "spacing_mm_zyx": " ".join(map(str, s["spacing_mm_zyx"])),
         "input": s["input"], "gantry_tilt_deg": s["gantry_tilt_deg"],
-        "qa": qa.label(qa.from_json(s["qa"]))} for s in summaries], list(CSV_FIELDS))
-
+        "qa": qa.label(qa.from_json(s["qa"]))}
