@@ -13,10 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from aisd_ray.cli.flags import (  # noqa: E402
     add_config,
     add_evaluate_arguments,
+    add_infer_options,
     add_run_options,
     add_sweep_arguments,
-    add_strict,
-    add_tta,
     check_evaluate,
     flag_overrides,
     given_tta,
@@ -158,7 +157,7 @@ def cmd_infer(args) -> None:
         raise ConfigError("give --input (or --images) and --output (or a config whose [infer] section names them)")
     from aisd_ray import stages
 
-    done = stages.infer(cfg, args.model, tta=given_tta(args), strict=args.strict)
+    done = stages.infer(cfg, args.model, tta=given_tta(args), strict=args.strict, redo=args.redo)
     if done.cases:
         for case in done.cases:
             print(f"{case['case_id']}: lesion {case['lesion_ml']:.2f} mL in {case['lesion_count']} lesion(s)")
@@ -314,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "infer.overlays)")
     p.add_argument("--probabilities", action="store_true", help="CT patients: also each case's lesion "
                                                                  "probability map (else infer.probabilities)")
-    add_tta(p)
-    add_strict(p)
+    add_infer_options(p)  # --tta/--no-tta, --strict, --workers, --redo
     p.set_defaults(func=cmd_infer)
 
     p = add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")

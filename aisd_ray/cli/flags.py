@@ -36,7 +36,7 @@ FLAG_KEYS = {
     "evaluate": {"batch_size": "eval.batch_size", **_TTA},
     "infer": {"images": "infer.images_dir", "input": "infer.images_dir", "output": "infer.output_dir",
               "batch_size": "eval.batch_size", "no_overlays": lambda _: {"infer.overlays": False},
-              "probabilities": lambda _: {"infer.probabilities": True}, **_TTA},
+              "probabilities": lambda _: {"infer.probabilities": True}, "workers": "infer.workers", **_TTA},
     "pipeline": {"source": _source, "images": "infer.images_dir", "backend": "train.backend",
                  "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "crossval": {"folds": "data.folds", "source": _source, "backend": "train.backend",
@@ -95,6 +95,18 @@ def add_strict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="CT volumes: refuse a case the QA gate warns of (outside "
                    "the export's training domain, a contrast agent named, not a head), with one line naming the "
                    "case, the check, its value and the training range")
+
+
+def add_infer_options(p: argparse.ArgumentParser) -> None:
+    """``infer``'s TTA and QA options (``add_tta``, ``add_strict``) and those of a cohort of CT
+    patients: --workers (``infer.workers``) and --redo."""
+    add_tta(p)
+    add_strict(p)
+    p.add_argument("--workers", type=int, help="CT patients on a Ray cluster: Ray actors, each loading the export "
+                   "once (else infer.workers; 0: the cluster's GPUs, else half its CPUs); given without a cluster, "
+                   "a local Ray is started")
+    p.add_argument("--redo", action="store_true", help="CT patients: segment every case again (else the cases "
+                   "already complete in --output for the same export and settings are kept)")
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

@@ -293,6 +293,11 @@ class InferConfig:
     output_dir: str = ""
     overlays: bool = True  # images: an overlays/ folder beside the masks
     probabilities: bool = False  # CT patients: also each case's lesion probability map as NIfTI
+    # CT patients on a Ray cluster (train.backend = "ray" and Ray there: RAY_ADDRESS, a Ray already up,
+    # the pipeline's training): Ray actors each loading the export once, one case at a time each;
+    # 0: the cluster's GPUs, else half its CPUs, at most the number of cases. Without a cluster (or
+    # backend "local") the cases run in this process unless this is set (a local Ray is then started).
+    workers: int = 0
 
 
 @dataclass

@@ -238,8 +238,8 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     (anything with its ``height``, ``width``, ``channels``, ``windows`` and ``predict``; its
     ``channel_mode``, ``tta`` and ``postprocess`` where it has them), else the export is loaded,
     with ``tta``, once the first case has been read. ``postprocessing``: a choice used instead of
-    the export's own (``postprocess.py``). ``workers``: 0, in this process; N, a pool of N Ray actors
-    (``cohort_ray.run_pool``; Ray must be up)."""
+    the export's own (``postprocess.py``). ``workers``: 0, in this process; N, a pool of N Ray actors,
+    -1 the pool's default size (``cohort_ray.run_pool``; Ray must be up)."""
     cases = volume_cases(input_path)
     export_id = cohort.export_identity(export_uri, model, tta=tta, postprocessing=postprocessing,
                                        probabilities=probabilities)
