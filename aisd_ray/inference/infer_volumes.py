@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -228,7 +228,7 @@ def infer_case(seg: Segmenter, case_id: str, path: Path, out_uri: str, export_id
 def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_size: int = 4,
                   probabilities: bool = False, progress: bool = True, model: Any = None, tta: bool | None = None,
                   postprocessing: dict[str, Any] | None = None, strict: bool = False, redo: bool = False,
-                  workers: int = 0) -> list[dict[str, Any]]:
+                  pool: Callable[..., dict[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """Segment every case of ``input_path`` into ``out_uri``; return the done cases' summaries in
     case order. Each case is written whole when it finishes (``cohort.py``); a case already complete
     for this export (``cohort.export_identity``) is skipped unless ``redo``. A refused case (a
@@ -238,8 +238,9 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     (anything with its ``height``, ``width``, ``channels``, ``windows`` and ``predict``; its
     ``channel_mode``, ``tta`` and ``postprocess`` where it has them), else the export is loaded,
     with ``tta``, once the first case has been read. ``postprocessing``: a choice used instead of
-    the export's own (``postprocess.py``). ``workers``: 0, in this process; N, a pool of N Ray actors,
-    -1 the pool's default size (``cohort_ray.run_pool``; Ray must be up)."""
+    the export's own (``postprocess.py``). ``pool``: None, the cases in this process; else
+    ``pool(todo, export_uri, out_uri, export_id, tta, input_path, settings, bar)`` runs them and
+    returns their rows by case ID (the Ray actor pool: ``functools.partial(cohort_ray.run_pool, N)``)."""
     cases = volume_cases(input_path)
     export_id = cohort.export_identity(export_uri, model, tta=tta, postprocessing=postprocessing,
                                        probabilities=probabilities)
@@ -253,10 +254,8 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     todo = {c: p for c, p in cases.items() if c not in rows}
     bar = progress_bar(total=len(cases), initial=len(rows), desc="infer", unit="case", enabled=progress)
     settings = dict(batch_size=batch_size, probabilities=probabilities, postprocessing=postprocessing, strict=strict)
-    if workers and todo:
-        from aisd_ray.inference.cohort_ray import run_pool
-
-        found = run_pool(workers, todo, export_uri, out_uri, export_id, tta, str(input_path), settings, bar)
+    if pool is not None and todo:
+        found = pool(todo, export_uri, out_uri, export_id, tta, str(input_path), settings, bar)
     else:
         seg = Segmenter(export_uri, tta, model, str(input_path))
         found = {}

@@ -63,9 +63,15 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
         from aisd_ray.inference.infer_volumes import infer_volumes
 
         workers = cohort_workers(cfg, on_worker, out)
+        pool = None
+        if workers:
+            from functools import partial
+
+            from aisd_ray.inference.cohort_ray import run_pool
+
+            pool = partial(run_pool, workers)
         cases = infer_volumes(storage.absolute(export_uri), storage.absolute(source), out, cfg.eval.batch_size,
-                              cfg.infer.probabilities, progress=progress, tta=tta, strict=strict, redo=redo,
-                              workers=workers)
+                              cfg.infer.probabilities, progress=progress, tta=tta, strict=strict, redo=redo, pool=pool)
         return Inferred(out, cases=cases)
     if storage.is_local(source) and not Path(source).is_dir():  # what a folder of images is not: name it so
         from aisd_ray.data.sources.layout import DataError
