@@ -13,8 +13,9 @@ small summary, the volumes written by the actor itself) is streamed back as it f
 killed run keeps every finished case.
 
 Resources: one GPU per actor (``num_gpus=1``) when the cluster has GPUs, and as many actors as
-GPUs by default; else one CPU each and, by default, half the cluster's CPUs (TensorFlow's own
-threads use the rest), at least one. Never more actors than cases. Each forward pass takes
+GPUs by default; else, by default, half the cluster's CPUs in actors (at least one), the CPUs
+shared out among them (``num_cpus``: Ray holds an actor's OpenMP threads to it). Never more actors
+than cases. Each forward pass takes
 ``eval.batch_size`` slices.
 """
 
@@ -69,10 +70,14 @@ def run_pool(workers: int, todo: dict[str, Path], export_uri: str, out_uri: str,
     absolute or gs://. A user error in an actor (the export missing, storage gone) is raised here
     as locally (``ray_session.user_error``); the actors are ended when the pool is done."""
     n = min(workers if workers > 0 else default_workers(len(todo)), len(todo))
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    resources = ray.cluster_resources()
+    gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+    # CPU actors: the cluster's CPUs shared out (Ray would hold a 1-CPU actor's numpy, SciPy and ITK
+    # threads to one: OMP_NUM_THREADS); a GPU actor takes one CPU beside its GPU
+    cpus = 1 if gpus else max(1, int(resources.get("CPU", 1)) // n)
     log.info("infer: %d case(s) on %d Ray actor%s (%s each)", len(todo), n, "s" if n > 1 else "",
-             "1 GPU" if gpus else "1 CPU")
-    actors = [CaseWorker.options(num_cpus=1, num_gpus=gpus).remote(
+             "1 GPU" if gpus else f"{cpus} CPU{'s' if cpus > 1 else ''}")
+    actors = [CaseWorker.options(num_cpus=cpus, num_gpus=gpus).remote(
         storage_env(), export_uri, tta, input_path, out_uri, export_id, settings) for _ in range(n)]
     queue = deque(todo.items())
     running: dict[Any, tuple[str, Any]] = {}
