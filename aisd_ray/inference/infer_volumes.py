@@ -21,14 +21,24 @@ Output, in nnU-Net's convention for a predictions folder (``evaluate --predictio
   the title (the middle slices when there is none), and the first QA warning;
 - ``cases/<case>/probabilities.nii.gz`` (with ``probabilities=True``): float32 lesion probability,
   the network's (with TTA if on), before post-processing;
-- ``cases.csv``: one row per case; its ``qa`` column "pass" or "warn: <check>, ...".
+- ``cases.csv``: one row per case; its ``qa`` column "pass" or "warn: <check>, ...", its ``status``
+  "done" or "refused" and ``error`` the refused case's one line; ``cohort.json``: the cohort's
+  summary (``cohort.cohort_summary``).
 
 Each QA warning is also logged, one line per warning; with ``strict`` the first one refuses the case
-(a VolumeError of one line: the case, the check, its value and the training range), nothing written.
+(a VolumeError of one line: the case, the check, its value and the training range), nothing of it
+written.
+
+Per case (``infer_case``) and a driver (``infer_volumes``): the output folder is whole *per case*
+(``cohort.py``: each case's outputs appear whole when it is done, a rerun skips the cases complete
+for the same export, a refused case is a row and the others go on); the cases run in this process
+or on a pool of Ray actors (``cohort_ray.py``). Memory: the volume is segmented in slice batches end
+to end (``segment``), so beyond the int16 HU and the uint8 labels little grows with the volume
+(about 9 bytes per added input voxel at the peak, ``bench/benchmark_infer.py``).
 
 Only the case ID (the file or folder name given) and the geometry are written: no DICOM header
-value (names, dates, accession numbers) reaches an output or a log line. The output folder appears
-only once every case is done; a case that is not CT (named in the error) leaves nothing behind.
+value (names, dates, accession numbers) reaches an output or a log line. A case that is not CT
+(named in its row and the error) leaves nothing of itself behind.
 """
 
 from __future__ import annotations
