@@ -33,9 +33,9 @@ from typing import Any
 from aisd_ray.bench.measure import figure
 
 MEMORY_SLICES = (8, 256)  # the small and large series, 512 x 512
-MEMORY_SLICES_TINY = (8, 64)
+MEMORY_SLICES_TINY = (8, 32)
 COHORT = (8, 512, 16)  # cases, size, slices per case (full); tiny below
-COHORT_TINY = (4, 128, 8)
+COHORT_TINY = (3, 96, 6)
 SIZE = 512
 
 
@@ -112,8 +112,10 @@ def infer_cohort_speed(root: Path, tiny: bool = False, rounds: int = 2) -> list[
         if not path.exists():
             hu, _, spacing = synth_volume(5, path.name[:7], size, slices)
             write_nifti_case(hu, spacing, path)
+    ours = not ray.is_initialized()
     ensure_ray(2)
     workers = default_workers(cases)
+    rounds = 1 if tiny else rounds
     rates: dict[str, list[float]] = {"in_process": [], "ray_pool": []}
     steady: dict[str, list[float]] = {"in_process": [], "ray_pool": []}
     for r in range(rounds):
@@ -125,7 +127,8 @@ def infer_cohort_speed(root: Path, tiny: bool = False, rounds: int = 2) -> list[
             # after start-up: from the first case's completion to the last's (summary.json written last)
             done = sorted(p.stat().st_mtime for p in out.glob("cases/*/summary.json"))
             steady[name].append((len(done) - 1) * 60 / max(done[-1] - done[0], 1e-6))
-    ray.shutdown()
+    if ours:
+        ray.shutdown()
     what = f"{cases} synthetic patients {slices} x {size} x {size} (NIfTI), whole command, export loaded per run"
     after = "from the first case's completion to the last: the pool's start-up (actors importing TensorFlow " \
             "and loading the export) left out"

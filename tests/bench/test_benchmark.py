@@ -10,7 +10,7 @@ from aisd_ray.cli import main
 pytestmark = pytest.mark.slow
 
 
-SECTIONS = ("input_pipeline", "prepare", "memory", "training", "inference")
+SECTIONS = ("input_pipeline", "prepare", "memory", "training", "inference", "infer_cohort")
 
 
 def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
@@ -23,7 +23,9 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
             "shard_bytes_per_slice_parquet", "shard_bytes_per_slice_parquet_raw", "first_batch_parquet_raw_ray_data",
             "first_batch_parquet_ray_data", "input_naive_in_memory", "train_local_1w", "train_ray_1w",
             "train_ray_2w", "train_bare_step", "infer_savedmodel_b1", "infer_keras_predict_b8", "prepare_parquet_local",
-            "prepare_tfrecord_local", "prepare_parquet_object_store", "prepare_tfrecord_object_store"} <= names
+            "prepare_tfrecord_local", "prepare_parquet_object_store", "prepare_tfrecord_object_store",
+            "infer_peak_rss_per_added_voxel", "infer_cases_per_minute_in_process", "infer_cases_per_minute_ray_pool",
+            "infer_ray_pool_over_in_process", "infer_ray_pool_over_in_process_steady"} <= names
     first = next(f for f in report["input_pipeline"] if f["name"] == "first_batch_parquet_ray_data")
     assert first["first_epoch_seconds"] > 0  # the first epoch apart from the later ones' start-up
     assert len([n for n in names if n.startswith("peak_rss_")]) == 3  # N, 2N, 4N slices
@@ -41,7 +43,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
     for key in ("input_ray_data_best_over_naive", "prepare_object_store_over_local", "peak_rss_4n_over_n",
                 "epoch_seconds_4n_over_n", "ray_data_over_direct_parquet_raw", "raw_over_png_direct_parquet",
                 "raw_over_png_bytes_tfrecord", "ray_1_worker_over_local", "loop_over_bare_step",
-                "savedmodel_over_keras_b1", "savedmodel_over_keras_b8"):
+                "savedmodel_over_keras_b1", "savedmodel_over_keras_b8", "infer_ray_pool_over_in_process",
+                "infer_peak_rss_bytes_per_added_voxel"):
         assert report["ratios"][key] > 0
     # the original's figure, taken elsewhere, is a reference with its source, never a ratio of this run
     assert not any("original" in key for key in report["ratios"])
