@@ -125,3 +125,15 @@ def lesion_everywhere_export(cfg, to: Path) -> str:
     kernel, bias = head.get_weights()
     head.set_weights([np.zeros_like(kernel), np.array([-10.0] + [10.0] * (len(bias) - 1), bias.dtype)])
     return export_model(cfg, model, str(to))
+
+
+def no_case_outputs(out: Path, reason: str) -> bool:
+    """``out`` (an ``infer --input`` folder) holds no mask and no case folder, and every row of its
+    cases.csv is refused with its reason inside ``reason`` (the command's error line)."""
+    import csv
+
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    no_masks = not list(out.glob("*.nii.gz"))
+    no_cases = not (out / "cases").exists() or not any((out / "cases").iterdir())
+    return no_masks and no_cases and bool(rows) and all(
+        r["status"] == "refused" and r["error"] and r["error"] in reason for r in rows)

@@ -5,7 +5,8 @@ spread (min..max); comparisons are ratios of figures taken side by side in the s
 Sections: input pipeline, prepare (into a folder and, if given, object storage; from CT volumes at 1
 and 2 workers, and a no-op prepare: ``prepare_cohort.py``), memory,
 training throughput (local / Ray 1 worker / Ray 2 workers, against the original FlexUNet's
-figure), inference (SavedModel against Keras), and on a GPU the original's AISD 512 config in
+figure), inference (SavedModel against Keras), infer on CT patients (peak memory per added input
+voxel, the Ray actor pool against the in-process loop: ``benchmark_infer.py``), and on a GPU the original's AISD 512 config in
 float32, bf16 and bf16+XLA.
 """
 
@@ -206,6 +207,10 @@ def run(output: str, tiny: bool = False, overrides: list[str] = (), object_store
                 report["demo_worker"] = figure("train_demo_local_1w", "images/s", [demo_run["train_images_per_second"]])
         with section("inference", "inference"):
             report["inference"] = inference(cfg, root, sizes)
+        with section("infer_cohort", "infer on CT patients: peak memory per voxel, Ray actor pool against in-process"):
+            from aisd_ray.bench.benchmark_infer import infer_cohort_speed, infer_memory
+
+            report["infer_cohort"] = infer_memory(root, tiny) + infer_cohort_speed(root, tiny)
         with section("gpu", "GPU"):
             report["gpu"] = gpu(root, sizes, info["gpus"], tiny)
     report["ratios"] = ratios(report)
@@ -246,14 +251,18 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
 
         **{f"savedmodel_over_keras_b{b}": med("inference", f"infer_savedmodel_b{b}")
            / med("inference", f"infer_keras_predict_b{b}") for b in (1, 8)},
+        **({"infer_ray_pool_over_in_process": med("infer_cohort", "infer_ray_pool_over_in_process"),
+            "infer_peak_rss_bytes_per_added_voxel": med("infer_cohort", "infer_peak_rss_per_added_voxel")}
+           if "infer_cohort" in report else {}),
     }
 
 
 def table(report: dict[str, Any]) -> str:
     """The figures as a readable table: name, median, spread, unit."""
     lines = [f"{'figure':<34} {'median':>10} {'min..max':>21}  unit"]
-    for section in ("input_pipeline", "prepare", "prepare_volumes", "memory", "training", "inference"):
-        for f in report[section]:
+    for section in ("input_pipeline", "prepare", "prepare_volumes", "memory", "training", "inference",
+                    "infer_cohort"):
+        for f in report.get(section, []):
             lines.append(f"{f['name']:<34} {f['median']:>10.3f} {f['min']:>10.3f}..{f['max']:<10.3f} {f['unit']}")
     f = report["demo_worker"]
     lines.append(f"{f['name']:<34} {f['median']:>10.3f} {'':>21}  {f['unit']}")

@@ -11,9 +11,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from aisd_ray.cli.flags import (  # noqa: E402
-    add_config, add_evaluate_arguments, add_infer_outputs, add_prediction_options, add_prepare_arguments,
-    add_run_options, add_strict, add_sweep_arguments, check_evaluate, flag_overrides, given_options,
-    sweep_plan, synthetic_test_cases,
+    add_config, add_evaluate_arguments, add_infer_options, add_infer_outputs, add_prediction_options,
+    add_prepare_arguments, add_run_options, add_strict, add_sweep_arguments, check_evaluate, flag_overrides,
+    given_options, sweep_plan, synthetic_test_cases,
 )
 from aisd_ray.config import BACKENDS, SYNTHETIC_LAYOUTS, ConfigError, builtin_config, load_config  # noqa: E402
 from aisd_ray.core import storage  # noqa: E402
@@ -150,7 +150,7 @@ def cmd_infer(args) -> None:
         raise ConfigError("give --input (or --images) and --output (or a config whose [infer] section names them)")
     from aisd_ray import stages
 
-    done = stages.infer(cfg, args.model, **given_options(args))
+    done = stages.infer(cfg, args.model, redo=args.redo, **given_options(args))
     if done.cases:
         for case in done.cases:
             print(f"{case['case_id']}: lesion {case['lesion_ml']:.2f} mL in {case['lesion_count']} lesion(s)")
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_outputs(p)
     add_prediction_options(p)
     add_strict(p)
+    add_infer_options(p)  # --workers, --redo
     p.set_defaults(func=cmd_infer)
 
     p = add_parser("benchmark", help="measure input pipeline, memory, training and inference speed")

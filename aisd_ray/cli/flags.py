@@ -39,7 +39,7 @@ FLAG_KEYS = {
               "batch_size": "eval.batch_size", "no_overlays": lambda _: {"infer.overlays": False},
               "probabilities": lambda _: {"infer.probabilities": True},
               "dicom_seg": lambda _: {"infer.dicom_seg": True},
-              "uncertainty": lambda _: {"infer.uncertainty": True}, **_TTA},
+              "uncertainty": lambda _: {"infer.uncertainty": True}, "workers": "infer.workers", **_TTA},
     "pipeline": {"source": _source, "images": "infer.images_dir", "folds": "data.folds", "backend": "train.backend",
                  "mlflow": "run.mlflow_tracking_uri", **_SHARED},
     "crossval": {"folds": "data.folds", "source": _source, "backend": "train.backend",
@@ -110,6 +110,15 @@ def add_infer_outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dicom-seg", action="store_true", help="DICOM series inputs: also each case's mask as a "
                    "DICOM Segmentation on the series' own slices, cases/<case>/seg.dcm (else infer.dicom_seg). It "
                    "carries the series' patient and study identity (to be filed beside it): off by default")
+
+
+def add_infer_options(p: argparse.ArgumentParser) -> None:
+    """``infer``'s options for a cohort of CT patients: --workers (``infer.workers``) and --redo."""
+    p.add_argument("--workers", type=int, help="CT patients on a Ray cluster: Ray actors, each loading the export "
+                   "once (else infer.workers; 0: the cluster's GPUs, else half its CPUs); given without a cluster, "
+                   "a local Ray is started")
+    p.add_argument("--redo", action="store_true", help="CT patients: segment every case again (else the cases "
+                   "already complete in --output for the same export and settings are kept)")
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

@@ -53,6 +53,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     train_rules(cfg.train, cfg.model, bad)
     if cfg.eval.batch_size < 1:
         raise bad("eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
+    if cfg.infer.workers < 0:
+        raise bad("infer.workers", f"must be >= 0 (0: the Ray cluster's GPUs, else half its CPUs), got {cfg.infer.workers}")
     if not cfg.run.name or "/" in cfg.run.name:
         raise bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
     if any(c.isspace() for c in cfg.run.mlflow_tracking_uri):

@@ -50,7 +50,7 @@ def _lesions(labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels as an array, component ids, voxels per component id (index 0: background))."""
     array = np.asarray(labels)
     ids, n = volume_metrics.label_lesions(array)
-    return array, ids, np.bincount(ids.ravel(), minlength=n + 1)
+    return array, ids, volume_metrics.voxel_counts(ids, n)
 
 
 def _keep(array: np.ndarray, ids: np.ndarray, kept: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 from scipy import optimize
 
 from aisd_ray.scoring import volume_metrics
@@ -202,26 +203,32 @@ def case_score(lesion_probability: Any, uncertainty: Any) -> float:
 
 def lesion_scores(mask: Any, uncertainty: Any) -> list[float]:
     """The mean ``uncertainty`` (Z, Y, X) over each 3-D lesion of ``mask`` (Z, Y, X) bool, in the
-    order of ``volume_metrics.components`` (largest first, ties in label order)."""
+    order of ``volume_metrics.components`` (largest first, ties in label order). Each lesion is
+    summed inside its bounding box (``scipy.ndimage.find_objects``), so no float64 copy of the
+    volume is made."""
     lesions, count = volume_metrics.label_lesions(mask)
     if count == 0:
         return []
-    flat = lesions.ravel()
-    sums = np.bincount(flat, np.asarray(uncertainty, np.float64).ravel(), minlength=count + 1)[1:]
-    voxels = np.bincount(flat, minlength=count + 1)[1:]
+    u = np.asarray(uncertainty)
+    sums, voxels = np.zeros(count), np.zeros(count, np.int64)
+    for i, box in enumerate(ndimage.find_objects(lesions)):
+        if box is not None:
+            inside = lesions[box] == i + 1
+            sums[i] = float(u[box][inside].astype(np.float64).sum())
+            voxels[i] = int(inside.sum())
     order = sorted(range(count), key=lambda i: -int(voxels[i]))
     return [float(sums[i] / voxels[i]) for i in order]
 
 
-def annotate(info: dict[str, Any], mask: Any, lesion_probability: Any, uncertainty: Any,
+def annotate(info: dict[str, Any], mask: Any, score: float, uncertainty: Any,
              record: dict[str, Any] | None, measure: str) -> dict[str, Any]:
     """A case's summary ``info`` (``infer_volumes.summary``, its ``lesions`` from ``mask``) with its
-    ``uncertainty`` block (``case_block``) and each lesion's ``uncertainty`` (``lesion_scores``),
-    from its (Z, Y, X) ``lesion_probability`` and ``uncertainty``; ``record``: the export's
-    calibration.json (None: no review threshold)."""
-    info["uncertainty"] = case_block(case_score(lesion_probability, uncertainty), record, measure)
-    for lesion, score in zip(info.get("lesions", []), lesion_scores(mask, uncertainty)):
-        lesion["uncertainty"] = round(score, 5)
+    ``uncertainty`` block (``case_block`` of its case ``score``: ``case_score``, or ``CaseScores``
+    summed slice by slice) and each lesion's ``uncertainty`` (``lesion_scores`` of the (Z, Y, X)
+    ``uncertainty``); ``record``: the export's calibration.json (None: no review threshold)."""
+    info["uncertainty"] = case_block(score, record, measure)
+    for lesion, value in zip(info.get("lesions", []), lesion_scores(mask, uncertainty)):
+        lesion["uncertainty"] = round(value, 5)
     return info
 
 

@@ -169,6 +169,15 @@ def _slice_ranges(labels: np.ndarray, n: int) -> list[tuple[int, int]]:
     return [(int(sl[0].start), int(sl[0].stop) - 1) for sl in ndimage.find_objects(labels, n)]
 
 
+def voxel_counts(ids: np.ndarray, n: int) -> np.ndarray:
+    """Voxels per component id 0..n (0: background) of a label array, counted slice by slice (a
+    bincount of the whole int32 volume would copy it as int64): int64 (n + 1,)."""
+    ids = np.asarray(ids)
+    if ids.ndim < 2:
+        return np.bincount(ids.ravel(), minlength=n + 1)
+    return sum(np.bincount(part.ravel(), minlength=n + 1) for part in ids) if len(ids) else np.zeros(n + 1, np.int64)
+
+
 def label_lesions(mask: Any, connectivity: int = LESION_CONNECTIVITY) -> tuple[np.ndarray, int]:
     """The lesions of a (Z, Y, X) mask (non-zero voxels) as 3-D connected components: (int32 array of
     the mask's shape, 0 outside any lesion and 1..n in C order of each one's first voxel, n). The one
@@ -187,14 +196,20 @@ def components(mask: Any, spacing: Any, connectivity: int = LESION_CONNECTIVITY)
     labels, n = label_lesions(mask, connectivity)
     if n == 0:
         return []
-    ids = np.arange(1, n + 1)
-    voxels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    centroids = ndimage.center_of_mass(np.ones(labels.shape, np.float64), labels, ids)
-    ranges = _slice_ranges(labels, n)
+    # per component, inside its bounding box: no float64 or int64 copy of the volume
+    voxels, ranges, centroids = [], [], []
+    for i, box in enumerate(ndimage.find_objects(labels, n), start=1):
+        inside = labels[box] == i
+        profiles = [inside.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64) for axis in range(3)]
+        count = int(profiles[0].sum())
+        voxels.append(count)
+        ranges.append((int(box[0].start), int(box[0].stop) - 1))
+        centroids.append(tuple(float(np.dot(np.arange(sl.start, sl.stop, dtype=np.float64), p)) / count
+                               for p, sl in zip(profiles, box)))
     voxel_ml = math.prod(s) / 1000.0
     out = [{"volume_ml": float(v * voxel_ml), "voxels": int(v), "z_min": z[0], "z_max": z[1],
             "centroid": tuple(float(c) for c in cen)} for v, z, cen in zip(voxels, ranges, centroids)]
-    order = sorted(range(n), key=lambda i: -int(voxels[i]))  # sorted() is stable: ties by label
+    order = sorted(range(n), key=lambda i: -voxels[i])  # sorted() is stable: ties by label
     return [out[i] for i in order]
 
 

@@ -48,13 +48,16 @@ class Inferred:
 
 
 def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool = True,
-          tta: bool | None = None, strict: bool = False, brain_mask: bool | None = None) -> Inferred:
+          tta: bool | None = None, strict: bool = False, brain_mask: bool | None = None,
+          redo: bool = False) -> Inferred:
     """Segment ``infer.images_dir`` into ``infer.output_dir`` with an export: CT patients (a DICOM
     series folder, a NIfTI file, or a folder of them) give NIfTI masks in the scan's geometry with
-    lesion volumes (``infer_volumes``); a folder of images gives mask PNGs (``infer``). With
-    ``on_worker``, as a Ray task on a training node. ``tta``: mirroring TTA on or off; None: as the
-    export records it (its training config's ``eval.tta``). ``strict``: a QA warning refuses its case
-    (``infer_volumes``), or, for images, the input-kind check's warning (``infer``). ``infer.dicom_seg``:
+    lesion volumes (``infer_volumes``), each case written whole when done, a rerun skipping the cases
+    complete for the same export (``redo``: all done again), on a pool of Ray actors where there is a
+    Ray cluster (``cohort_workers``), else in this process; a folder of images gives mask PNGs
+    (``infer``), with ``on_worker`` as a Ray task on a training node. ``tta``: mirroring TTA on or
+    off; None: as the export records it (its training config's ``eval.tta``). ``strict``: a QA
+    warning refuses its case (``infer_volumes``), or, for images, the input-kind check's warning (``infer``). ``infer.dicom_seg``:
     a DICOM SEG beside each DICOM series case's mask (``dicom_seg.py``). ``brain_mask``: CT
     patients' lesion voxels outside the brain removed or not (``infer_volumes``); None: as the export records it;
     True for images: a ConfigError (8-bit slices hold no HU to find the brain in)."""
@@ -64,10 +67,18 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
     if storage.is_local(source) and is_volume_input(source):
         from aisd_ray.inference.infer_volumes import infer_volumes
 
-        cases = on_node(cfg, on_worker, infer_volumes, storage.absolute(export_uri), storage.absolute(source), out,
-                     cfg.eval.batch_size, cfg.infer.probabilities, progress=progress and not on_worker,
-                     tta=tta, strict=strict, dicom_seg=cfg.infer.dicom_seg, brain_mask=brain_mask,
-                     uncertainty=cfg.infer.uncertainty)
+        workers = cohort_workers(cfg, on_worker, out)
+        pool = None
+        if workers:
+            from functools import partial
+
+            from aisd_ray.inference.cohort_ray import run_pool
+
+            pool = partial(run_pool, workers)
+        cases = infer_volumes(storage.absolute(export_uri), storage.absolute(source), out, cfg.eval.batch_size,
+                              cfg.infer.probabilities, progress=progress, tta=tta, strict=strict, redo=redo, pool=pool,
+                              dicom_seg=cfg.infer.dicom_seg, brain_mask=brain_mask,
+                              uncertainty=cfg.infer.uncertainty)
         return Inferred(out, cases=cases)
     if storage.is_local(source) and not Path(source).is_dir():  # what a folder of images is not: name it so
         from aisd_ray.data.sources.layout import DataError
@@ -86,3 +97,24 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
                    cfg.eval.batch_size, overlays=cfg.infer.overlays, progress=progress and not on_worker,
                    tta=tta, strict=strict)
     return Inferred(out, written=written)
+
+
+def cohort_workers(cfg: Config, on_worker: bool, out: str) -> int:
+    """How ``infer`` of CT patients runs: 0, in this process (``train.backend`` "local", or no Ray
+    cluster: no RAY_ADDRESS, no Ray up in this process, not the pipeline's Ray stage, and no
+    ``infer.workers``); else the Ray actor pool's size (``infer.workers``, 0: the pool's default,
+    ``cohort_ray.default_workers``), with Ray joined or started and, on a cluster of more than one
+    node, the output folder checked to be shared (``ray_session.require_shared_storage``)."""
+    import os
+    import sys
+
+    if cfg.train.backend != "ray":
+        return 0
+    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if not (cfg.infer.workers or on_worker or ray_up or os.environ.get("RAY_ADDRESS")):
+        return 0
+    from aisd_ray.train.ray_session import ensure_ray, require_shared_storage
+
+    ensure_ray(max(cfg.infer.workers, 1) + 1)
+    require_shared_storage(cfg, {"the infer output folder": out})
+    return cfg.infer.workers or -1

@@ -10,7 +10,7 @@ from aisd_ray.cli import main
 pytestmark = pytest.mark.slow
 
 
-SECTIONS = ("input_pipeline", "prepare", "prepare_volumes", "memory", "training", "inference")
+SECTIONS = ("input_pipeline", "prepare", "prepare_volumes", "memory", "training", "inference", "infer_cohort")
 
 
 def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
@@ -24,7 +24,9 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
             "first_batch_parquet_ray_data", "input_naive_in_memory", "train_local_1w", "train_ray_1w",
             "train_ray_2w", "train_bare_step", "infer_savedmodel_b1", "infer_keras_predict_b8", "prepare_parquet_local",
             "prepare_tfrecord_local", "prepare_parquet_object_store", "prepare_tfrecord_object_store",
-            "prepare_volumes_1w", "prepare_volumes_2w", "prepare_volumes_full", "prepare_volumes_noop"} <= names
+            "prepare_volumes_1w", "prepare_volumes_2w", "prepare_volumes_full", "prepare_volumes_noop",
+            "infer_peak_rss_per_added_voxel", "infer_cases_per_minute_in_process", "infer_cases_per_minute_ray_pool",
+            "infer_ray_pool_over_in_process", "infer_ray_pool_over_in_process_steady"} <= names
     first = next(f for f in report["input_pipeline"] if f["name"] == "first_batch_parquet_ray_data")
     assert first["first_epoch_seconds"] > 0  # the first epoch apart from the later ones' start-up
     assert len([n for n in names if n.startswith("peak_rss_")]) == 3  # N, 2N, 4N slices
@@ -43,7 +45,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path, capsys, gcs_emulator):
                 "epoch_seconds_4n_over_n", "ray_data_over_direct_parquet_raw", "raw_over_png_direct_parquet",
                 "raw_over_png_bytes_tfrecord", "ray_1_worker_over_local", "loop_over_bare_step",
                 "savedmodel_over_keras_b1", "savedmodel_over_keras_b8", "prepare_volumes_2w_over_1w",
-                "prepare_noop_over_full"):
+                "prepare_noop_over_full", "infer_ray_pool_over_in_process",
+                "infer_peak_rss_bytes_per_added_voxel"):
         assert report["ratios"][key] > 0
     # the original's figure, taken elsewhere, is a reference with its source, never a ratio of this run
     assert not any("original" in key for key in report["ratios"])

@@ -13,7 +13,7 @@ from aisd_ray.data.sources import volume
 from aisd_ray.data.synthetic.volumes import synth_volume, write_dicom_series, write_nifti_case
 from aisd_ray.inference.infer_volumes import infer_volumes
 from aisd_ray.scoring.volume_metrics import volume_ml
-from tests.helpers import ThresholdModel, head_with_block, layer_ml
+from tests.helpers import ThresholdModel, no_case_outputs, head_with_block, layer_ml
 
 SPACING = (5.0, 0.9, 0.8)
 
@@ -110,7 +110,8 @@ def _four_d(tmp_path):
 
 
 @pytest.mark.parametrize("make", [_not_ct, _missing_slice, _four_d])
-def test_input_that_is_not_one_ct_volume_is_one_line_exit_2_and_nothing_written(make, tmp_path, capsys):
+def test_input_that_is_not_one_ct_volume_is_one_line_exit_2_and_only_its_row_written(make, tmp_path, capsys):
+    """The refused case's row in cases.csv with its reason; no mask, no case folder."""
     source, message = make(tmp_path)
     out = tmp_path / "out"
     code = main(["infer", "--model", str(tmp_path / "no-export"), "--input", str(source), "--output", str(out)])
@@ -119,7 +120,7 @@ def test_input_that_is_not_one_ct_volume_is_one_line_exit_2_and_nothing_written(
     import re
 
     assert re.search(message, err[0], re.IGNORECASE), err[0]
-    assert not out.exists()
+    assert no_case_outputs(out, err[0])
 
 
 class NeighbourModel(ThresholdModel):

@@ -87,11 +87,11 @@ def test_case_and_lesion_scores():
     mask[2, 3, 3] = True  # 1 voxel
     u[0, :2, :2] = [[0.1, 0.2], [0.3, 0.4]]
     assert calib.lesion_scores(mask, u) == pytest.approx([0.25, 0.8])  # largest first
-    info = calib.annotate({"lesions": [{}, {}]}, mask, lesion, u, {"review_threshold": 0.5}, "tta")
+    info = calib.annotate({"lesions": [{}, {}]}, mask, calib.case_score(lesion, u), u, {"review_threshold": 0.5}, "tta")
     assert [x["uncertainty"] for x in info["lesions"]] == pytest.approx([0.25, 0.8])
     # u[0, 0, 0] is now 0.1: the case score (0.1 + 0.8) / 2 is below the threshold 0.5
     assert info["uncertainty"]["case_score"] == pytest.approx(0.45) and info["uncertainty"]["review"] is False
-    assert calib.annotate({"lesions": []}, mask, lesion, u, None, "single")["uncertainty"]["review"] is None
+    assert calib.annotate({"lesions": []}, mask, calib.case_score(lesion, u), u, None, "single")["uncertainty"]["review"] is None
 
 
 def test_auroc_by_hand():

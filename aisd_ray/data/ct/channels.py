@@ -44,7 +44,8 @@ GRIDS = ((np.arange(-2.0, 2.01, 1.0), np.arange(-4.0, 4.01, 1.0)),
          (np.arange(-0.5, 0.51, 0.25), np.arange(-0.5, 0.51, 0.25)))
 
 
-def build_channels(hu: np.ndarray, mode: str, windows: Sequence[Window], channels: int = 3) -> np.ndarray:
+def build_channels(hu: np.ndarray, mode: str, windows: Sequence[Window], channels: int = 3,
+                   line: tuple[float, float] | None = None) -> np.ndarray:
     """``hu`` (Z, Y, X) HU (int16 or any numeric dtype), canonical axial order (z inferior to
     superior) -> (Z, Y, X, channels) uint8 at the volume's own size. ``mode``: one of
     ``CHANNEL_MODES`` (module docstring); ``windows``: (level, width) HU; ``channels``: the model's
@@ -69,7 +70,7 @@ def build_channels(hu: np.ndarray, mode: str, windows: Sequence[Window], channel
         below = np.concatenate([grey[:1], grey[:-1]])
         above = np.concatenate([grey[1:], grey[-1:]])
         return np.stack([below, grey, above], axis=-1)
-    x0, angle = midline(hu)
+    x0, angle = line or midline(hu)  # ``line``: the whole volume's, when ``hu`` is a slab of it
     mirrored = mirror(hu, x0, angle)
     level, width = first[0]
     here, there = _unrounded(hu, level, width), _unrounded(mirrored, level, width)
@@ -196,9 +197,11 @@ def _refine(small: np.ndarray, head: np.ndarray, cy: float, cx: float, angle: fl
 
 
 def model_input(hu: np.ndarray, mode: str, windows: Sequence[Window], channels: int, height: int,
-                width: int) -> np.ndarray:
+                width: int, line: tuple[float, float] | None = None) -> np.ndarray:
     """What the model sees of a volume, the same in ``prepare`` and ``infer``: (Z, Y, X) HU ->
     (Z, height, width, channels) uint8, the channels built at the volume's own size
     (``build_channels``), then each slice resized (``layout.resize_image``). ValueError as
-    ``build_channels``."""
-    return np.stack([resize_image(image, height, width) for image in build_channels(hu, mode, windows, channels)])
+    ``build_channels``. ``line``: the symmetry mode's midline (``midline``) when ``hu`` is a slab of a
+    volume, so that a volume built slab by slab gets the channels it gets whole."""
+    return np.stack([resize_image(image, height, width)
+                     for image in build_channels(hu, mode, windows, channels, line)])

@@ -94,9 +94,12 @@ def _head_mask(hu: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(tissue)
     if n == 0:
         return tissue
-    sizes = np.bincount(labels.ravel())
+    del tissue
+    # the sizes counted slice by slice: a bincount of the whole int32 volume would copy it as int64
+    sizes = sum(np.bincount(labels[k].ravel(), minlength=n + 1) for k in range(labels.shape[0]))
     sizes[0] = 0
     head = labels == int(np.argmax(sizes))
+    del labels
     return np.stack([ndimage.binary_fill_holes(s) for s in head])
 
 
@@ -120,11 +123,22 @@ def _cavity_slice(hu: np.ndarray, bone: np.ndarray, pixel_mm2: float, close_px: 
 
 
 def _noise(hu: np.ndarray, region: np.ndarray) -> float | None:
-    pair = region[..., 1:] & region[..., :-1]
-    if pair.sum() < 50:
+    # slice by slice, only the pairs: no mask, float or index array of the whole volume
+    hu, region = np.asarray(hu), np.asarray(region)
+    if hu.ndim == 2:
+        hu, region = hu[None], region[None]
+    counts = [int((r[..., 1:] & r[..., :-1]).sum()) for r in region]
+    if sum(counts) < 50:
         return None
-    diff = (hu[..., 1:].astype(np.float32) - hu[..., :-1])[pair]
-    return float(1.4826 * np.median(np.abs(diff - np.median(diff))) / np.sqrt(2))
+    diff, at = np.empty(sum(counts), np.float32), 0
+    for h, r, n in zip(hu, region, counts):
+        pair = r[..., 1:] & r[..., :-1]
+        diff[at:at + n] = h[..., 1:][pair].astype(np.float32) - h[..., :-1][pair]
+        at += n
+    centre = np.median(diff, overwrite_input=True)  # in place: the median of the same values
+    diff -= centre
+    np.abs(diff, out=diff)
+    return float(1.4826 * np.median(diff, overwrite_input=True) / np.sqrt(2))
 
 
 def head_model(hu: np.ndarray, spacing: tuple[float, float, float]) -> HeadModel:

@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from aisd_ray.data.sources.dicom_geometry import contrast_findings, odd_ones, slice_grid, tilt_findings
 from aisd_ray.data.sources.dicom_multiframe import is_multiframe, read_multiframe
 from aisd_ray.data.sources.layout import is_metadata
-from aisd_ray.data.sources.volume_base import Volume, VolumeError, as_hu, build_volume, one_line
+from aisd_ray.data.sources.volume_base import Volume, VolumeError, as_hu, build_volume, grid_only, one_line
 
 log = logging.getLogger(__name__)
 NON_DICOM_SUFFIXES = (".nii", ".gz", ".json", ".png", ".jpg", ".txt", ".csv", ".zip", ".md", ".xml")
@@ -181,7 +181,10 @@ def read_dicom(folder: Path, case_id: str) -> Volume:
     image.SetSpacing((float(dx), float(dy), grid.step))  # ITK's z spacing differs under a tilt
     image.SetOrigin(tuple(float(v) for v in grid.origin))
     image.SetDirection(grid.direction)
-    hu = as_hu(sitk.GetArrayFromImage(image), folder, _rescale_cause(headers))
+    # a view of ITK's buffer (often int32), not a copy; the image then reduced to its grid before the
+    # Volume is built: the pixels are held once as read and once as int16 HU, never more
+    hu = as_hu(sitk.GetArrayViewFromImage(image), folder, _rescale_cause(headers))
+    image = grid_only(image)
     findings = tilt_findings(folder, grid.tilt_deg) + contrast_findings(ds for _, ds in headers)
     return build_volume(image, hu, case_id, folder, "dicom", grid.tilt_deg, findings,
                         positions=positions)  # the exact (sheared under a tilt) affine

@@ -179,7 +179,7 @@ def as_hu(values: np.ndarray, where: Path, cause: str = "") -> np.ndarray:
     none below 0 (no air: a 0..1 normalised, 8-bit windowed, or unscaled image, such as DICOM
     stored values HU + 1024 without their intercept), or a lowest value above ``hu.TISSUE_HU`` (no air
     at all: a z-scored, windowed or brain-only image)."""
-    if not np.all(np.isfinite(values)):
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):  # integers always are
         raise VolumeError(f"{where}: NaN or infinite values; not a CT in Hounsfield units")
     rounded = np.rint(values) if values.dtype.kind == "f" else values
     if not rounded.size:
@@ -195,7 +195,7 @@ def as_hu(values: np.ndarray, where: Path, cause: str = "") -> np.ndarray:
         raise VolumeError(f"{where}: values {shown} are not Hounsfield units (no air: nothing below {TISSUE_HU:g} HU, "
                           f"where a head CT's air lies at about -1000 HU: "
                           f"{cause or 'a normalised, windowed or brain-only image?'})")
-    return rounded.astype(np.int16)
+    return rounded.astype(np.int16)  # a copy, also of int16 input (a reader may pass a view of its buffer)
 
 
 def grid_affine(geometry: Geometry) -> np.ndarray:
@@ -229,6 +229,16 @@ def positions_affine(image: sitk.Image, positions: np.ndarray) -> np.ndarray:
     return affine
 
 
+def grid_only(image: sitk.Image) -> sitk.Image:
+    """A 1 x 1 x 1 image with ``image``'s origin, spacing and direction: its grid for ``build_volume``
+    without its pixels (a reader frees them before the Volume is built)."""
+    out = sitk.Image([1] * image.GetDimension(), sitk.sitkInt8)
+    out.SetOrigin(image.GetOrigin())
+    out.SetSpacing(image.GetSpacing())
+    out.SetDirection(image.GetDirection())
+    return out
+
+
 def build_volume(image: sitk.Image, hu: np.ndarray, case_id: str, source: Path, kind: str, tilt: float,
                  findings: tuple[Finding, ...] = (), positions: np.ndarray | None = None,
                  affine: np.ndarray | None = None, nifti: NiftiGeometry | None = None) -> Volume:
@@ -237,7 +247,9 @@ def build_volume(image: sitk.Image, hu: np.ndarray, case_id: str, source: Path, 
     given, else from a DICOM series' slice ``positions`` ((N, 3) LPS mm, ``positions_affine``), else
     ``image``'s rigid grid."""
     out = sitk.GetImageFromArray(np.ascontiguousarray(hu))
-    out.CopyInformation(image)
+    out.SetOrigin(image.GetOrigin())  # ``image``'s grid (it may be ``grid_only``: its pixels dropped)
+    out.SetSpacing(image.GetSpacing())
+    out.SetDirection(image.GetDirection())
     canonical = sitk.DICOMOrient(out, CANONICAL)
     given = Geometry.of(out)
     if affine is None:

@@ -16,7 +16,7 @@ from aisd_ray.data.sources.dicom_series import dicom_files
 from aisd_ray.data.sources.layout import DataError, is_metadata
 from aisd_ray.data.synthetic.volumes import synth_volume, write_dicom_series, write_nifti_case
 from aisd_ray.data.sources.volume import is_dicom_series, list_cases, read_volume
-from tests.helpers import HEAD_SIZE, HEAD_SLICES, refused, same_volume
+from tests.helpers import HEAD_SIZE, HEAD_SLICES, no_case_outputs, refused, same_volume
 
 SIZE, SLICES = HEAD_SIZE, HEAD_SLICES
 
@@ -286,7 +286,7 @@ def test_a_scout_under_the_same_series_uid_is_named_as_another_orientation(tmp_p
     ({"rescale_tags": False}, "no RescaleIntercept in the DICOM headers"),
     ({"z_mm": [0, 2.5, 5, 7.5, 12.5, 17.5, 22.5, 27.5]}, "slice spacing varies: 2.50 mm x3, then 5.00 mm x4"),
 ])
-def test_infer_refuses_the_case_in_one_line_before_anything_is_written(tmp_path, case, capsys, variant, reason):
+def test_infer_refuses_the_case_in_one_line_and_writes_nothing_of_it(tmp_path, case, capsys, variant, reason):
     from aisd_ray.cli import main
 
     hu, _, spacing = case
@@ -298,4 +298,4 @@ def test_infer_refuses_the_case_in_one_line_before_anything_is_written(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{tmp_path / 'in' / 'p1'}: " in err[0] and reason in err[0], err
     assert "PNG" not in err[0] and "images (" not in err[0]
-    assert not (tmp_path / "out").exists()
+    assert no_case_outputs(tmp_path / "out", err[0])  # the case's row alone: whole per case

@@ -1,0 +1,112 @@
+"""infer on a cohort over a Ray cluster of two worker nodes (two raylets on this host, started by
+``ray.cluster_utils.Cluster``, one CPU each, so the pool's two actors sit one on each): 8 synthetic
+patients, the command killed once some cases are complete, rerun: only the missing cases are done,
+on both nodes, one cases.csv; a third run skips them all."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from aisd_ray import stages
+from aisd_ray.train.ray_session import local_ray_env
+from tests.conftest import kill_processes_under, start_local_ray, tiny_config
+from tests.inference.test_cohort import stamps, write_patients
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head without CPUs and two worker nodes of one CPU each, this process its driver; its own
+    RAY_TMPDIR (torn down as tests/train/test_multinode.py does); the session's Ray restarted after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_ray = ray.is_initialized()
+    if had_ray:
+        ray.shutdown()
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must fit
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
+            "num_cpus": 0, "_system_config": {"agent_register_timeout_ms": 180000}})
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address, "TF_CPP_MIN_LOG_LEVEL": "2",
+                                           **local_ray_env()},
+                              "worker_process_setup_hook": "aisd_ray.core.quiet.quiet_worker"})
+        yield cluster.address, temp, {n.node_id for n in nodes}
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            try:
+                cluster.shutdown()
+            except Exception:  # noqa: BLE001 - whatever is left is killed by PID below
+                pass
+        kill_processes_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old
+        if had_ray:
+            start_local_ray()
+
+
+def test_a_cohort_on_two_nodes_killed_and_rerun_does_only_the_missing_cases(two_nodes, tmp_path):
+    from aisd_ray.config import builtin_config, load_config
+    from aisd_ray.inference.export import export_model
+    from aisd_ray.model.flexunet import build_flexunet
+
+    address, temp, node_ids = two_nodes
+    cfg = tiny_config("run.shared_filesystem=true", "train.backend='ray'", "infer.workers=2")
+    export = export_model(load_config(builtin_config("tiny")), build_flexunet(cfg.model), str(tmp_path / "export"))
+    names = [f"34000{i:02d}" for i in range(1, 9)]
+    write_patients(tmp_path / "in", names, size=64, slices=6)
+    out = tmp_path / "out"
+    # the command as a driver of its own on the cluster, killed once two cases are complete
+    cmd = [sys.executable, "-m", "aisd_ray.cli", "infer", "--model", export, "--input", str(tmp_path / "in"),
+           "--output", str(out), "--workers", "2", "--batch-size", "1", "--set", "run.shared_filesystem=true"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "RAY_ADDRESS": address, "RAY_TMPDIR": temp}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(out.glob("cases/*/summary.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p.parent.name for p in out.glob("cases/*/summary.json")}
+    assert 2 <= len(kept) < len(names), f"not killed half-way: {len(kept)} complete"
+    assert not (out / "cases.csv").exists()
+    before = stamps(out, kept)
+
+    cfg.infer.images_dir, cfg.infer.output_dir = str(tmp_path / "in"), str(out)
+    done = stages.infer(cfg, export, progress=False)
+    assert [c["case_id"] for c in done.cases] == names
+    assert stamps(out, kept) == before  # the complete cases kept, not done again
+    cohort = json.loads((out / "cohort.json").read_text())
+    assert cohort["done"] == len(names) and cohort["skipped"] == len(kept) and cohort["refused"] == 0
+    new = [c for c in done.cases if c["case_id"] not in kept]
+    assert {c["node"] for c in new} == node_ids  # the rerun's cases on both nodes
+    assert {c["node"] for c in done.cases} <= node_ids
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    assert [r["case_id"] for r in rows] == names and {r["status"] for r in rows} == {"done"}
+
+    all_done = stamps(out, names)
+    again = stages.infer(cfg, export, progress=False)
+    assert stamps(out, names) == all_done and len(again.cases) == len(names)
+    assert json.loads((out / "cohort.json").read_text())["skipped"] == len(names)
