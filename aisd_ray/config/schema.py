@@ -312,8 +312,8 @@ class InferConfig:
     # carries the source's patient and study identity (inference/dicom_seg.py)
     dicom_seg: bool = False
     uncertainty: bool = False  # CT patients: also each case's uncertainty map (normalised entropy) as NIfTI
-    # CT patients on a Ray cluster (train.backend = "ray" and Ray there: RAY_ADDRESS, a Ray already up,
-    # the pipeline's training): Ray actors each loading the export once, one case at a time each;
+    # CT patients on a Ray cluster (train.backend = "ray" and Ray there: RAY_ADDRESS, the pipeline's
+    # training): Ray actors each loading the export once, one case at a time each;
     # 0: the cluster's GPUs, else half its CPUs, at most the number of cases. Without a cluster (or
     # backend "local") the cases run in this process unless this is set (a local Ray is then started).
     workers: int = 0

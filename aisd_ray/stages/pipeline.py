@@ -87,7 +87,8 @@ def pipeline(cfg: Config, output: str, progress: bool = True, result: DemoResult
     if tracker:
         tracker.log_test(report, eval_uri, export_uri, int(best.get("epoch", 0)))
     if cfg.infer.images_dir:
-        log.info("stage 5/5: infer %s%s", cfg.infer.images_dir, " (a Ray task)" if on_worker else "")
+        log.info("stage 5/5: infer %s%s", cfg.infer.images_dir,
+                 " (CT patients: a pool of Ray actors; images: a Ray task)" if on_worker else "")
         cfg.infer.output_dir = cfg.infer.output_dir or storage.join(run, "infer")
         done = infer(cfg, export_uri, on_worker, progress)
         result.outputs["test masks (NIfTI) + summary.json + preview.png" if done.cases

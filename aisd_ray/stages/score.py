@@ -101,17 +101,16 @@ def infer(cfg: Config, export_uri: str, on_worker: bool = False, progress: bool 
 
 def cohort_workers(cfg: Config, on_worker: bool, out: str) -> int:
     """How ``infer`` of CT patients runs: 0, in this process (``train.backend`` "local", or no Ray
-    cluster: no RAY_ADDRESS, no Ray up in this process, not the pipeline's Ray stage, and no
-    ``infer.workers``); else the Ray actor pool's size (``infer.workers``, 0: the pool's default,
+    cluster: no RAY_ADDRESS, not the pipeline's Ray stage (``on_worker``), and no ``infer.workers``;
+    a Ray that this process happens to have started is not asked: the same command runs the same
+    way whatever ran before it in the process); else the Ray actor pool's size (``infer.workers``, 0: the pool's default,
     ``cohort_ray.default_workers``), with Ray joined or started and, on a cluster of more than one
     node, the output folder checked to be shared (``ray_session.require_shared_storage``)."""
     import os
-    import sys
 
     if cfg.train.backend != "ray":
         return 0
-    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    if not (cfg.infer.workers or on_worker or ray_up or os.environ.get("RAY_ADDRESS")):
+    if not (cfg.infer.workers or on_worker or os.environ.get("RAY_ADDRESS")):
         return 0
     from aisd_ray.train.ray_session import ensure_ray, require_shared_storage
 

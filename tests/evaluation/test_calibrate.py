@@ -154,9 +154,12 @@ def test_infer_on_ct_writes_uncertainty_and_the_review_flag(calibrated, tmp_path
     u = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cases" / "scan" / "uncertainty.nii.gz")))
     assert u.dtype == np.float32 and u.shape == hu.shape and 0.0 <= u.min() and u.max() <= 1.0
     p = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cases" / "scan" / "probabilities.nii.gz")))
-    # the voxel map and the written probability agree: entropy of (1 - p, p) for two classes
+    # the voxel map and the written probability agree: entropy of (1 - p, p) for two classes; both are
+    # kept as float16 (rounding up to 2.4e-4 below 1), and the entropy's slope, log2((1 - p) / p), is
+    # under 4 for p in 0.06..0.94: 2e-3 holds them
     both = np.clip(np.stack([1 - p, p], -1).astype(np.float64), 1e-12, 1)
-    np.testing.assert_allclose(u, -(both * np.log(both)).sum(-1) / math.log(2), atol=1e-4)
+    steep = (p > 0.06) & (p < 0.94)
+    np.testing.assert_allclose(u[steep], (-(both * np.log(both)).sum(-1) / math.log(2))[steep], atol=2e-3)
     assert (out / "cases" / "scan" / "preview.png").stat().st_size > 1000
 
 
