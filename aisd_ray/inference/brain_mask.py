@@ -47,12 +47,17 @@ OLD_STORE = "the store was prepared before prepare kept the intracranial mask: p
 def apply(labels: Any, brain: Any, spacing: Any) -> tuple[np.ndarray, float]:
     """(``labels`` with every lesion voxel outside ``brain`` set to 0, the mL removed). ``labels``:
     (Z, Y, X) class ids; ``brain``: (Z, Y, X) bool (non-zero: inside), the same shape; ``spacing``:
-    (z, y, x) mm. ValueError when the shapes differ."""
-    labels, inside = np.asarray(labels), np.asarray(brain).astype(bool)
-    if labels.shape != inside.shape:
-        raise ValueError(f"labels of shape {labels.shape} but a brain mask of shape {inside.shape}")
-    outside = (labels > 0) & ~inside
-    return np.where(outside, 0, labels).astype(labels.dtype), volume_metrics.volume_ml(outside, spacing)
+    (z, y, x) mm. Slice by slice: beyond a copy of ``labels`` nothing the volume's size is made.
+    ValueError when the shapes differ."""
+    labels, brain = np.asarray(labels), np.asarray(brain)
+    if labels.shape != brain.shape:
+        raise ValueError(f"labels of shape {labels.shape} but a brain mask of shape {brain.shape}")
+    kept, outside = labels.copy(), 0
+    for k in range(labels.shape[0]):
+        out = (labels[k] > 0) & ~brain[k].astype(bool)
+        kept[k][out] = 0
+        outside += int(out.sum())
+    return kept, outside * volume_metrics.volume_ml(np.ones((1, 1, 1), bool), spacing)
 
 
 def applied(removed_ml: float) -> dict[str, Any]:
@@ -69,11 +74,25 @@ def on_volume(labels: np.ndarray, hu: np.ndarray, spacing, head, on: bool) -> tu
     """``infer``'s step on one case: (labels, its record, ``applied`` or ``not_applied``). ``labels``:
     (Z, Y, X) class ids on the scan's grid, ``hu`` the scan's (Z, Y, X) HU, ``head`` its head model
     (``head.head_model``, reused). ``on`` False: the labels as they are, ``not_applied(OFF)``."""
+    return on_mask(labels, mask_of(hu, spacing, head, on), spacing)
+
+
+def mask_of(hu: np.ndarray, spacing, head, on: bool) -> np.ndarray | None:
+    """The case's brain mask ((Z, Y, X) bool, ``head.brain_mask``) when the step is ``on``, else
+    None: taken before the network runs, so the head model (four masks the volume's size) can be
+    let go first (``infer_volumes.infer_case``)."""
     if not on:
-        return labels, not_applied(OFF)
+        return None
     from aisd_ray.data.ct.head import brain_mask
 
-    kept, removed = apply(labels, brain_mask(hu, spacing, head), spacing)
+    return brain_mask(hu, spacing, head)
+
+
+def on_mask(labels: np.ndarray, mask: np.ndarray | None, spacing) -> tuple[np.ndarray, dict[str, Any]]:
+    """(labels, record) of the step with a mask from ``mask_of``: None, the step is off."""
+    if mask is None:
+        return labels, not_applied(OFF)
+    kept, removed = apply(labels, mask, spacing)
     return kept, applied(removed)
 
 

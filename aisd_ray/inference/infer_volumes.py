@@ -26,7 +26,8 @@ Output, in nnU-Net's convention for a predictions folder (``evaluate --predictio
   the network's (with TTA if on), calibrated (the export's temperature), before the brain mask and
   post-processing;
 - ``cases/<case>/uncertainty.nii.gz`` (with ``uncertainty=True``): float32 0..1, each voxel's
-  normalised predictive entropy (``scoring/calibration.py``);
+  normalised predictive entropy (``scoring/calibration.py``), taken at the model's size where the
+  network predicts and resized to the scan as the probabilities are;
 - ``cases/<case>/seg.dcm`` (with ``dicom_seg=True``, a DICOM series input only): the mask as a DICOM
   Segmentation on the series' own slices (``dicom_seg.py``); it carries the series' patient and study
   identity, hence opt-in; a NIfTI input gets one log line instead;
@@ -113,10 +114,11 @@ def segment(model: LoadedExport, vol: volume.Volume, batch_size: int, probabilit
     "grey" for a model without one; the neighbours mode sees one slice beyond the batch on each side,
     the symmetry mode the whole volume's midline), resized, segmented, and its probabilities resized
     back slice by slice, so that only the labels (1 byte a voxel) and, when asked, the lesion
-    probability (2) grow with the volume. ``uncertainty``: a (Z, Y, X) array (float16 is enough for
-    0..1) filled with each voxel's normalised predictive entropy (``calibration.entropy`` of the
-    class probabilities at the scan's size); ``scores``: the case's score accumulated slice by slice
-    (``calibration.CaseScores``, under ``vol.case_id``). VolumeError naming the case when the channels
+    probability (2) grow with the volume. ``uncertainty``: a (Z, model height, model width) array
+    (float16 is enough for 0..1) filled with each pixel's normalised predictive entropy
+    (``calibration.entropy``) at the model's size, where the network predicts (``uncertainty_at``:
+    a slice of it at the scan's size, resized as the probabilities are); ``scores``: the case's score
+    accumulated slice by slice at the scan's size (``calibration.CaseScores``, under ``vol.case_id``). VolumeError naming the case when the channels
     cannot be built (the symmetry mode in a volume without a head)."""
     z, h, w = vol.hu.shape
     plane = InPlane(h, w, (vol.spacing[1], vol.spacing[2]), model.height, model.width)
@@ -136,12 +138,19 @@ def segment(model: LoadedExport, vol: volume.Volume, batch_size: int, probabilit
             if lesion is not None:
                 lesion[k] = 1.0 - back[..., 0]
             if uncertainty is not None or scores is not None:
-                u = calibration.entropy(back)
+                u = calibration.entropy(probs)
                 if uncertainty is not None:
                     uncertainty[k] = u
                 if scores is not None:
-                    scores.add(vol.case_id, 1.0 - back[..., 0], u)
+                    scores.add(vol.case_id, 1.0 - back[..., 0], plane.probabilities_back(u[..., None])[..., 0])
     return labels, lesion
+
+
+def uncertainty_at(vol: volume.Volume, model: Any, uncertainty: np.ndarray, k: int) -> np.ndarray:
+    """Slice ``k`` of ``segment``'s model-size ``uncertainty`` at the scan's size: (Y, X) float32
+    0..1, resized (bilinear) as the class probabilities are."""
+    plane = InPlane(*vol.hu.shape[1:], (vol.spacing[1], vol.spacing[2]), model.height, model.width)
+    return plane.probabilities_back(uncertainty[k].astype(np.float32)[..., None])[..., 0]
 
 
 def _channels(vol: volume.Volume, mode: str, build):
@@ -173,7 +182,8 @@ def summary(vol: volume.Volume, labels: np.ndarray, windows, channels: str = "gr
 def preview(vol: volume.Volume, labels: np.ndarray, windows, info: dict[str, Any],
             uncertainty: np.ndarray | None = None) -> bytes:
     """PNG bytes: the lesion slices (or the middle ones), first window, lesion outlined; with
-    ``uncertainty`` (Z, Y, X) 0..1, each beside its uncertainty as a heat map (``render.beside_heat``)."""
+    ``uncertainty`` (Z, y, x) 0..1 (any in-plane size covering the slice: ``segment``'s is the
+    model's), each beside its uncertainty as a heat map (``render.beside_heat``)."""
     z = vol.hu.shape[0]
     with_lesion = [k for k in range(z) if labels[k].any()]
     picked = with_lesion or list(range(max(0, z // 2 - 1), min(z, z // 2 + 2)))
@@ -255,12 +265,15 @@ def infer_case(seg: Segmenter, case_id: str, path: Path, out_uri: str, export_id
         findings = kind + own
         qa.refuse_if_strict(strict, path, case_id, findings)
         qa.log_warnings(case_id, own)
-        unc, scores = np.zeros(vol.hu.shape, np.float16), calibration.CaseScores()
+        brain = brain_step.mask_of(vol.hu, vol.spacing, head, brain_step.resolve(brain_mask, model))
+        del head  # its masks are not kept while the network runs (memory: one bool mask instead of four)
+        unc = np.zeros((vol.hu.shape[0], model.height, model.width), np.float16)
+        scores = calibration.CaseScores()
         raw, lesion = segment(model, vol, batch_size, probabilities, unc, scores)
     except volume.VolumeError as exc:
         return cohort.refused(case_id, str(exc))
-    raw, inside = brain_step.on_volume(raw, vol.hu, vol.spacing, head, brain_step.resolve(brain_mask, model))
-    del head
+    raw, inside = brain_step.on_mask(raw, brain, vol.spacing)
+    del brain
     labels = postprocessed(choice, vol, raw, model)
     info = summary(vol, labels, model.windows, getattr(model, "channel_mode", "grey"))
     removed = volume_metrics.volume_ml(raw > 0, vol.spacing) - volume_metrics.volume_ml(labels > 0, vol.spacing)
@@ -268,15 +281,17 @@ def infer_case(seg: Segmenter, case_id: str, path: Path, out_uri: str, export_id
     info.update(tta=bool(getattr(model, "tta", False)), postprocessing={
         **{k: choice.get(k) for k in postprocess.NONE}, "removed_ml": round(removed, 3)},
         qa=qa.as_json(findings), brain_mask=inside, export_id=export_id, **({"node": node} if node else {}))
-    calibration.annotate(info, labels > 0, scores.scores().get(case_id, 0.0), unc,
-                         getattr(model, "calibration", None), getattr(model, "measure", "single"))
+    calibration.annotate(info, labels > 0, scores.scores().get(case_id, 0.0),
+                         lambda k: uncertainty_at(vol, model, unc, k), getattr(model, "calibration", None),
+                         getattr(model, "measure", "single"))
     with cohort.case_output(out_uri, case_id) as (mask_path, case_dir):
         volume_write.write_nifti(vol, labels, mask_path)
         (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info, unc))
         if probabilities:
             volume_write.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
         if uncertainty:
-            volume_write.write_nifti(vol, unc.astype(np.float32), case_dir / "uncertainty.nii.gz")
+            volume_write.write_nifti(vol, np.stack([uncertainty_at(vol, model, unc, k) for k in range(len(unc))]),
+                                     case_dir / "uncertainty.nii.gz")
         if dicom_seg:
             seg_out.write_seg(vol, labels, getattr(model, "info", {}).get("class_names"), case_dir / seg_out.FILE)
         storage.write_json(str(case_dir / "summary.json"), info)  # last: the case's completion

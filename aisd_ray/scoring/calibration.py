@@ -46,7 +46,6 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import ndimage
 from scipy import optimize
 
 from aisd_ray.scoring import volume_metrics
@@ -202,21 +201,22 @@ def case_score(lesion_probability: Any, uncertainty: Any) -> float:
 
 
 def lesion_scores(mask: Any, uncertainty: Any) -> list[float]:
-    """The mean ``uncertainty`` (Z, Y, X) over each 3-D lesion of ``mask`` (Z, Y, X) bool, in the
-    order of ``volume_metrics.components`` (largest first, ties in label order). Each lesion is
-    summed inside its bounding box (``scipy.ndimage.find_objects``), so no float64 copy of the
-    volume is made."""
+    """The mean uncertainty over each 3-D lesion of ``mask`` (Z, Y, X) bool, in the order of
+    ``volume_metrics.components`` (largest first, ties in label order). ``uncertainty``: (Z, Y, X),
+    or a function of a slice index giving that slice's (Y, X) (so a caller need not hold the whole
+    volume's map). Summed slice by slice: no float64 copy of the volume."""
     lesions, count = volume_metrics.label_lesions(mask)
     if count == 0:
         return []
-    u = np.asarray(uncertainty)
-    sums, voxels = np.zeros(count), np.zeros(count, np.int64)
-    for i, box in enumerate(ndimage.find_objects(lesions)):
-        if box is not None:
-            inside = lesions[box] == i + 1
-            sums[i] = float(u[box][inside].astype(np.float64).sum())
-            voxels[i] = int(inside.sum())
-    order = sorted(range(count), key=lambda i: -int(voxels[i]))
+    sums, voxels = np.zeros(count + 1), np.zeros(count + 1, np.int64)
+    for k in range(lesions.shape[0]):
+        ids = lesions[k].ravel()
+        if not ids.any():
+            continue
+        u = uncertainty(k) if callable(uncertainty) else np.asarray(uncertainty[k])
+        sums += np.bincount(ids, np.asarray(u, np.float64).ravel(), minlength=count + 1)
+        voxels += np.bincount(ids, minlength=count + 1)
+    order = sorted(range(1, count + 1), key=lambda i: -int(voxels[i]))
     return [float(sums[i] / voxels[i]) for i in order]
 
 
@@ -224,8 +224,8 @@ def annotate(info: dict[str, Any], mask: Any, score: float, uncertainty: Any,
              record: dict[str, Any] | None, measure: str) -> dict[str, Any]:
     """A case's summary ``info`` (``infer_volumes.summary``, its ``lesions`` from ``mask``) with its
     ``uncertainty`` block (``case_block`` of its case ``score``: ``case_score``, or ``CaseScores``
-    summed slice by slice) and each lesion's ``uncertainty`` (``lesion_scores`` of the (Z, Y, X)
-    ``uncertainty``); ``record``: the export's calibration.json (None: no review threshold)."""
+    summed slice by slice) and each lesion's ``uncertainty`` (``lesion_scores`` of ``uncertainty``:
+    (Z, Y, X) or a function of a slice index); ``record``: the export's calibration.json (None: no review threshold)."""
     info["uncertainty"] = case_block(score, record, measure)
     for lesion, value in zip(info.get("lesions", []), lesion_scores(mask, uncertainty)):
         lesion["uncertainty"] = round(value, 5)

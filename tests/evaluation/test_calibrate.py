@@ -154,12 +154,12 @@ def test_infer_on_ct_writes_uncertainty_and_the_review_flag(calibrated, tmp_path
     u = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cases" / "scan" / "uncertainty.nii.gz")))
     assert u.dtype == np.float32 and u.shape == hu.shape and 0.0 <= u.min() and u.max() <= 1.0
     p = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cases" / "scan" / "probabilities.nii.gz")))
-    # the voxel map and the written probability agree: entropy of (1 - p, p) for two classes; both are
-    # kept as float16 (rounding up to 2.4e-4 below 1), and the entropy's slope, log2((1 - p) / p), is
-    # under 4 for p in 0.06..0.94: 2e-3 holds them
+    # the voxel map and the written probability agree: the map is the entropy at the model's size resized
+    # to the scan, the probability resized first: where the probabilities are locally flat the two are the
+    # entropy of (1 - p, p), and over the whole scan they differ only along edges (and float16 rounding)
     both = np.clip(np.stack([1 - p, p], -1).astype(np.float64), 1e-12, 1)
-    steep = (p > 0.06) & (p < 0.94)
-    np.testing.assert_allclose(u[steep], (-(both * np.log(both)).sum(-1) / math.log(2))[steep], atol=2e-3)
+    derived = -(both * np.log(both)).sum(-1) / math.log(2)
+    assert np.corrcoef(u.ravel(), derived.ravel())[0, 1] > 0.95 and np.abs(u - derived).mean() < 0.03
     assert (out / "cases" / "scan" / "preview.png").stat().st_size > 1000
 
 
@@ -173,8 +173,8 @@ def test_an_export_without_calibration_flags_nothing(tmp_path):
     [summary] = infer_volumes("unused", tmp_path / "scan.nii.gz", str(tmp_path / "out"), progress=False,
                               model=ThresholdModel(), uncertainty=True)
     assert summary["uncertainty"]["review"] is None and summary["uncertainty"]["threshold"] is None
-    # a 0/1 model is certain at its model size; only the bilinear resize back blurs its borders
-    assert 0.0 < summary["uncertainty"]["case_score"] < 0.5
+    # a 0/1 model is certain at its model size, where the uncertainty is taken (then resized): 0 everywhere
+    assert summary["uncertainty"]["case_score"] == 0.0
     [row] = list(csv.DictReader(open(tmp_path / "out" / "cases.csv")))
     assert row["review"] == ""
 

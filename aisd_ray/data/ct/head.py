@@ -170,4 +170,7 @@ def brain_mask(hu: np.ndarray, spacing: tuple[float, float, float], model: HeadM
     hu = np.asarray(hu)
     if model is None or model.cavity is None:
         model = head_model(hu, spacing)
-    return model.cavity & (hu > TISSUE_HU) & (hu < BONE_HU)
+    out = np.empty(hu.shape, bool)
+    for k in range(hu.shape[0]):  # slice by slice: no volume-sized temporaries
+        out[k] = model.cavity[k] & (hu[k] > TISSUE_HU) & (hu[k] < BONE_HU)
+    return out
