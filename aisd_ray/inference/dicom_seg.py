@@ -49,6 +49,8 @@ from aisd_ray.data.sources.dicom_multiframe import is_multiframe
 from aisd_ray.data.sources.volume import Volume, VolumeError, dicom_files
 
 log = logging.getLogger(__name__)
+# highdicom logs each attribute group it copies, naming the source instance's UID: not for our log
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 FILE = "seg.dcm"  # cases/<case>/seg.dcm
 IDENTITY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",

@@ -61,6 +61,7 @@ with ``dicom_seg``. A case that is not CT
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +82,7 @@ from aisd_ray.inference.export import LoadedExport
 from aisd_ray.report import render
 from aisd_ray.scoring import calibration, volume_metrics
 
+log = logging.getLogger(__name__)
 PREVIEW_TILES = 12  # at most this many slices in a preview
 PREVIEW_SIZE = 256  # px, each tile
 
@@ -348,6 +350,9 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     ordered = [rows[c] for c in cases]
     cohort.write_cohort(out_uri, ordered, _csv_row, list(CSV_FIELDS), skipped=len(cases) - len(todo))
     bad = [r["error"] for r in ordered if cohort.is_refused(r)]
+    log.info("infer: %d case(s) done (%d of them skipped: complete from an earlier run with this export and "
+             "settings, --redo to segment them again), %d refused; cases.csv and cohort.json in %s",
+             len(ordered) - len(bad), len(cases) - len(todo), len(bad), out_uri)
     if bad:
         raise volume.VolumeError("\n".join(bad))
     return ordered
