@@ -137,3 +137,22 @@ def no_case_outputs(out: Path, reason: str) -> bool:
     no_cases = not (out / "cases").exists() or not any((out / "cases").iterdir())
     return no_masks and no_cases and bool(rows) and all(
         r["status"] == "refused" and r["error"] and r["error"] in reason for r in rows)
+
+
+def kill_when_cases_done(cmd: list[str], env: dict[str, str], out: Path, cases: int, timeout: float) -> set[str]:
+    """Run ``cmd`` (an ``infer --input`` command line writing into ``out``) as a process of its own, kill
+    it (SIGKILL) as soon as ``cases`` cases are complete (their summary.json written), or at ``timeout``
+    seconds; the complete cases' IDs."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(out.glob("cases/*/summary.json"))) >= cases:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return {p.parent.name for p in out.glob("cases/*/summary.json")}

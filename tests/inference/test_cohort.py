@@ -5,8 +5,6 @@ others are done (exit 2), cases.csv and cohort.json."""
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -16,7 +14,7 @@ import pytest
 from aisd_ray.cli import main
 from aisd_ray.data.synthetic.volumes import synth_volume, write_nifti_case
 from aisd_ray.inference.infer_volumes import infer_volumes
-from tests.helpers import ThresholdModel
+from tests.helpers import ThresholdModel, kill_when_cases_done
 
 SIZE, SLICES = 48, 6
 
@@ -152,15 +150,7 @@ def test_a_killed_command_keeps_whole_cases_and_its_rerun_does_the_rest(tmp_path
     cmd = [sys.executable, "-m", "aisd_ray.cli", "infer", "--model", export, "--input", str(tmp_path / "in"),
            "--output", str(out), *LOCAL, "--batch-size", "1"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(out.glob("cases/*/summary.json"))) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    kept = {p.parent.name for p in out.glob("cases/*/summary.json")}
+    kept = kill_when_cases_done(cmd, env, out, 2, 300)
     assert 2 <= len(kept) < len(names), "the command ended before it could be killed half-way"
     assert not (out / "cases.csv").exists()
     before = stamps(out, kept)

@@ -9,17 +9,15 @@ import csv
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from aisd_ray import stages
 from aisd_ray.train.ray_session import local_ray_env
 from tests.conftest import kill_processes_under, start_local_ray, tiny_config
+from tests.helpers import kill_when_cases_done
 from tests.inference.test_cohort import stamps, write_patients
 
 pytestmark = pytest.mark.slow
@@ -81,15 +79,7 @@ def test_a_cohort_on_two_nodes_killed_and_rerun_does_only_the_missing_cases(two_
     cmd = [sys.executable, "-m", "aisd_ray.cli", "infer", "--model", export, "--input", str(tmp_path / "in"),
            "--output", str(out), "--workers", "2", "--batch-size", "1", "--set", "run.shared_filesystem=true"]
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "RAY_ADDRESS": address, "RAY_TMPDIR": temp}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(out.glob("cases/*/summary.json"))) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    kept = {p.parent.name for p in out.glob("cases/*/summary.json")}
+    kept = kill_when_cases_done(cmd, env, out, 2, 400)
     assert 2 <= len(kept) < len(names), f"not killed half-way: {len(kept)} complete"
     assert not (out / "cases.csv").exists()
     before = stamps(out, kept)
