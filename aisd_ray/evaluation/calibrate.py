@@ -21,6 +21,8 @@ per case, ``reliability.png``).
 
 from __future__ import annotations
 
+import itertools
+
 import logging
 import math
 from typing import Any, Iterable
@@ -45,7 +47,7 @@ ECE_DEFINITION = (f"top-label confidence vs accuracy over every voxel of the spl
 def _batches(shards_uri: str, manifest: dict, split: str, batch_size: int) -> Iterable:
     """(records, images (N, H, W, C) uint8, labels (N, H, W) uint8) of a split, batch by batch."""
     batch: list = []
-    for record in [*shards.iter_records(shards_uri, manifest, split), None]:
+    for record in itertools.chain(shards.iter_records(shards_uri, manifest, split), [None]):  # streamed
         if record is not None:
             batch.append(record)
         if batch and (record is None or len(batch) == batch_size):

@@ -10,9 +10,10 @@ cohort's summary. No Ray here (``cohort_ray.py`` spreads the cases over a Ray ac
   (``export_id``) and its mask is there (``complete``): a killed run leaves whole cases only, and a
   half-written case is redone.
 - **The export's identity** (``export_identity``): a SHA-256 (16 hex digits) of the export's
-  ``export.json`` or ``ensemble.json`` and ``postprocess.json`` bytes and of the settings that
-  change a case's outputs (``tta``, a post-processing given instead of the export's,
-  ``probabilities``): another export, a re-chosen post-processing or another setting redoes every
+  ``export.json`` or ``ensemble.json``, ``postprocess.json`` and ``calibration.json`` bytes and of
+  the settings that change a case's outputs or its verdict (``tta``, a post-processing given instead
+  of the export's, ``probabilities``, ``strict``, ``dicom_seg``, ``brain_mask``, ``uncertainty``):
+  another export, a re-chosen post-processing, a new calibration or another setting redoes every
   case; ``--redo`` redoes them anyway.
 - **Refused cases** (a ``VolumeError``: not CT, a missing slice, ``--strict`` QA): a row
   ``{"case_id", "status": "refused", "error": <one line>}`` with no outputs; the others go on.
@@ -42,11 +43,11 @@ TMP = ".tmp-"  # a case being written: cases/.tmp-<case>-<pid>-<random>/
 
 def export_identity(export_uri: str, model: Any = None, **settings: Any) -> str:
     """16 hex digits: SHA-256 of the export's record files (``export.json`` or ``ensemble.json``,
-    and ``postprocess.json`` when there) and of ``settings`` (JSON, sorted keys). ``model``: an
+    and ``postprocess.json`` and ``calibration.json`` when there) and of ``settings`` (JSON, sorted keys). ``model``: an
     already loaded export or a stand-in; one without files at ``export_uri`` is named by its type."""
     digest = hashlib.sha256()
     found = False
-    for name in ("export.json", "ensemble.json", "postprocess.json"):
+    for name in ("export.json", "ensemble.json", "postprocess.json", "calibration.json"):
         uri = storage.join(export_uri, name)
         if not storage.exists(uri):
             continue
@@ -102,6 +103,9 @@ def case_output(out_uri: str, case_id: str) -> Iterator[tuple[Path, Path]]:
         folder.mkdir()
         yield tmp / "mask.nii.gz", folder
         if local:
+            old = Path(summary_uri(out_uri, case_id))
+            if old.exists():
+                old.unlink()  # from here on the case reads as incomplete, whatever stops the swap
             os.replace(tmp / "mask.nii.gz", mask_uri(out_uri, case_id))
             target = parent / case_id
             if target.exists():

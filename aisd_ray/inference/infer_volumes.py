@@ -286,17 +286,20 @@ def infer_case(seg: Segmenter, case_id: str, path: Path, out_uri: str, export_id
     calibration.annotate(info, labels > 0, scores.scores().get(case_id, 0.0),
                          lambda k: uncertainty_at(vol, model, unc, k), getattr(model, "calibration", None),
                          getattr(model, "measure", "single"))
-    with cohort.case_output(out_uri, case_id) as (mask_path, case_dir):
-        volume_write.write_nifti(vol, labels, mask_path)
-        (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info, unc))
-        if probabilities:
-            volume_write.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
-        if uncertainty:
-            volume_write.write_nifti(vol, np.stack([uncertainty_at(vol, model, unc, k) for k in range(len(unc))]),
-                                     case_dir / "uncertainty.nii.gz")
-        if dicom_seg:
-            seg_out.write_seg(vol, labels, getattr(model, "info", {}).get("class_names"), case_dir / seg_out.FILE)
-        storage.write_json(str(case_dir / "summary.json"), info)  # last: the case's completion
+    try:
+        with cohort.case_output(out_uri, case_id) as (mask_path, case_dir):
+            volume_write.write_nifti(vol, labels, mask_path)
+            (case_dir / "preview.png").write_bytes(preview(vol, labels, model.windows, info, unc))
+            if probabilities:
+                volume_write.write_nifti(vol, lesion, case_dir / "probabilities.nii.gz")
+            if uncertainty:
+                volume_write.write_nifti(vol, np.stack([uncertainty_at(vol, model, unc, k) for k in range(len(unc))]),
+                                         case_dir / "uncertainty.nii.gz")
+            if dicom_seg:
+                seg_out.write_seg(vol, labels, getattr(model, "info", {}).get("class_names"), case_dir / seg_out.FILE)
+            storage.write_json(str(case_dir / "summary.json"), info)  # last: the case's completion
+    except volume.VolumeError as exc:  # an output this case cannot have (a SEG off its series' grid): its row
+        return cohort.refused(case_id, str(exc))
     return info
 
 
@@ -325,7 +328,7 @@ def infer_volumes(export_uri: str, input_path: str | Path, out_uri: str, batch_s
     cases = volume_cases(input_path)
     options = dict(dicom_seg=dicom_seg, brain_mask=brain_mask, uncertainty=uncertainty)
     export_id = cohort.export_identity(export_uri, model, tta=tta, postprocessing=postprocessing,
-                                       probabilities=probabilities, **options)
+                                       probabilities=probabilities, strict=strict, **options)
     storage.ensure_dir(out_uri)
     if storage.exists(storage.join(out_uri, storage.COMPLETE)):
         storage.delete(storage.join(out_uri, storage.COMPLETE))  # being changed: not a finished folder

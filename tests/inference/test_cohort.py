@@ -160,3 +160,37 @@ def test_a_killed_command_keeps_whole_cases_and_its_rerun_does_the_rest(tmp_path
     assert cohort["done"] == len(names) and cohort["skipped"] == len(kept)
     assert {r["case_id"] for r in csv.DictReader((out / "cases.csv").open())} == set(names)
     assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_new_calibration_or_strict_redoes_the_cases_and_strict_refuses_a_warned_one(export, tmp_path):
+    """What decides a case's outputs or its verdict is part of its identity: an export calibrated after
+    a first run (calibration.json written beside it) redoes the cases; a --strict rerun does not pass
+    a case whose stored QA warned, it refuses it (its row, exit 2)."""
+    import shutil
+
+    from aisd_ray.core import storage
+    from aisd_ray.inference.export import CALIBRATION
+
+    exp = shutil.copytree(export, tmp_path / "export")
+    write_patients(tmp_path / "in", ["3100001", "3100002"])
+    out = tmp_path / "out"
+    args = ["infer", "--model", str(exp), "--input", str(tmp_path / "in"), "--output", str(out), *LOCAL]
+    assert main(args) == 0
+    before = stamps(out, ["3100001", "3100002"])
+    assert main(args) == 0 and stamps(out, ["3100001", "3100002"]) == before  # the same: skipped
+    storage.write_json(str(exp / CALIBRATION), {"temperature": 1.0, "review_threshold": None})
+    time.sleep(0.01)
+    assert main(args) == 0
+    after = stamps(out, ["3100001", "3100002"])
+    assert all(after[c][1] > before[c][1] for c in after)  # calibrated since: every case redone
+    ids = {c: json.loads((out / "cases" / c / "summary.json").read_text())["export_id"] for c in after}
+    # --strict is part of the identity too: the rerun looks at every case again (a stored case whose QA
+    # warned is refused, not passed as done), each one either refused with its row or done anew
+    time.sleep(0.01)
+    code = main(args + ["--strict"])
+    rows = {r["case_id"]: r for r in csv.DictReader(open(out / "cases.csv"))}
+    refused = {c for c, r in rows.items() if r["status"] == "refused"}
+    assert code == (2 if refused else 0)
+    for c in set(rows) - refused:
+        summary = json.loads((out / "cases" / c / "summary.json").read_text())
+        assert summary["export_id"] != ids[c] and stamps(out, [c])[c][1] > after[c][1]
