@@ -116,6 +116,9 @@ def case_output(out_uri: str, case_id: str) -> Iterator[tuple[Path, Path]]:
                 storage.delete(summary_uri(out_uri, case_id))  # from here on the case reads as incomplete
             storage.write_bytes(mask_uri(out_uri, case_id), (tmp / "mask.nii.gz").read_bytes())
             files = sorted(p for p in folder.iterdir() if p.name != "summary.json")
+            case_uri = storage.join(out_uri, "cases", case_id)
+            for name in set(storage.list_dir(case_uri)) - {p.name for p in files}:
+                storage.delete(storage.join(case_uri, name))  # an earlier run's output this one did not write
             for path in files + [folder / "summary.json"]:
                 storage.write_bytes(storage.join(out_uri, "cases", case_id, path.name), path.read_bytes())
     finally:

@@ -194,3 +194,19 @@ def test_a_new_calibration_or_strict_redoes_the_cases_and_strict_refuses_a_warne
     for c in set(rows) - refused:
         summary = json.loads((out / "cases" / c / "summary.json").read_text())
         assert summary["export_id"] != ids[c] and stamps(out, [c])[c][1] > after[c][1]
+
+
+def test_into_a_bucket_a_redone_case_keeps_no_output_of_the_earlier_run(gcs_emulator, tmp_path):
+    """gs:// output: each case's files uploaded, summary.json last; a case redone without --uncertainty
+    leaves no uncertainty.nii.gz of the run before (a stale map, or a stale SEG, would no longer match
+    its mask)."""
+    from aisd_ray.core import storage
+
+    write_patients(tmp_path / "in", ["3200001"])
+    out = "gs://aisd/cohort/out"
+    with_map = infer_volumes("unused", tmp_path / "in", out, progress=False, model=ThresholdModel(), uncertainty=True)
+    assert with_map[0]["case_id"] == "3200001"
+    assert "uncertainty.nii.gz" in storage.list_dir(f"{out}/cases/3200001")
+    infer_volumes("unused", tmp_path / "in", out, progress=False, model=ThresholdModel())
+    assert sorted(storage.list_dir(f"{out}/cases/3200001")) == ["preview.png", "summary.json"]
+    assert storage.exists(f"{out}/3200001.nii.gz") and storage.exists(f"{out}/cohort.json")
