@@ -156,3 +156,16 @@ def kill_when_cases_done(cmd: list[str], env: dict[str, str], out: Path, cases: 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return {p.parent.name for p in out.glob("cases/*/summary.json")}
+
+
+def join_test_cluster(address: str, **env: str) -> None:
+    """``ray.init`` this test process on the local test cluster at ``address``: driver logs off, the
+    workers given RAY_ADDRESS, quiet TensorFlow, the local Ray's environment (``local_ray_env``: Ray
+    Train's preemption watcher off on one host) and ``env``, and the quiet worker set-up hook."""
+    import ray
+
+    from aisd_ray.train.ray_session import local_ray_env
+
+    ray.init(address=address, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_ADDRESS": address, "TF_CPP_MIN_LOG_LEVEL": "2", **env, **local_ray_env()},
+                          "worker_process_setup_hook": "aisd_ray.core.quiet.quiet_worker"})

@@ -15,9 +15,8 @@ import tempfile
 import pytest
 
 from aisd_ray import stages
-from aisd_ray.train.ray_session import local_ray_env
 from tests.conftest import kill_processes_under, start_local_ray, tiny_config
-from tests.helpers import kill_when_cases_done
+from tests.helpers import join_test_cluster, kill_when_cases_done
 from tests.inference.test_cohort import stamps, write_patients
 
 pytestmark = pytest.mark.slow
@@ -42,10 +41,7 @@ def two_nodes():
             "num_cpus": 0, "_system_config": {"agent_register_timeout_ms": 180000}})
         nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address, "TF_CPP_MIN_LOG_LEVEL": "2",
-                                           **local_ray_env()},
-                              "worker_process_setup_hook": "aisd_ray.core.quiet.quiet_worker"})
+        join_test_cluster(cluster.address)
         yield cluster.address, temp, {n.node_id for n in nodes}
     finally:
         ray.shutdown()

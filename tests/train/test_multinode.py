@@ -27,8 +27,8 @@ from aisd_ray.data.store.prepare import prepare
 from aisd_ray.evaluation.evaluate import evaluate_export
 from aisd_ray.inference.export import LoadedExport
 from aisd_ray.train import checkpoint as ckpt
-from aisd_ray.train.ray_session import local_ray_env
 from tests.conftest import _free_port, kill_processes_under, start_local_ray, tiny_config
+from tests.helpers import join_test_cluster
 
 pytestmark = pytest.mark.slow
 ROOT = "gs://aisd/multinode"
@@ -106,10 +106,7 @@ def multinode(gcs_emulator):
         cluster, nodes = _start_cluster(temp)
         # one host: Ray Train's preemption watcher is off as for any local Ray (local_ray_env); no
         # test here drains a node, which is all it watches for
-        ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address, "TF_CPP_MIN_LOG_LEVEL": "2", TRACKING: "1",
-                                           **local_ray_env()},
-                              "worker_process_setup_hook": "aisd_ray.core.quiet.quiet_worker"})
+        join_test_cluster(cluster.address, **{TRACKING: "1"})
         yield nodes
     finally:
         ray.shutdown()
