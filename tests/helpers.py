@@ -169,3 +169,29 @@ def join_test_cluster(address: str, **env: str) -> None:
     ray.init(address=address, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_ADDRESS": address, "TF_CPP_MIN_LOG_LEVEL": "2", **env, **local_ray_env()},
                           "worker_process_setup_hook": "aisd_ray.core.quiet.quiet_worker"})
+
+
+def leave_test_cluster(cluster, temp: str) -> None:
+    """Tear down what ``join_test_cluster`` joined: this process's Ray, the ``cluster`` (a
+    ``ray.cluster_utils.Cluster`` or None) and every process still running under its ``temp`` folder,
+    which is then removed (a process that was dying may still write into it: three tries)."""
+    import os
+    import shutil
+    import time
+
+    import ray
+
+    from tests.conftest import kill_processes_under
+
+    ray.shutdown()
+    if cluster is not None:
+        try:
+            cluster.shutdown()
+        except Exception:  # noqa: BLE001 - whatever is left is killed by PID below
+            pass
+    for _ in range(3):
+        kill_processes_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        if not os.path.exists(temp):
+            break
+        time.sleep(1)

@@ -8,15 +8,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import sys
 import tempfile
 
 import pytest
 
 from aisd_ray import stages
-from tests.conftest import kill_processes_under, start_local_ray, tiny_config
-from tests.helpers import join_test_cluster, kill_when_cases_done
+from tests.conftest import start_local_ray, tiny_config
+from tests.helpers import join_test_cluster, kill_when_cases_done, leave_test_cluster
 from tests.inference.test_cohort import stamps, write_patients
 
 pytestmark = pytest.mark.slow
@@ -44,14 +43,7 @@ def two_nodes():
         join_test_cluster(cluster.address)
         yield cluster.address, temp, {n.node_id for n in nodes}
     finally:
-        ray.shutdown()
-        if cluster is not None:
-            try:
-                cluster.shutdown()
-            except Exception:  # noqa: BLE001 - whatever is left is killed by PID below
-                pass
-        kill_processes_under(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        leave_test_cluster(cluster, temp)
         if old is None:
             os.environ.pop("RAY_TMPDIR", None)
         else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from aisd_ray.evaluation.evaluate import evaluate_export
 from aisd_ray.inference.export import LoadedExport
 from aisd_ray.train import checkpoint as ckpt
 from tests.conftest import _free_port, kill_processes_under, start_local_ray, tiny_config
-from tests.helpers import join_test_cluster
+from tests.helpers import join_test_cluster, leave_test_cluster
 
 pytestmark = pytest.mark.slow
 ROOT = "gs://aisd/multinode"
@@ -109,18 +108,7 @@ def multinode(gcs_emulator):
         join_test_cluster(cluster.address, **{TRACKING: "1"})
         yield nodes
     finally:
-        ray.shutdown()
-        if cluster is not None:
-            try:
-                cluster.shutdown()
-            except Exception:  # noqa: BLE001 - whatever is left is killed by PID below
-                pass
-        for _ in range(3):  # a process that was dying may still write into its session folder
-            kill_processes_under(temp)
-            shutil.rmtree(temp, ignore_errors=True)
-            if not os.path.exists(temp):
-                break
-            time.sleep(1)
+        leave_test_cluster(cluster, temp)
         for key, value in old_env.items():
             if value is None:
                 os.environ.pop(key, None)
