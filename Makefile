@@ -40,10 +40,14 @@ MODEL ?= $(DEMO_OUTPUT)/export
 normal-head: $(BIN)/.installed
 	$(BIN)/python -m aisd_ray.bench.normal_head --model $(MODEL) --output runs/normal-head
 
-# Two test processes, each given whole modules (one Ray cluster per module), the slow ones first
-# (tests/conftest.py orders them): on 2 cores one computes while the other waits on Ray.
+# Two test processes, each given whole modules (one Ray cluster per module) in the order
+# tests/conftest.py gives them, the slow ones first (--no-loadscope-reorder: else pytest-xdist starts
+# the modules with the most tests first, and the slow ones, with few tests each, run last): on 2 cores
+# one computes while the other waits on Ray. A test process that dies (or is ended by pytest-timeout: a test past
+# 15 minutes) is replaced once, and its module is run again from the test it died in; a second
+# death ends the run, so that CI reports it by name within its time limit.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=1 --durations=10
 
 # The GPU probe on a machine with JAX but no TensorFlow (and no internet): Keras and its
 # pure-Python dependencies as wheels, at the tested versions, for that machine's Python.

@@ -195,3 +195,24 @@ def leave_test_cluster(cluster, temp: str) -> None:
         if not os.path.exists(temp):
             break
         time.sleep(1)
+
+
+def ray_worker_pids(title: str, temp: str) -> list[int]:
+    """PIDs of the Ray worker processes whose title (``ray::CaseWorker.run`` while an actor runs that
+    method) starts with ``title``, of the test cluster whose raylets were started under ``temp``
+    only (the other test process's Ray may run the same actors)."""
+    from pathlib import Path
+
+    def processes():
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                yield int(proc.name), ppid, cmd
+
+    listed = list(processes())
+    raylets = {pid for pid, _, cmd in listed if "raylet" in cmd.split(" ")[0] and temp in cmd}
+    return [pid for pid, ppid, cmd in listed if cmd.startswith(title) and ppid in raylets]
