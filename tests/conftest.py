@@ -16,8 +16,9 @@ from aisd_ray.data.synthetic.slices import write_synthetic_aisd  # noqa: E402
 
 def pytest_collection_modifyitems(session, config, items):
     """Modules marked slow (Ray, training) first, in their usual order, then the rest: with
-    `make test`'s two processes (pytest-xdist, whole modules each) the long ones start early and the
-    short ones fill in at the end, instead of one long module running alone last."""
+    `make test`'s two processes (pytest-xdist, whole modules each, in this order with
+    --no-loadscope-reorder) the long ones start early and the short ones fill in at the end, instead
+    of one long module running alone last."""
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow") and item.module is not None}
     items.sort(key=lambda item: item.module is None or item.module.__name__ not in slow)
 
