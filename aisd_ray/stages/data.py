@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ def case_map(cfg: Config):
     cluster counts their CPUs; else None (a process pool of ``data.prepare_workers``: no Ray is
     started for them alone). The tasks run on this node: the source (or its copy from a bucket)
     and the slices they write lie on its disk; a node without CPUs for tasks (a cluster's head kept
-    free) uses the process pool."""
+    free) uses the process pool. At most twice the node's CPUs in tasks are in flight; a refused
+    case ends the map once those have finished (none is cancelled: see ``ray_map``), and the
+    cases after them are never started."""
     if cfg.train.backend != "ray":
         return None
 
@@ -58,21 +61,29 @@ def case_map(cfg: Config):
             return
         ensure_ray(cfg.train.num_workers + 2)
         node = ray.get_runtime_context().get_node_id()
-        if not any(n["NodeID"] == node and n["Resources"].get("CPU", 0) >= 1 for n in ray.nodes()):
+        cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+        if cpus < 1:
             yield from local_map(cfg.data.prepare_workers)(fn, items)  # a head node kept free of tasks
             return
         here = NodeAffinitySchedulingStrategy(node, soft=False)
         task = ray.remote(num_cpus=1, max_retries=0)(_apply).options(scheduling_strategy=here)
-        pending = [task.remote(fn, item) for item in items]
+        window = 2 * int(cpus)  # tasks in flight: the node's CPUs kept busy while the cases are taken in order
+        pending = deque(task.remote(fn, item) for item in items[:window])
         try:
-            for ref in pending:  # in case order, whatever order they finish in
+            for i in range(len(items)):  # in case order, whatever order they finish in
+                ref = pending.popleft()
+                if i + window < len(items):
+                    pending.append(task.remote(fn, items[i + window]))
                 try:
                     yield ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # a case refused: its one line, not Ray's traceback
                     raise exc.cause from None
         finally:
-            for ref in pending:
-                ray.cancel(ref)
+            # the tasks in flight are let finish, never cancelled: ray.cancel of a running task can end
+            # this process (Ray 2.60: "Check failed: it != submissible_tasks_.end()", a race with the
+            # task's reply, ray-project/ray#54798; it killed a test process); the window keeps them few
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending))
 
     return ray_map
 

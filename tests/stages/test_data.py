@@ -1,5 +1,8 @@
 """stages.data's prepare on the Ray backend: a volume source's cases read as Ray tasks give the
-store a process pool gives, byte for byte."""
+store a process pool gives, byte for byte; a refused case ends the map without cancelling a task
+(Ray 2.60's ray.cancel of a running task can end the driver process)."""
+
+import time
 
 import pytest
 
@@ -65,3 +68,37 @@ def test_without_a_running_ray_the_cases_go_to_the_process_pool(monkeypatch):
     monkeypatch.setattr(ray_session, "ensure_ray", lambda *a: pytest.fail("Ray started for prepare alone"))
     cfg = volume_config("nnunet", 4, 1, 96, 4, "train.backend='ray'", "data.prepare_workers=2")
     assert list(case_map(cfg)(abs, [-2, 3, -5])) == [2, 3, 5]
+
+
+def _slow_mark(item):
+    """A case's task: refuses item 2 at once, else writes its marker after a moment."""
+    from pathlib import Path
+
+    from aisd_ray.data.sources.layout import DataError
+
+    folder, i = item
+    if i == 2:
+        raise DataError(f"case {i}: refused")
+    time.sleep(0.5)
+    Path(folder, f"{i}.done").write_text("")
+    return i
+
+
+def test_a_refused_case_lets_the_tasks_in_flight_finish_and_starts_no_more(ray_cluster, tmp_path):
+    """Item 2 of 40 is refused: the error is raised only once every task in flight has finished (its
+    marker written, none written after; a cancelled one would have been stopped), and the items
+    beyond the window are never started."""
+    import ray
+
+    from aisd_ray.data.sources.layout import DataError
+
+    cfg = volume_config("nnunet", 4, 1, 96, 4, "train.backend='ray'")
+    node = ray.get_runtime_context().get_node_id()
+    cpus = int(next(n["Resources"]["CPU"] for n in ray.nodes() if n["NodeID"] == node))
+    with pytest.raises(DataError, match="case 2: refused"):
+        list(case_map(cfg)(_slow_mark, [(str(tmp_path), i) for i in range(40)]))
+    done = sorted(int(p.stem) for p in tmp_path.glob("*.done"))
+    # items 3..2+2*cpus were in flight when item 2 was refused: each finished; none after them started
+    assert done == [i for i in range(3 + 2 * cpus) if i != 2]
+    time.sleep(1.0)
+    assert sorted(int(p.stem) for p in tmp_path.glob("*.done")) == done  # no task was still running
