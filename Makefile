@@ -43,11 +43,12 @@ normal-head: $(BIN)/.installed
 # Two test processes, each given whole modules (one Ray cluster per module) in the order
 # tests/conftest.py gives them, the slow ones first (--no-loadscope-reorder: else pytest-xdist starts
 # the modules with the most tests first, and the slow ones, with few tests each, run last): on 2 cores
-# one computes while the other waits on Ray. A test process that dies (or is ended by pytest-timeout: a test past
-# 15 minutes) is replaced once, and its module is run again from the test it died in; a second
-# death ends the run, so that CI reports it by name within its time limit.
+# one computes while the other waits on Ray. A test process that dies (a crash, or pytest-timeout
+# ending a test past 15 minutes) is not replaced: it ends the run with that test named. pytest-xdist
+# 3.8 can deadlock when it replaces a dead process under --dist loadfile (both processes idle for
+# ever: pytest-dev/pytest-xdist#1378), which is how CI reached its time limit at 07818a3.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=1 --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --durations=10
 
 # The GPU probe on a machine with JAX but no TensorFlow (and no internet): Keras and its
 # pure-Python dependencies as wheels, at the tested versions, for that machine's Python.
