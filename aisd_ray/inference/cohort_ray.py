@@ -30,7 +30,7 @@ from typing import Any
 import ray
 
 from aisd_ray.inference import cohort
-from aisd_ray.train.ray_session import storage_env, user_error
+from aisd_ray.train.ray_session import get_as_local, storage_env
 
 log = logging.getLogger(__name__)
 WAIT_LOG_S = 60.0  # how often a pool with no actor up says it is waiting for the cluster
@@ -88,23 +88,12 @@ class CaseWorker:
                           **self.settings)
 
 
-def _result(ref) -> Any:
-    """``ray.get(ref)``, a user error in the actor (the export missing, storage gone) raised as locally."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        ours = user_error(exc.cause)
-        if ours is not None:
-            raise ours from None
-        raise
-
-
 def run_pool(workers: int, todo: dict[str, Path], export_uri: str, out_uri: str, export_id: str,
              tta: bool | None, input_path: str, settings: dict[str, Any], bar) -> dict[str, dict[str, Any]]:
     """{case ID: summary or refused row} of every case of ``todo`` ({case ID: path}), run on a pool
     of ``workers`` actors (-1: ``default_workers``) of the cluster Ray is connected to. Paths must be
     absolute or gs://. A user error in an actor (the export missing, storage gone) is raised here
-    as locally (``ray_session.user_error``); the actors are ended when the pool is done.
+    as locally (``ray_session.get_as_local``); the actors are ended when the pool is done.
 
     Each actor is given one case up front and the next when it returns one. An actor the cluster
     cannot place (its CPUs held by other work) never holds a case for good: once the queue is
@@ -134,11 +123,16 @@ def run_pool(workers: int, todo: dict[str, Path], export_uri: str, out_uri: str,
     def give(i: int, case_id: str, path: Path) -> None:
         running[actors[i].run.remote(case_id, str(path))] = (case_id, path, i)
 
+    def forget(i: int) -> None:
+        """Actor ``i`` is no longer waited for to start."""
+        for ref in [r for r, j in starting.items() if j == i]:
+            del starting[ref]
+
     def come_up(refs: list[Any]) -> None:
         for ref in refs:
             i = starting.pop(ref)
             try:
-                _result(ref)  # an actor that could not load the export fails here with its error
+                get_as_local(ref)  # an actor that could not load the export fails here with its error
             except ray.exceptions.RayActorError:
                 ray.kill(actors[i])  # died before it was up: its case is retried when its run() fails
 
@@ -149,7 +143,7 @@ def run_pool(workers: int, todo: dict[str, Path], export_uri: str, out_uri: str,
         for ref, (case_id, path, other) in list(running.items()):
             if other in waiting:
                 del running[ref]
-                del starting[next(r for r, j in starting.items() if j == other)]
+                forget(other)
                 ray.kill(actors[other])
                 never.add(other)
                 log.info("infer: case %s moved to a Ray actor that is up (its own had not started)", case_id)
@@ -158,8 +152,7 @@ def run_pool(workers: int, todo: dict[str, Path], export_uri: str, out_uri: str,
 
     def actor_died(case_id: str, path: Path, i: int, exc: Exception) -> None:
         ray.kill(actors[i])
-        for ref in [r for r, j in starting.items() if j == i]:
-            del starting[ref]
+        forget(i)
         died[case_id] = died.get(case_id, 0) + 1
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if died[case_id] >= 2:
@@ -190,7 +183,7 @@ def run_pool(workers: int, todo: dict[str, Path], export_uri: str, out_uri: str,
                 continue
             case_id, path, i = running.pop(done[0])
             try:
-                found[case_id] = _result(done[0])
+                found[case_id] = get_as_local(done[0])
             except ray.exceptions.RayActorError as exc:
                 actor_died(case_id, path, i, exc)
                 continue

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+from typing import Any
 
 import ray
 
@@ -131,8 +132,14 @@ def run_on_worker(cfg: Config, fn, *args, **kwargs):
     gs:// (the task runs in another directory, maybe on another machine)."""
     ensure_ray(cfg.train.num_workers + 2)
     remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0, max_retries=1)(_task)
+    return get_as_local(remote.remote(storage_env(), fn, *args, **kwargs))
+
+
+def get_as_local(ref) -> Any:
+    """``ray.get(ref)``, with a task's user error (``user_error``: a bad file, storage gone, a bad
+    setting) raised as it would be in this process, one line; anything else as Ray raises it."""
     try:
-        return ray.get(remote.remote(storage_env(), fn, *args, **kwargs))
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         ours = user_error(exc.cause)
         if ours is not None:

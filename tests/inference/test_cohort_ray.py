@@ -115,6 +115,7 @@ def test_an_actor_the_cluster_cannot_place_holds_no_case(two_nodes, tmp_path, ca
 
     names = [f"35000{i:02d}" for i in range(1, 4)]
     cfg, export = _cohort(tmp_path, names)
+
     @ray.remote(num_cpus=1)
     class Blocker:
         def ping(self):
